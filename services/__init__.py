@@ -1,0 +1,1 @@
+"""voxpipe: a streaming voice pipeline of ZeroMQ stages."""

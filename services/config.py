@@ -1,0 +1,307 @@
+"""The voxpipe configuration: defaults, the TOML file, environment overrides and validation.
+
+This module is the only place that knows config keys.  The value is resolved in
+three layers: the embedded defaults (which work offline), the TOML file, then
+``VOXPIPE_<SECTION>__<KEY>`` environment variables (for systemd drop-ins and
+tests).  Every error names where the bad value came from, the key, and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ENV_PREFIX = "VOXPIPE_"
+PROVIDERS = ("local", "openai")
+TTS_ENGINES = ("espeak",)
+PLAYER_BACKENDS = ("auto", "simpleaudio", "wav", "null")
+STAGES = ("llm", "chunker", "tts", "player", "history")
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the source, the key and what is allowed."""
+
+
+# --- leaf rules -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """How one key is checked and how an environment string is turned into its value."""
+
+    kind: type | tuple[type, ...]
+    describe: str
+    check: Callable[[Any], bool] = lambda value: True
+
+    def parse_env(self, text: str) -> Any:
+        if self.kind is str:
+            return text
+        if self.kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            return text
+        if self.kind is list:
+            return [item.strip() for item in text.split(",") if item.strip()]
+        for convert in (int, float):
+            try:
+                return convert(text)
+            except ValueError:
+                continue
+        return text
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) and self.kind is not bool:
+            return False
+        if self.kind is float and isinstance(value, int):
+            return self.check(value)
+        return isinstance(value, self.kind) and self.check(value)
+
+
+def _text() -> Rule:
+    return Rule(str, "a string")
+
+
+def _choice(*choices: str) -> Rule:
+    return Rule(str, f"one of: {', '.join(choices)}", lambda value: value in choices)
+
+
+def _flag() -> Rule:
+    return Rule(bool, "true or false")
+
+
+def _count(low: int, high: int) -> Rule:
+    return Rule(int, f"an integer from {low} to {high}", lambda value: low <= value <= high)
+
+
+def _real(low: float, high: float) -> Rule:
+    return Rule(float, f"a number from {low} to {high}", lambda value: low <= value <= high)
+
+
+def _names(allowed: tuple[str, ...]) -> Rule:
+    return Rule(list, f"a list drawn from: {', '.join(allowed)}",
+                lambda value: all(item in allowed for item in value))
+
+
+# --- the schema -------------------------------------------------------------
+
+PROFILE_SCHEMA: dict[str, Rule] = {
+    "provider": _choice(*PROVIDERS),
+    "stream": _flag(),
+    "model": _text(),
+    "model_path": _text(),
+    "base_url": _text(),
+    "api_key_env": _text(),
+    "max_tokens": _count(1, 1_000_000),
+    "temperature": _real(0.0, 2.0),
+    "n_threads": _count(0, 1024),
+    "n_ctx": _count(128, 1_048_576),
+    "chat_format": _text(),
+    "timeout_s": _real(0.1, 3600.0),
+}
+PROFILE_DEFAULTS: dict[str, Any] = {
+    "stream": True, "model": "", "model_path": "", "base_url": "", "api_key_env": "",
+    "max_tokens": 200, "temperature": 0.7, "n_threads": 0, "n_ctx": 2048,
+    "chat_format": "gemma", "timeout_s": 60.0,
+}
+
+SCHEMA: dict[str, Any] = {
+    "bus": {"runtime_dir": _text()},
+    "llm": {
+        "profile": _text(),
+        "system_prompt": _text(),
+        "history_limit": _count(0, 1000),
+        "context_timeout_ms": _count(0, 60_000),
+        "workers": _count(1, 256),
+        "profiles": "profiles",
+    },
+    "chunker": "free",
+    "tts": {
+        "engine": _choice(*TTS_ENGINES),
+        "espeak": {"voice": _text(), "rate": _count(80, 500), "pitch": _count(0, 99),
+                   "volume": _count(0, 200)},
+    },
+    "player": {"backend": _choice(*PLAYER_BACKENDS), "wav_dir": _text()},
+    "history": {"db_path": _text()},
+    "run": {
+        "stages": _names(STAGES),
+        "instances": {name: _count(1, 64) for name in STAGES},
+        "ready_timeout_s": _real(1.0, 600.0),
+        "restart_limit": _count(0, 1000),
+        "restart_window_s": _real(1.0, 3600.0),
+    },
+}
+
+DEFAULTS: dict[str, Any] = {
+    "bus": {"runtime_dir": ""},
+    "llm": {
+        "profile": "local",
+        "system_prompt": "You are a friendly voice assistant. Answer briefly.",
+        "history_limit": 20,
+        "context_timeout_ms": 500,
+        "workers": 16,
+        "profiles": {
+            "local": {"provider": "local"},
+            "openai": {"provider": "openai", "base_url": "https://api.openai.com/v1",
+                       "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"},
+        },
+    },
+    "chunker": {},
+    "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100}},
+    "player": {"backend": "auto", "wav_dir": ""},
+    "history": {"db_path": ""},
+    "run": {
+        "stages": list(STAGES),
+        "instances": {name: 1 for name in STAGES},
+        "ready_timeout_s": 120.0,
+        "restart_limit": 5,
+        "restart_window_s": 60.0,
+    },
+}
+
+
+# --- loading ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration; `path` is the file it came from (None: defaults only)."""
+
+    data: Mapping[str, Any]
+    path: Path | None
+
+    def __getitem__(self, section: str) -> Any:
+        return self.data[section]
+
+    def profile(self, name: str = "") -> dict[str, Any]:
+        """A named LLM profile with its defaults filled in (the default profile for "")."""
+        chosen = name or self.data["llm"]["profile"]
+        profiles = self.data["llm"]["profiles"]
+        if chosen not in profiles:
+            raise ConfigError(f"unknown profile {chosen!r}; configured profiles: {', '.join(sorted(profiles))}")
+        return {"name": chosen, **PROFILE_DEFAULTS, **profiles[chosen]}
+
+
+def default_path(env: Mapping[str, str] = os.environ) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "voxpipe" / "config.toml"
+
+
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os.environ) -> Config:
+    """Resolve the config: `path`, else $VOXPIPE_CONFIG, else the default path if it exists."""
+    explicit = path or env.get("VOXPIPE_CONFIG")
+    file = Path(explicit) if explicit else default_path(env)
+    data = copy.deepcopy(DEFAULTS)
+    origins: dict[tuple[str, ...], str] = {}
+    used: Path | None = None
+    if explicit or file.exists():
+        used = file
+        _merge(data, _read_toml(file), (), str(file), origins)
+    for name, text in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            _apply_env(data, name, text, origins)
+    _validate(data, SCHEMA, (), origins, str(used) if used else "defaults")
+    _check_references(data, origins)
+    return Config(data=data, path=used)
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {file} does not exist; create it from "
+                          f"deploy/voxpipe.example.toml or drop --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {file} cannot be read: {exc.strerror}") from None
+
+
+def _merge(target: dict[str, Any], source: Mapping[str, Any], prefix: tuple[str, ...],
+           origin: str, origins: dict[tuple[str, ...], str]) -> None:
+    for key, value in source.items():
+        path = (*prefix, key)
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value, path, origin, origins)
+        else:
+            target[key] = copy.deepcopy(value)
+        origins[path] = origin
+
+
+def _apply_env(data: dict[str, Any], name: str, text: str, origins: dict[tuple[str, ...], str]) -> None:
+    path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+    if not all(path):
+        raise ConfigError(f"environment variable {name}: empty key part; use VOXPIPE_SECTION__KEY")
+    node: dict[str, Any] = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"environment variable {name}: {'.'.join(path)} is not a table key")
+        node = child
+    rule = _rule_for(path)
+    node[path[-1]] = rule.parse_env(text) if rule else text
+    origins[path] = f"environment variable {name}"
+
+
+def _rule_for(path: tuple[str, ...]) -> Rule | None:
+    node: Any = SCHEMA
+    for part in path:
+        if node == "profiles":
+            node = PROFILE_SCHEMA
+            continue
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node if isinstance(node, Rule) else None
+
+
+def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple[str, ...], str],
+              fallback: str) -> None:
+    where = _where(path, origins, fallback)
+    if schema == "free":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: key {'.'.join(path)} must be a table")
+        return
+    if schema == "profiles":
+        if not isinstance(data, dict) or not data:
+            raise ConfigError(f"{where}: key {'.'.join(path)} must be a table of named profiles")
+        for name, profile in data.items():
+            _validate(profile, PROFILE_SCHEMA, (*path, name), origins, fallback)
+            if "provider" not in profile:
+                raise ConfigError(f"{_where((*path, name), origins, fallback)}: profile "
+                                  f"{'.'.join((*path, name))} needs provider = one of: {', '.join(PROVIDERS)}")
+        return
+    if isinstance(schema, Rule):
+        if not schema.accepts(data):
+            raise ConfigError(f"{where}: key {'.'.join(path)} = {data!r} is not allowed; "
+                              f"expected {schema.describe}")
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: key {'.'.join(path)} must be a table")
+    for key, value in data.items():
+        if key not in schema:
+            raise ConfigError(f"{_where((*path, key), origins, fallback)}: unknown key "
+                              f"{'.'.join((*path, key))}; allowed: {', '.join(sorted(schema))}")
+        _validate(value, schema[key], (*path, key), origins, fallback)
+
+
+def _check_references(data: Mapping[str, Any], origins: dict[tuple[str, ...], str]) -> None:
+    profile = data["llm"]["profile"]
+    if profile not in data["llm"]["profiles"]:
+        where = _where(("llm", "profile"), origins, "defaults")
+        raise ConfigError(f"{where}: key llm.profile = {profile!r} names no profile; "
+                          f"configured: {', '.join(sorted(data['llm']['profiles']))}")
+
+
+def _where(path: tuple[str, ...], origins: Mapping[tuple[str, ...], str], fallback: str) -> str:
+    """The source of the value at path (or its closest table), for error messages."""
+    for length in range(len(path), 0, -1):
+        if path[:length] in origins:
+            return f"config error in {origins[path[:length]]}"
+    return f"config error in {fallback}"

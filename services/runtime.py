@@ -1,0 +1,327 @@
+"""The stage runtime: one bus connection and one main loop that every process shares.
+
+`Connection` is what stages, the client library and the CLI use to talk to the
+bus: it confirms its subscription before the first publish (the slow-joiner
+trap), numbers what it sends, validates and gap-checks what it receives.
+`Stage` adds the main loop: dispatch, heartbeats, sd_notify and a clean stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict
+from typing import Any, Iterable
+
+import zmq
+
+from . import protocol, sdnotify
+from .bus import Endpoints, runtime_dir
+from .config import Config
+from .protocol import Message, ProtocolError
+from .shard import Shard
+
+PUB_LINGER_MS = 1000
+"""Long enough for the last queued messages (say, llm.done) to leave on close."""
+HELLO_INTERVAL_S = 0.02
+_MAX_TRACKED = 20_000
+_MAX_HEARTBEAT_STREAMS = 4000
+
+
+class BusUnavailable(RuntimeError):
+    """The bus did not answer; the message tells the user how to start it."""
+
+
+def _stream_key(kind: str, session: str, id: str) -> str:
+    return f"{kind}/{session}/{id}"
+
+
+class Connection:
+    """A participant's PUB (to the broker's input) and SUB (from its output).
+
+    `publish` may be called from any thread; `receive` only from the owner's thread.
+    """
+
+    def __init__(self, src: str, endpoints: Endpoints, subscriptions: Iterable[bytes],
+                 context: zmq.Context | None = None) -> None:
+        self.src = src
+        self.endpoints = endpoints
+        self.counters: Counter[str] = Counter()
+        self._subscriptions = list(subscriptions)
+        self._context = context or zmq.Context.instance()
+        self._pub: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+        self._send_lock = threading.Lock()
+        self._next_seq: OrderedDict[str, int] = OrderedDict()
+        self._recent: dict[str, int] = {}
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._pending: bytes | None = None
+        self._hello = protocol.topic("hello", f"{src}.{os.getpid()}.{secrets.token_hex(4)}")
+        self._log = logging.getLogger(f"voxpipe.{src}")
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def open(self, timeout: float = 10.0) -> None:
+        """Connect and wait until our own hello comes back through the broker.
+
+        Subscriptions are sent before the hello subscription on the same pipe, so
+        once the hello returns, every earlier subscription is live at the broker
+        and our publishes reach it: nothing we send or expect is lost.
+        """
+        self._pub = self._context.socket(zmq.PUB)
+        self._pub.linger = PUB_LINGER_MS
+        self._pub.sndhwm = protocol.HIGH_WATER_MARK
+        self._pub.connect(self.endpoints.inbound)
+        self._sub = self._context.socket(zmq.SUB)
+        self._sub.linger = 0
+        self._sub.rcvhwm = protocol.HIGH_WATER_MARK
+        self._sub.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
+        for prefix in self._subscriptions:
+            self._sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        hello_session = self._hello.split("/", 1)[1]
+        self._sub.setsockopt(zmq.SUBSCRIBE, protocol.subscription("hello", hello_session))
+        self._sub.connect(self.endpoints.outbound)
+        deadline = time.monotonic() + timeout
+        probe = protocol.encode(protocol.make("hello", session=hello_session, id="", seq=0,
+                                              ts=time.time(), src=self.src))
+        while time.monotonic() < deadline:
+            self._pub.send(probe)
+            if self._sub.poll(HELLO_INTERVAL_S * 1000):
+                if self._sub.recv().startswith(self._hello.encode()):
+                    self._drain_hellos()
+                    return
+        self.close()
+        raise BusUnavailable(f"no voxpipe bus answered at {self.endpoints.outbound} within {timeout:g} s; "
+                             f"start it with `voxpipe run` (or `voxpipe stage bus`)")
+
+    def _drain_hellos(self) -> None:
+        """Drop extra copies of our hello that are still in flight."""
+        while self._sub is not None and self._sub.poll(HELLO_INTERVAL_S * 1000 * 2):
+            frame = self._sub.recv()
+            if not frame.startswith(self._hello.encode()):
+                self._pending = frame
+                return
+
+    def close(self) -> None:
+        for sock in (self._sub, self._pub):
+            if sock is not None:
+                sock.close()
+        self._pub = self._sub = None
+
+    # --- sending ------------------------------------------------------------
+
+    def publish(self, kind: str, session: str, id: str, **body: Any) -> Message:
+        """Number, validate and send one message; returns what was sent."""
+        key = _stream_key(kind, session, id)
+        with self._send_lock:
+            seq = self._next_seq.pop(key, 0)
+            self._next_seq[key] = seq + 1
+            if len(self._next_seq) > _MAX_TRACKED:
+                self._next_seq.popitem(last=False)
+            message = protocol.make(kind, session=session, id=id, seq=seq, ts=time.time(),
+                                    src=self.src, **body)
+            if self._pub is None:
+                raise BusUnavailable("connection is closed")
+            self._pub.send(protocol.encode(message))
+            if kind != "heartbeat":
+                self._recent[key] = seq
+            self.counters["published"] += 1
+        return message
+
+    def take_recent_streams(self) -> dict[str, int]:
+        """Last seq of each stream published since the previous call (for heartbeats)."""
+        with self._send_lock:
+            recent, self._recent = self._recent, {}
+        return dict(list(recent.items())[-_MAX_HEARTBEAT_STREAMS:])
+
+    def send_raw(self, frame: bytes) -> None:
+        """Send a frame as is: for tests of how stages treat bad input."""
+        with self._send_lock:
+            assert self._pub is not None
+            self._pub.send(frame)
+
+    # --- receiving ----------------------------------------------------------
+
+    def receive(self, timeout: float) -> Message | None:
+        """The next valid message within `timeout` seconds, or None.
+
+        Invalid frames are counted, logged and reported as error events, then skipped.
+        """
+        assert self._sub is not None, "open() first"
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._pending is not None:
+                frame, self._pending = self._pending, None
+            else:
+                remaining = max(0.0, deadline - time.monotonic())
+                if not self._sub.poll(remaining * 1000):
+                    return None
+                frame = self._sub.recv()
+            try:
+                message = protocol.decode(frame)
+            except ProtocolError as exc:
+                self.reject(frame, str(exc))
+                if time.monotonic() >= deadline:
+                    return None
+                continue
+            self.counters["received"] += 1
+            self._check_sequence(message)
+            return message
+
+    def reject(self, frame: bytes, reason: str) -> None:
+        self.counters["invalid"] += 1
+        head = bytes(frame[:48]).split(protocol.TOPIC_SEPARATOR, 1)[0].decode("ascii", "replace")
+        self.report("invalid_message", f"rejected message on topic {head!r}: {reason}")
+
+    def report(self, code: str, text: str, session: str = "", id: str = "", ref_kind: str = "") -> None:
+        """Log a problem, count it, and publish it as an error event."""
+        self.counters["errors"] += 1
+        self._log.warning("%s: %s", code, text)
+        try:
+            self.publish("error", session, id, code=code, message=text[:2000], ref_kind=ref_kind)
+        except (ProtocolError, BusUnavailable, zmq.ZMQError) as exc:
+            self._log.error("cannot publish error event: %s", exc)
+
+    def _check_sequence(self, message: Message) -> None:
+        """Report seq gaps within a stream and tail losses that a heartbeat reveals."""
+        if message.kind == "heartbeat":
+            for key, last in message["streams"].items():
+                seen = self._seen.get((message.src, key))
+                if seen is not None and seen < last:
+                    self._gap(message.src, key, seen + 1, last)
+                    self._seen[(message.src, key)] = last
+            return
+        track = (message.src, _stream_key(message.kind, message.session, message.id))
+        seen = self._seen.pop(track, None)
+        if seen is not None and message.seq > seen + 1:
+            self._gap(message.src, track[1], seen + 1, message.seq - 1, message.session, message.id)
+        self._seen[track] = max(message.seq, seen if seen is not None else -1)
+        if len(self._seen) > _MAX_TRACKED:
+            self._seen.popitem(last=False)
+
+    def _gap(self, src: str, key: str, first: int, last: int, session: str = "", id: str = "") -> None:
+        self.counters["gaps"] += 1
+        self.report("gap", f"lost messages {first}..{last} of stream {key} from {src}", session, id)
+
+
+def endpoints_for(config: Config) -> Endpoints:
+    return Endpoints.in_dir(runtime_dir(config["bus"]["runtime_dir"]))
+
+
+class Stage:
+    """Base of every stage process: subscribe, dispatch, heartbeat, notify systemd, stop cleanly.
+
+    Subclasses set `name` and `kinds`, and override the hooks; the hooks run on the
+    main thread, and worker threads may call `self.bus.publish`.
+    """
+
+    name = "stage"
+    kinds: tuple[str, ...] = ()
+    sharded = False
+    heartbeat_interval = 1.0
+
+    def __init__(self, config: Config, shard: Shard = Shard()) -> None:
+        self.config = config
+        self.shard = shard
+        self.src = self.name if shard.count == 1 else f"{self.name}@{shard.index}"
+        self.log = logging.getLogger(f"voxpipe.{self.src}")
+        subscriptions = [protocol.subscription(kind) for kind in (*self.kinds, "heartbeat")]
+        self.bus = Connection(self.src, endpoints_for(config), subscriptions)
+        self._stop = threading.Event()
+        self._started_at = time.monotonic()
+
+    # --- hooks ----------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load what the stage needs before it connects (models, databases)."""
+
+    def started(self) -> None:
+        """Connected and about to report ready: start worker threads here."""
+
+    def handle(self, message: Message) -> None:
+        """One validated message of a subscribed kind, in this stage's shard."""
+
+    def tick(self, now: float) -> None:
+        """Periodic work on the main thread; `now` is time.monotonic()."""
+
+    def next_tick(self) -> float | None:
+        """The monotonic time tick() next has work, or None."""
+        return None
+
+    def shutdown(self) -> None:
+        """Stop workers and release resources; the bus is still open."""
+
+    # --- the loop -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT or request_stop(); returns the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop.set())
+        self.prepare()
+        self.bus.open()
+        try:
+            self.started()
+            sdnotify.notify("READY=1")
+            self._heartbeat("ready")
+            self.log.info("ready (shard %s)", self.shard)
+            self._loop()
+        finally:
+            sdnotify.notify("STOPPING=1")
+            self._heartbeat("stopping")
+            self.shutdown()
+            self.bus.close()
+        return 0
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            wake = min(next_beat, self.next_tick() or next_beat, now + 0.2)
+            message = self.bus.receive(max(0.0, wake - now))
+            if message is not None:
+                self._dispatch(message)
+            now = time.monotonic()
+            due = self.next_tick()
+            if due is not None and due <= now:
+                self._guarded(self.tick, now)
+            if now >= next_beat:
+                self._heartbeat("ready")
+                sdnotify.notify("WATCHDOG=1")
+                next_beat = now + self.heartbeat_interval
+
+    def _dispatch(self, message: Message) -> None:
+        if message.kind not in self.kinds:
+            return
+        if self.sharded and message.session and not self.shard.owns(message.session):
+            self.bus.counters["foreign"] += 1
+            return
+        self._guarded(self.handle, message)
+
+    def _guarded(self, hook: Any, argument: Any) -> None:
+        """Run a hook; a failure becomes an error event and a counter, never a crash."""
+        try:
+            hook(argument)
+        except Exception as exc:  # the stage must survive any one bad message
+            self.log.exception("%s failed", getattr(hook, "__name__", "hook"))
+            session = getattr(argument, "session", "")
+            id = getattr(argument, "id", "")
+            self.bus.counters["failures"] += 1
+            self.bus.report("internal", f"{type(exc).__name__}: {exc}", session, id,
+                            getattr(argument, "kind", ""))
+
+    def _heartbeat(self, state: str) -> None:
+        counters = {key: value for key, value in self.bus.counters.items()}
+        try:
+            self.bus.publish("heartbeat", "", "", pid=os.getpid(), uptime=time.monotonic() - self._started_at,
+                             state=state, shard=str(self.shard), counters=counters,
+                             streams=self.bus.take_recent_streams())
+        except (zmq.ZMQError, BusUnavailable) as exc:
+            self.log.error("heartbeat not sent: %s", exc)
