@@ -129,6 +129,7 @@ SCHEMA: dict[str, Any] = {
     },
     "player": {"backend": _choice(*PLAYER_BACKENDS), "wav_dir": _text()},
     "history": {"db_path": _text()},
+    "log": {"level": _choice("debug", "info", "warning", "error")},
     "run": {
         "stages": _names(STAGES),
         "instances": {name: _count(1, 64) for name in STAGES},
@@ -156,6 +157,7 @@ DEFAULTS: dict[str, Any] = {
     "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100}},
     "player": {"backend": "auto", "wav_dir": ""},
     "history": {"db_path": ""},
+    "log": {"level": "info"},
     "run": {
         "stages": list(STAGES),
         "instances": {name: 1 for name in STAGES},

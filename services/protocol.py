@@ -208,6 +208,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "event": Field(_str(16, choices=PLAYBACK_EVENTS)),
         "chunk": Field(_int(-1), required=False, default=-1),
         "path": Field(_str(4096), required=False, default=""),
+        "final": Field(_bool, required=False, default=False),
     },
     "command": {
         "name": Field(_str(_SHORT)),

@@ -1,0 +1,72 @@
+"""Audio types shared by the tts and player stages, and the loader of their plugins."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """Interleaved integer PCM: `sample_width` is the byte size of one sample of one channel."""
+
+    rate: int
+    channels: int
+    sample_width: int
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.channels <= 0 or self.sample_width not in (1, 2, 3, 4):
+            raise ValueError(f"invalid audio format {self}")
+
+    @property
+    def block_align(self) -> int:
+        """Bytes per sample frame (one sample for every channel); PCM is cut only at these."""
+        return self.channels * self.sample_width
+
+    def frame_bytes(self, ms: float) -> int:
+        """Byte count of `ms` milliseconds, rounded down to whole sample frames."""
+        return int(self.rate * ms / 1000) * self.block_align
+
+    def duration_ms(self, nbytes: int) -> float:
+        """Play time of `nbytes` of PCM in this format."""
+        return nbytes / self.block_align * 1000 / self.rate
+
+
+@dataclass(frozen=True)
+class PcmFrame:
+    """A piece of PCM with its format; never cuts a sample frame, so frames concatenate safely."""
+
+    pcm: bytes
+    format: AudioFormat
+
+    def __post_init__(self) -> None:
+        if len(self.pcm) % self.format.block_align:
+            raise ValueError(
+                f"{len(self.pcm)} bytes is not a whole number of {self.format.block_align}-byte sample frames"
+            )
+
+    @property
+    def duration_ms(self) -> float:
+        return self.format.duration_ms(len(self.pcm))
+
+
+def load_plugin(registry: Mapping[str, str], name: str, kind: str, options: Mapping[str, Any],
+                auto: Callable[[], str] | None = None) -> Any:
+    """Import and build the plugin `name` of `registry` ("module:Class" strings, imported lazily so an
+    uninstalled optional dependency only matters when chosen). With `auto`, the name "auto" is
+    allowed too and means the registry name `auto()` returns.
+
+    `options` may be a whole config section shared by several plugins: each plugin receives only the
+    keys its constructor names.
+    """
+    allowed = [*registry, "auto"] if auto else list(registry)
+    if name not in allowed:
+        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(allowed)}")
+    if name == "auto":
+        name = auto()
+    module_name, _, class_name = registry[name].partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    accepted = inspect.signature(cls).parameters
+    return cls(**{key: value for key, value in options.items() if key in accepted})

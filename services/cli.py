@@ -1,0 +1,200 @@
+"""The `voxpipe` command line: run the daemon, run one stage, and the front-end commands.
+
+Exit codes: 0 OK, 1 runtime failure (provider error, timeout, no bus), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import uuid
+from typing import Any, Sequence
+
+from . import protocol
+from .bus import BusError, Endpoints
+from .config import Config, ConfigError, load
+from .protocol import Message
+from .runtime import BusUnavailable, Connection, endpoints_for
+from .shard import Shard
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxpipe", description="A streaming voice pipeline daemon.")
+    parser.add_argument("--config", help="TOML config file (default: $VOXPIPE_CONFIG, "
+                                         "then ~/.config/voxpipe/config.toml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser("run", help="start the bus and all stages, and supervise them")
+
+    stage = commands.add_parser("stage", help="run one stage in the foreground (systemd units use this)")
+    stage.add_argument("name", help="bus, llm, chunker, tts, player or history")
+    stage.add_argument("--shard", default="0/1", help="I/N: handle only sessions in shard I of N")
+
+    say = commands.add_parser("say", help="ask once; print the reply as it streams, exit when spoken")
+    say.add_argument("text")
+    say.add_argument("--session", default="cli")
+    say.add_argument("--profile", default="", help="LLM profile (default: llm.profile)")
+    say.add_argument("--no-stream", action="store_true", help="ask the provider for the whole reply at once")
+    say.add_argument("--timeout", type=float, default=120.0,
+                     help="give up after this many seconds without any progress (default 120)")
+
+    tap = commands.add_parser("tap", help="print live bus traffic, one line per message")
+    tap.add_argument("kinds", nargs="*", metavar="KIND", help="only these kinds (default: all)")
+
+    commands.add_parser("status", help="show every stage with pid, uptime and counters")
+
+    commands.add_parser("chunk", help='split JSON lines {"delta": ...} on stdin into speakable chunks')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"voxpipe: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=config["log"]["level"].upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args, config)
+    except (BusUnavailable, BusError) as exc:
+        print(f"voxpipe: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (ConfigError, ValueError) as exc:
+        print(f"voxpipe: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from .supervisor import Supervisor
+    return Supervisor(config).run()
+
+
+def cmd_stage(args: argparse.Namespace, config: Config) -> int:
+    from .stages import stage_class
+    return stage_class(args.name)(config, Shard.parse(args.shard)).run()
+
+
+def cmd_say(args: argparse.Namespace, config: Config) -> int:
+    """Send one request and follow it until its audio has played (or it fails)."""
+    session, request_id = args.session, uuid.uuid4().hex[:16]
+    kinds = ("text", "llm.done", "playback", "error")
+    client = Connection(f"say.{request_id}", endpoints_for(config),
+                        [protocol.subscription(kind, session) for kind in kinds])
+    client.open(timeout=min(args.timeout, 10.0))
+    try:
+        client.publish("request", session, request_id, text=args.text, profile=args.profile,
+                       stream=False if args.no_stream else None)
+        return _follow(client, request_id, args.timeout)
+    finally:
+        client.close()
+
+
+def _follow(client: Connection, request_id: str, timeout: float) -> int:
+    done: Message | None = None
+    while True:
+        message = client.receive(timeout)
+        if message is None:
+            waiting = "the audio" if done else "the reply"
+            print(f"\nvoxpipe: no progress on {waiting} for {timeout:g} s; check `voxpipe status`",
+                  file=sys.stderr)
+            return EXIT_FAILURE
+        if message.id != request_id:
+            continue
+        if message.kind == "text":
+            sys.stdout.write(message["delta"] + ("\n" if message["final"] else ""))
+            sys.stdout.flush()
+        elif message.kind == "error":
+            print(f"voxpipe: {message['code']}: {message['message']}", file=sys.stderr)
+        elif message.kind == "llm.done":
+            done = message
+            if message["status"] == "error":
+                print(f"\nvoxpipe: the reply failed: {message['error']}", file=sys.stderr)
+                return EXIT_FAILURE
+            if message["status"] == "interrupted":
+                print("\nvoxpipe: the reply was interrupted", file=sys.stderr)
+                return EXIT_FAILURE
+        elif message.kind == "playback" and message["final"]:
+            if message["path"]:
+                print(f"audio written to {message['path']}", file=sys.stderr)
+            return EXIT_OK if message["event"] == "finished" else EXIT_FAILURE
+
+
+def cmd_tap(args: argparse.Namespace, config: Config) -> int:
+    """Print everything the broker forwards (from its capture socket), one line per message."""
+    import zmq
+
+    endpoints: Endpoints = endpoints_for(config)
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
+    for kind in args.kinds or [""]:
+        sock.setsockopt(zmq.SUBSCRIBE, protocol.subscription(kind))
+    sock.connect(endpoints.capture)
+    try:
+        while True:
+            frame = sock.recv()
+            if frame[:1] in (b"\x00", b"\x01"):
+                continue  # a subscription travelling upstream, not a message
+            print(describe_frame(frame), flush=True)
+    finally:
+        sock.close()
+
+
+def describe_frame(frame: bytes) -> str:
+    """One readable line for a frame; invalid frames are shown with the reason."""
+    try:
+        message = protocol.decode(frame)
+    except protocol.ProtocolError as exc:
+        return f"INVALID {frame[:40]!r}: {exc}"
+    stamp = time.strftime("%H:%M:%S", time.localtime(message.ts)) + f".{int(message.ts * 1000) % 1000:03d}"
+    body = " ".join(f"{key}={_short(value)}" for key, value in message.body.items())
+    return f"{stamp} {message.kind:<13} {message.session or '-'} {message.id or '-'} #{message.seq} " \
+           f"{message.src} {body}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    """Collect heartbeats for a little over one interval and print one row per stage."""
+    client = Connection("status", endpoints_for(config), [protocol.subscription("heartbeat")])
+    client.open(timeout=3.0)
+    beats: dict[str, Message] = {}
+    deadline = time.monotonic() + 1.5
+    try:
+        while time.monotonic() < deadline:
+            message = client.receive(max(0.0, deadline - time.monotonic()))
+            if message is not None:
+                beats[message.src] = message
+    finally:
+        client.close()
+    if not beats:
+        print("voxpipe: the bus is up but no stage sent a heartbeat", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{'STAGE':<12} {'PID':>7} {'STATE':<9} {'UPTIME':>9} SHARD COUNTERS")
+    for src, beat in sorted(beats.items()):
+        counters = " ".join(f"{key}={value}" for key, value in sorted(beat["counters"].items()))
+        print(f"{src:<12} {beat['pid']:>7} {beat['state']:<9} {beat['uptime']:>8.0f}s {beat['shard']:<5} {counters}")
+    return EXIT_OK
+
+
+def cmd_chunk(args: argparse.Namespace, config: Config) -> int:
+    from .chunker.cli import run
+    from .chunker.core import ChunkerPolicy
+    return run(sys.stdin, sys.stdout, ChunkerPolicy.from_mapping(config["chunker"]))
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "tap": cmd_tap,
+            "status": cmd_status, "chunk": cmd_chunk}

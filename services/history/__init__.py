@@ -1,0 +1,1 @@
+"""The history stage: the conversation memory, kept in SQLite."""

@@ -1,0 +1,1 @@
+"""The llm stage: turns a request into a stream of tokens from a configured provider."""

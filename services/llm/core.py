@@ -1,0 +1,58 @@
+"""The llm stage's pure core: prompt assembly and reply bookkeeping (time is passed in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+
+def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str) -> list[dict[str, str]]:
+    """Persona, then the history window, then the user message.
+
+    Consecutive same-role turns are merged, because strict chat templates
+    (Gemma's among them) reject two user or two assistant turns in a row.
+    """
+    messages: list[dict[str, str]] = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    for turn in [*history, {"role": "user", "content": user_text}]:
+        if turn["role"] not in ("user", "assistant") or not turn["content"]:
+            continue
+        if messages and messages[-1]["role"] == turn["role"]:
+            messages[-1] = {"role": turn["role"], "content": messages[-1]["content"] + "\n" + turn["content"]}
+        else:
+            messages.append({"role": turn["role"], "content": turn["content"]})
+    return messages
+
+
+@dataclass
+class Reply:
+    """One reply being generated: its text so far and the timings its llm.done reports."""
+
+    session: str
+    id: str
+    started: float
+    parts: list[str] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    def add(self, text: str, now: float) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.parts.append(text)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def done_fields(self, status: str, now: float, *, error: str = "", provider: str = "",
+                    model: str = "", finish_reason: str = "", usage: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """The body of this reply's llm.done message."""
+        metrics: dict[str, float] = {"total_ms": (now - self.started) * 1000}
+        if self.first_token_at is not None:
+            metrics["ttft_ms"] = (self.first_token_at - self.started) * 1000
+            span = now - self.first_token_at
+            if span > 0 and len(self.parts) > 1:
+                metrics["tokens_per_s"] = (len(self.parts) - 1) / span
+        metrics.update({f"usage_{name}": value for name, value in (usage or {}).items()})
+        return {"status": status, "text": self.text, "tokens": len(self.parts), "error": error,
+                "provider": provider, "model": model, "finish_reason": finish_reason, "metrics": metrics}

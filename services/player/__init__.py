@@ -1,0 +1,1 @@
+"""The player stage: PCM frames in, sound (and playback events) out."""

@@ -1,0 +1,58 @@
+"""The interface every player backend implements, and the reply bookkeeping they share."""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from services.audio import AudioFormat, PcmFrame
+
+
+class PlayerBackend(Protocol):
+    """Plays one reply at a time: begin(), write() per frame, end(); stop() interrupts from any thread."""
+
+    name: str
+
+    def begin(self, session: str, reply_id: str, fmt: AudioFormat) -> None:
+        """Start a reply's audio; every frame of the reply has format `fmt`."""
+        ...
+
+    def write(self, frame: PcmFrame) -> None:
+        """Play `frame`; returns once it is played or queued for gapless output."""
+        ...
+
+    def stop(self) -> None:
+        """Silence the reply at once; may be called from another thread and makes a blocked
+        write() return promptly. Later frames of the reply are dropped until the next begin()."""
+        ...
+
+    def end(self) -> str | None:
+        """Finish the reply once its audio is out; returns the written file's path, if any."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class ReplyState:
+    """Shared by backends: the open reply's format and stop flag, and the check of each frame."""
+
+    def __init__(self) -> None:
+        self.format: AudioFormat | None = None
+        self.stopped = threading.Event()
+
+    def begin(self, fmt: AudioFormat) -> None:
+        self.format = fmt
+        self.stopped.clear()
+
+    def end(self) -> None:
+        self.format = None
+
+    def wants(self, frame: PcmFrame) -> bool:
+        """Whether `frame` should be output: it must match the reply's format, and empty frames
+        (which crash simpleaudio) and frames after stop() are skipped."""
+        if self.format is None:
+            raise RuntimeError("write() outside a reply: call begin() first")
+        if frame.format != self.format:
+            raise ValueError(f"frame format {frame.format} differs from the reply's {self.format}")
+        return bool(frame.pcm) and not self.stopped.is_set()

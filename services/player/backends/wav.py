@@ -1,0 +1,78 @@
+"""Writes each reply to `<wav_dir>/<session>-<reply_id>.wav`: for machines without a sound device.
+
+The header is patched and flushed after every frame, so the file on disk is a valid WAV at every
+moment, including after stop() or a crash mid-reply.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+import wave
+from pathlib import Path
+from typing import BinaryIO
+
+from services.audio import AudioFormat, PcmFrame
+from services.player.backends.base import ReplyState
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _safe_name(part: str) -> str:
+    """A file-name component that cannot leave wav_dir or hide the file."""
+    return _UNSAFE.sub("_", part)[:80].lstrip(".") or "_"
+
+
+class WavBackend:
+    name = "wav"
+
+    def __init__(self, wav_dir: str = "") -> None:
+        """`wav_dir` empty: a `wav` directory in a new private temporary directory."""
+        self.wav_dir = Path(wav_dir) if wav_dir else Path(tempfile.mkdtemp(prefix="voxpipe-")) / "wav"
+        self.wav_dir.mkdir(parents=True, exist_ok=True)
+        self._reply = ReplyState()
+        self._lock = threading.Lock()  # stop() and close() may come from another thread
+        self._file: BinaryIO | None = None
+        self._wave: wave.Wave_write | None = None
+        self._path: Path | None = None
+
+    def begin(self, session: str, reply_id: str, fmt: AudioFormat) -> None:
+        """Also finishes a reply left open, so its file stays valid."""
+        with self._lock:
+            self._finish()
+            self._path = self.wav_dir / f"{_safe_name(session)}-{_safe_name(reply_id)}.wav"
+            self._file = open(self._path, "wb")
+            self._wave = wave.open(self._file, "wb")
+            self._wave.setnchannels(fmt.channels)
+            self._wave.setsampwidth(fmt.sample_width)
+            self._wave.setframerate(fmt.rate)
+            self._wave.writeframes(b"")  # writes the header: a stopped empty reply is still a WAV
+            self._file.flush()
+            self._reply.begin(fmt)
+
+    def write(self, frame: PcmFrame) -> None:
+        with self._lock:
+            if self._reply.wants(frame):
+                self._wave.writeframes(frame.pcm)
+                self._file.flush()
+
+    def stop(self) -> None:
+        self._reply.stopped.set()
+
+    def end(self) -> str | None:
+        with self._lock:
+            path = self._path
+            self._finish()
+            return str(path) if path else None
+
+    def close(self) -> None:
+        with self._lock:
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._wave is not None:
+            self._wave.close()  # does not close a file it did not open
+            self._file.close()
+        self._wave = self._file = self._path = None
+        self._reply.end()

@@ -1,0 +1,181 @@
+"""`voxpipe run`: start the bus and every stage as child processes and keep them alive.
+
+Readiness comes from the stages' own "ready" heartbeats, so the supervisor
+knows a stage is serving, not merely started.  A crashed stage is restarted
+with exponential backoff; too many crashes in a window is a crash loop, which
+stops everything with a message naming the stage.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import protocol, sdnotify
+from .config import Config
+from .runtime import BusUnavailable, Connection, endpoints_for
+from .shard import Shard
+
+log = logging.getLogger("voxpipe.run")
+STOP_BUDGET_S = 5.0
+BACKOFF_START_S = 0.5
+BACKOFF_MAX_S = 10.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Child-side: get SIGTERM if the supervisor dies, so no stage is ever orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    """One supervised process: a stage (or the bus) and one shard of it."""
+
+    stage: str
+    shard: Shard
+    process: subprocess.Popen[bytes] | None = None
+    crashes: collections.deque[float] = field(default_factory=collections.deque)
+    restart_at: float | None = None
+
+    @property
+    def src(self) -> str:
+        return self.stage if self.shard.count == 1 else f"{self.stage}@{self.shard.index}"
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        run = config["run"]
+        self.bus = Child("bus", Shard())
+        self.children = [Child(name, Shard(index, run["instances"][name]))
+                         for name in run["stages"] for index in range(run["instances"][name])]
+        self.stop = threading.Event()
+        self.ready: set[str] = set()
+        self.connection: Connection | None = None
+
+    def _command(self, child: Child) -> list[str]:
+        command = [sys.executable, "-m", "launcher", "stage", child.stage]
+        if child.shard.count > 1:
+            command += ["--shard", str(child.shard)]
+        if self.config.path is not None:
+            command += ["--config", str(self.config.path)]
+        return command
+
+    def _spawn(self, child: Child) -> None:
+        child.process = subprocess.Popen(self._command(child), preexec_fn=_die_with_parent,
+                                         cwd=Path(__file__).resolve().parent.parent)
+        child.restart_at = None
+        self.ready.discard(child.src)
+        log.info("started %s (pid %d)", child.src, child.process.pid)
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.stop.set())
+        try:
+            return self._run()
+        finally:
+            self._stop_all()
+
+    def _run(self) -> int:
+        timeout = self.config["run"]["ready_timeout_s"]
+        self._spawn(self.bus)
+        self.connection = Connection("launcher", endpoints_for(self.config), [protocol.subscription("heartbeat")])
+        try:
+            self.connection.open(timeout=min(timeout, 30.0))
+        except BusUnavailable:
+            log.error("the bus did not start; run `voxpipe stage bus` to see why")
+            return 1
+        for child in self.children:
+            self._spawn(child)
+        if not self._wait_ready(time.monotonic() + timeout):
+            return 1 if not self.stop.is_set() else 0
+        sdnotify.notify("READY=1")
+        print("voxpipe ready: " + ", ".join(sorted(self.ready)), flush=True)
+        return self._supervise()
+
+    def _wait_ready(self, deadline: float) -> bool:
+        while not self.stop.is_set():
+            missing = [child.src for child in self.children if child.src not in self.ready]
+            if not missing:
+                return True
+            if time.monotonic() > deadline:
+                log.error("not ready within %g s: %s; run `voxpipe stage %s` to see why",
+                          self.config["run"]["ready_timeout_s"], ", ".join(missing), missing[0].split("@")[0])
+                return False
+            if not self._watch():
+                return False
+        return False
+
+    def _supervise(self) -> int:
+        next_ping = time.monotonic()
+        while not self.stop.is_set():
+            if not self._watch():
+                return 1
+            if time.monotonic() >= next_ping:
+                sdnotify.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + 1.0
+        return 0
+
+    def _watch(self) -> bool:
+        """Take heartbeats for 0.2 s, then restart dead children; False on a crash loop."""
+        assert self.connection is not None
+        message = self.connection.receive(0.2)
+        if message is not None and message.kind == "heartbeat" and message["state"] == "ready":
+            self.ready.add(message.src)
+        now = time.monotonic()
+        for child in [self.bus, *self.children]:
+            if child.restart_at is not None:
+                if now >= child.restart_at:
+                    self._spawn(child)
+                continue
+            code = child.process.poll() if child.process else None
+            if code is None or self.stop.is_set():
+                continue
+            if not self._schedule_restart(child, code, now):
+                return False
+        return True
+
+    def _schedule_restart(self, child: Child, code: int, now: float) -> bool:
+        run = self.config["run"]
+        child.crashes.append(now)
+        while child.crashes and child.crashes[0] < now - run["restart_window_s"]:
+            child.crashes.popleft()
+        if len(child.crashes) > run["restart_limit"]:
+            log.error("%s crashed %d times within %g s (last exit code %d); giving up. "
+                      "Run `voxpipe stage %s` to see why.", child.src, len(child.crashes),
+                      run["restart_window_s"], code, child.stage)
+            return False
+        delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (len(child.crashes) - 1))
+        log.warning("%s exited with code %d; restarting in %.1f s", child.src, code, delay)
+        child.restart_at = now + delay
+        return True
+
+    def _stop_all(self) -> None:
+        """SIGTERM the stages, then the bus, all within STOP_BUDGET_S; SIGKILL what is left."""
+        sdnotify.notify("STOPPING=1")
+        deadline = time.monotonic() + STOP_BUDGET_S
+        for group, group_deadline in ((self.children, deadline - 1.0), ([self.bus], deadline)):
+            running = [child.process for child in group if child.process and child.process.poll() is None]
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+            for process in running:
+                try:
+                    process.wait(max(0.05, group_deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    log.warning("pid %d did not stop in time; killing it", process.pid)
+                    process.kill()
+                    process.wait()
+        if self.connection is not None:
+            self.connection.close()

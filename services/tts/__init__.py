@@ -1,0 +1,1 @@
+"""The tts stage: speakable chunks in, PCM frames out."""

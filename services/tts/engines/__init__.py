@@ -1,0 +1,17 @@
+"""TTS engine registry: adding an engine is one module and one line here."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from services.audio import load_plugin
+from services.tts.engines.base import TtsEngine
+
+ENGINES = {
+    "espeak": "services.tts.engines.espeak:EspeakEngine",
+}
+
+
+def create_engine(name: str, options: Mapping[str, Any]) -> TtsEngine:
+    """Build engine `name`; `options` are its constructor keywords (other keys are ignored)."""
+    return load_plugin(ENGINES, name, "tts engine", options)

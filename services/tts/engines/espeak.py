@@ -1,0 +1,160 @@
+"""espeak-ng through ctypes over the library and data that espeakng-loader ships: offline ru and en.
+
+libespeak-ng keeps global state and is not thread-safe, so a process has one `_Espeak` and runs one
+synthesis at a time under its lock. Synthesis runs in SYNCHRONOUS mode on a worker thread whose
+callback feeds a queue, so frames are yielded while espeak is still producing the rest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import re
+import threading
+from typing import Callable, Iterator
+
+import espeakng_loader
+
+from services.audio import AudioFormat, PcmFrame
+
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000  # without it, missing data makes espeak call exit()
+_POS_CHARACTER = 1
+_CHARS_UTF8 = 1
+_ENDPAUSE = 0x1000  # a sentence pause after each chunk, so consecutive chunks do not run together
+_RATE, _VOLUME, _PITCH = 1, 2, 3
+_BUFFER_MS = 100  # espeak's callback buffer: bounds time to first audio and to abort
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_CYRILLIC = re.compile("[\u0400-\u04ff]")
+_END = object()
+
+
+class _Espeak:
+    """The process's one libespeak-ng instance; use only while holding `lock`."""
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+            ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+        ]
+        data_path = espeakng_loader.get_data_path().encode()
+        rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, _BUFFER_MS, data_path, _INITIALIZE_DONT_EXIT)
+        if rate <= 0:
+            raise RuntimeError(f"espeak_Initialize failed ({rate}) with data at {data_path.decode()}")
+        self._lib = lib
+        self.format = AudioFormat(rate=rate, channels=1, sample_width=2)
+        self.lock = threading.Lock()
+        self._voice: str | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._abort = threading.Event()
+        self._callback = _SYNTH_CALLBACK(self._on_audio)  # referenced here so it is never collected
+        lib.espeak_SetSynthCallback(self._callback)
+
+    def set_voice(self, voice: str) -> None:
+        """Load `voice` unless it is already loaded (loading a voice costs 10–25 ms)."""
+        if voice != self._voice:
+            if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                self._voice = None
+                raise ValueError(f"espeak voice {voice!r} not found")
+            self._voice = voice
+
+    def set_prosody(self, rate: int, pitch: int, volume: int) -> None:
+        """Set every time: the values are process-wide and engines may differ."""
+        for parameter, value in ((_RATE, rate), (_PITCH, pitch), (_VOLUME, volume)):
+            self._lib.espeak_SetParameter(parameter, value, 0)
+
+    def stream(self, text: str, should_stop: Callable[[], bool], max_bytes: int) -> Iterator[PcmFrame]:
+        """Yield `text`'s audio in frames of at most `max_bytes` while a worker thread synthesises it."""
+        chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink = chunks.put
+        self._abort.clear()
+        worker = threading.Thread(target=self._synth, args=(text.encode(), chunks), name="espeak", daemon=True)
+        worker.start()
+        try:
+            while (chunk := chunks.get()) is not _END:
+                if isinstance(chunk, Exception):
+                    raise chunk
+                for start in range(0, len(chunk), max_bytes):
+                    if should_stop():
+                        return
+                    yield PcmFrame(chunk[start:start + max_bytes], self.format)
+        finally:
+            self._abort.set()  # the callback then makes espeak_Synth return at its next buffer
+            worker.join()
+            self._sink = None
+
+    def _synth(self, text: bytes, chunks: queue.SimpleQueue) -> None:
+        """Runs on the worker; always ends the queue, so the consumer never waits forever."""
+        try:
+            code = self._lib.espeak_Synth(
+                text, len(text) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8 | _ENDPAUSE, None, None)
+            outcome = _END if code == 0 else RuntimeError(f"espeak_Synth failed with code {code}")
+        except Exception as exc:
+            outcome = exc
+        chunks.put(outcome)
+
+    def _on_audio(self, wav, numsamples: int, _events) -> int:
+        """espeak's callback: hand PCM to the current stream; returning 1 aborts synthesis."""
+        if wav and numsamples > 0 and self._sink is not None:
+            self._sink(ctypes.string_at(wav, numsamples * 2))
+        return 1 if self._abort.is_set() else 0
+
+
+_instance: _Espeak | None = None
+_instance_lock = threading.Lock()
+
+
+def _espeak() -> _Espeak:
+    """The process-wide library instance, initialised on first use."""
+    global _instance
+    with _instance_lock:
+        if _instance is None:
+            _instance = _Espeak()
+        return _instance
+
+
+def _check_range(option: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"espeak {option} must be in {low}..{high}, got {value!r}")
+
+
+class EspeakEngine:
+    """espeak-ng voice; `voice="auto"` picks `ru` for text with Cyrillic letters, else `en`."""
+
+    name = "espeak"
+
+    def __init__(self, voice: str = "auto", rate: int = 175, pitch: int = 50, volume: int = 100,
+                 max_frame_ms: int = 200) -> None:
+        _check_range("rate", rate, 80, 500)
+        _check_range("pitch", pitch, 0, 100)
+        _check_range("volume", volume, 0, 200)
+        self._espeak = _espeak()
+        self._max_bytes = self._espeak.format.frame_bytes(max_frame_ms)
+        if self._max_bytes <= 0:
+            raise ValueError(f"max_frame_ms must hold at least one sample, got {max_frame_ms!r}")
+        if voice != "auto":
+            with self._espeak.lock:
+                self._espeak.set_voice(voice)  # fail at construction, not on the first chunk
+        self.voice, self.rate, self.pitch, self.volume = voice, rate, pitch, volume
+
+    def synthesize(self, text: str, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+        """Holds the process-wide lock until exhausted or closed, so other syntheses wait."""
+        if not text.strip():
+            return
+        with self._espeak.lock:
+            self._espeak.set_voice(self.voice_for(text))
+            self._espeak.set_prosody(self.rate, self.pitch, self.volume)
+            yield from self._espeak.stream(text, should_stop, self._max_bytes)
+
+    def close(self) -> None:
+        """Nothing per engine: the library stays loaded for the process's other engines."""
+
+    def voice_for(self, text: str) -> str:
+        """The espeak voice that speaks `text`."""
+        if self.voice != "auto":
+            return self.voice
+        return "ru" if _CYRILLIC.search(text) else "en"

@@ -1,0 +1,119 @@
+"""The wire protocol: round trips for every kind, and each way a frame can be wrong."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services import protocol
+from services.protocol import ProtocolError
+
+ENVELOPE = {"session": "s1", "id": "r1", "seq": 3, "ts": 1764500000.25, "src": "test"}
+
+EXAMPLES = {
+    "hello": {},
+    "request": {"text": "Привет! How are you?", "profile": "local", "stream": False},
+    "cancel": {"reason": "user pressed stop"},
+    "token": {"text": "Hel"},
+    "llm.done": {"status": "ok", "text": "Hello <e>smile</e>.", "tokens": 4, "provider": "openai",
+                 "model": "gpt-4o-mini", "finish_reason": "stop", "metrics": {"ttft_ms": 120.5}},
+    "context.query": {"limit": 20},
+    "context": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    "text": {"delta": "Hello ", "final": False},
+    "chunk": {"text": "Hello.", "index": 0, "final": True,
+              "marks": [{"tag": "e", "body": "smile", "chunk": 0, "offset": 6}]},
+    "audio": {"chunk": 0, "frame": 2, "rate": 22050, "channels": 1, "width": 2, "pcm": b"\x00\x01" * 10,
+              "last": True, "final": True},
+    "playback": {"event": "finished", "chunk": 0, "path": "/tmp/x.wav", "final": True},
+    "command": {"name": "e", "args": ["smile"], "chunk": 0, "offset": 6, "accepted": True},
+    "history.saved": {"role": "assistant", "message_id": 7},
+    "error": {"code": "gap", "message": "lost messages 3..4", "ref_kind": "token"},
+    "heartbeat": {"pid": 42, "uptime": 3.5, "state": "ready", "shard": "0/1",
+                  "counters": {"received": 3}, "streams": {"token/s1/r1": 9}},
+}
+
+
+def test_every_kind_has_an_example() -> None:
+    assert set(EXAMPLES) == set(protocol.KINDS)
+
+
+@pytest.mark.parametrize("kind", sorted(EXAMPLES))
+def test_round_trip(kind: str) -> None:
+    message = protocol.make(kind, **ENVELOPE, **EXAMPLES[kind])
+    frame = protocol.encode(message)
+    assert frame.startswith(f"{kind}/s1 ".encode())
+    assert protocol.decode(frame) == message
+
+
+def test_defaults_are_filled() -> None:
+    message = protocol.make("request", **ENVELOPE, text="hi")
+    assert message["profile"] == "" and message["stream"] is None
+
+
+def frame_of(payload: object, topic: bytes = b"request/s1") -> bytes:
+    return topic + b" " + msgpack.packb(payload, use_bin_type=True)
+
+
+def good_request(**changes: object) -> dict:
+    return {"v": 1, "kind": "request", **ENVELOPE, "text": "hi", **changes}
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (b"request/s1-without-separator", "no topic separator"),
+    (b"request/s1 \xc1", "not valid msgpack"),
+    (frame_of([1, 2, 3]), "payload must be a map"),
+    (frame_of(good_request(text=5)), "field 'text' must be a string"),
+    (frame_of(good_request(seq="3")), "field 'seq' must be an integer"),
+    (frame_of(good_request(seq=-1)), "field 'seq' must be between"),
+    (frame_of({k: v for k, v in good_request().items() if k != "text"}), "missing field 'text'"),
+    (frame_of({k: v for k, v in good_request().items() if k != "src"}), "missing field 'src'"),
+    (frame_of(good_request(text="x" * 70_000)), "the limit is 65536"),
+    (frame_of(good_request(kind="teleport"), b"teleport/s1"), "unknown kind 'teleport'"),
+    (frame_of(good_request(v=2)), "protocol version 2 is newer"),
+    (frame_of(good_request(session="a b")), "field 'session' must match"),
+    (frame_of(good_request(session=""), b"request/"), "must not be empty"),
+    (frame_of(good_request(stream="yes")), "field 'stream' must be true or false"),
+    (frame_of(good_request(ts=float("nan"))), "must be finite"),
+    (frame_of(good_request(), b"request/other"), "does not match"),
+    (b"request/s1 " + b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "the limit is"),
+])
+def test_rejections_name_the_reason(frame: bytes, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason.replace("(", r"\(")):
+        protocol.decode(frame)
+
+
+def test_subscription_prefix_never_matches_a_longer_session() -> None:
+    frame = protocol.encode(protocol.make("token", **{**ENVELOPE, "session": "s10"}, text="x"))
+    assert not frame.startswith(protocol.subscription("token", "s1"))
+    assert frame.startswith(protocol.subscription("token", "s10"))
+    assert frame.startswith(protocol.subscription("token"))
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_error(frame: bytes) -> None:
+    try:
+        protocol.decode(frame)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(sorted(EXAMPLES)), st.dictionaries(st.sampled_from(
+    ["v", "kind", "session", "id", "seq", "ts", "src", "text", "index", "final", "pcm", "messages", "counters"]),
+    msgpack_values, max_size=6))
+def test_random_payloads_only_raise_protocol_error(kind: str, changes: dict) -> None:
+    payload = {"v": 1, "kind": kind, **ENVELOPE, **EXAMPLES[kind], **changes}
+    try:
+        message = protocol.decode(frame_of(payload, f"{payload.get('kind')}/{payload.get('session')}".encode()))
+    except ProtocolError:
+        return
+    assert protocol.decode(protocol.encode(message)) == message

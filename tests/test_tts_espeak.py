@@ -1,0 +1,135 @@
+"""The espeak-ng engine on the real library that espeakng-loader ships."""
+
+from __future__ import annotations
+
+import threading
+from array import array
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from services.audio import AudioFormat
+from services.tts.engines import create_engine
+from services.tts.engines.espeak import EspeakEngine
+
+RU = "Привет! Сегодня хорошая погода, и мы идём гулять в парк."
+EN = "Hello there! The weather is fine today, so we are going for a walk."
+LONG_EN = "This sentence is repeated to make a long text. " * 60
+NEVER = lambda: False  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def engine() -> EspeakEngine:
+    return create_engine("espeak", {"voice": "auto"})
+
+
+def pcm_of(engine: EspeakEngine, text: str) -> bytes:
+    return b"".join(frame.pcm for frame in engine.synthesize(text, NEVER))
+
+
+def same_speech(a: bytes, b: bytes) -> bool:
+    """espeak-ng is not bit-reproducible (its wave generator carries state and noise from one
+    synthesis to the next), so the same speech is recognised by its length, within 1%."""
+    return abs(len(a) - len(b)) <= 0.01 * len(b)
+
+
+@pytest.mark.parametrize("text", [RU, EN, "Скажи hello по-английски, пожалуйста."], ids=["ru", "en", "mixed"])
+def test_speech_is_audible_and_framed(engine, text):
+    frames = list(engine.synthesize(text, NEVER))
+    assert {frame.format for frame in frames} == {AudioFormat(rate=22050, channels=1, sample_width=2)}
+    assert all(0 < frame.duration_ms <= 200 for frame in frames)
+    assert sum(frame.duration_ms for frame in frames) > 1000
+    assert max(abs(sample) for sample in array("h", b"".join(f.pcm for f in frames))) > 1000
+
+
+def test_auto_voice_is_ru_for_cyrillic_else_en(engine):
+    assert [engine.voice_for(text) for text in (RU, EN, "Скажи hello", "123")] == ["ru", "en", "ru", "en"]
+    ru_speech = pcm_of(EspeakEngine(voice="ru"), RU)
+    assert same_speech(pcm_of(engine, RU), ru_speech)
+    assert not same_speech(pcm_of(EspeakEngine(voice="en"), RU), ru_speech)  # en spells Cyrillic out
+
+
+def test_fixed_voice_is_used_for_any_text():
+    assert EspeakEngine(voice="en-us").voice_for(RU) == "en-us"
+
+
+def test_smaller_frames_carry_the_same_audio(engine):
+    frames = list(EspeakEngine(max_frame_ms=30).synthesize(EN, NEVER))
+    assert all(frame.duration_ms <= 30 for frame in frames)
+    assert same_speech(b"".join(frame.pcm for frame in frames), pcm_of(engine, EN))
+
+
+def test_prosody_options_change_the_audio(engine):
+    normal = pcm_of(engine, EN)
+    assert len(pcm_of(EspeakEngine(rate=350), EN)) < 0.7 * len(normal)
+    assert max(array("h", pcm_of(EspeakEngine(volume=20), EN))) < 0.5 * max(array("h", normal))
+    assert same_speech(pcm_of(engine, EN), normal)  # another engine's settings do not leak
+
+
+def test_stop_ends_at_the_next_frame_and_the_library_recovers(engine):
+    frames = []
+    for frame in engine.synthesize(LONG_EN, lambda: len(frames) >= 2):
+        frames.append(frame)
+    assert len(frames) == 2
+    assert same_speech(pcm_of(engine, EN), pcm_of(EspeakEngine(), EN))
+
+
+def test_frames_stream_while_espeak_is_still_synthesising(engine):
+    frames = engine.synthesize(LONG_EN * 3, NEVER)
+    next(frames)
+    assert any(thread.name == "espeak" for thread in threading.enumerate())
+    frames.close()
+
+
+def test_abandoned_stream_frees_the_library_for_other_threads(engine):
+    frames = engine.synthesize(LONG_EN, NEVER)
+    next(frames)
+    frames.close()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(pcm_of(engine, EN)))
+    worker.start()
+    worker.join(timeout=10)
+    assert done, "synthesis after a closed stream hung: the process-wide lock was not released"
+
+
+def test_concurrent_syntheses_are_serialised_not_mixed(engine):
+    expected = {RU: pcm_of(engine, RU), EN: pcm_of(engine, EN)}
+    results: dict[int, bytes] = {}
+    texts = [RU, EN] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, pcm_of(engine, texts[i])))
+               for i in range(len(texts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert all(same_speech(results[i], expected[text]) for i, text in enumerate(texts))
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_blank_text_yields_nothing(engine, text):
+    assert list(engine.synthesize(text, NEVER)) == []
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(max_size=40))
+def test_any_text_gives_whole_bounded_frames(engine, text):
+    frames = list(engine.synthesize(text, NEVER))
+    assert all(0 < frame.duration_ms <= 200 and frame.format.rate == 22050 for frame in frames)
+    if not text.strip():
+        assert frames == []
+
+
+def test_invalid_voice_is_named():
+    with pytest.raises(ValueError, match="xx-nope"):
+        create_engine("espeak", {"voice": "xx-nope"})
+
+
+@pytest.mark.parametrize("option", [{"rate": 10}, {"pitch": 101}, {"volume": -1}, {"max_frame_ms": 0}])
+def test_out_of_range_options_are_refused(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        create_engine("espeak", option)
+
+
+def test_unknown_engine_lists_the_allowed_names():
+    with pytest.raises(ValueError, match="allowed: espeak"):
+        create_engine("festival", {})
