@@ -1,11 +1,8 @@
-"""Audio types shared by the tts and player stages, and the loader of their plugins."""
+"""Audio types shared by the tts and player stages."""
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
 
 
 @dataclass(frozen=True)
@@ -50,23 +47,3 @@ class PcmFrame:
     @property
     def duration_ms(self) -> float:
         return self.format.duration_ms(len(self.pcm))
-
-
-def load_plugin(registry: Mapping[str, str], name: str, kind: str, options: Mapping[str, Any],
-                auto: Callable[[], str] | None = None) -> Any:
-    """Import and build the plugin `name` of `registry` ("module:Class" strings, imported lazily so an
-    uninstalled optional dependency only matters when chosen). With `auto`, the name "auto" is
-    allowed too and means the registry name `auto()` returns.
-
-    `options` may be a whole config section shared by several plugins: each plugin receives only the
-    keys its constructor names.
-    """
-    allowed = [*registry, "auto"] if auto else list(registry)
-    if name not in allowed:
-        raise ValueError(f"unknown {kind} {name!r}; allowed: {', '.join(allowed)}")
-    if name == "auto":
-        name = auto()
-    module_name, _, class_name = registry[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    accepted = inspect.signature(cls).parameters
-    return cls(**{key: value for key, value in options.items() if key in accepted})

@@ -20,13 +20,26 @@ from .runtime import BusUnavailable, Connection, endpoints_for
 from .shard import Shard
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+REPLY_STAGES = ("llm", "chunker", "tts", "player")
+"""Stages a reply passes through: if one crashes, an in-flight reply cannot complete."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = "TOML config file (default: $VOXPIPE_CONFIG, then ~/.config/voxpipe/config.toml)"
     parser = argparse.ArgumentParser(prog="voxpipe", description="A streaming voice pipeline daemon.")
-    parser.add_argument("--config", help="TOML config file (default: $VOXPIPE_CONFIG, "
-                                         "then ~/.config/voxpipe/config.toml)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--config", help=config_help)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    class Commands:
+        """Every subcommand also takes --config, so `voxpipe run --config F` works too."""
+
+        @staticmethod
+        def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+            return subparsers.add_parser(name, parents=[common], **kwargs)
+
+    commands = Commands
 
     commands.add_parser("run", help="start the bus and all stages, and supervise them")
 
@@ -86,8 +99,9 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
     """Send one request and follow it until its audio has played (or it fails)."""
     session, request_id = args.session, uuid.uuid4().hex[:16]
     kinds = ("text", "llm.done", "playback", "error")
+    subscriptions = [protocol.subscription(kind, session) for kind in kinds]
     client = Connection(f"say.{request_id}", endpoints_for(config),
-                        [protocol.subscription(kind, session) for kind in kinds])
+                        [*subscriptions, protocol.subscription("error", "")])
     client.open(timeout=min(args.timeout, 10.0))
     try:
         client.publish("request", session, request_id, text=args.text, profile=args.profile,
@@ -105,6 +119,10 @@ def _follow(client: Connection, request_id: str, timeout: float) -> int:
             waiting = "the audio" if done else "the reply"
             print(f"\nvoxpipe: no progress on {waiting} for {timeout:g} s; check `voxpipe status`",
                   file=sys.stderr)
+            return EXIT_FAILURE
+        if message.kind == "error" and message["code"] == "stage_crashed" \
+                and message["ref_kind"] in REPLY_STAGES:
+            print(f"\nvoxpipe: {message['message']}; this reply is lost, ask again", file=sys.stderr)
             return EXIT_FAILURE
         if message.id != request_id:
             continue

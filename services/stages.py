@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from .plugins import load_class
 from .runtime import Stage
 
 STAGES = {
@@ -18,7 +17,4 @@ STAGES = {
 
 def stage_class(name: str) -> type[Stage]:
     """The Stage subclass for a name; ValueError lists the names that exist."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    module_name, class_name = STAGES[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_class(STAGES, name, "stage")

@@ -91,10 +91,7 @@ class Supervisor:
     def _run(self) -> int:
         timeout = self.config["run"]["ready_timeout_s"]
         self._spawn(self.bus)
-        self.connection = Connection("launcher", endpoints_for(self.config), [protocol.subscription("heartbeat")])
-        try:
-            self.connection.open(timeout=min(timeout, 30.0))
-        except BusUnavailable:
+        if not self._connect(time.monotonic() + min(timeout, 30.0)):
             log.error("the bus did not start; run `voxpipe stage bus` to see why")
             return 1
         for child in self.children:
@@ -104,6 +101,20 @@ class Supervisor:
         sdnotify.notify("READY=1")
         print("voxpipe ready: " + ", ".join(sorted(self.ready)), flush=True)
         return self._supervise()
+
+    def _connect(self, deadline: float) -> bool:
+        """Connect to our own bus, giving up early if its process has died."""
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if self.bus.process is not None and self.bus.process.poll() is not None:
+                return False
+            connection = Connection("launcher", endpoints_for(self.config), [protocol.subscription("heartbeat")])
+            try:
+                connection.open(timeout=1.0)
+            except BusUnavailable:
+                continue
+            self.connection = connection
+            return True
+        return False
 
     def _wait_ready(self, deadline: float) -> bool:
         while not self.stop.is_set():
@@ -158,7 +169,9 @@ class Supervisor:
                       run["restart_window_s"], code, child.stage)
             return False
         delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (len(child.crashes) - 1))
-        log.warning("%s exited with code %d; restarting in %.1f s", child.src, code, delay)
+        assert self.connection is not None
+        self.connection.report("stage_crashed", f"stage {child.src} exited with code {code}; "
+                               f"restarting in {delay:.1f} s", ref_kind=child.stage)
         child.restart_at = now + delay
         return True
 

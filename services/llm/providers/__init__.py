@@ -5,9 +5,9 @@ Adding a provider means adding one module and one line here.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Mapping
 
+from ...plugins import load_plugin
 from .base import Provider
 
 PROVIDERS = {
@@ -17,9 +17,5 @@ PROVIDERS = {
 
 
 def create_provider(profile: Mapping[str, Any]) -> Provider:
-    """Instantiate the provider a profile names (imports it only when used)."""
-    name = profile["provider"]
-    if name not in PROVIDERS:
-        raise ValueError(f"unknown provider {name!r}; allowed: {', '.join(sorted(PROVIDERS))}")
-    module_name, class_name = PROVIDERS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(profile)
+    """Instantiate the provider a profile names (imported only when used)."""
+    return load_plugin(PROVIDERS, profile["provider"], "provider", {"profile": profile})

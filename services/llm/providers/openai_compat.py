@@ -11,7 +11,6 @@ import os
 import threading
 from typing import Any, Iterator, Mapping
 
-import httpx
 import openai
 
 from .base import ChatRequest, Outcome, ProviderError
@@ -54,7 +53,7 @@ class OpenAIGeneration:
         self._closed = threading.Event()
         self._client = openai.OpenAI(
             base_url=provider.base_url, api_key=key or "unset", max_retries=1,
-            timeout=httpx.Timeout(provider.timeout, connect=min(10.0, provider.timeout)))
+            timeout=openai.Timeout(provider.timeout, connect=min(10.0, provider.timeout)))
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -66,9 +65,11 @@ class OpenAIGeneration:
             hint = f"; set ${self._provider.key_env}" if exc.status_code in (401, 403) else ""
             raise ProviderError(self._safe(f"{self._provider.base_url} answered {exc.status_code}: "
                                            f"{exc.message}{hint}")) from None
-        except (openai.APIError, httpx.HTTPError) as exc:
+        except Exception as exc:  # the transport's own errors surface when close() cuts a read
             if self._closed.is_set():
                 return
+            if not isinstance(exc, openai.APIError):
+                raise
             raise ProviderError(self._safe(f"{self._provider.base_url}: {type(exc).__name__}: {exc}")) from None
         finally:
             self._client.close()

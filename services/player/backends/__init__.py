@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from services.audio import load_plugin
+from services.plugins import load_plugin
 from services.player.backends.base import PlayerBackend
 
 BACKENDS = {

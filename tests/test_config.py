@@ -1,0 +1,95 @@
+"""Config resolution (defaults, file, environment) and errors that name file, key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from services.config import ConfigError, load
+from tests.harness import PYTHON, ROOT, base_env
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "voxpipe.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_work_offline(tmp_path: Path) -> None:
+    config = load(env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert config.path is None
+    assert config.profile()["provider"] == "local" and config.profile()["stream"] is True
+    assert config["tts"]["engine"] == "espeak"
+    assert config["player"]["backend"] == "auto"
+
+
+def test_file_then_environment_override(tmp_path: Path) -> None:
+    path = write(tmp_path, '[llm.profiles.openai]\nmodel = "from-file"\nstream = true\n[player]\nbackend = "wav"\n')
+    config = load(path, env={"VOXPIPE_LLM__PROFILES__OPENAI__STREAM": "false",
+                             "VOXPIPE_LLM__PROFILES__OPENAI__BASE_URL": "http://127.0.0.1:9/v1",
+                             "VOXPIPE_LLM__HISTORY_LIMIT": "7"})
+    openai = config.profile("openai")
+    assert openai["model"] == "from-file" and openai["stream"] is False
+    assert openai["base_url"] == "http://127.0.0.1:9/v1"
+    assert config["llm"]["history_limit"] == 7 and config["player"]["backend"] == "wav"
+
+
+def test_voxpipe_config_variable_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[player]\nbackend = "null"\n')
+    assert load(env={"VOXPIPE_CONFIG": str(path)})["player"]["backend"] == "null"
+
+
+def test_environment_can_define_a_new_profile(tmp_path: Path) -> None:
+    config = load(env={"XDG_CONFIG_HOME": str(tmp_path), "VOXPIPE_LLM__PROFILES__MINE__PROVIDER": "openai",
+                       "VOXPIPE_LLM__PROFILES__MINE__MODEL": "m", "VOXPIPE_LLM__PROFILE": "mine"})
+    assert config.profile()["name"] == "mine" and config.profile()["max_tokens"] == 200
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[player]\nbackend = "speakers"\n', r"voxpipe.toml: key player.backend = 'speakers' is not allowed; "
+                                         r"expected one of: auto, simpleaudio, wav, null"),
+    ('[llm.profiles.local]\nstream = "yes"\n', r"key llm.profiles.local.stream = 'yes' is not allowed; "
+                                                r"expected true or false"),
+    ('[tts]\nengnie = "espeak"\n', r"unknown key tts.engnie; allowed: engine, espeak"),
+    ('[llm]\nprofile = "nope"\n', r"llm.profile = 'nope' names no profile"),
+    ('[llm.profiles.x]\nmodel = "m"\n', r"profile llm.profiles.x needs provider"),
+    ('[bus\n', r"is not valid TOML"),
+    ('[run]\nstages = ["llm", "brain"]\n', r"expected a list drawn from"),
+])
+def test_invalid_file_names_file_key_and_allowed(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected) as error:
+        load(path, env={})
+    assert str(path) in str(error.value)
+
+
+def test_invalid_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"environment variable VOXPIPE_LLM__HISTORY_LIMIT: key "
+                                          r"llm.history_limit = 'many' is not allowed; expected an integer"):
+        load(env={"XDG_CONFIG_HOME": str(tmp_path), "VOXPIPE_LLM__HISTORY_LIMIT": "many"})
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "absent.toml", env={})
+
+
+def test_cli_exits_2_with_one_clear_line_on_bad_config(tmp_path: Path) -> None:
+    path = write(tmp_path, '[player]\nbackend = "speakers"\n')
+    result = subprocess.run([PYTHON, "-m", "launcher", "--config", str(path), "status"], cwd=ROOT,
+                            env=base_env(), text=True, capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "player.backend" in result.stderr
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    example = ROOT / "deploy" / "voxpipe.example.toml"
+    config = load(example, env={})
+    text = example.read_text()
+    for section, keys in config.data.items():
+        if section == "llm":
+            keys = {key: value for key, value in keys.items() if key != "profiles"}
+        for key in keys:
+            assert f"{key} =" in text or f"[{section}.{key}]" in text, f"{section}.{key} is not documented"
