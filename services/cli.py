@@ -102,6 +102,7 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
     subscriptions = [protocol.subscription(kind, session) for kind in kinds]
     client = Connection(f"say.{request_id}", endpoints_for(config),
                         [*subscriptions, protocol.subscription("error", "")])
+    client.require_bus()
     client.open(timeout=min(args.timeout, 10.0))
     try:
         client.publish("request", session, request_id, text=args.text, profile=args.profile,
@@ -121,7 +122,7 @@ def _follow(client: Connection, request_id: str, timeout: float) -> int:
                   file=sys.stderr)
             return EXIT_FAILURE
         if message.kind == "error" and message["code"] == "stage_crashed" \
-                and message["ref_kind"] in REPLY_STAGES:
+                and message["stage"] in REPLY_STAGES:
             print(f"\nvoxpipe: {message['message']}; this reply is lost, ask again", file=sys.stderr)
             return EXIT_FAILURE
         if message.id != request_id:
@@ -188,6 +189,7 @@ def _short(value: Any) -> str:
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     """Collect heartbeats for a little over one interval and print one row per stage."""
     client = Connection("status", endpoints_for(config), [protocol.subscription("heartbeat")])
+    client.require_bus()
     client.open(timeout=3.0)
     beats: dict[str, Message] = {}
     deadline = time.monotonic() + 1.5

@@ -125,7 +125,7 @@ def _record(fields: Mapping[str, Callable[[Any], str | None]]) -> Callable[[Any]
 
 
 def _counter_map(values: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    key_check = _str(_SHORT)
+    key_check = _str(256)
 
     def check(value: Any) -> str | None:
         if not isinstance(value, dict):
@@ -226,11 +226,12 @@ KINDS: dict[str, dict[str, Field]] = {
         "code": Field(_str(64)),
         "message": Field(_str(2000)),
         "ref_kind": Field(_str(32), required=False, default=""),
+        "stage": Field(_str(64), required=False, default=""),
     },
     "heartbeat": {
         "pid": Field(_int()),
         "uptime": Field(_number),
-        "state": Field(_str(16, choices=("starting", "ready", "stopping"))),
+        "state": Field(_str(16, choices=("ready", "stopping"))),
         "shard": Field(_str(32), required=False, default=""),
         "counters": Field(_counter_map(_int()), required=False, default={}),
         "streams": Field(_counter_map(_int()), required=False, default={}),

@@ -65,6 +65,14 @@ class Connection:
 
     # --- lifecycle ----------------------------------------------------------
 
+    def require_bus(self) -> None:
+        """Fail at once, not after a timeout, when no broker has ever made its socket file."""
+        if self.endpoints.outbound.startswith("ipc://"):
+            path = self.endpoints.outbound.removeprefix("ipc://")
+            if not os.path.exists(path):
+                raise BusUnavailable(f"no voxpipe bus is running ({path} does not exist); "
+                                     f"start it with `voxpipe run` (or `voxpipe stage bus`)")
+
     def open(self, timeout: float = 10.0) -> None:
         """Connect and wait until our own hello comes back through the broker.
 
@@ -128,6 +136,7 @@ class Connection:
                 raise BusUnavailable("connection is closed")
             self._pub.send(protocol.encode(message))
             if kind != "heartbeat":
+                self._recent.pop(key, None)
                 self._recent[key] = seq
             self.counters["published"] += 1
         return message
@@ -177,12 +186,13 @@ class Connection:
         head = bytes(frame[:48]).split(protocol.TOPIC_SEPARATOR, 1)[0].decode("ascii", "replace")
         self.report("invalid_message", f"rejected message on topic {head!r}: {reason}")
 
-    def report(self, code: str, text: str, session: str = "", id: str = "", ref_kind: str = "") -> None:
+    def report(self, code: str, text: str, session: str = "", id: str = "", ref_kind: str = "",
+               stage: str = "") -> None:
         """Log a problem, count it, and publish it as an error event."""
         self.counters["errors"] += 1
         self._log.warning("%s: %s", code, text)
         try:
-            self.publish("error", session, id, code=code, message=text[:2000], ref_kind=ref_kind)
+            self.publish("error", session, id, code=code, message=text[:2000], ref_kind=ref_kind, stage=stage)
         except (ProtocolError, BusUnavailable, zmq.ZMQError) as exc:
             self._log.error("cannot publish error event: %s", exc)
 
@@ -323,5 +333,5 @@ class Stage:
             self.bus.publish("heartbeat", "", "", pid=os.getpid(), uptime=time.monotonic() - self._started_at,
                              state=state, shard=str(self.shard), counters=counters,
                              streams=self.bus.take_recent_streams())
-        except (zmq.ZMQError, BusUnavailable) as exc:
+        except (zmq.ZMQError, BusUnavailable, ProtocolError) as exc:
             self.log.error("heartbeat not sent: %s", exc)

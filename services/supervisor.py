@@ -171,7 +171,7 @@ class Supervisor:
         delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (len(child.crashes) - 1))
         assert self.connection is not None
         self.connection.report("stage_crashed", f"stage {child.src} exited with code {code}; "
-                               f"restarting in {delay:.1f} s", ref_kind=child.stage)
+                               f"restarting in {delay:.1f} s", stage=child.stage)
         child.restart_at = now + delay
         return True
 

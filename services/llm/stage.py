@@ -64,7 +64,12 @@ class LlmStage(Stage):
                 self._start(job, message["messages"])
 
     def _on_request(self, request: Message) -> None:
-        self._cancel(request.session, "", "barge-in: a new request arrived")
+        with self.lock:
+            busy = self.jobs.get(request.session)
+        if busy is not None:
+            # Barge-in: every stage drops the old reply, not just this one.
+            self.bus.publish("cancel", request.session, busy.request.id, reason="barge-in: a new request arrived")
+            self._cancel(request.session, busy.request.id, "barge-in: a new request arrived")
         llm = self.config["llm"]
         job = Job(request, deadline=time.monotonic() + llm["context_timeout_ms"] / 1000)
         with self.lock:
@@ -132,15 +137,16 @@ class LlmStage(Stage):
         except Exception as exc:  # a provider bug must still end the reply
             self.log.exception("provider failed")
             status, error = "error", f"{type(exc).__name__}: {exc}"
+        with self.lock:  # before llm.done, so a request sent on seeing it finds the session idle
+            if self.jobs.get(request.session) is job:
+                self.jobs.pop(request.session, None)
+        error = error[:2000]
         if error:
             self.bus.report("provider_error", error, request.session, request.id, "request")
         self.bus.publish("llm.done", request.session, request.id, **reply.done_fields(
             status, time.monotonic(), error=error, provider=provider_name,
             model=outcome.model if outcome else "", finish_reason=outcome.finish_reason if outcome else "",
             usage=outcome.usage if outcome else None))
-        with self.lock:
-            if self.jobs.get(request.session) is job:
-                self.jobs.pop(request.session, None)
 
     def shutdown(self) -> None:
         for session in list(self.jobs):

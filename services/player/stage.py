@@ -19,7 +19,7 @@ from .backends import create_backend
 
 STALL_S = 15.0
 """A reply whose next frame is this late is ended as stopped, so playback never wedges."""
-_CANCELLED_MEMORY = 4096
+_ENDED_MEMORY = 4096
 
 
 @dataclass
@@ -40,7 +40,8 @@ class PlayerStage(Stage):
         self.backend = create_backend(player["backend"], {"wav_dir": player["wav_dir"]})
         self.log.info("audio backend: %s", self.backend.name)
         self.replies: collections.OrderedDict[tuple[str, str], ReplyAudio] = collections.OrderedDict()
-        self.cancelled: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.ended: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        """Replies that were cancelled or have finished: their late frames are dropped."""
         self.wake = threading.Condition()
         self.playing: tuple[str, str] | None = None
         self.stopping = False
@@ -57,22 +58,30 @@ class PlayerStage(Stage):
                     self.bus.counters["invalid"] += 1
                     self.bus.report("invalid_message", "audio pcm is not a whole number of samples",
                                     message.session, message.id, "audio")
-                elif key not in self.cancelled:
+                elif key not in self.ended:
                     self.replies.setdefault(key, ReplyAudio(*key)).frames.append(message)
             else:
                 self._cancel(message.session, message.id)
             self.wake.notify_all()
 
     def _cancel(self, session: str, id: str) -> None:
+        """Silence the playing reply, drop queued ones (each still gets its final event)."""
         keys = [key for key in [*self.replies, self.playing] if key and key[0] == session
                 and (not id or key[1] == id)]
+        if id and (session, id) not in keys:
+            keys.append((session, id))
         for key in keys:
-            self.cancelled[key] = None
-            self.replies.pop(key, None)
-        while len(self.cancelled) > _CANCELLED_MEMORY:
-            self.cancelled.popitem(last=False)
+            self._remember_ended(key)
+            queued = self.replies.pop(key, None)
+            if queued is not None and key != self.playing:
+                self._event(queued, "stopped", -1)
         if self.playing in keys:
             self.backend.stop()
+
+    def _remember_ended(self, key: tuple[str, str]) -> None:
+        self.ended[key] = None
+        while len(self.ended) > _ENDED_MEMORY:
+            self.ended.popitem(last=False)
 
     def _work(self) -> None:
         while True:
@@ -88,9 +97,11 @@ class PlayerStage(Stage):
             except Exception as exc:  # a backend failure ends this reply, not the player
                 self.log.exception("playback failed")
                 self.bus.report("playback_failed", f"{type(exc).__name__}: {exc}", reply.session, reply.id)
+                self._event(reply, "stopped", -1)
             finally:
                 with self.wake:
                     self.replies.pop(key, None)
+                    self._remember_ended(key)
                     self.playing = None
 
     def _next_frame(self, reply: ReplyAudio) -> Message | None:
@@ -99,10 +110,10 @@ class PlayerStage(Stage):
         deadline = time.monotonic() + STALL_S
         with self.wake:
             while not reply.frames:
-                if key in self.cancelled or self.stopping or time.monotonic() >= deadline:
+                if key in self.ended or self.stopping or time.monotonic() >= deadline:
                     return None
                 self.wake.wait(min(0.5, max(0.0, deadline - time.monotonic())))
-            if key in self.cancelled:
+            if key in self.ended:
                 return None
             return reply.frames.popleft()
 

@@ -1,0 +1,1 @@
+"""Chunker: LLM reply deltas to display text and speakable chunks (pure core, CLI, stage shell)."""

@@ -1,0 +1,111 @@
+"""Real llama.cpp: its OpenAI-compatible server, and the embedded local provider (the default)."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+import subprocess
+import time
+import urllib.request
+import wave
+import pytest
+
+from tests.harness import PYTHON, ROOT, Daemon, base_env
+
+pytest.importorskip("llama_cpp", reason="the `local` extra is not installed: make test installs it")
+
+
+@pytest.fixture(scope="module")
+def gguf() -> str:
+    from services.llm.providers.local import bundled_model_path
+    return bundled_model_path()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama_server(gguf: str, tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    process = subprocess.Popen(
+        [PYTHON, "-m", "llama_cpp.server", "--model", gguf, "--chat_format", "gemma", "--n_threads", "2",
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=base_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/models", timeout=1).read()
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail(f"llama.cpp server exited: {log.read_text()[-2000:]}")
+            time.sleep(0.3)
+    else:
+        pytest.fail("llama.cpp server did not come up within 120 s")
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+GREEDY = {"max_tokens": 32, "temperature": 0.0}
+
+
+def assert_modes_agree(daemon: Daemon) -> None:
+    """Streaming on and off store the same final text and both produce audio."""
+    outputs = {}
+    for session, flags in (("on", []), ("off", ["--no-stream"])):
+        result = daemon.say("Name three colours.", "--session", session, *flags, timeout=180)
+        assert result.returncode == 0, result.stderr
+        outputs[session] = result.stdout
+        path = result.stderr.strip().splitlines()[-1].removeprefix("audio written to ")
+        with wave.open(path) as wav:
+            assert wav.getnframes() > 0
+    with sqlite3.connect(daemon.db_path) as db:
+        rows = dict(db.execute("SELECT session, content FROM messages WHERE role='assistant'").fetchall())
+    assert rows["on"] == rows["off"] and rows["on"].strip()
+    assert outputs["on"] == outputs["off"]
+
+
+def test_llama_cpp_server_streaming_and_not(llama_server: str) -> None:
+    settings = {"llm": {"profile": "llamacpp", "profiles": {"llamacpp": {
+        "provider": "openai", "base_url": llama_server, "model": "gemma", "api_key_env": "", **GREEDY}}},
+        "player": {"backend": "wav"}}
+    with Daemon(settings) as daemon:
+        assert_modes_agree(daemon)
+
+
+def test_embedded_local_model_streaming_and_not(gguf: str) -> None:
+    settings = {"llm": {"profiles": {"local": {"provider": "local", **GREEDY}}}, "player": {"backend": "wav"}}
+    with Daemon(settings) as daemon:
+        assert_modes_agree(daemon)
+
+
+def test_cancel_closes_the_llama_cpp_stream(llama_server: str) -> None:
+    from services import protocol
+    from services.runtime import Connection, endpoints_for
+    settings = {"llm": {"profile": "llamacpp", "profiles": {"llamacpp": {
+        "provider": "openai", "base_url": llama_server, "model": "gemma", "api_key_env": "",
+        "max_tokens": 2000, "temperature": 0.0}}}}
+    with Daemon(settings) as daemon:
+        client = Connection("canceller", endpoints_for(daemon.config()),
+                            [protocol.subscription(kind, "c") for kind in ("token", "llm.done")])
+        client.open()
+        client.publish("request", "c", "r1", text="Write a very long story about the sea.")
+        first = client.receive(60)
+        assert first is not None and first.kind == "token"
+        client.publish("cancel", "c", "r1", reason="test")
+        started = time.monotonic()
+        while True:
+            message = client.receive(10)
+            assert message is not None, "no llm.done after cancel"
+            if message.kind == "llm.done":
+                break
+        assert message["status"] == "interrupted"
+        assert time.monotonic() - started < 5
+        assert message["text"].startswith(first["text"])
+        client.close()
