@@ -8,6 +8,7 @@ export VOXPIPE_BUS__RUNTIME_DIR="$DEMO_DIR/run"
 export VOXPIPE_HISTORY__DB_PATH="$DEMO_DIR/history.db"
 export VOXPIPE_PLAYER__WAV_DIR="$DEMO_DIR/wav"
 export VOXPIPE_LOG__LEVEL=warning
+export VOXPIPE_LLM__PROFILES__LOCAL__MAX_TOKENS=${VOXPIPE_LLM__PROFILES__LOCAL__MAX_TOKENS:-80}
 
 "$PY" -m launcher run > "$DEMO_DIR/daemon.log" 2>&1 &
 DAEMON=$!
