@@ -121,7 +121,7 @@ SCHEMA: dict[str, Any] = {
         "workers": _count(1, 256),
         "profiles": "profiles",
     },
-    "chunker": "free",
+    "chunker": "chunker",
     "tts": {
         "engine": _choice(*TTS_ENGINES),
         "espeak": {"voice": _text(), "rate": _count(80, 500), "pitch": _count(0, 99),
@@ -266,9 +266,8 @@ def _rule_for(path: tuple[str, ...]) -> Rule | None:
 def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple[str, ...], str],
               fallback: str) -> None:
     where = _where(path, origins, fallback)
-    if schema == "free":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: key {'.'.join(path)} must be a table")
+    if schema == "chunker":
+        _validate_chunker(data, path, origins, fallback)
         return
     if schema == "profiles":
         if not isinstance(data, dict) or not data:
@@ -291,6 +290,20 @@ def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple
             raise ConfigError(f"{_where((*path, key), origins, fallback)}: unknown key "
                               f"{'.'.join((*path, key))}; allowed: {', '.join(sorted(schema))}")
         _validate(value, schema[key], (*path, key), origins, fallback)
+
+
+def _validate_chunker(data: Any, path: tuple[str, ...], origins: dict[tuple[str, ...], str],
+                      fallback: str) -> None:
+    """The chunker's keys live with its policy (services/chunker/core.py); check them there."""
+    from .chunker.core import ChunkerPolicy
+
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_where(path, origins, fallback)}: key chunker must be a table")
+    try:
+        ChunkerPolicy.from_mapping(data)
+    except (ValueError, TypeError) as exc:
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(f"{_where((*path, key), origins, fallback)}: key chunker.{exc}") from None
 
 
 def _check_references(data: Mapping[str, Any], origins: dict[tuple[str, ...], str]) -> None:

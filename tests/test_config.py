@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,7 @@ def test_environment_can_define_a_new_profile(tmp_path: Path) -> None:
     ('[llm.profiles.x]\nmodel = "m"\n', r"profile llm.profiles.x needs provider"),
     ('[bus\n', r"is not valid TOML"),
     ('[run]\nstages = ["llm", "brain"]\n', r"expected a list drawn from"),
+    ('[chunker]\nmax_chars = 5\n', r"key chunker.max_chars: expected an integer >= 20, got 5"),
 ])
 def test_invalid_file_names_file_key_and_allowed(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)
@@ -85,9 +87,12 @@ def test_cli_exits_2_with_one_clear_line_on_bad_config(tmp_path: Path) -> None:
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:
+    from services.chunker.core import ChunkerPolicy
     example = ROOT / "deploy" / "voxpipe.example.toml"
     config = load(example, env={})
     text = example.read_text()
+    assert ChunkerPolicy.from_mapping(config["chunker"]) == ChunkerPolicy()
+    assert set(config["chunker"]) == {field.name for field in fields(ChunkerPolicy)}
     for section, keys in config.data.items():
         if section == "llm":
             keys = {key: value for key, value in keys.items() if key != "profiles"}

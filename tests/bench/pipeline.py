@@ -1,0 +1,135 @@
+"""Whole-daemon timings seen by a front-end: time to first text, chunk and audio, and throughput.
+
+A client on the bus publishes a `request` and notes, on its own monotonic clock, when the
+first message of each kind arrives for it; the reply is over at its final `playback`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+
+from services import protocol
+from services.protocol import Message
+from services.runtime import Connection, endpoints_for
+from tests.harness import Daemon
+
+MILESTONES = ("text", "chunk", "audio", "llm.done", "playback")
+"""What a reply passes, in order; `playback` is its final playback event."""
+KINDS = ("text", "chunk", "audio", "llm.done", "playback", "error")
+
+
+class BenchError(RuntimeError):
+    """A reply did not complete; the message says how far it got."""
+
+
+@dataclass
+class Sample:
+    """One reply: ms from the request to each milestone, and the final text."""
+
+    stream: bool
+    ms: dict[str, float] = field(default_factory=dict)
+    text: str = ""
+
+
+@dataclass
+class Client:
+    """A front-end on the daemon's bus that also keeps every error event it sees."""
+
+    connection: Connection
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @classmethod
+    def attach(cls, daemon: Daemon) -> "Client":
+        connection = Connection(f"bench.{uuid.uuid4().hex[:6]}", endpoints_for(daemon.config()),
+                                [protocol.subscription(kind) for kind in KINDS])
+        connection.open()
+        return cls(connection)
+
+    def receive(self, deadline: float) -> Message:
+        message = self.connection.receive(max(0.0, deadline - time.monotonic()))
+        if message is None:
+            raise BenchError("no message before the deadline")
+        if message.kind == "error":
+            self.errors[f"{message.src}: {message['code']}: {message['message'][:120]}"] += 1
+        return message
+
+    def ask(self, session: str, text: str, stream: bool | None = None) -> str:
+        request_id = uuid.uuid4().hex[:12]
+        self.connection.publish("request", session, request_id, text=text, stream=stream)
+        return request_id
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def time_reply(client: Client, text: str, stream: bool, timeout: float) -> Sample:
+    """Ask once in a fresh session (no history) and wait until the reply has played."""
+    sample = Sample(stream)
+    start = time.monotonic()
+    request_id = client.ask(f"ttfa-{uuid.uuid4().hex[:8]}", text, stream)
+    deadline = start + timeout
+    while "playback" not in sample.ms:
+        try:
+            message = client.receive(deadline)
+        except BenchError:
+            raise BenchError(f"stream={stream}: no final playback within {timeout:g} s; "
+                             f"reached {sample.ms}") from None
+        elapsed = (time.monotonic() - start) * 1000
+        if message.id != request_id or message.kind == "error":
+            continue
+        if message.kind == "llm.done":
+            if message["status"] != "ok":
+                raise BenchError(f"stream={stream}: llm.done {message['status']}: {message['error']}")
+            sample.text = message["text"]
+        if message.kind == "text" and not message["delta"]:
+            continue
+        if message.kind != "playback" or message["final"]:
+            sample.ms.setdefault(message.kind, elapsed)
+    return sample
+
+
+def compare_modes(client: Client, text: str, count: int, timeout: float) -> tuple[list[Sample], list[Sample]]:
+    """One untimed warm-up per mode, then `count` replies per mode interleaved on, off, on, ...
+
+    Returns (warm-ups, timed samples).
+    """
+    warmups = [time_reply(client, text, stream, timeout) for stream in (True, False)]
+    samples = [time_reply(client, text, stream, timeout) for _ in range(count) for stream in (True, False)]
+    return warmups, samples
+
+
+@dataclass
+class Throughput:
+    replies: int
+    sessions: int
+    seconds: float
+    latencies_ms: list[float]
+
+
+def throughput(client: Client, sessions: int, total: int, timeout: float) -> Throughput:
+    """Keep one reply in flight per session, asking again on each final playback, until `total`."""
+    asked: dict[str, tuple[str, float]] = {}
+    latencies: list[float] = []
+    start = time.monotonic()
+    deadline = start + timeout
+
+    def ask(session: str) -> None:
+        asked[client.ask(session, f"{session} question {len(asked)}")] = (session, time.monotonic())
+
+    for index in range(sessions):
+        ask(f"load{index}")
+    while len(latencies) < total:
+        try:
+            message = client.receive(deadline)
+        except BenchError:
+            raise BenchError(f"only {len(latencies)} of {total} replies within {timeout:g} s") from None
+        if message.kind != "playback" or not message["final"] or message.id not in asked:
+            continue
+        session, sent = asked[message.id]
+        latencies.append((time.monotonic() - sent) * 1000)
+        if len(asked) < total:
+            ask(session)
+    return Throughput(total, sessions, time.monotonic() - start, latencies)

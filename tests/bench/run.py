@@ -1,0 +1,246 @@
+"""`make bench`: measure voxpipe on real processes and write docs/bench.md.
+
+Usage: python -m tests.bench.run [--quick]
+
+Every comparison is measured side by side in one run (hops alternate between paths,
+streaming and non-streaming replies alternate), because absolute times on a shared
+machine move with its load; the ratios are what one run can be compared with another by.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from tests.bench import fake_llm, hop
+from tests.bench.machine import CpuTimes, describe, load
+from tests.bench.pipeline import MILESTONES, Client, Sample, compare_modes, throughput
+from tests.bench.stats import median, percentile
+from tests.harness import ROOT, Daemon, fake_openai, openai_settings
+
+REPORT = ROOT / "docs" / "bench.md"
+KEY = {"FAKE_OPENAI_KEY": "test-key"}
+TOKEN_DELAY_S = 0.025
+"""A pause after each SSE event: 40 tokens/s, a typical hosted model's pace."""
+LOCAL_PROFILE = {"llm": {"profiles": {"local": {"provider": "local", "max_tokens": 60, "temperature": 0.0}}}}
+LOCAL_PROMPT = "Tell me about Paris in three sentences."
+STEAL_NOTE_PCT = 5.0
+LABELS = {"text": "first `text`", "chunk": "first `chunk`", "audio": "**first `audio` (TTFA)**",
+          "llm.done": "`llm.done`", "playback": "final `playback`"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much to measure: the full run fits in about 5 minutes, --quick in about one."""
+
+    hops: int
+    hop_rate: float
+    fake_replies: int
+    local_replies: int
+    sessions: int
+    replies: int
+
+
+FULL = Plan(hops=10_000, hop_rate=2_000, fake_replies=20, local_replies=5, sessions=20, replies=200)
+QUICK = Plan(hops=1_000, hop_rate=2_000, fake_replies=3, local_replies=1, sessions=5, replies=20)
+
+
+@dataclass
+class Section:
+    title: str
+    lines: list[str]
+    notes: list[str]
+
+
+Result = tuple[list[str], list[str]]
+"""A section's markdown lines and its observations."""
+
+
+def measured(title: str, run: Callable[[], Result]) -> Section:
+    """Run one section and record how busy the machine was meanwhile."""
+    print(f"bench: {title} ...", file=sys.stderr, flush=True)
+    before, started = CpuTimes.now(), time.monotonic()
+    lines, notes = run()
+    busy, steal = CpuTimes.now().since(before)
+    lines += ["", f"_{time.monotonic() - started:.0f} s; all CPUs {busy:.0f} % busy, {steal:.0f} % stolen "
+                  f"by the hypervisor; load average after: {load()}._"]
+    if steal >= STEAL_NOTE_PCT:
+        notes.append(f"{title}: the hypervisor took {steal:.0f} % of all CPU time (steal in /proc/stat), "
+                     f"so absolute times here are inflated.")
+    return Section(title, lines, notes)
+
+
+def ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+# --- 1. bus hop ---------------------------------------------------------------------------
+
+def bench_hops(plan: Plan) -> Result:
+    samples = hop.measure(plan.hops, plan.hop_rate)
+    lines = [f"{plan.hops:,} `token` frames per path, {plan.hop_rate / 2:,.0f}/s per path, the paths "
+             f"alternating message by message between one publisher and one subscriber process "
+             f"(ipc transport). A hop runs from just before `protocol.make` in the sender to just after "
+             f"`protocol.decode` in the receiver, on CLOCK_MONOTONIC.", "",
+             "| path | received | p50 µs | p90 µs | p99 µs | max µs |", "|---|---|---|---|---|---|"]
+    for path, label in (("direct", "direct PUB→SUB (baseline)"), ("broker", "through the broker")):
+        values = samples[path]
+        lines.append(f"| {label} | {len(values):,} | " + " | ".join(
+            f"{v:,.0f}" for v in (median(values), percentile(values, .9), percentile(values, .99), max(values))) + " |")
+    ratio = {q: percentile(samples["broker"], q) / percentile(samples["direct"], q) for q in (.5, .9, .99)}
+    lines.append(f"| **broker / direct** | | **{ratio[.5]:.2f}×** | {ratio[.9]:.2f}× | **{ratio[.99]:.2f}×** | |")
+    notes = [f"bus hop: {path} path delivered {len(values)} of {plan.hops} messages"
+             for path, values in samples.items() if len(values) != plan.hops]
+    return lines, notes
+
+
+# --- 2, 3. time to first audio ----------------------------------------------------------
+
+def bench_modes(settings: dict, env: dict[str, str], prompt: str, count: int, timeout: float) -> Result:
+    with Daemon(settings, env=env) as daemon:
+        client = Client.attach(daemon)
+        try:
+            warmups, samples = compare_modes(client, prompt, count, timeout)
+        finally:
+            client.close()
+        log = daemon.log
+    return mode_table(warmups, samples), mode_notes(warmups, samples, client.errors, log)
+
+
+def mode_table(warmups: list[Sample], samples: list[Sample]) -> list[str]:
+    on = [s for s in samples if s.stream]
+    off = [s for s in samples if not s.stream]
+    lines = [f"{len(on)} replies per mode, interleaved (on, off, on, ...), each in a new session, after "
+             f"one untimed warm-up per mode. Milliseconds from the client's `request` publish.", "",
+             "| from `request` to | streaming median | p90 | non-streaming median | p90 | streaming / non-streaming |",
+             "|---|---|---|---|---|---|"]
+    for kind in MILESTONES:
+        a = [s.ms[kind] for s in on]
+        b = [s.ms[kind] for s in off]
+        lines.append(f"| {LABELS[kind]} | {ms(median(a))} | {ms(percentile(a, .9))} | {ms(median(b))} | "
+                     f"{ms(percentile(b, .9))} | {median(a) / median(b):.2f} |")
+    ratio = median([s.ms["audio"] for s in on]) / median([s.ms["audio"] for s in off])
+    cold = {w.stream: w.ms["audio"] for w in warmups}
+    lines += ["", f"**TTFA ratio, streaming / non-streaming: {ratio:.2f}** (the first sound comes "
+                  f"{1 / ratio:.1f}× sooner with streaming). Warm-up replies (cold caches): TTFA "
+                  f"{ms(cold[True])} ms streaming, {ms(cold[False])} ms non-streaming."]
+    return lines
+
+
+def mode_notes(warmups: list[Sample], samples: list[Sample], errors: Counter[str], log: list[str]) -> list[str]:
+    """Outliers, replies that differ between modes, error events and daemon warnings."""
+    notes = []
+    texts = {s.text for s in [*warmups, *samples]}
+    if len(texts) > 1:
+        notes.append(f"{len(texts)} different final texts across replies (expected one): "
+                     + " | ".join(repr(t[:60]) for t in sorted(texts)))
+    for stream in (True, False):
+        values = [s.ms["audio"] for s in samples if s.stream == stream]
+        slow = [v for v in values if v > 2 * median(values)]
+        if slow:
+            notes.append(f"{'streaming' if stream else 'non-streaming'}: {len(slow)} of {len(values)} TTFA "
+                         f"samples over twice the median {ms(median(values))} ms: "
+                         + ", ".join(ms(v) for v in slow) + " ms")
+    notes += [f"error event ×{n}: {text}" for text, n in errors.items()]
+    return notes + daemon_warnings(log)
+
+
+def daemon_warnings(log: list[str]) -> list[str]:
+    """The daemon's warning and error log lines, counted with ids and pids blanked."""
+    counts: Counter[str] = Counter()
+    for line in log:
+        if " WARNING " in line or " ERROR " in line:
+            text = re.sub(r"^\S+ \S+ ", "", line.strip())
+            counts[re.sub(r"\[\d+\]|[0-9a-f]{8,}", "…", text)] += 1
+    return [f"daemon log ×{n}: `{text[:200]}`" for text, n in counts.items()]
+
+
+def bench_fake(plan: Plan) -> Result:
+    with fake_llm.serve(TOKEN_DELAY_S) as url:
+        settings = {**openai_settings(url), "player": {"backend": "null"}}
+        lines, notes = bench_modes(settings, KEY, "Tell me about Paris.", plan.fake_replies, timeout=60)
+    return [f"`tests/bench/fake_llm.py`: a {len(fake_llm.REPLY)}-character reply in {fake_llm.EVENTS} SSE "
+            f"events, {TOKEN_DELAY_S * 1000:.0f} ms apart (40 tokens/s); without streaming the whole "
+            f"reply is sent after the same {fake_llm.EVENTS * TOKEN_DELAY_S:.2f} s. Player backend `null`.",
+            "", *lines], notes
+
+
+def bench_local(plan: Plan) -> Result:
+    settings = {**LOCAL_PROFILE, "player": {"backend": "null"}}
+    lines, notes = bench_modes(settings, {}, LOCAL_PROMPT, plan.local_replies, timeout=180)
+    return [f"The default `local` profile (bundled Gemma 3 270M, llama.cpp in the llm process, "
+            f"`max_tokens = 60`, `temperature = 0`), prompt {LOCAL_PROMPT!r}. Player backend `null`.",
+            "", *lines], notes
+
+
+# --- 4. throughput ------------------------------------------------------------------------
+
+def bench_throughput(plan: Plan) -> Result:
+    with fake_openai() as url, Daemon({**openai_settings(url), "player": {"backend": "null"}}, env=KEY) as daemon:
+        client = Client.attach(daemon)
+        try:
+            result = throughput(client, plan.sessions, plan.replies, timeout=240)
+        finally:
+            client.close()
+        log = daemon.log
+    latency = result.latencies_ms
+    lines = ["`tests/fakes/openai_server.py` at zero delay (a one-sentence reply with a tag), streaming, "
+             "player backend `null`. Each session keeps one reply in flight and asks again when its "
+             "final `playback` arrives.", "",
+             "| sessions | replies | seconds | **replies/s** | request→final playback p50 ms | p90 ms | max ms |",
+             "|---|---|---|---|---|---|---|",
+             f"| {result.sessions} | {result.replies} | {result.seconds:.1f} | **{result.replies / result.seconds:.1f}** "
+             f"| {ms(median(latency))} | {ms(percentile(latency, .9))} | {ms(max(latency))} |"]
+    notes = [f"error event ×{n}: {text}" for text, n in client.errors.items()]
+    return lines, notes + daemon_warnings(log)
+
+
+# --- the report -----------------------------------------------------------------------------
+
+def render(sections: list[Section], command: str, started: datetime.datetime, load_before: str) -> str:
+    machine = describe()
+    lines = ["# voxpipe benchmark", "",
+             f"Generated {started:%Y-%m-%d %H:%M} UTC by `{command}`; every run rewrites this file.", "",
+             "Timings move with the machine's load and, on a VM, with its neighbours (the steal figure "
+             "under each section). **The ratios are the comparable figures**: each one is measured side "
+             "by side within one run. Absolute times are context.", "",
+             "| machine | |", "|---|---|", *(f"| {key} | {value} |" for key, value in machine.items()),
+             f"| load average (1/5/15 min) before | {load_before} |", ""]
+    for section in sections:
+        lines += [f"## {section.title}", "", *section.lines, ""]
+    notes = [note for section in sections for note in section.notes]
+    lines += ["## Observations", ""] + ([f"- {note}" for note in notes] or ["- none"])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run with small counts (about a minute)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = load()
+    sections = [measured("1. Bus hop latency", lambda: bench_hops(plan)),
+                measured("2. Time to first audio: fake OpenAI server at 40 tokens/s", lambda: bench_fake(plan)),
+                measured("3. Time to first audio: embedded local model", lambda: bench_local(plan)),
+                measured("4. Throughput", lambda: bench_throughput(plan))]
+    if float(load_before.split()[0]) > 0.5 * (os.cpu_count() or 1):
+        sections[0].notes.insert(0, f"the machine was already busy when the bench started "
+                                    f"(load average {load_before}).")
+    command = "make bench" + (" (--quick)" if args.quick else "")
+    report = render(sections, command, started, load_before)
+    REPORT.write_text(report)
+    print(report)
+    print(f"bench: wrote {REPORT}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""The chunker core: invariants over generated replies, and one example per rule, in Russian and English."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
+
+DEFAULT = ChunkerPolicy()
+
+
+def run(reply: str | list[str], policy: ChunkerPolicy = DEFAULT) -> tuple[str, list[Chunk]]:
+    """Feeds the reply (one string, or its deltas) with no stall, then finishes it."""
+    chunker = Chunker(policy)
+    display, chunks = [], []
+    for delta in [reply] if isinstance(reply, str) else reply:
+        out = chunker.feed(delta, 0.0)
+        display.append(out.display)
+        chunks += out.chunks
+    out = chunker.finish(0.0)
+    return "".join(display) + out.display, chunks + list(out.chunks)
+
+
+def texts(reply: str | list[str], policy: ChunkerPolicy = DEFAULT) -> list[str]:
+    return [chunk.text for chunk in run(reply, policy)[1]]
+
+
+def spoken(reply: str, policy: ChunkerPolicy = DEFAULT) -> str:
+    return " ".join(" ".join(texts(reply, policy)).split())
+
+
+def chars(reply: str) -> list[str]:
+    return list(reply)
+
+
+# --- invariants over generated replies ---------------------------------------------------
+
+CODE_PHRASE = "Код на экране."
+WORDS = ["Привет", "мир", "hello", "world", "дела", "Ёжик", "3.14", "2,5", "12:30", "30.11.2026", "v1.2.3",
+         "e.g.", "i.e.", "т.е.", "т.к.", "и т.д.", "Dr.", "Mr.", "U.S.", "А. С. Пушкин", "г.", "ул.", "стр.",
+         "me@example.org", "https://ex.com/a_b?x=1", "www.site.ru", "(скобки)", "«цитата»", '"quote"',
+         "—", "что-то", "a < b", "x<y", "1.", "2)", "100%", "C++", "OK", "Нет", "Yes"]
+SEPARATORS = [" ", " ", " ", ", ", ". ", "! ", "? ", "?! ", "... ", "… ", "; ", ": ", " — ",
+              "\n", "\n\n", ".\n"]
+BODIES = ["smile", "Подойти к игроку", "1,-2,0", "  wave  ", "happy|sad"]
+
+
+def plain(word: str) -> tuple[str, str, str]:
+    return word, word, word
+
+
+words = st.sampled_from(WORDS).map(plain)
+simple_words = st.sampled_from(["Привет", "world", "дела", "hello", "Ёжик"])
+tags = st.tuples(st.sampled_from(DEFAULT.tags), st.sampled_from(BODIES)).map(
+    lambda tb: (f"<{tb[0]}>{tb[1]}</{tb[0]}>", "", ""))
+think = st.just(("<think>I should <e>smile</e> and say *hi* < 3</think>", "", ""))
+emphasis = st.tuples(st.sampled_from(["**", "*", "_", "__", "`", "~~"]), simple_words).map(
+    lambda mw: (f"{mw[0]}{mw[1]}{mw[0]}", f"{mw[0]}{mw[1]}{mw[0]}", mw[1]))
+emoji = st.sampled_from(["😊", "👍🏽", "❤️", "🇷🇺"]).map(lambda e: (e, e, ""))
+links = st.tuples(simple_words, simple_words).map(
+    lambda ww: (f"[{ww[0]} {ww[1]}](https://ex.com/p_(x)?q=*)", f"[{ww[0]} {ww[1]}](https://ex.com/p_(x)?q=*)",
+                f"{ww[0]} {ww[1]}"))
+fence = st.just(("\n```python\nx = 1 * 2  # <e>in code</e>\n```\n", "\n```python\nx = 1 * 2  # \n```\n",
+                 f"\n{CODE_PHRASE}\n"))
+line_markup = st.tuples(st.sampled_from(["## ", "# ", "- ", "* ", "+ ", "> ", "• "]), simple_words).map(
+    lambda mw: (f"\n{mw[0]}{mw[1]}", f"\n{mw[0]}{mw[1]}", f"\n{mw[1]}"))
+snake = st.just(("snake_case", "snake_case", "snake case"))
+html = st.tuples(st.sampled_from(["b", "i", "sup"]), simple_words).map(
+    lambda tw: (f"<{tw[0]}>{tw[1]}</{tw[0]}><br/>", f"<{tw[0]}>{tw[1]}</{tw[0]}><br/>", f"{tw[1]}\n"))
+parts = st.one_of(words, words, words, tags, think, emphasis, emoji, links, fence, line_markup, snake, html)
+
+
+@st.composite
+def replies(draw: st.DrawFn) -> tuple[str, str, str, list[tuple[str, str]]]:
+    """A reply as (raw, expected display, expected speech, expected marks)."""
+    raw, display, speech, marks = [], [], [], []
+    for part in draw(st.lists(st.tuples(parts, st.sampled_from(SEPARATORS)), max_size=40)):
+        (r, d, s), sep = part
+        raw.append(r + sep)
+        display.append(d + sep)
+        speech.append(s + sep)
+        if not r.startswith("<think>"):
+            marks += [(m.group(1), m.group(2).strip()) for m in re.finditer(r"<([^>/]+)>(.*?)</\1>", r)
+                      if m.group(1) in DEFAULT.tags]
+    return "".join(raw), "".join(display), "".join(speech), marks
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> ChunkerPolicy:
+    min_chars = draw(st.integers(1, 60))
+    min_first = draw(st.integers(1, 30))
+    return ChunkerPolicy(min_first_chars=min_first, max_first_words=draw(st.integers(1, 15)),
+                         min_chars=min_chars, max_chars=draw(st.integers(max(40, min_chars, min_first), 200)),
+                         code_phrase=CODE_PHRASE)
+
+
+def split(raw: str, cuts: list[int]) -> list[str]:
+    points = sorted({0, len(raw), *(c % (len(raw) + 1) for c in cuts)})
+    return [raw[a:b] for a, b in zip(points, points[1:])]
+
+
+MARKUP = re.compile(r"[*_`~#|\[\]]|</?\w+>|<think|[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]")
+URL = re.compile(r"https?://\S+|www\.\S+")
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(replies(), policies(), st.lists(st.integers(0, 10_000), max_size=30))
+def test_generated_replies_keep_every_invariant(reply, policy, cuts):
+    raw, want_display, want_speech, want_marks = reply
+    display, chunks = run(raw, policy)
+    assert run(split(raw, cuts), policy) == (display, chunks), "another split gave other chunks"
+    assert display == want_display
+    assert " ".join(c.text for c in chunks).split() == want_speech.split()
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert all(c.text for c in chunks[:-1]), "only the final chunk may be empty"
+    for chunk in chunks:
+        assert len(chunk.text) <= policy.max_chars
+        assert chunk.text == " ".join(chunk.text.split())
+        assert not MARKUP.search(URL.sub("", chunk.text)), chunk.text
+        assert all(m.chunk == chunk.index and 0 <= m.offset <= len(chunk.text) for m in chunk.marks)
+    assert [(m.tag, m.body) for c in chunks for m in c.marks] == want_marks
+
+
+@FAST
+@given(replies())
+def test_feeding_one_character_at_a_time_changes_nothing(reply):
+    raw = reply[0]
+    assert run(chars(raw)) == run(raw)
+
+
+@FAST
+@given(st.text(alphabet=st.sampled_from("ab .,!?\n<>/e*_`#[]()-—«»😊:3"), max_size=200),
+       st.lists(st.integers(0, 10_000), max_size=20))
+def test_arbitrary_text_is_split_the_same_way_and_within_max_chars(raw, cuts):
+    policy = ChunkerPolicy(max_chars=20, min_chars=5, min_first_chars=3, tag_lookahead=20, tags=("e",))
+    display, chunks = run(raw, policy)
+    assert run(split(raw, cuts), policy) == (display, chunks)
+    assert all(len(c.text) <= 20 for c in chunks)
+    assert chunks[-1].final and not any(c.final for c in chunks[:-1])
+
+
+# --- the first chunk ---------------------------------------------------------------------
+
+def test_first_chunk_at_first_clause_boundary_long_enough():
+    assert texts("Well, honestly, I think we should go now. It is late.")[0] == "Well, honestly,"
+    assert texts("Да, конечно, я помогу тебе с этим прямо сейчас. Начнём.")[0] == "Да, конечно,"
+
+
+def test_first_chunk_is_out_before_the_sentence_ends():
+    chunker = Chunker()
+    assert chunker.feed("Ну, хорошо, давай", 0.0).chunks[0].text == "Ну, хорошо,"
+
+
+def test_first_chunk_after_max_first_words_without_punctuation():
+    reply = "one two three four five six seven eight nine ten eleven twelve"
+    assert texts(reply)[0] == "one two three four five six seven eight nine ten"
+    policy = ChunkerPolicy(max_first_words=3)
+    assert texts("раз два три четыре пять", policy)[0] == "раз два три"
+
+
+def test_first_chunk_never_ends_inside_initials():
+    assert texts("Это сделал А. С. Пушкин", ChunkerPolicy(max_first_words=4))[0] == "Это сделал А. С. Пушкин"
+
+
+# --- later chunks --------------------------------------------------------------------------
+
+def test_later_chunks_end_at_sentences_and_merge_short_ones():
+    reply = "Sure, here it is. Yes. No. Maybe. This sentence is long enough to stand alone. End."
+    assert texts(reply) == [
+        "Sure, here it is.", "Yes. No. Maybe. This sentence is long enough to stand alone.", "End."]
+
+
+def test_over_long_sentence_is_cut_at_the_best_clause_then_at_a_word():
+    policy = ChunkerPolicy(max_chars=60, min_chars=20)
+    reply = ("Начнём с простого. Это предложение очень длинное, в нём есть запятая; и точка с запятой, "
+             "а потом оно тянется дальше без всяких знаков препинания до самого конца строки")
+    got = texts(reply, policy)
+    assert got[1] == "Это предложение очень длинное, в нём есть запятая;"
+    assert all(len(text) <= 60 for text in got)
+    assert " ".join(got).split() == reply.split()
+    words_only = texts("a " + "слово " * 40, policy)
+    assert all(len(text) <= 60 and not text.endswith("сло") for text in words_only)
+
+
+def test_a_word_longer_than_max_chars_is_the_only_thing_cut_inside():
+    url = "https://example.com/" + "x" * 80
+    got = texts(f"См. {url} сейчас.", ChunkerPolicy(max_chars=40, min_chars=10))
+    assert all(len(text) <= 40 for text in got)
+    assert "".join(got).replace(" ", "") == f"См.{url}сейчас."
+
+
+# --- Russian and English: what is not a boundary ----------------------------------------------
+
+@pytest.mark.parametrize("sentence", [
+    "Купи хлеб, молоко, т.е. всё для завтрака, т.к. утром некогда.",
+    "Встреча в г. Москва на ул. Ленина, см. стр. 5 договора.",
+    "Это написал А. С. Пушкин, а прочитал Л. Н. Толстой.",
+    "Pi is 3.14 and e is about 2,71 today.",
+    "Meet me at 12:30 on 30.11.2026 with version v1.2.3 installed.",
+    "Write to me@example.org or open https://example.com/a.b?x=1 first.",
+    "Dr. Smith and Mr. Jones met in the U.S. at noon, e.g. for lunch.",
+    "Use tools, i.e. hammers, vs. bare hands, etc. and so on.",
+    "Ну... я не знаю, что сказать.",
+    "«Кто там?» — спросил он тихо у двери.",
+    '"Who is there?" he asked the empty room.',
+])
+def test_no_cut_inside_abbreviations_numbers_urls_and_quoted_questions(sentence):
+    policy = ChunkerPolicy(min_first_chars=200, max_first_words=100, max_chars=200)
+    assert texts(sentence + " Next one.", policy)[0] == sentence + " Next one."
+    later = texts(["This is the start. ", sentence, " Next sentence here."], ChunkerPolicy(min_chars=5))
+    assert later[1] == sentence
+
+
+@pytest.mark.parametrize("text, first", [
+    ("Купи хлеб, молоко и т.д. Потом позвони мне обязательно.", "Купи хлеб, молоко и т.д."),
+    ("Это было в 2026 г. Потом всё изменилось навсегда.", "Это было в 2026 г."),
+    ("We bought apples, pears, etc. Then we went home together.", "We bought apples, pears, etc."),
+    ("Он сказал: «Я приду.» Потом ушёл и больше не вернулся.", "Он сказал: «Я приду.»"),
+    ("Really?! That is the best news of the whole week.", "Really?!"),
+    ("Подожди… Ладно, давай попробуем ещё раз с начала.", "Подожди…"),
+])
+def test_sentence_ends_after_terminal_abbreviations_quotes_and_ellipses(text, first):
+    assert texts("This is the start. " + text, ChunkerPolicy(min_chars=1))[1] == first
+
+
+def test_dialogue_dashes_and_parentheses_are_clause_boundaries():
+    policy = ChunkerPolicy(min_chars=1, max_chars=30)
+    assert texts("— Привет, — сказал он. — Как дела?", ChunkerPolicy(min_first_chars=1, min_chars=1)) == [
+        "— Привет,", "— сказал он.", "— Как дела?"]
+    got = texts("Москва — столица России (и самый большой город страны по населению)", policy)
+    assert got[0] == "Москва — столица России"
+
+
+def test_lists_and_headings_are_cut_per_line_and_blank_lines_always_cut():
+    reply = "Вот список:\n1. Молоко\n2) Хлеб\n- яйца\n\n## Рецепт\nСмешайте всё."
+    assert texts(reply) == ["Вот список:", "1. Молоко", "2) Хлеб", "яйца", "Рецепт", "Смешайте всё."]
+    assert texts("First paragraph here\n\nsecond one") == ["First paragraph here", "second one"]
+
+
+# --- never spoken ----------------------------------------------------------------------------
+
+def test_tags_are_marks_never_speech_even_split_across_deltas():
+    display, chunks = run(["<e>sm", "ile</e>Привет! Как <", "c>Подойти к игроку</", "c>дела?"])
+    assert display == "Привет! Как дела?"
+    assert [c.text for c in chunks] == ["Привет! Как дела?"]
+    assert chunks[0].marks == (Mark("e", "smile", 0, 0), Mark("c", "Подойти к игроку", 0, 12))
+
+
+def test_marks_point_into_the_chunk_being_assembled():
+    policy = ChunkerPolicy(min_first_chars=1, min_chars=1)
+    _, chunks = run("Привет!<e>smile</e> Как дела? Отлично.<p>1,-2,0</p>", policy)
+    assert [c.text for c in chunks] == ["Привет!", "Как дела?", "Отлично."]
+    assert chunks[1].marks == (Mark("e", "smile", 1, 0),)
+    assert chunks[2].marks == (Mark("p", "1,-2,0", 2, 8),) and chunks[2].final
+    _, chunks = run("Hello there, my <E>wink</E>friend.")
+    assert chunks[1].marks == (Mark("e", "wink", 1, 3),) and chunks[1].text[3:] == "friend."
+
+
+def test_think_blocks_leave_neither_display_nor_speech():
+    display, chunks = run(["<thi", "nk>Надо <e>улыбнуться</e>.</th", "ink>Ответ: да."])
+    assert display == "Ответ: да."
+    assert [c.text for c in chunks] == ["Ответ: да."] and chunks[0].marks == ()
+
+
+def test_markdown_symbols_are_not_spoken_but_displayed():
+    reply = "## Title\n**Bold**, _italic_, `code`, ~~gone~~ and snake_case.\n> quoted\n* item\n---\nEnd."
+    display, _ = run(reply)
+    assert display == reply
+    assert spoken(reply) == "Title Bold, italic, code, gone and snake case. quoted item End."
+
+
+def test_fenced_code_is_replaced_by_the_code_phrase():
+    reply = "Пример:\n```python\nprint('<e>x</e>' * 2)\n```\nВот и всё."
+    assert spoken(reply) == "Пример: Вот и всё."
+    assert spoken(reply, ChunkerPolicy(code_phrase="Код на экране.")) == "Пример: Код на экране. Вот и всё."
+    assert spoken("До\n~~~\nкод\n~~~~\nПосле") == "До После"
+    assert spoken("Код:\n```\nне закрыт") == "Код:"
+
+
+def test_text_before_a_code_block_is_spoken_while_the_code_streams():
+    chunker = Chunker()
+    assert [c.text for c in chunker.feed("Вот пример:\n```python\nprint(1)\n", 0.0).chunks] == ["Вот пример:"]
+
+
+def test_emoji_are_dropped_from_speech_and_kept_in_display():
+    display, chunks = run("Привет 😊! Класс 👍🏽 ❤️ 🇷🇺")
+    assert display == "Привет 😊! Класс 👍🏽 ❤️ 🇷🇺"
+    assert [c.text for c in chunks] == ["Привет ! Класс"]
+
+
+def test_links_speak_their_text_not_their_url():
+    assert spoken("Читай [документацию](https://ex.com/a_(b)) и ![схему](s.png) тут.") == \
+        "Читай документацию и !схему тут."
+    assert spoken("Bare https://ex.com/a_b~c#top stays whole.") == "Bare https://ex.com/a_b~c#top stays whole."
+
+
+def test_html_tags_are_not_spoken_and_br_is_a_line_break():
+    assert texts("Это <b>важно</b>, очень<br/>важно <i >тоже</i>.") == ["Это важно,", "очень", "важно тоже."]
+
+
+def test_a_lone_angle_bracket_is_text():
+    display, chunks = run(["a <", " b and c<", "e"])
+    assert display == "a < b and c<e" and chunks[0].text == "a < b and c<e"
+    chunker = Chunker()
+    assert chunker.feed("x <", 0).display == "x "
+    assert chunker.feed("e", 0).display == ""
+    assert chunker.feed("x", 0).display == "<ex"
+
+
+def test_an_unclosed_tag_is_released_as_text_after_tag_lookahead():
+    policy = ChunkerPolicy(tag_lookahead=30)
+    chunker = Chunker(policy)
+    first = chunker.feed("Смотри <e>это не тег, а текст", 0).display
+    assert first == "Смотри "
+    rest = chunker.feed(" длиннее тридцати", 0).display
+    assert first + rest == "Смотри <e>это не тег, а текст длиннее тридцати"
+    assert run("Пока <e>smile", policy)[0] == "Пока "
+
+
+# --- stall flush and timing ----------------------------------------------------------------
+
+def test_stall_flushes_up_to_the_last_complete_word():
+    chunker = Chunker()
+    assert chunker.feed("Hello wor", 10.0).chunks == ()
+    assert chunker.next_flush_at == pytest.approx(10.6)
+    assert chunker.tick(10.5).chunks == ()
+    assert [c.text for c in chunker.tick(10.6).chunks] == ["Hello"]
+    assert chunker.next_flush_at is None and chunker.tick(20.0).chunks == ()
+    assert [c.text for c in chunker.feed("ld and all.", 20.0).chunks] == []
+    assert [(c.text, c.final) for c in chunker.finish(21.0).chunks] == [("world and all.", True)]
+
+
+def test_stall_flushes_a_word_ending_in_punctuation_but_not_a_half_word():
+    chunker = Chunker()
+    chunker.feed("Привет!", 0.0)
+    assert [c.text for c in chunker.tick(1.0).chunks] == ["Привет!"]
+    chunker = Chunker()
+    chunker.feed("Прив", 0.0)
+    assert chunker.next_flush_at is None and chunker.tick(5.0).chunks == ()
+
+
+def test_empty_deltas_do_not_postpone_a_stall_flush_and_zero_disables_it():
+    chunker = Chunker()
+    chunker.feed("Hello there", 1.0)
+    chunker.feed("", 1.5)
+    assert chunker.next_flush_at == pytest.approx(1.6)
+    chunker = Chunker(ChunkerPolicy(flush_after_ms=0))
+    chunker.feed("Hello there", 1.0)
+    assert chunker.next_flush_at is None and chunker.tick(100.0).chunks == ()
+
+
+def test_finish_always_ends_with_exactly_one_final_chunk():
+    assert run("") == ("", [Chunk("", 0, True, ())])
+    assert run("<e>smile</e>") == ("", [Chunk("", 0, True, (Mark("e", "smile", 0, 0),))])
+    chunker = Chunker()
+    chunker.finish(0.0)
+    with pytest.raises(RuntimeError):
+        chunker.feed("late", 0.0)
+    assert chunker.tick(99.0).chunks == ()
+
+
+# --- policy --------------------------------------------------------------------------------
+
+def test_policy_from_mapping_accepts_config_and_environment_values():
+    policy = ChunkerPolicy.from_mapping({"max_chars": "200", "tags": "e, c", "code_phrase": "Код."})
+    assert (policy.max_chars, policy.tags, policy.code_phrase) == (200, ("e", "c"), "Код.")
+    assert ChunkerPolicy.from_mapping({"tags": ["e", "music"]}).tags == ("e", "music")
+    assert ChunkerPolicy.from_mapping({}) == DEFAULT
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"max_char": 100}, "max_char"),
+    ({"max_chars": 5}, "max_chars"),
+    ({"min_chars": 300}, "max_chars"),
+    ({"flush_after_ms": -1}, "flush_after_ms"),
+    ({"min_first_chars": True}, "min_first_chars"),
+    ({"max_first_words": "many"}, "max_first_words"),
+    ({"tags": ["e", "bad tag"]}, "tags"),
+    ({"tags": ["think"]}, "tags"),
+    ({"tag_lookahead": 10}, "tag_lookahead"),
+    ({"code_phrase": 3}, "code_phrase"),
+])
+def test_policy_errors_name_the_key_and_what_is_allowed(data, key):
+    with pytest.raises(ValueError, match=rf"^{key}: (expected|unknown key; allowed: )"):
+        ChunkerPolicy.from_mapping(data)
