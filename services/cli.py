@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from . import protocol
 from .bus import BusError, Endpoints
 from .config import Config, ConfigError, load
+from .llm.providers.base import ProviderError
 from .protocol import Message
 from .runtime import BusUnavailable, Connection, endpoints_for
 from .shard import Shard
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args, config)
-    except (BusUnavailable, BusError) as exc:
+    except (BusUnavailable, BusError, ProviderError) as exc:
         print(f"voxpipe: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ConfigError, ValueError) as exc:

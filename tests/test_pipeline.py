@@ -189,7 +189,7 @@ def stage_pid(daemon: Daemon, stage: str) -> int:
     return heartbeats(daemon)[stage]["pid"]
 
 
-@pytest.mark.parametrize("victim", ["llm", "history"])
+@pytest.mark.parametrize("victim", ["llm", "history", "bus"])
 def test_killed_stage_is_restarted_and_nothing_hangs(victim: str) -> None:
     with fake_openai(delay=0.05) as slow, Daemon(openai_settings(slow), env=KEY) as daemon:
         old_pid = stage_pid(daemon, victim)
