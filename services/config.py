@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "VOXPIPE_"
-PROVIDERS = ("local", "openai")
+PROVIDERS = ("local", "openai", "gemini", "http", "g4f")
 TTS_ENGINES = ("espeak",)
 PLAYER_BACKENDS = ("auto", "simpleaudio", "wav", "null")
 STAGES = ("llm", "chunker", "tts", "player", "history")
@@ -84,6 +84,10 @@ def _real(low: float, high: float) -> Rule:
     return Rule(float, f"a number from {low} to {high}", lambda value: low <= value <= high)
 
 
+def _strings() -> Rule:
+    return Rule(list, "a list of strings", lambda value: all(isinstance(item, str) for item in value))
+
+
 def _names(allowed: tuple[str, ...]) -> Rule:
     return Rule(list, f"a list drawn from: {', '.join(allowed)}",
                 lambda value: all(item in allowed for item in value))
@@ -91,30 +95,59 @@ def _names(allowed: tuple[str, ...]) -> Rule:
 
 # --- the schema -------------------------------------------------------------
 
-PROFILE_SCHEMA: dict[str, Rule] = {
+PROFILE_SCHEMA: dict[str, Any] = {
     "provider": _choice(*PROVIDERS),
     "stream": _flag(),
     "model": _text(),
     "model_path": _text(),
     "base_url": _text(),
+    "url": _text(),
+    "wire": _choice("openai-sse", "ndjson"),
     "api_key_env": _text(),
+    "reserve_key_envs": _strings(),
     "max_tokens": _count(1, 1_000_000),
     "temperature": _real(0.0, 2.0),
+    "top_p": _real(0.0, 1.0),
+    "top_k": _count(0, 100_000),
+    "presence_penalty": _real(-2.0, 2.0),
+    "stop": _strings(),
+    "reasoning_budget": _count(-1, 1_000_000),
     "n_threads": _count(0, 1024),
     "n_ctx": _count(128, 1_048_576),
     "chat_format": _text(),
-    "timeout_s": _real(0.1, 3600.0),
+    "connect_timeout_s": _real(0.1, 600.0),
+    "first_token_timeout_s": _real(0.1, 3600.0),
+    "idle_timeout_s": _real(0.1, 3600.0),
+    "retries": _count(0, 20),
+    "backoff_s": _real(0.0, 60.0),
+    "backoff_max_s": _real(0.0, 600.0),
+    "stop_strings": _strings(),
+    "max_reply_chars": _count(0, 10_000_000),
+    "max_reply_sentences": _count(0, 100_000),
+    "repeat_ngram": _count(0, 1000),
+    "repeat_count": _count(2, 1000),
+    "user_turn_prefixes": _strings(),
+    "extra": "free",
 }
 PROFILE_DEFAULTS: dict[str, Any] = {
-    "stream": True, "model": "", "model_path": "", "base_url": "", "api_key_env": "",
-    "max_tokens": 200, "temperature": 0.7, "n_threads": 0, "n_ctx": 2048,
-    "chat_format": "gemma", "timeout_s": 60.0,
+    "stream": True, "model": "", "model_path": "", "base_url": "", "url": "", "wire": "openai-sse",
+    "api_key_env": "", "reserve_key_envs": [],
+    "max_tokens": 200, "temperature": 0.7, "top_p": 0.0, "top_k": 0, "presence_penalty": 0.0, "stop": [],
+    "reasoning_budget": -1, "n_threads": 0, "n_ctx": 2048, "chat_format": "gemma",
+    "connect_timeout_s": 10.0, "first_token_timeout_s": 60.0, "idle_timeout_s": 30.0,
+    "retries": 2, "backoff_s": 0.5, "backoff_max_s": 8.0,
+    "stop_strings": [], "max_reply_chars": 0, "max_reply_sentences": 0, "repeat_ngram": 0, "repeat_count": 3,
+    "user_turn_prefixes": ["User:", "Пользователь:"], "extra": {},
 }
+"""top_p, top_k and presence_penalty of 0 and reasoning_budget of -1 mean "not sent"."""
 
 SCHEMA: dict[str, Any] = {
     "bus": {"runtime_dir": _text()},
     "llm": {
         "profile": _text(),
+        "on_busy": _choice("cancel", "queue", "reject"),
+        "persona_file": _text(),
+        "history_token_budget": _count(0, 10_000_000),
         "system_prompt": _text(),
         "history_limit": _count(0, 1000),
         "context_timeout_ms": _count(0, 60_000),
@@ -143,6 +176,9 @@ DEFAULTS: dict[str, Any] = {
     "bus": {"runtime_dir": ""},
     "llm": {
         "profile": "local",
+        "on_busy": "cancel",
+        "persona_file": "",
+        "history_token_budget": 0,
         "system_prompt": "You are a friendly voice assistant. Answer briefly.",
         "history_limit": 20,
         "context_timeout_ms": 500,
@@ -151,6 +187,8 @@ DEFAULTS: dict[str, Any] = {
             "local": {"provider": "local"},
             "openai": {"provider": "openai", "base_url": "https://api.openai.com/v1",
                        "model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"},
+            "gemini": {"provider": "gemini", "base_url": "https://generativelanguage.googleapis.com/v1beta",
+                       "model": "gemini-2.0-flash", "api_key_env": "GEMINI_API_KEY"},
         },
     },
     "chunker": {},
@@ -268,6 +306,10 @@ def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple
     where = _where(path, origins, fallback)
     if schema == "chunker":
         _validate_chunker(data, path, origins, fallback)
+        return
+    if schema == "free":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: key {'.'.join(path)} must be a table")
         return
     if schema == "profiles":
         if not isinstance(data, dict) or not data:

@@ -140,6 +140,7 @@ def _counter_map(values: Callable[[Any], str | None]) -> Callable[[Any], str | N
     return check
 
 
+IMAGE = _record({"mime": _str(64, re.compile(r"image/[a-z0-9.+-]+")), "data": _bytes(3 * 1024 * 1024)})
 MARK = _record({"tag": _str(_SHORT), "body": _str(_TEXT), "chunk": _int(), "offset": _int()})
 CHAT_MESSAGE = _record({"role": _str(16, choices=("system", "user", "assistant")), "content": _str(_REPLY)})
 DONE_STATUSES = ("ok", "error", "interrupted")
@@ -161,11 +162,15 @@ KINDS: dict[str, dict[str, Field]] = {
         "text": Field(_str(_TEXT)),
         "profile": Field(_str(64), required=False, default=""),
         "stream": Field(_optional_bool, required=False, default=None),
+        "images": Field(_list(IMAGE, 8), required=False, default=[]),
     },
     "cancel": {
         "reason": Field(_str(200), required=False, default=""),
     },
     "token": {
+        "text": Field(_str(_TEXT)),
+    },
+    "reasoning": {
         "text": Field(_str(_TEXT)),
     },
     "llm.done": {
@@ -177,6 +182,8 @@ KINDS: dict[str, dict[str, Field]] = {
         "model": Field(_str(256), required=False, default=""),
         "finish_reason": Field(_str(64), required=False, default=""),
         "metrics": Field(_counter_map(_number), required=False, default={}),
+        "guard": Field(_str(32), required=False, default=""),
+        "reasoning": Field(_str(_REPLY), required=False, default=""),
     },
     "context.query": {
         "limit": Field(_int(0, 1000), required=False, default=20),

@@ -14,11 +14,14 @@ ENVELOPE = {"session": "s1", "id": "r1", "seq": 3, "ts": 1764500000.25, "src": "
 
 EXAMPLES = {
     "hello": {},
-    "request": {"text": "Привет! How are you?", "profile": "local", "stream": False},
+    "request": {"text": "Привет! How are you?", "profile": "local", "stream": False,
+                "images": [{"mime": "image/png", "data": b"\x89PNG\r\n"}]},
     "cancel": {"reason": "user pressed stop"},
     "token": {"text": "Hel"},
+    "reasoning": {"text": "The user greets me, "},
     "llm.done": {"status": "ok", "text": "Hello <e>smile</e>.", "tokens": 4, "provider": "openai",
-                 "model": "gpt-4o-mini", "finish_reason": "stop", "metrics": {"ttft_ms": 120.5}},
+                 "model": "gpt-4o-mini", "finish_reason": "stop", "metrics": {"ttft_ms": 120.5},
+                 "guard": "", "reasoning": "Greet back."},
     "context.query": {"limit": 20},
     "context": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
     "text": {"delta": "Hello ", "final": False},
@@ -76,6 +79,7 @@ def good_request(**changes: object) -> dict:
     (frame_of(good_request(session=""), b"request/"), "must not be empty"),
     (frame_of(good_request(stream="yes")), "field 'stream' must be true or false"),
     (frame_of(good_request(ts=float("nan"))), "must be finite"),
+    (frame_of(good_request(images=[{"mime": "text/html", "data": b"x"}])), "field 'images' item 0 field 'mime'"),
     (frame_of(good_request(), b"request/other"), "does not match"),
     (b"request/s1 " + b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "the limit is"),
 ])

@@ -3,16 +3,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
+
+from .providers.base import Image
 
 
-def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str) -> list[dict[str, str]]:
-    """Persona, then the history window, then the user message.
+CHARS_PER_TOKEN = 4
+"""A rough token estimate for history budgets; exact counts would need each vendor's tokenizer."""
+
+
+def trim_history(history: list[Mapping[str, str]], token_budget: int) -> list[Mapping[str, str]]:
+    """Drop the oldest turns until the rest fits `token_budget` (0: no budget)."""
+    if not token_budget:
+        return history
+    kept: list[Mapping[str, str]] = []
+    used = 0
+    for turn in reversed(history):
+        used += len(turn["content"]) // CHARS_PER_TOKEN + 1
+        if used > token_budget:
+            break
+        kept.append(turn)
+    return kept[::-1]
+
+
+def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str,
+                   images: Sequence[Image] = ()) -> list[dict[str, Any]]:
+    """Persona, then the history window, then the user message (with its images).
 
     Consecutive same-role turns are merged, because strict chat templates
     (Gemma's among them) reject two user or two assistant turns in a row.
     """
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
     for turn in [*history, {"role": "user", "content": user_text}]:
@@ -22,6 +43,8 @@ def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], use
             messages[-1] = {"role": turn["role"], "content": messages[-1]["content"] + "\n" + turn["content"]}
         else:
             messages.append({"role": turn["role"], "content": turn["content"]})
+    if images:
+        messages[-1]["images"] = list(images)
     return messages
 
 
@@ -44,8 +67,9 @@ class Reply:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def done_fields(self, status: str, now: float, *, error: str = "", provider: str = "",
-                    model: str = "", finish_reason: str = "", usage: Mapping[str, float] | None = None) -> dict[str, Any]:
+    def done_fields(self, status: str, now: float, *, error: str = "", provider: str = "", model: str = "",
+                    finish_reason: str = "", usage: Mapping[str, float] | None = None, guard: str = "",
+                    reasoning: str = "") -> dict[str, Any]:
         """The body of this reply's llm.done message."""
         metrics: dict[str, float] = {"total_ms": (now - self.started) * 1000}
         if self.first_token_at is not None:
@@ -54,5 +78,6 @@ class Reply:
             if span > 0 and len(self.parts) > 1:
                 metrics["tokens_per_s"] = (len(self.parts) - 1) / span
         metrics.update({f"usage_{name}": value for name, value in (usage or {}).items()})
-        return {"status": status, "text": self.text, "tokens": len(self.parts), "error": error,
-                "provider": provider, "model": model, "finish_reason": finish_reason, "metrics": metrics}
+        return {"status": status, "text": self.text, "tokens": len(self.parts), "error": error[:2000],
+                "provider": provider, "model": model, "finish_reason": finish_reason, "metrics": metrics,
+                "guard": guard, "reasoning": reasoning}

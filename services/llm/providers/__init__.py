@@ -13,6 +13,8 @@ from .base import Provider
 PROVIDERS = {
     "local": "services.llm.providers.local:LocalProvider",
     "openai": "services.llm.providers.openai_compat:OpenAIProvider",
+    "gemini": "services.llm.providers.gemini:GeminiProvider",
+    "http": "services.llm.providers.http:HttpProvider",
 }
 
 

