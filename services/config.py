@@ -136,7 +136,7 @@ PROFILE_DEFAULTS: dict[str, Any] = {
     "reasoning_budget": -1, "n_threads": 0, "n_ctx": 2048, "chat_format": "gemma",
     "connect_timeout_s": 10.0, "first_token_timeout_s": 60.0, "idle_timeout_s": 30.0,
     "retries": 2, "backoff_s": 0.5, "backoff_max_s": 8.0,
-    "stop_strings": [], "max_reply_chars": 0, "max_reply_sentences": 0, "repeat_ngram": 0, "repeat_count": 3,
+    "stop_strings": [], "max_reply_chars": 0, "max_reply_sentences": 0, "repeat_ngram": 8, "repeat_count": 3,
     "user_turn_prefixes": ["User:", "Пользователь:"], "extra": {},
 }
 """top_p, top_k and presence_penalty of 0 and reasoning_budget of -1 mean "not sent"."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.config import ConfigError, load
+from services.config import PROFILE_SCHEMA, ConfigError, load
 from tests.harness import PYTHON, ROOT, base_env
 
 
@@ -93,6 +93,8 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     text = example.read_text()
     assert ChunkerPolicy.from_mapping(config["chunker"]) == ChunkerPolicy()
     assert set(config["chunker"]) == {field.name for field in fields(ChunkerPolicy)}
+    for key in PROFILE_SCHEMA:
+        assert f"{key} =" in text, f"profile key {key} is not documented"
     for section, keys in config.data.items():
         if section == "llm":
             keys = {key: value for key, value in keys.items() if key != "profiles"}

@@ -109,3 +109,19 @@ def test_cancel_closes_the_llama_cpp_stream(llama_server: str) -> None:
         assert time.monotonic() - started < 5
         assert message["text"].startswith(first["text"])
         client.close()
+
+
+def test_repetition_guard_stops_the_looping_base_model(gguf: str) -> None:
+    from services import protocol
+    from services.runtime import Connection, endpoints_for
+    settings = {"llm": {"profiles": {"local": {"provider": "local", "max_tokens": 400, "temperature": 0.0,
+                                               "repeat_ngram": 6, "repeat_count": 3}}}}
+    with Daemon(settings) as daemon:
+        client = Connection("looper", endpoints_for(daemon.config()), [protocol.subscription("llm.done", "loop")])
+        client.open()
+        client.publish("request", "loop", "r1", text="Tell me a short fact about the Moon.")
+        done = client.receive(120)
+        client.close()
+    assert done is not None and done["status"] == "ok"
+    assert done["guard"] == "repetition" and done["finish_reason"] == "guard"
+    assert done["tokens"] < 400

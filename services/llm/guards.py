@@ -46,7 +46,7 @@ class ReplyGuard:
         self._pending = ""
         self._markers = [*policy.stop_strings, *("\n" + prefix for prefix in policy.user_turn_prefixes)]
         self._ngrams: dict[tuple[str, ...], int] = {}
-        self._recent: collections.deque[str] = collections.deque(maxlen=max(policy.repeat_ngram, 1))
+        self._recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=max(policy.repeat_ngram, 1))
         self._partial_word = ""
 
     def push(self, text: str) -> str:
@@ -80,9 +80,9 @@ class ReplyGuard:
                 best, name = index, "stop_string"
         context = ("\n" if not self.released else self.released[-1]) + self._pending
         for prefix in self.policy.user_turn_prefixes:
-            index = context.find("\n" + prefix)
-            if 0 <= index < best:
-                best, name = index, "user_turn"
+            index = context.find("\n" + prefix) - 1  # in pending's coordinates: the newline is not kept
+            if -1 <= index < best:
+                best, name = max(index, 0), "user_turn"
         return best, name
 
     def _held_back(self) -> int:
@@ -124,7 +124,7 @@ class ReplyGuard:
         return ends[limit - 1] - len(self.released), "max_sentences"
 
     def _repetition_limit(self, ready: str) -> tuple[int, str] | None:
-        """An n-gram of words seen `repeat_count` times means the model loops: stop after it.
+        """An n-gram of words seen `repeat_count` times means the model loops: stop before it.
 
         Words are counted once complete, so the scan is incremental and linear in the reply.
         """
@@ -132,16 +132,17 @@ class ReplyGuard:
         if not size:
             return None
         text = self._partial_word + ready
+        base = len(self.released) - len(self._partial_word)
         words = list(_WORD.finditer(text))
         trailing = words.pop() if words and words[-1].end() == len(text) else None
         for word in words:
-            self._recent.append(word.group().lower())
+            self._recent.append((word.group().lower(), base + word.start()))
             if len(self._recent) < size:
                 continue
-            gram = tuple(self._recent)
+            gram = tuple(token for token, _ in self._recent)
             self._ngrams[gram] = self._ngrams.get(gram, 0) + 1
             if self._ngrams[gram] >= self.policy.repeat_count:
-                return word.end() - len(self._partial_word), "repetition"
+                return max(0, self._recent[0][1] - len(self.released)), "repetition"
         self._partial_word = trailing.group() if trailing else ""
         return None
 

@@ -216,6 +216,8 @@ class Transport:
         where = _where(url)
         if self._closed:
             raise ProviderError(f"{where}: the call was closed before it started", code="connect")
+        if accept:
+            headers = {"Accept": ", ".join(accept), **headers}
         read_timeout = max(timeouts.first_token, timeouts.idle)
         try:
             response = self._session.request(method, url, headers=dict(headers), json=json_body, stream=True,

@@ -1,0 +1,158 @@
+"""The llm stage's pure cores: guards, <think> routing, retry decisions, prompt assembly."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.llm.core import build_messages, trim_history
+from services.llm.guards import GuardPolicy, ReplyGuard
+from services.llm.providers.base import Image, ProviderError
+from services.llm.retry import KeyRing, RetryPolicy, next_step
+from services.llm.think import ThinkSplitter
+
+
+def run_guard(policy: GuardPolicy, pieces: list[str]) -> tuple[str, str | None]:
+    guard = ReplyGuard(policy)
+    out = "".join(guard.push(piece) for piece in pieces) + guard.finish()
+    return out, guard.fired
+
+
+def splits(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({min(cut, len(text)) for cut in cuts})
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+
+
+# --- guards -------------------------------------------------------------------------------------
+
+def test_stop_string_split_across_tokens_keeps_exactly_the_text_before_it() -> None:
+    policy = GuardPolicy(stop_strings=("<END>",))
+    assert run_guard(policy, ["Hello wor", "ld<E", "N", "D> and more"]) == ("Hello world", "stop_string")
+
+
+def test_user_turn_prefix_on_a_new_line_stops_the_reply() -> None:
+    policy = GuardPolicy(user_turn_prefixes=("User:", "Пользователь:"))
+    assert run_guard(policy, ["Sure, here it is.\nUs", "er: and then"]) == ("Sure, here it is.", "user_turn")
+    assert run_guard(policy, ["Ответ.\nПользов", "атель: ещё"]) == ("Ответ.", "user_turn")
+    assert run_guard(policy, ["The User: field is fine"]) == ("The User: field is fine", None)
+
+
+def test_a_held_back_prefix_is_released_when_it_does_not_become_a_marker() -> None:
+    guard = ReplyGuard(GuardPolicy(stop_strings=("STOP",)))
+    assert guard.push("Go ST") == "Go "
+    assert guard.push("ART now") == "START now"
+    assert guard.finish() == "" and guard.fired is None
+
+
+def test_max_chars_cuts_at_a_word_boundary() -> None:
+    out, fired = run_guard(GuardPolicy(max_chars=20), ["The quick brown fox ", "jumps over the lazy dog"])
+    assert fired == "max_chars" and out.rstrip() == "The quick brown fox" and len(out) <= 20
+
+
+def test_max_sentences_keeps_whole_sentences() -> None:
+    out, fired = run_guard(GuardPolicy(max_sentences=2), ["One. Two! Thr", "ee? Four."])
+    assert (out, fired) == ("One. Two!", "max_sentences")
+
+
+def test_repetition_stops_a_looping_model() -> None:
+    loop = "I have a question. What is the Moon?\n" * 5
+    out, fired = run_guard(GuardPolicy(repeat_ngram=6, repeat_count=3), splits(loop, [7, 19, 40, 77]))
+    assert fired == "repetition"
+    assert out.startswith("I have a question. What is the Moon?\n" * 2) and out.count("Moon") == 2
+    assert run_guard(GuardPolicy(repeat_ngram=6, repeat_count=3), [loop])[0] == "I have a question. What is the Moon?\n" * 2
+
+
+def test_no_guard_passes_everything() -> None:
+    assert run_guard(GuardPolicy(), ["a", "b", "c"]) == ("abc", None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab <ENDUser:\n.", max_size=60), st.lists(st.integers(0, 60), max_size=8))
+def test_guard_output_does_not_depend_on_token_boundaries(text: str, cuts: list[int]) -> None:
+    policy = GuardPolicy(stop_strings=("<END>",), user_turn_prefixes=("User:",), max_sentences=3)
+    whole = run_guard(policy, [text])
+    assert run_guard(policy, splits(text, cuts)) == whole
+    assert text.startswith(whole[0])
+
+
+# --- <think> ------------------------------------------------------------------------------------
+
+def run_think(pieces: list[str]) -> tuple[str, str]:
+    splitter = ThinkSplitter()
+    deltas = [splitter.push(piece) for piece in pieces] + [splitter.finish()]
+    return "".join(d.text for d in deltas), "".join(d.reasoning for d in deltas)
+
+
+def test_think_tags_split_across_tokens_go_to_reasoning() -> None:
+    assert run_think(["<thi", "nk>plan it</th", "ink>Hello", "!"]) == ("Hello!", "plan it")
+
+
+def test_a_lone_angle_bracket_stays_text() -> None:
+    assert run_think(["a <", "b and <thin"]) == ("a <b and <thin", "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ab<>/thinkx", max_size=50), st.lists(st.integers(0, 50), max_size=8))
+def test_think_routing_does_not_depend_on_token_boundaries(text: str, cuts: list[int]) -> None:
+    assert run_think(splits(text, cuts)) == run_think([text])
+
+
+# --- retry --------------------------------------------------------------------------------------
+
+POLICY = RetryPolicy(retries=2, backoff_s=0.5, backoff_max_s=8.0)
+
+
+def test_429_rotates_to_a_reserve_key_first_then_honours_retry_after() -> None:
+    throttled = ProviderError("slow down", code="rate_limited", status=429, retry_after=3.0)
+    assert next_step(throttled, 0, keys_left=1, policy=POLICY, jitter=0.0).rotate
+    step = next_step(throttled, 0, keys_left=0, policy=POLICY, jitter=0.0)
+    assert step is not None and not step.rotate and step.delay == 3.0
+
+
+def test_backoff_grows_with_jitter_and_stops_after_the_retries() -> None:
+    error = ProviderError("boom", code="server", status=500)
+    delays = [next_step(error, n, 0, POLICY, jitter=0.5).delay for n in range(2)]
+    assert delays == [0.5 * 0.75, 1.0 * 0.75]
+    assert next_step(error, 2, 0, POLICY, jitter=0.5) is None
+
+
+def test_bad_requests_and_blocks_are_not_retried() -> None:
+    for code in ("bad_request", "blocked", "protocol", "unsupported"):
+        assert next_step(ProviderError("x", code=code, status=400), 0, 0, POLICY, 0.0) is None
+
+
+def test_auth_failure_rotates_only_while_keys_remain() -> None:
+    refused = ProviderError("no", code="auth", status=401)
+    assert next_step(refused, 0, 2, POLICY, 0.0).rotate
+    assert next_step(refused, 0, 0, POLICY, 0.0) is None
+
+
+def test_a_retry_after_beyond_a_minute_gives_up() -> None:
+    assert next_step(ProviderError("x", code="rate_limited", status=429, retry_after=3600), 0, 0, POLICY, 0) is None
+
+
+def test_key_ring_sticks_to_the_key_that_works() -> None:
+    ring = KeyRing(["a", "b"])
+    ring.rotate()
+    assert ring.current == "b"
+    assert KeyRing([]).current == ""
+
+
+# --- prompt -------------------------------------------------------------------------------------
+
+def test_prompt_is_persona_history_user_with_images_and_merged_turns() -> None:
+    image = Image(b"\x89PNG", "image/png")
+    history = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+               {"role": "assistant", "content": "hello"}]
+    messages = build_messages("Be kind.", history, "look", [image])
+    assert messages == [{"role": "system", "content": "Be kind."},
+                        {"role": "user", "content": "hi\nagain"},
+                        {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "look", "images": [image]}]
+
+
+def test_history_budget_drops_the_oldest_turns() -> None:
+    history = [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "y" * 40},
+               {"role": "user", "content": "z" * 40}]
+    assert trim_history(history, 25) == history[1:]
+    assert trim_history(history, 0) == history
