@@ -6,7 +6,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # libasound2-dev: simpleaudio builds from source; libportaudio2: sounddevice loads it;
 # alsa-utils ships the ALSA config the null device includes.
 APT_PACKAGES := libasound2-dev libportaudio2 alsa-utils
-EXTRAS := local,audio,dev
+EXTRAS := local,audio,g4f,dev
 STAMP := $(VENV)/.voxpipe-installed
 
 .PHONY: demo test bench install apt clean
@@ -16,6 +16,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m tests.bench.run
 
 install: $(STAMP)
 

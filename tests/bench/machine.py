@@ -1,7 +1,8 @@
 """What the numbers were measured on, and how busy the machine was meanwhile.
 
-Timings on a shared VM move with its neighbours; CPU steal and load are recorded per
-section so a reader can tell a slow run from a slow pipeline.
+Timings move with whatever else runs on the machine and, on a VM, with its neighbours;
+the CPU time other processes used and the time the hypervisor stole are recorded per
+section, so a reader can tell a slow run from a slow pipeline.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+
+_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _first(path: str, key: str) -> str:
@@ -36,23 +39,31 @@ def describe() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CpuTimes:
-    """The aggregate `cpu` line of /proc/stat (jiffies)."""
+    """CPU seconds used on the whole machine, by this process tree, and stolen by the hypervisor.
 
-    busy: int
-    idle: int
-    steal: int
+    The tree's share comes from os.times(), which counts descendants once they are reaped,
+    so read it after a section's processes have exited.
+    """
+
+    busy: float
+    idle: float
+    steal: float
+    own: float
 
     @classmethod
     def now(cls) -> "CpuTimes":
-        user, nice, system, idle, iowait, irq, softirq, steal = map(
-            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
-        return cls(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal)
+        user, nice, system, idle, iowait, irq, softirq, steal = (
+            int(field) / _TICKS for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+        mine = os.times()
+        return cls(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal,
+                   own=mine.user + mine.system + mine.children_user + mine.children_system)
 
-    def since(self, earlier: "CpuTimes") -> tuple[float, float]:
-        """(busy %, steal %) of all CPU time between two readings."""
+    def since(self, earlier: "CpuTimes") -> dict[str, float]:
+        """Shares of all CPU time between two readings, in %: busy, stolen, and used by others."""
         busy, idle, steal = self.busy - earlier.busy, self.idle - earlier.idle, self.steal - earlier.steal
-        total = max(1, busy + idle + steal)
-        return 100 * busy / total, 100 * steal / total
+        total = max(1e-9, busy + idle + steal) / 100
+        others = max(0.0, busy - (self.own - earlier.own))
+        return {"busy": busy / total, "steal": steal / total, "others": others / total}
 
 
 def load() -> str:

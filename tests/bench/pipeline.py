@@ -86,6 +86,8 @@ def time_reply(client: Client, text: str, stream: bool, timeout: float) -> Sampl
             sample.text = message["text"]
         if message.kind == "text" and not message["delta"]:
             continue
+        if message.kind == "playback" and message["final"] and message["event"] != "finished":
+            raise BenchError(f"stream={stream}: playback {message['event']} after {sample.ms}")
         if message.kind != "playback" or message["final"]:
             sample.ms.setdefault(message.kind, elapsed)
     return sample
@@ -107,12 +109,15 @@ class Throughput:
     sessions: int
     seconds: float
     latencies_ms: list[float]
+    stopped: int
+    """Replies whose playback ended `stopped` instead of `finished`."""
 
 
 def throughput(client: Client, sessions: int, total: int, timeout: float) -> Throughput:
     """Keep one reply in flight per session, asking again on each final playback, until `total`."""
     asked: dict[str, tuple[str, float]] = {}
     latencies: list[float] = []
+    stopped = 0
     start = time.monotonic()
     deadline = start + timeout
 
@@ -129,7 +134,8 @@ def throughput(client: Client, sessions: int, total: int, timeout: float) -> Thr
         if message.kind != "playback" or not message["final"] or message.id not in asked:
             continue
         session, sent = asked[message.id]
+        stopped += message["event"] != "finished"
         latencies.append((time.monotonic() - sent) * 1000)
         if len(asked) < total:
             ask(session)
-    return Throughput(total, sessions, time.monotonic() - start, latencies)
+    return Throughput(total, sessions, time.monotonic() - start, latencies, stopped)

@@ -31,7 +31,8 @@ TOKEN_DELAY_S = 0.025
 """A pause after each SSE event: 40 tokens/s, a typical hosted model's pace."""
 LOCAL_PROFILE = {"llm": {"profiles": {"local": {"provider": "local", "max_tokens": 60, "temperature": 0.0}}}}
 LOCAL_PROMPT = "Tell me about Paris in three sentences."
-STEAL_NOTE_PCT = 5.0
+OTHERS_NOTE_PCT = 5.0
+"""Above this share of CPU time taken by others (or stolen), a section's times are flagged."""
 LABELS = {"text": "first `text`", "chunk": "first `chunk`", "audio": "**first `audio` (TTFA)**",
           "llm.done": "`llm.done`", "playback": "final `playback`"}
 
@@ -64,16 +65,20 @@ Result = tuple[list[str], list[str]]
 
 
 def measured(title: str, run: Callable[[], Result]) -> Section:
-    """Run one section and record how busy the machine was meanwhile."""
+    """Run one section and record how much of the machine others used meanwhile."""
     print(f"bench: {title} ...", file=sys.stderr, flush=True)
     before, started = CpuTimes.now(), time.monotonic()
     lines, notes = run()
-    busy, steal = CpuTimes.now().since(before)
-    lines += ["", f"_{time.monotonic() - started:.0f} s; all CPUs {busy:.0f} % busy, {steal:.0f} % stolen "
-                  f"by the hypervisor; load average after: {load()}._"]
-    if steal >= STEAL_NOTE_PCT:
-        notes.append(f"{title}: the hypervisor took {steal:.0f} % of all CPU time (steal in /proc/stat), "
-                     f"so absolute times here are inflated.")
+    share = CpuTimes.now().since(before)
+    lines += ["", f"_{time.monotonic() - started:.0f} s. Of all CPU time: {share['busy']:.0f} % busy, "
+                  f"{share['others']:.0f} % used by processes outside this bench, {share['steal']:.0f} % "
+                  f"stolen by the hypervisor. Load average after: {load()}._"]
+    if share["others"] >= OTHERS_NOTE_PCT:
+        notes.append(f"other processes used {share['others']:.0f} % of all CPU time, so absolute "
+                     f"times here are inflated and noisier.")
+    if share["steal"] >= OTHERS_NOTE_PCT:
+        notes.append(f"the hypervisor took {share['steal']:.0f} % of all CPU time (steal in "
+                     f"/proc/stat), so absolute times here are inflated.")
     return Section(title, lines, notes)
 
 
@@ -96,7 +101,9 @@ def bench_hops(plan: Plan) -> Result:
             f"{v:,.0f}" for v in (median(values), percentile(values, .9), percentile(values, .99), max(values))) + " |")
     ratio = {q: percentile(samples["broker"], q) / percentile(samples["direct"], q) for q in (.5, .9, .99)}
     lines.append(f"| **broker / direct** | | **{ratio[.5]:.2f}×** | {ratio[.9]:.2f}× | **{ratio[.99]:.2f}×** | |")
-    notes = [f"bus hop: {path} path delivered {len(values)} of {plan.hops} messages"
+    lines += ["", f"Of each hop, {hop.codec_us():.0f} µs (median, in-process) is `make` + `encode` + `decode`; "
+                  f"the rest is ZeroMQ, the kernel and waking the receiver."]
+    notes = [f"the {path} path delivered {len(values)} of {plan.hops} messages"
              for path, values in samples.items() if len(values) != plan.hops]
     return lines, notes
 
@@ -130,17 +137,16 @@ def mode_table(warmups: list[Sample], samples: list[Sample]) -> list[str]:
     cold = {w.stream: w.ms["audio"] for w in warmups}
     lines += ["", f"**TTFA ratio, streaming / non-streaming: {ratio:.2f}** (the first sound comes "
                   f"{1 / ratio:.1f}× sooner with streaming). Warm-up replies (cold caches): TTFA "
-                  f"{ms(cold[True])} ms streaming, {ms(cold[False])} ms non-streaming."]
+                  f"{ms(cold[True])} ms streaming, {ms(cold[False])} ms non-streaming.", "",
+              "Each reply's `llm.done` in ms, in the order sent (spread here is the provider's, not the bus's): "
+              f"streaming {', '.join(ms(s.ms['llm.done']) for s in on)}; "
+              f"non-streaming {', '.join(ms(s.ms['llm.done']) for s in off)}."]
     return lines
 
 
 def mode_notes(warmups: list[Sample], samples: list[Sample], errors: Counter[str], log: list[str]) -> list[str]:
     """Outliers, replies that differ between modes, error events and daemon warnings."""
-    notes = []
-    texts = {s.text for s in [*warmups, *samples]}
-    if len(texts) > 1:
-        notes.append(f"{len(texts)} different final texts across replies (expected one): "
-                     + " | ".join(repr(t[:60]) for t in sorted(texts)))
+    notes = text_variants([*warmups, *samples])
     for stream in (True, False):
         values = [s.ms["audio"] for s in samples if s.stream == stream]
         slow = [v for v in values if v > 2 * median(values)]
@@ -150,6 +156,20 @@ def mode_notes(warmups: list[Sample], samples: list[Sample], errors: Counter[str
                          + ", ".join(ms(v) for v in slow) + " ms")
     notes += [f"error event ×{n}: {text}" for text, n in errors.items()]
     return notes + daemon_warnings(log)
+
+
+def text_variants(samples: list[Sample]) -> list[str]:
+    """One note if the same prompt gave different final texts; both modes must give the same one."""
+    variants: dict[str, Counter[str]] = {}
+    for sample in samples:
+        variants.setdefault(sample.text, Counter())["streaming" if sample.stream else "non-streaming"] += 1
+    if len(variants) < 2:
+        return []
+    same = len(os.path.commonprefix(list(variants)))
+    tails = "; ".join(f"{', '.join(f'{mode} ×{n}' for mode, n in modes.items())}: …{text[same:same + 80]!r}"
+                      for text, modes in variants.items())
+    return [f"the same prompt gave {len(variants)} different final texts over {len(samples)} replies "
+            f"(warm-ups included), identical for the first {same} characters, then: {tails}"]
 
 
 def daemon_warnings(log: list[str]) -> list[str]:
@@ -194,9 +214,10 @@ def bench_throughput(plan: Plan) -> Result:
     lines = ["`tests/fakes/openai_server.py` at zero delay (a one-sentence reply with a tag), streaming, "
              "player backend `null`. Each session keeps one reply in flight and asks again when its "
              "final `playback` arrives.", "",
-             "| sessions | replies | seconds | **replies/s** | request→final playback p50 ms | p90 ms | max ms |",
-             "|---|---|---|---|---|---|---|",
-             f"| {result.sessions} | {result.replies} | {result.seconds:.1f} | **{result.replies / result.seconds:.1f}** "
+             "| sessions | replies | stopped | seconds | **replies/s** | request→final playback p50 ms | p90 ms | max ms |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| {result.sessions} | {result.replies} | {result.stopped} | {result.seconds:.1f} "
+             f"| **{result.replies / result.seconds:.1f}** "
              f"| {ms(median(latency))} | {ms(percentile(latency, .9))} | {ms(max(latency))} |"]
     notes = [f"error event ×{n}: {text}" for text, n in client.errors.items()]
     return lines, notes + daemon_warnings(log)
@@ -207,16 +228,19 @@ def bench_throughput(plan: Plan) -> Result:
 def render(sections: list[Section], command: str, started: datetime.datetime, load_before: str) -> str:
     machine = describe()
     lines = ["# voxpipe benchmark", "",
-             f"Generated {started:%Y-%m-%d %H:%M} UTC by `{command}`; every run rewrites this file.", "",
-             "Timings move with the machine's load and, on a VM, with its neighbours (the steal figure "
+             f"Generated {started:%Y-%m-%d %H:%M} UTC by `{command}` (`make bench` runs it without "
+             "`--quick`); every run rewrites this file.", "",
+             "Timings move with the machine's load and, on a VM, with its neighbours (see the CPU shares "
              "under each section). **The ratios are the comparable figures**: each one is measured side "
              "by side within one run. Absolute times are context.", "",
              "| machine | |", "|---|---|", *(f"| {key} | {value} |" for key, value in machine.items()),
              f"| load average (1/5/15 min) before | {load_before} |", ""]
     for section in sections:
         lines += [f"## {section.title}", "", *section.lines, ""]
-    notes = [note for section in sections for note in section.notes]
-    lines += ["## Observations", ""] + ([f"- {note}" for note in notes] or ["- none"])
+    notes = [f"- §{section.title.split('.')[0]}: {note}" for section in sections for note in section.notes]
+    if float(load_before.split()[0]) > 0.5 * (os.cpu_count() or 1):
+        notes.insert(0, f"- The machine was already busy when the bench started (load average {load_before}).")
+    lines += ["## Observations", "", *(notes or ["- none"])]
     return "\n".join(lines) + "\n"
 
 
@@ -231,10 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measured("2. Time to first audio: fake OpenAI server at 40 tokens/s", lambda: bench_fake(plan)),
                 measured("3. Time to first audio: embedded local model", lambda: bench_local(plan)),
                 measured("4. Throughput", lambda: bench_throughput(plan))]
-    if float(load_before.split()[0]) > 0.5 * (os.cpu_count() or 1):
-        sections[0].notes.insert(0, f"the machine was already busy when the bench started "
-                                    f"(load average {load_before}).")
-    command = "make bench" + (" (--quick)" if args.quick else "")
+    command = "python -m tests.bench.run" + (" --quick" if args.quick else "")
     report = render(sections, command, started, load_before)
     REPORT.write_text(report)
     print(report)

@@ -15,6 +15,7 @@ PROVIDERS = {
     "openai": "services.llm.providers.openai_compat:OpenAIProvider",
     "gemini": "services.llm.providers.gemini:GeminiProvider",
     "http": "services.llm.providers.http:HttpProvider",
+    "g4f": "services.llm.providers.g4f:G4fProvider",
 }
 
 

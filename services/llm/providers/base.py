@@ -39,7 +39,7 @@ class ProviderError(RuntimeError):
     @property
     def rotates_key(self) -> bool:
         """Another API key may succeed where this one was refused or throttled."""
-        return self.status in (401, 403, 429)
+        return self.code in ("auth", "rate_limited") or self.status in (401, 403, 429)
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def _response(payload: dict[str, Any], outcome: Outcome) -> Iterator[Delta]:
         detail = f": {message}" if message else _flagged(feedback.get("safetyRatings"))
         raise ProviderError(f"Gemini refused the prompt (blockReason {feedback['blockReason']}){detail}; "
                             f"rephrase it or adjust safetySettings in the profile's extra", code="blocked")
-    for candidate in payload.get("candidates", [])[:1]:
+    for candidate in (payload.get("candidates") or [])[:1]:
         parts = (candidate.get("content") or {}).get("parts", [])
         delta = Delta(text="".join(part.get("text", "") for part in parts if not part.get("thought")),
                       reasoning="".join(part.get("text", "") for part in parts if part.get("thought")))

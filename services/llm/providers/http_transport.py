@@ -73,7 +73,8 @@ def error_text(body: bytes) -> str:
 def check_error(payload: Any) -> None:
     """Raise what a server reports with {"error": ...} inside a 200 body, where it fails mid-reply."""
     if isinstance(payload, dict) and "error" in payload:
-        raise ProviderError(f"the server failed mid-reply: {_clip(_error_message(payload) or str(payload['error']))}", code="server")
+        message = _error_message(payload) or str(payload["error"])
+        raise ProviderError(f"the server failed mid-reply: {_clip(message)}", code="server")
 
 
 def _error_message(payload: Any) -> str | None:
@@ -186,7 +187,8 @@ class _WatchedAdapter(HTTPAdapter):
                 return pool
             return build
 
-        manager.pool_classes_by_scheme = {scheme: watched(cls) for scheme, cls in manager.pool_classes_by_scheme.items()}
+        classes = manager.pool_classes_by_scheme
+        manager.pool_classes_by_scheme = {scheme: watched(cls) for scheme, cls in classes.items()}
         return manager
 
 

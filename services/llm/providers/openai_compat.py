@@ -10,22 +10,15 @@ from __future__ import annotations
 import base64
 import socket
 import threading
+import time
 from typing import Any, Iterator, Mapping
 
 import openai
 
 from .base import ChatRequest, Delta, Outcome, ProviderError
+from .http_transport import parse_retry_after, scrub
 
 STATUS_CODES = {401: "auth", 403: "auth", 429: "rate_limited"}
-
-
-def scrub(text: str, secret: str) -> str:
-    """Remove a secret (and the prefix of it that servers echo back) from a message."""
-    if secret:
-        text = text.replace(secret, "***")
-        if len(secret) > 8:
-            text = text.replace(secret[:8], "***")
-    return text
 
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -110,12 +103,13 @@ class OpenAIGeneration:
                 return
             raise ProviderError(self._safe(f"cannot reach {self._provider.base_url}: {exc.__cause__ or exc}"),
                                 code="connect") from None
-        except Exception as exc:  # the transport's own errors surface when close() cuts a read
+        except ProviderError:
+            raise
+        except Exception as exc:  # transport errors when close() cuts a read, or a malformed body
             if self._closed.is_set():
                 return
-            if isinstance(exc, openai.APIError):
-                raise ProviderError(self._safe(f"{self._provider.base_url}: {exc}"), code="protocol") from None
-            raise
+            raise ProviderError(self._safe(f"malformed response from {self._provider.base_url}: "
+                                           f"{type(exc).__name__}: {exc}"), code="protocol") from None
         finally:
             self._client.close()
 
@@ -124,6 +118,10 @@ class OpenAIGeneration:
         self._response = stream.response
         if self._closed.is_set():
             self.close()
+        content_type = stream.response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            raise ProviderError(f"{self._provider.base_url} answered with {content_type or 'no content type'}, "
+                                f"not an event stream; is base_url an OpenAI-compatible API?", code="protocol")
         for chunk in stream:
             if chunk.model:
                 self.outcome.model = chunk.model
@@ -173,10 +171,7 @@ def _reasoning(delta: Any) -> str:
 
 def _retry_after(response: Any) -> float | None:
     value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return parse_retry_after(value, time.time()) if value is not None else None
 
 
 def _usage(usage: Any) -> dict[str, float]:
