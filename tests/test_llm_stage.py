@@ -348,3 +348,21 @@ def test_streaming_on_and_off_give_the_same_chunks_and_history() -> None:
             session.close()
     assert results[True] == results[False]
     assert len(results[True][1]) >= 2
+
+
+def test_persona_file_and_replying_without_a_history_stage(tmp_path) -> None:
+    persona = tmp_path / "persona.txt"
+    persona.write_text("You are Mita, a cheerful companion.\n")
+    with WireServer() as wire:
+        settings = {"llm": {"profile": "wire", "persona_file": str(persona), "context_timeout_ms": 300,
+                            "profiles": {"wire": {**PROFILE, "base_url": wire.url("/v1")}}},
+                    "run": {"stages": ["llm", "chunker", "tts", "player"]}}
+        with Daemon(settings, env={"WIRE_KEY": SECRET}) as daemon:
+            wire.enqueue(stream("Hi!"))
+            session = Session(daemon)
+            done = session.until_done(session.ask("hello"))
+            session.close()
+            log = "".join(daemon.log)
+        assert done["status"] == "ok" and done["text"] == "Hi!"
+        assert wire.records[0].json["messages"][0] == {"role": "system", "content": "You are Mita, a cheerful companion."}
+        assert "history did not answer within 300 ms" in log
