@@ -78,6 +78,13 @@ def _number(value: Any) -> str | None:
     return None
 
 
+def _fraction(value: Any) -> str | None:
+    problem = _number(value)
+    if problem:
+        return problem
+    return None if 0 <= value <= 1 else f"must be between 0 and 1, got {value}"
+
+
 def _bool(value: Any) -> str | None:
     return None if isinstance(value, bool) else f"must be true or false, got {type(value).__name__}"
 
@@ -210,12 +217,15 @@ KINDS: dict[str, dict[str, Field]] = {
         "pcm": Field(_bytes(1024 * 1024)),
         "last": Field(_bool),
         "final": Field(_bool),
+        "chars": Field(_int(0, _TEXT), required=False, default=0),
     },
     "playback": {
         "event": Field(_str(16, choices=PLAYBACK_EVENTS)),
         "chunk": Field(_int(-1), required=False, default=-1),
         "path": Field(_str(4096), required=False, default=""),
         "final": Field(_bool, required=False, default=False),
+        "heard": Field(_fraction, required=False, default=0.0),
+        "heard_chars": Field(_int(0, _TEXT), required=False, default=0),
     },
     "command": {
         "name": Field(_str(_SHORT)),

@@ -103,7 +103,8 @@ class TtsStage(Stage):
         frame = frame or PcmFrame(b"", SILENT_FORMAT)
         self.bus.publish("audio", chunk.session, chunk.id, chunk=chunk["index"], frame=number,
                          rate=frame.format.rate, channels=frame.format.channels,
-                         width=frame.format.sample_width, pcm=frame.pcm, last=last, final=chunk["final"])
+                         width=frame.format.sample_width, pcm=frame.pcm, last=last, final=chunk["final"],
+                         chars=len(chunk["text"]))
 
     def shutdown(self) -> None:
         with self.wake:
