@@ -1,8 +1,9 @@
 """OpenAI-compatible chat completions through the `openai` library.
 
 Serves OpenAI, OpenRouter, llama.cpp's server, Ollama's /v1, vLLM and LM Studio.
-Each generation owns its HTTP client; close() shuts the response's socket down,
-so a blocked read returns at once and the server sees the disconnect and stops.
+One client per API key is shared by all generations (connections and the TLS
+context are reused); close() shuts the response's socket down, so a blocked
+read returns at once and the server sees the disconnect and stops.
 """
 
 from __future__ import annotations
@@ -47,18 +48,29 @@ class OpenAIProvider:
         self.extra = dict(profile["extra"])
         if not self.model:
             raise ValueError(f"profile {profile['name']!r}: provider openai needs model = \"...\"")
+        self._clients: dict[str, openai.OpenAI] = {}
+        self._lock = threading.Lock()
 
     def load(self) -> None:
         """Nothing to load; keys are read per request so a rotated secret takes effect."""
 
     def open(self, request: ChatRequest, api_key: str) -> "OpenAIGeneration":
-        return OpenAIGeneration(self, request, api_key)
+        return OpenAIGeneration(self, request, api_key, self._client(api_key))
+
+    def _client(self, key: str) -> openai.OpenAI:
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = openai.OpenAI(base_url=self.base_url, api_key=key or "unset", max_retries=0)
+            return self._clients[key]
 
     def arguments(self, request: ChatRequest, stream: bool) -> dict[str, Any]:
         """The create() arguments; non-standard parameters travel in extra_body."""
         params = request.params
-        arguments: dict[str, Any] = {"model": self.model, "messages": to_openai_messages(request.messages),
-                                     "stream": stream, "max_tokens": params.max_tokens}
+        timeouts = request.timeouts
+        arguments: dict[str, Any] = {
+            "model": self.model, "messages": to_openai_messages(request.messages), "stream": stream,
+            "max_tokens": params.max_tokens,
+            "timeout": openai.Timeout(max(timeouts.first_token, timeouts.idle), connect=timeouts.connect)}
         optional = {"temperature": params.temperature, "top_p": params.top_p,
                     "presence_penalty": params.presence_penalty, "stop": list(params.stop) or None}
         arguments.update({key: value for key, value in optional.items() if value is not None})
@@ -73,17 +85,14 @@ class OpenAIProvider:
 
 
 class OpenAIGeneration:
-    def __init__(self, provider: OpenAIProvider, request: ChatRequest, key: str) -> None:
+    def __init__(self, provider: OpenAIProvider, request: ChatRequest, key: str, client: openai.OpenAI) -> None:
         self.outcome = Outcome(model=provider.model)
         self._provider = provider
         self._request = request
         self._key = key
+        self._client = client
         self._closed = threading.Event()
         self._response: Any = None
-        timeouts = request.timeouts
-        self._client = openai.OpenAI(
-            base_url=provider.base_url, api_key=key or "unset", max_retries=0,
-            timeout=openai.Timeout(max(timeouts.first_token, timeouts.idle), connect=timeouts.connect))
 
     def __iter__(self) -> Iterator[Delta]:
         try:
@@ -111,7 +120,8 @@ class OpenAIGeneration:
             raise ProviderError(self._safe(f"malformed response from {self._provider.base_url}: "
                                            f"{type(exc).__name__}: {exc}"), code="protocol") from None
         finally:
-            self._client.close()
+            if self._response is not None:
+                self._response.close()
 
     def _streamed(self) -> Iterator[Delta]:
         stream = self._client.chat.completions.create(**self._provider.arguments(self._request, stream=True))
@@ -148,7 +158,11 @@ class OpenAIGeneration:
                 yield delta
 
     def close(self) -> None:
-        """Shut the socket down (a plain close would not wake the reading thread), then the client."""
+        """Shut the socket down: a plain close would not wake the reading thread.
+
+        Before the response headers there is no socket to reach; the stage then
+        ends the reply without waiting, and the call ends at its read timeout.
+        """
         self._closed.set()
         stream = self._response.extensions.get("network_stream") if self._response is not None else None
         sock = stream.get_extra_info("socket") if stream is not None else None
@@ -157,7 +171,6 @@ class OpenAIGeneration:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._client.close()
 
     def _safe(self, text: str) -> str:
         return scrub(text, self._key)
