@@ -177,3 +177,28 @@ def _deep_update(target: dict[str, Any], source: Mapping[str, Any]) -> None:
             _deep_update(target[key], value)
         else:
             target[key] = value
+
+
+def start_stage(name: str, runtime: Path, **env: str) -> "subprocess.Popen[str]":
+    """`voxpipe stage NAME` as a real process on a private runtime dir (env: VOXPIPE_* overrides)."""
+    return subprocess.Popen([PYTHON, "-m", "launcher", "stage", name], cwd=ROOT, text=True,
+                            env=base_env({"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), **env}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def connect(runtime: Path, name: str, *kinds: str) -> Any:
+    """A bus Connection subscribed to `kinds` (all sessions), opened with the hello handshake."""
+    from services import protocol
+    from services.config import load
+    from services.runtime import Connection, endpoints_for
+    config = load(env={"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), "XDG_CONFIG_HOME": str(runtime)})
+    client = Connection(name, endpoints_for(config), [protocol.subscription(kind) for kind in kinds])
+    client.open(timeout=30)
+    return client
+
+
+def stop_process(process: "subprocess.Popen[str]") -> tuple[int, str]:
+    """SIGTERM and collect (exit code, stderr)."""
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=15)
+    return process.returncode, err or ""

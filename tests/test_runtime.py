@@ -16,10 +16,9 @@ import msgpack
 import pytest
 
 from services import protocol
-from services.config import load
-from services.runtime import Connection, endpoints_for
 from services.shard import Shard, shard_of
-from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, openai_settings
+from tests.harness import (PYTHON, ROOT, Daemon, base_env, connect, fake_openai, openai_settings, start_stage,
+                           stop_process)
 
 
 @pytest.fixture()
@@ -28,69 +27,50 @@ def runtime_dir() -> Iterator[Path]:
     yield directory
 
 
-def stage(name: str, runtime: Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([PYTHON, "-m", "launcher", "stage", name], cwd=ROOT, text=True,
-                            env=base_env({"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), **env}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def connect(runtime: Path, name: str, *kinds: str) -> Connection:
-    config = load(env={"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), "XDG_CONFIG_HOME": str(runtime)})
-    client = Connection(name, endpoints_for(config), [protocol.subscription(kind) for kind in kinds])
-    client.open(timeout=20)
-    return client
-
-
-def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=10)
-    return process.returncode, err
-
-
 def test_second_broker_is_refused_and_stale_sockets_are_cleared(runtime_dir: Path) -> None:
     runtime_dir.mkdir(mode=0o700)
     (runtime_dir / "in.sock").write_text("stale")
-    first = stage("bus", runtime_dir)
+    first = start_stage("bus", runtime_dir)
     try:
         connect(runtime_dir, "probe").close()
-        second = stage("bus", runtime_dir)
+        second = start_stage("bus", runtime_dir)
         _, err = second.communicate(timeout=20)
         assert second.returncode == 1
         assert f"pid {first.pid}" in err and "already running" in err
         connect(runtime_dir, "probe-after").close()  # the first broker still owns the path
         assert oct((runtime_dir / "out.sock").stat().st_mode & 0o777) == "0o600"
     finally:
-        assert stop(first)[0] == 0
+        assert stop_process(first)[0] == 0
 
 
 def test_runtime_dir_open_to_others_is_refused(runtime_dir: Path) -> None:
     runtime_dir.mkdir()
     os.chmod(runtime_dir, 0o755)
-    process = stage("bus", runtime_dir)
+    process = start_stage("bus", runtime_dir)
     _, err = process.communicate(timeout=20)
     assert process.returncode == 1
     assert "mode 755" in err and f"chmod 700 {runtime_dir}" in err
 
 
 def test_sd_notify_ready_watchdog_stopping(runtime_dir: Path) -> None:
-    bus = stage("bus", runtime_dir)
+    bus = start_stage("bus", runtime_dir)
     notify_path = str(runtime_dir.parent / "notify.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     listener.bind(notify_path)
     listener.settimeout(20)
     try:
         connect(runtime_dir, "probe").close()
-        chunker = stage("chunker", runtime_dir, NOTIFY_SOCKET=notify_path)
+        chunker = start_stage("chunker", runtime_dir, NOTIFY_SOCKET=notify_path)
         states = [listener.recv(256).decode() for _ in range(2)]
         assert states == ["READY=1", "WATCHDOG=1"]
-        code, _ = stop(chunker)
+        code, _ = stop_process(chunker)
         assert code == 0
         while (state := listener.recv(256).decode()) == "WATCHDOG=1":
             pass
         assert state == "STOPPING=1"
     finally:
         listener.close()
-        stop(bus)
+        stop_process(bus)
 
 
 def raw(kind: str, session: str, id: str, seq: int, src: str, **body: object) -> bytes:
@@ -100,10 +80,10 @@ def raw(kind: str, session: str, id: str, seq: int, src: str, **body: object) ->
 
 
 def test_gaps_within_a_stream_and_at_its_tail_are_reported(runtime_dir: Path) -> None:
-    bus = stage("bus", runtime_dir)
+    bus = start_stage("bus", runtime_dir)
     try:
         connect(runtime_dir, "probe").close()
-        chunker = stage("chunker", runtime_dir)
+        chunker = start_stage("chunker", runtime_dir)
         watcher = connect(runtime_dir, "watcher", "error", "heartbeat")
         while (beat := watcher.receive(20)) is not None and beat.src != "chunker":
             pass
@@ -122,13 +102,13 @@ def test_gaps_within_a_stream_and_at_its_tail_are_reported(runtime_dir: Path) ->
                            "lost messages 5..6 of stream token/g/r1 from gappy"]
         sender.close()
         watcher.close()
-        stop(chunker)
+        stop_process(chunker)
     finally:
-        stop(bus)
+        stop_process(bus)
 
 
 def test_tap_prints_one_line_per_message(runtime_dir: Path) -> None:
-    bus = stage("bus", runtime_dir)
+    bus = start_stage("bus", runtime_dir)
     try:
         connect(runtime_dir, "probe").close()
         tap = subprocess.Popen([PYTHON, "-m", "launcher", "tap", "request"], cwd=ROOT, text=True,
@@ -144,7 +124,7 @@ def test_tap_prints_one_line_per_message(runtime_dir: Path) -> None:
         sender.close()
         assert "request" in line and "t1 r9" in line and "text='visible in tap'" in line
     finally:
-        stop(bus)
+        stop_process(bus)
 
 
 def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
