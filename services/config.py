@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "VOXPIPE_"
 PROVIDERS = ("local", "openai", "gemini", "http", "g4f")
-TTS_ENGINES = ("espeak",)
-PLAYER_BACKENDS = ("auto", "simpleaudio", "wav", "null")
+TTS_ENGINES = ("espeak", "coqui", "openai-speech")
+PLAYER_BACKENDS = ("auto", "simpleaudio", "sounddevice", "wav", "null")
 STAGES = ("llm", "chunker", "tts", "player", "history")
 
 
@@ -104,6 +104,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
     "url": _text(),
     "wire": _choice("openai-sse", "ndjson"),
     "api_key_env": _text(),
+    "api_key_file": _text(),
     "reserve_key_envs": _strings(),
     "max_tokens": _count(1, 1_000_000),
     "temperature": _real(0.0, 2.0),
@@ -131,7 +132,7 @@ PROFILE_SCHEMA: dict[str, Any] = {
 }
 PROFILE_DEFAULTS: dict[str, Any] = {
     "stream": True, "model": "", "model_path": "", "base_url": "", "url": "", "wire": "openai-sse",
-    "api_key_env": "", "reserve_key_envs": [],
+    "api_key_env": "", "api_key_file": "", "reserve_key_envs": [],
     "max_tokens": 200, "temperature": 0.7, "top_p": 0.0, "top_k": 0, "presence_penalty": 0.0, "stop": [],
     "reasoning_budget": -1, "n_threads": 0, "n_ctx": 2048, "chat_format": "gemma",
     "connect_timeout_s": 10.0, "first_token_timeout_s": 60.0, "idle_timeout_s": 30.0,
@@ -142,7 +143,9 @@ PROFILE_DEFAULTS: dict[str, Any] = {
 """top_p, top_k and presence_penalty of 0 and reasoning_budget of -1 mean "not sent"."""
 
 SCHEMA: dict[str, Any] = {
-    "bus": {"runtime_dir": _text()},
+    "bus": {"runtime_dir": _text(), "transport": _choice("ipc", "tcp"), "tcp_bind": _text(),
+            "tcp_port": _count(1, 65533), "connect_host": _text(), "curve": _flag(), "keys_dir": _text(),
+            "authorized_dir": _text()},
     "llm": {
         "profile": _text(),
         "on_busy": _choice("cancel", "queue", "reject"),
@@ -159,9 +162,17 @@ SCHEMA: dict[str, Any] = {
         "engine": _choice(*TTS_ENGINES),
         "espeak": {"voice": _text(), "rate": _count(80, 500), "pitch": _count(0, 99),
                    "volume": _count(0, 200)},
+        "coqui": {"model_name": _text(), "model_path": _text(), "config_path": _text(),
+                  "device": _choice("cpu", "cuda"), "speaker": _text(), "language": _text(),
+                  "speaker_wav": _text(), "max_frame_ms": _count(10, 1000)},
+        "openai-speech": {"base_url": _text(), "model": _text(), "voice": _text(), "api_key_env": _text(),
+                          "response_format": _choice("pcm", "wav"), "speed": _real(0.25, 4.0),
+                          "sample_rate": _count(8000, 384000), "timeout_s": _real(0.1, 600.0),
+                          "max_frame_ms": _count(10, 1000)},
     },
     "player": {"backend": _choice(*PLAYER_BACKENDS), "wav_dir": _text()},
-    "history": {"db_path": _text()},
+    "history": {"db_path": _text(), "persona": _text(), "commands_file": _text(),
+                "max_commands_per_reply": _count(0, 10_000), "marks_wait_ms": _count(0, 60_000)},
     "log": {"level": _choice("debug", "info", "warning", "error")},
     "run": {
         "stages": _names(STAGES),
@@ -173,7 +184,8 @@ SCHEMA: dict[str, Any] = {
 }
 
 DEFAULTS: dict[str, Any] = {
-    "bus": {"runtime_dir": ""},
+    "bus": {"runtime_dir": "", "transport": "ipc", "tcp_bind": "127.0.0.1", "tcp_port": 7600, "connect_host": "",
+            "curve": False, "keys_dir": "", "authorized_dir": ""},
     "llm": {
         "profile": "local",
         "on_busy": "cancel",
@@ -192,9 +204,15 @@ DEFAULTS: dict[str, Any] = {
         },
     },
     "chunker": {},
-    "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100}},
+    "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100},
+            "coqui": {"model_name": "", "model_path": "", "config_path": "", "device": "cpu", "speaker": "",
+                      "language": "", "speaker_wav": "", "max_frame_ms": 200},
+            "openai-speech": {"base_url": "https://api.openai.com/v1", "model": "tts-1", "voice": "alloy",
+                              "api_key_env": "OPENAI_API_KEY", "response_format": "pcm", "speed": 1.0,
+                              "sample_rate": 24000, "timeout_s": 30.0, "max_frame_ms": 200}},
     "player": {"backend": "auto", "wav_dir": ""},
-    "history": {"db_path": ""},
+    "history": {"db_path": "", "persona": "default", "commands_file": "", "max_commands_per_reply": 30,
+                "marks_wait_ms": 2000},
     "log": {"level": "info"},
     "run": {
         "stages": list(STAGES),

@@ -197,6 +197,17 @@ KINDS: dict[str, dict[str, Field]] = {
     },
     "context": {
         "messages": Field(_list(CHAT_MESSAGE, 1000)),
+        "memory": Field(_str(_REPLY), required=False, default=""),
+        "variables": Field(_counter_map(_number), required=False, default={}),
+    },
+    "replay.query": {
+        "since": Field(_number),
+    },
+    "replay.done": {
+        "since": Field(_number),
+        "count": Field(_int()),
+        "complete": Field(_bool),
+        "oldest": Field(_number, required=False, default=0.0),
     },
     "text": {
         "delta": Field(_str(_TEXT)),
@@ -254,7 +265,14 @@ KINDS: dict[str, dict[str, Field]] = {
         "streams": Field(_counter_map(_int()), required=False, default={}),
     },
 }
-SESSIONLESS_KINDS = frozenset({"heartbeat", "error"})
+KINDS["replay"] = {
+    **KINDS["llm.done"],
+    "request_text": Field(_str(_TEXT)),
+    "request_ts": Field(_number),
+    "done_ts": Field(_number),
+}
+"""A finished reply re-sent from llm's journal, so a restarted history stage catches up."""
+SESSIONLESS_KINDS = frozenset({"heartbeat", "error", "replay.query", "replay.done"})
 """Kinds that may carry an empty session (a stage-wide event)."""
 
 

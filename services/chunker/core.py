@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-DEFAULT_TAGS = ("e", "c", "a", "m", "f", "v", "p", "music", "hint", "clothes", "interaction",
-                "+memory", "#memory", "-memory")
+from ..tags import DEFAULT_TAGS, closers
 
 
 # --- policy -------------------------------------------------------------------------------
@@ -218,8 +217,8 @@ class _TagStripper:
 
     def __init__(self, tags: tuple[str, ...], lookahead: int) -> None:
         self._opening = {f"<{tag.lower()}>": tag for tag in tags}
-        self._closing = {tag: re.compile(re.escape(f"</{tag}>"), re.I) for tag in tags}
-        self._stray = (*(f"</{tag.lower()}>" for tag in tags), _THINK_CLOSE)
+        self._closing = {tag: re.compile("|".join(map(re.escape, closers(tag))), re.I) for tag in tags}
+        self._stray = (*{closer.lower() for tag in tags for closer in closers(tag)}, _THINK_CLOSE)
         self._patterns = (*self._opening, *self._stray, _THINK_OPEN)
         self._longest = max(map(len, self._patterns))
         self._lookahead = lookahead

@@ -1,13 +1,27 @@
-"""The history stage shell: stores requests and replies, answers context queries."""
+"""The history stage shell: the conversation's memory, what the character does, what was heard.
+
+It stores each request and reply, parses the reply's command tags at llm.done
+(the authoritative parse) and publishes `command` events placed with the
+chunker's marks, applies memory and attitude commands, records what the user
+actually heard from playback events, and answers the llm stage's context
+queries.  On start it asks llm to replay the replies it missed while down.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..protocol import Message
 from ..runtime import Stage
-from .store import HistoryStore
+from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_reply
+from .store import ATTITUDE_VARIABLES, HistoryStore
+
+_FINISHED_MEMORY = 4096
 
 
 def default_db_path(configured: str = "") -> Path:
@@ -18,26 +32,179 @@ def default_db_path(configured: str = "") -> Path:
     return Path(base) / "voxpipe" / "history.db"
 
 
+@dataclass
+class ReplyTrack:
+    """What history learns about one reply from the chunker and the player, as it happens."""
+
+    chunks: dict[int, str] = field(default_factory=dict)
+    marks: list[dict[str, Any]] = field(default_factory=list)
+    shown: list[str] = field(default_factory=list)
+    heard: dict[int, int] = field(default_factory=dict)
+    final_chunk: bool = False
+    commands: list[Command] | None = None
+    message_id: int = 0
+    commands_due: float = 0.0
+
+
 class HistoryStage(Stage):
     name = "history"
-    kinds = ("request", "llm.done", "context.query")
+    kinds = ("request", "llm.done", "context.query", "chunk", "text", "playback", "replay", "replay.done")
 
     def prepare(self) -> None:
-        self.store = HistoryStore(default_db_path(self.config["history"]["db_path"]))
+        history = self.config["history"]
+        self.store = HistoryStore(default_db_path(history["db_path"]))
+        self.persona = history["persona"]
+        self.allowlist: Allowlist = load_allowlist(history["commands_file"], history["max_commands_per_reply"])
+        self.tracks: collections.OrderedDict[tuple[str, str], ReplyTrack] = collections.OrderedDict()
+
+    def started(self) -> None:
+        """Ask llm for every reply finished after the newest one stored (a restart's gap)."""
+        self.replay_since = self.store.last_ts()
+        self.bus.publish("replay.query", "", f"history-{os.getpid()}", since=self.replay_since)
+
+    def _track(self, session: str, id: str) -> ReplyTrack:
+        key = (session, id)
+        if key not in self.tracks:
+            self.tracks[key] = ReplyTrack()
+            while len(self.tracks) > _FINISHED_MEMORY:
+                self.tracks.popitem(last=False)
+        return self.tracks[key]
 
     def handle(self, message: Message) -> None:
-        if message.kind == "request":
-            row = self.store.add_message(message.session, message.id, "user", message["text"], message.ts)
-            self.bus.publish("history.saved", message.session, message.id, role="user", message_id=row)
-        elif message.kind == "llm.done":
-            row = self.store.add_message(
-                message.session, message.id, "assistant", message["text"], message.ts,
-                status=message["status"], error=message["error"], provider=message["provider"],
-                model=message["model"], metrics=message["metrics"])
-            self.bus.publish("history.saved", message.session, message.id, role="assistant", message_id=row)
-        elif message.kind == "context.query":
-            turns = self.store.context(message.session, message["limit"], exclude_request=message.id)
-            self.bus.publish("context", message.session, message.id, messages=turns)
+        handler = getattr(self, "_on_" + message.kind.replace(".", "_"))
+        handler(message)
+
+    # --- turns ----------------------------------------------------------------------------
+
+    def _on_request(self, message: Message) -> None:
+        row = self.store.add_message(message.session, message.id, "user", message["text"], message.ts)
+        self.bus.publish("history.saved", message.session, message.id, role="user", message_id=row)
+
+    def _on_llm_done(self, message: Message) -> None:
+        self._store_reply(message, message.ts)
+
+    def _store_reply(self, done: Message, ts: float) -> None:
+        track = self._track(done.session, done.id)
+        track.message_id = self.store.add_message(
+            done.session, done.id, "assistant", done["text"], ts, status=done["status"], error=done["error"],
+            provider=done["provider"], model=done["model"], metrics=done["metrics"], reasoning=done["reasoning"],
+            interrupted=done["status"] == "interrupted")
+        track.commands = parse = self._parse(done["text"])
+        self._apply_effects(parse, ts)
+        self.bus.publish("history.saved", done.session, done.id, role="assistant", message_id=track.message_id)
+        track.commands_due = time.monotonic() + self.config["history"]["marks_wait_ms"] / 1000
+        if track.final_chunk or not parse:
+            self._publish_commands(done.session, done.id, track)
+
+    def _parse(self, text: str) -> list[Command]:
+        return parse_reply(text, self.allowlist)
+
+    # --- what the chunker and player report -----------------------------------------------
+
+    def _on_chunk(self, message: Message) -> None:
+        track = self._track(message.session, message.id)
+        track.chunks[message["index"]] = message["text"]
+        track.marks.extend(message["marks"])
+        if message["final"]:
+            track.final_chunk = True
+            if track.commands is not None:
+                self._publish_commands(message.session, message.id, track)
+
+    def _on_text(self, message: Message) -> None:
+        track = self._track(message.session, message.id)
+        track.shown.append(message["delta"])
+        if message["final"]:
+            self.store.set_shown(message.session, message.id, "".join(track.shown))
+
+    def _on_playback(self, message: Message) -> None:
+        track = self._track(message.session, message.id)
+        if message["chunk"] >= 0 and message["event"] in ("finished", "stopped"):
+            track.heard[message["chunk"]] = message["heard_chars"]
+        if message["final"]:
+            spoken = " ".join(text[:track.heard[index]].strip() for index, text in sorted(track.chunks.items())
+                              if track.heard.get(index))
+            self.store.set_spoken(message.session, message.id, spoken, message["event"] == "stopped")
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def next_tick(self) -> float | None:
+        due = [track.commands_due for track in self.tracks.values() if track.commands and track.commands_due]
+        return min(due) if due else None
+
+    def tick(self, now: float) -> None:
+        for (session, id), track in list(self.tracks.items()):
+            if track.commands and track.commands_due and track.commands_due <= now:
+                self._publish_commands(session, id, track)
+
+    def _publish_commands(self, session: str, id: str, track: ReplyTrack) -> None:
+        """Publish the reply's commands in order, placed where the chunker met each tag."""
+        commands, track.commands, track.commands_due = track.commands or [], [], 0.0
+        places = _places(commands, track.marks)
+        rows = []
+        for command, (chunk, offset) in zip(commands, places):
+            row = {"name": command.name, "args": list(command.args), "accepted": command.accepted,
+                   "reason": command.reason, "chunk": chunk, "offset": offset}
+            rows.append(row)
+            self.bus.publish("command", session, id, **row)
+            if not command.accepted:
+                self.bus.counters["refused_commands"] += 1
+        if rows and track.message_id:
+            self.store.add_commands(track.message_id, rows)
+
+    def _apply_effects(self, commands: list[Command], ts: float) -> None:
+        """Memory and attitude commands change the persona's state (accepted ones only)."""
+        deltas: dict[str, float] = collections.defaultdict(float)
+        for command in (c for c in commands if c.accepted):
+            if command.name == "+memory":
+                self.store.add_memory(self.persona, command.args[0].lower(), command.args[1], ts)
+            elif command.name == "#memory":
+                self.store.edit_memory(self.persona, int(command.args[0]), command.args[1].lower(),
+                                       command.args[2], ts)
+            elif command.name == "-memory":
+                self.store.delete_memories(self.persona, memory_ids(command.args[0]))
+            elif command.name == "p":
+                for name, delta in zip(ATTITUDE_VARIABLES, command.args):
+                    deltas[name] += int(delta)
+        if deltas:
+            self.store.add_variable_deltas(self.persona, deltas)
+
+    # --- context and catch-up ----------------------------------------------------------------
+
+    def _on_context_query(self, message: Message) -> None:
+        turns = self.store.context(message.session, message["limit"], exclude_request=message.id)
+        self.bus.publish("context", message.session, message.id, messages=turns,
+                         memory=self.store.memory_block(self.persona), variables=self.store.variables(self.persona))
+
+    def _on_replay(self, message: Message) -> None:
+        """A reply llm finished while we were down: store both turns (idempotent) and its commands."""
+        if self.store.has_reply(message.session, message.id):
+            return
+        self.store.add_message(message.session, message.id, "user", message["request_text"], message["request_ts"])
+        self._store_reply(message, message["done_ts"])
+        self.bus.counters["replayed"] += 1
+
+    def _on_replay_done(self, message: Message) -> None:
+        if not message.id.startswith(f"history-{os.getpid()}"):
+            return
+        if not message["complete"]:
+            self.bus.report("history_gap", f"replies finished before {message['oldest']:.3f} and after "
+                            f"{message['since']:.3f} may be missing: llm's journal no longer holds them")
+        self.log.info("caught up: %d replies replayed since %.3f", message["count"], message["since"])
 
     def shutdown(self) -> None:
         self.store.close()
+
+
+def _places(commands: list[Command], marks: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(chunk, offset) of each command: the first unused chunker mark with the same tag and body."""
+    unused = list(marks)
+    places = []
+    for command in commands:
+        match = next((mark for mark in unused if mark["tag"].lower() == command.name
+                      and mark["body"].strip() == command.body.strip()), None)
+        if match is None:
+            places.append((-1, -1))
+        else:
+            unused.remove(match)
+            places.append((match["chunk"], match["offset"]))
+    return places

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +33,47 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX messages_by_session ON messages(session, id);
     """,
+    """
+    ALTER TABLE messages ADD COLUMN shown TEXT;
+    ALTER TABLE messages ADD COLUMN spoken TEXT;
+    ALTER TABLE messages ADD COLUMN interrupted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT '';
+    CREATE TABLE commands (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        args TEXT NOT NULL,
+        accepted INTEGER NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        chunk INTEGER NOT NULL DEFAULT -1,
+        offset INTEGER NOT NULL DEFAULT -1
+    );
+    CREATE INDEX commands_by_message ON commands(message_id, position);
+    CREATE TABLE memories (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        persona TEXT NOT NULL,
+        priority TEXT NOT NULL,
+        text TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE TABLE variables (
+        persona TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value REAL NOT NULL,
+        PRIMARY KEY (persona, name)
+    );
+    """,
+    """
+    ALTER TABLE sessions ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE messages ADD COLUMN meta TEXT NOT NULL DEFAULT '{}';
+    """,
 )
+VARIABLE_DEFAULT = 50.0
+VARIABLE_RANGE = (0.0, 100.0)
+ATTITUDE_VARIABLES = ("attitude", "boredom", "stress")
+"""What `<p>attitude,boredom,stress</p>` changes, in that order, clamped to VARIABLE_RANGE."""
 
 
 class HistoryStore:
@@ -46,6 +87,7 @@ class HistoryStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -58,30 +100,166 @@ class HistoryStore:
 
     def add_message(self, session: str, request_id: str, role: str, content: str, ts: float, *,
                     status: str = "ok", error: str = "", provider: str = "", model: str = "",
-                    metrics: Mapping[str, float] | None = None) -> int:
+                    metrics: Mapping[str, float] | None = None, reasoning: str = "",
+                    interrupted: bool = False) -> int:
         """Store one message; a repeat of the same (session, request, role) replaces it."""
         with self.db:
             self.db.execute("INSERT OR IGNORE INTO sessions(id, created) VALUES (?, ?)", (session, ts))
             cursor = self.db.execute(
                 "INSERT INTO messages(session, request_id, role, content, status, error, provider, model,"
-                " metrics, ts) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                " metrics, ts, reasoning, interrupted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(session, request_id, role) DO UPDATE SET content=excluded.content,"
                 " status=excluded.status, error=excluded.error, provider=excluded.provider,"
-                " model=excluded.model, metrics=excluded.metrics, ts=excluded.ts RETURNING id",
+                " model=excluded.model, metrics=excluded.metrics, ts=excluded.ts,"
+                " reasoning=excluded.reasoning, interrupted=MAX(interrupted, excluded.interrupted) RETURNING id",
                 (session, request_id, role, content, status, error, provider, model,
-                 json.dumps(dict(metrics or {})), ts))
+                 json.dumps(dict(metrics or {})), ts, reasoning, int(interrupted)))
             return int(cursor.fetchone()[0])
 
+    def set_shown(self, session: str, request_id: str, shown: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE messages SET shown=? WHERE session=? AND request_id=? AND role='assistant'",
+                            (shown, session, request_id))
+
+    def set_spoken(self, session: str, request_id: str, spoken: str, interrupted: bool) -> None:
+        """What the user actually heard; an interrupted reply's next context uses it."""
+        with self.db:
+            self.db.execute("UPDATE messages SET spoken=?, interrupted=MAX(interrupted, ?) WHERE session=?"
+                            " AND request_id=? AND role='assistant'", (spoken, int(interrupted), session, request_id))
+
+    def add_commands(self, message_id: int, commands: list[dict[str, Any]]) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM commands WHERE message_id=?", (message_id,))
+            self.db.executemany(
+                "INSERT INTO commands(message_id, position, name, args, accepted, reason, chunk, offset)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                [(message_id, number, c["name"], json.dumps(c["args"], ensure_ascii=False), int(c["accepted"]),
+                  c["reason"], c["chunk"], c["offset"]) for number, c in enumerate(commands)])
+
+    def commands(self, message_id: int) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM commands WHERE message_id=? ORDER BY position", (message_id,))
+        return [{**dict(row), "args": json.loads(row["args"]), "accepted": bool(row["accepted"])} for row in rows]
+
     def context(self, session: str, limit: int, exclude_request: str = "") -> list[dict[str, str]]:
-        """The last `limit` turns of a session, oldest first, for the next prompt."""
+        """The last `limit` turns of a session, oldest first, for the next prompt.
+
+        An interrupted reply contributes what the user heard, not what was generated.
+        """
         rows = self.db.execute(
-            "SELECT role, content FROM messages WHERE session=? AND request_id<>? AND content<>''"
-            " ORDER BY id DESC LIMIT ?", (session, exclude_request, limit)).fetchall()
-        return [{"role": row["role"], "content": row["content"]} for row in reversed(rows)]
+            "SELECT role, CASE WHEN interrupted AND spoken IS NOT NULL THEN spoken ELSE content END AS text"
+            " FROM messages WHERE session=? AND request_id<>? ORDER BY id DESC LIMIT ?",
+            (session, exclude_request, limit)).fetchall()
+        return [{"role": row["role"], "content": row["text"]} for row in reversed(rows) if row["text"]]
+
+    # --- memory and variables, per persona ---------------------------------------------------
+
+    def add_memory(self, persona: str, priority: str, text: str, ts: float) -> int:
+        with self.db:
+            cursor = self.db.execute("INSERT INTO memories(persona, priority, text, created, updated)"
+                                     " VALUES (?,?,?,?,?)", (persona, priority, text, ts, ts))
+            return int(cursor.lastrowid)
+
+    def edit_memory(self, persona: str, memory_id: int, priority: str, text: str, ts: float) -> bool:
+        with self.db:
+            cursor = self.db.execute("UPDATE memories SET priority=?, text=?, updated=? WHERE persona=? AND id=?",
+                                     (priority, text, ts, persona, memory_id))
+            return cursor.rowcount > 0
+
+    def delete_memories(self, persona: str, ids: list[int]) -> int:
+        with self.db:
+            cursor = self.db.executemany("DELETE FROM memories WHERE persona=? AND id=?",
+                                         [(persona, memory_id) for memory_id in ids])
+            return cursor.rowcount
+
+    def memories(self, persona: str) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM memories WHERE persona=? ORDER BY id", (persona,))
+        return [dict(row) for row in rows]
+
+    def memory_block(self, persona: str) -> str:
+        """The memories as the model sees them; the numbers are what `#memory`/`-memory` refer to."""
+        return "\n".join(f"{m['id']}. [{m['priority']}] {m['text']}" for m in self.memories(persona))
+
+    def variables(self, persona: str) -> dict[str, float]:
+        values = {name: VARIABLE_DEFAULT for name in ATTITUDE_VARIABLES}
+        rows = self.db.execute("SELECT name, value FROM variables WHERE persona=?", (persona,))
+        values.update({row["name"]: row["value"] for row in rows})
+        return values
+
+    def set_variables(self, persona: str, values: Mapping[str, float]) -> None:
+        with self.db:
+            self.db.executemany("INSERT INTO variables(persona, name, value) VALUES (?,?,?)"
+                                " ON CONFLICT(persona, name) DO UPDATE SET value=excluded.value",
+                                [(persona, name, float(value)) for name, value in values.items()])
+
+    def add_variable_deltas(self, persona: str, deltas: Mapping[str, float]) -> dict[str, float]:
+        low, high = VARIABLE_RANGE
+        current = self.variables(persona)
+        updated = {name: min(high, max(low, current.get(name, VARIABLE_DEFAULT) + delta))
+                   for name, delta in deltas.items()}
+        self.set_variables(persona, updated)
+        return {**current, **updated}
+
+    # --- import and export in the companion app's format ---------------------------------------
+
+    def import_companion(self, session: str, persona: str, data: Mapping[str, Any], ts: float) -> int:
+        """Load `{"fixed_parts", "messages": [{role, content, time}], "temp_context", "variables"}`."""
+        messages = data.get("messages")
+        if not isinstance(messages, list):
+            raise ValueError("not a companion history: it needs a \"messages\" list")
+        with self.db:
+            meta = {key: data.get(key, []) for key in ("fixed_parts", "temp_context")}
+            self.db.execute("INSERT INTO sessions(id, created, meta) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
+                            " SET meta=excluded.meta", (session, ts, json.dumps(meta, ensure_ascii=False)))
+            for number, message in enumerate(messages):
+                if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") \
+                        or not isinstance(message.get("content"), str):
+                    raise ValueError(f"message {number}: needs role user|assistant and a string content")
+                extra = {key: value for key, value in message.items() if key not in ("role", "content")}
+                self.db.execute(
+                    "INSERT INTO messages(session, request_id, role, content, ts, meta) VALUES (?,?,?,?,?,?)"
+                    " ON CONFLICT(session, request_id, role) DO UPDATE SET content=excluded.content,"
+                    " meta=excluded.meta",
+                    (session, f"import-{number:06d}", message["role"], message["content"], ts + number * 1e-3,
+                     json.dumps(extra, ensure_ascii=False)))
+        variables = {name: value for name, value in (data.get("variables") or {}).items()
+                     if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if variables:
+            self.set_variables(persona, variables)
+        return len(messages)
+
+    def export_companion(self, session: str, persona: str) -> dict[str, Any]:
+        row = self.db.execute("SELECT meta FROM sessions WHERE id=?", (session,)).fetchone()
+        if row is None:
+            raise KeyError(session)
+        meta = json.loads(row["meta"])
+        messages = []
+        for message in self.messages(session):
+            extra = json.loads(message["meta"])
+            content = message["content"]
+            messages.append({"role": message["role"], "content": content,
+                             "time": extra.pop("time", _iso(message["ts"])), **extra})
+        return {"fixed_parts": meta.get("fixed_parts", []), "messages": messages,
+                "temp_context": meta.get("temp_context", []), "variables": self.variables(persona)}
+
+    def clear(self, session: str) -> int:
+        with self.db:
+            cursor = self.db.execute("DELETE FROM messages WHERE session=?", (session,))
+            self.db.execute("DELETE FROM sessions WHERE id=?", (session,))
+            return cursor.rowcount
+
+    def has_reply(self, session: str, request_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM messages WHERE session=? AND request_id=? AND role='assistant'",
+                               (session, request_id)).fetchone() is not None
+
+    def last_ts(self) -> float:
+        """The newest stored message time (0 when empty): where a catch-up replay starts."""
+        row = self.db.execute("SELECT MAX(ts) FROM messages").fetchone()
+        return float(row[0] or 0.0)
 
     def messages(self, session: str) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM messages WHERE session=? ORDER BY id", (session,)).fetchall()
-        return [{**dict(row), "metrics": json.loads(row["metrics"])} for row in rows]
+        return [{**dict(row), "metrics": json.loads(row["metrics"]), "interrupted": bool(row["interrupted"])}
+                for row in rows]
 
     def sessions(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
@@ -94,3 +272,7 @@ class HistoryStore:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

@@ -26,6 +26,18 @@ def trim_history(history: list[Mapping[str, str]], token_budget: int) -> list[Ma
     return kept[::-1]
 
 
+def render_persona(persona: str, memory: str = "", variables: Mapping[str, float] | None = None) -> str:
+    """The system prompt: the persona, then the persona's memories and variables from history."""
+    parts = [persona] if persona else []
+    if memory:
+        parts.append("Your memories (numbered; <#memory>N|priority|text</memory> edits one, "
+                     "<-memory>N</memory> forgets it):\n" + memory)
+    if variables:
+        parts.append("Your current state: " + ", ".join(f"{name} {value:g}" for name, value in variables.items())
+                     + ".")
+    return "\n\n".join(parts)
+
+
 def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str,
                    images: Sequence[Image] = ()) -> list[dict[str, Any]]:
     """Persona, then the history window, then the user message (with its images).

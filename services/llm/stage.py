@@ -10,7 +10,6 @@ its first-token or idle deadline.  Before the first token a failure is retried
 from __future__ import annotations
 
 import collections
-import os
 import random
 import threading
 import time
@@ -22,7 +21,8 @@ from typing import Any
 from ..config import ConfigError
 from ..protocol import Message
 from ..runtime import Stage
-from .core import Reply, build_messages, trim_history
+from ..secrets import read_key
+from .core import Reply, build_messages, render_persona, trim_history
 from .guards import GuardPolicy, ReplyGuard
 from .providers import create_provider
 from .providers.base import (ChatRequest, Delta, Generation, Image, Params, Provider, ProviderError,
@@ -31,6 +31,8 @@ from .retry import KeyRing, RetryPolicy, next_step
 from .think import ThinkSplitter
 
 
+JOURNAL_SIZE = 2000
+"""Finished replies kept for replay, so a restarted history stage can catch up on what it missed."""
 CANCEL_GRACE_S = 0.1
 """A call that has not stopped this long after a cancel is abandoned: llm.done goes out anyway."""
 
@@ -58,7 +60,7 @@ class Job:
 
 class LlmStage(Stage):
     name = "llm"
-    kinds = ("request", "cancel", "context")
+    kinds = ("request", "cancel", "context", "replay.query")
 
     def prepare(self) -> None:
         llm = self.config["llm"]
@@ -71,6 +73,8 @@ class LlmStage(Stage):
         self.jobs: dict[str, Job] = {}
         self.waiting: dict[str, collections.deque[Message]] = collections.defaultdict(collections.deque)
         self.lock = threading.Lock()
+        self.journal: collections.deque[tuple[Message, dict[str, Any], float]] = collections.deque()
+        self.journal_dropped_until = 0.0
 
     @staticmethod
     def _persona(llm: dict[str, Any]) -> str:
@@ -88,9 +92,7 @@ class LlmStage(Stage):
         with self.provider_lock:
             if profile["name"] not in self.providers:
                 self.providers[profile["name"]] = create_provider(profile)
-                keys = [os.environ.get(env, "") for env in [profile["api_key_env"], *profile["reserve_key_envs"]]
-                        if env]
-                self.keyrings[profile["name"]] = KeyRing([key for key in keys if key])
+                self.keyrings[profile["name"]] = KeyRing(read_key(profile))
             return self.providers[profile["name"]]
 
     # --- requests, context and cancel (main thread) -----------------------------------------
@@ -104,7 +106,21 @@ class LlmStage(Stage):
             with self.lock:
                 job = self.jobs.get(message.session)
             if job and job.request.id == message.id and not job.started:
-                self._start(job, message["messages"])
+                self._start(job, message)
+        elif message.kind == "replay.query":
+            self._replay(message)
+
+    def _replay(self, query: Message) -> None:
+        """Re-send the finished replies newer than `since` from the journal, then say how complete it was."""
+        with self.lock:
+            entries = [entry for entry in self.journal if entry[2] > query["since"]]
+            complete = self.journal_dropped_until <= query["since"]
+            oldest = self.journal[0][2] if self.journal else 0.0
+        for request, done, done_ts in entries:
+            self.bus.publish("replay", request.session, request.id, request_text=request["text"],
+                             request_ts=request.ts, done_ts=done_ts, **done)
+        self.bus.publish("replay.done", "", query.id, since=query["since"], count=len(entries),
+                         complete=complete, oldest=oldest)
 
     def _on_request(self, request: Message) -> None:
         with self.lock:
@@ -134,13 +150,13 @@ class LlmStage(Stage):
         with self.lock:
             self.jobs[request.session] = job
         if llm["history_limit"] == 0:
-            self._start(job, [])
+            self._start(job, None)
         else:
             self.bus.publish("context.query", request.session, request.id, limit=llm["history_limit"])
 
-    def _start(self, job: Job, history: list[dict[str, str]]) -> None:
+    def _start(self, job: Job, context: Message | None) -> None:
         job.started = True
-        self.pool.submit(self._run, job, history)
+        self.pool.submit(self._run, job, context)
 
     def _cancel(self, session: str, id: str, reason: str) -> None:
         with self.lock:
@@ -154,7 +170,7 @@ class LlmStage(Stage):
         if job.generation is not None:
             job.generation.close()
         if not job.started:
-            self._start(job, [])
+            self._start(job, None)
         self.log.info("cancelled %s/%s: %s", session, job.request.id, reason)
 
     # --- the watchdog (main thread) ---------------------------------------------------------
@@ -188,14 +204,14 @@ class LlmStage(Stage):
             elif not job.started and job.deadline <= now:
                 self.log.warning("history did not answer within %d ms for %s/%s; replying without history",
                                  self.config["llm"]["context_timeout_ms"], job.request.session, job.request.id)
-                self._start(job, [])
+                self._start(job, None)
             elif job.generation is not None and not job.timed_out and self._deadline(job) <= now:
                 job.timed_out = "idle" if job.committed else "first_token"
                 job.generation.close()
 
     # --- generation (worker thread) ---------------------------------------------------------
 
-    def _run(self, job: Job, history: list[dict[str, str]]) -> None:
+    def _run(self, job: Job, context: Message | None) -> None:
         """Generate one reply and end it with llm.done (unless the watchdog already did)."""
         request = job.request
         splitter = ThinkSplitter()
@@ -205,7 +221,7 @@ class LlmStage(Stage):
             job.provider = profile["provider"]
             guard = ReplyGuard(GuardPolicy.from_profile(profile))
             provider = self._provider(profile["name"])
-            chat = self._chat_request(profile, request, history)
+            chat = self._chat_request(profile, request, context)
             if chat.has_images and not provider.accepts_images:
                 raise ProviderError(f"provider {profile['provider']} (profile {profile['name']}) does not accept "
                                     f"images; send them to a vision-capable profile", code="unsupported")
@@ -229,17 +245,19 @@ class LlmStage(Stage):
             status, error = "error", f"{type(exc).__name__}: {exc}"
         self._finish(job, status, error, guard.fired if guard else None)
 
-    def _chat_request(self, profile: dict[str, Any], request: Message, history: list[dict[str, str]]) -> ChatRequest:
+    def _chat_request(self, profile: dict[str, Any], request: Message, context: Message | None) -> ChatRequest:
         stream = profile["stream"] if request["stream"] is None else request["stream"]
         images = [Image(image["data"], image["mime"]) for image in request["images"]]
-        history = trim_history(history, self.config["llm"]["history_token_budget"])
+        history = trim_history(context["messages"] if context else [], self.config["llm"]["history_token_budget"])
+        persona = render_persona(self.persona, context["memory"] if context else "",
+                                 context["variables"] if context else None)
         params = Params(
             max_tokens=profile["max_tokens"], temperature=profile["temperature"],
             top_p=profile["top_p"] or None, top_k=profile["top_k"] or None,
             presence_penalty=profile["presence_penalty"] or None, stop=tuple(profile["stop"]),
             reasoning_budget=None if profile["reasoning_budget"] < 0 else profile["reasoning_budget"])
         timeouts = Timeouts(profile["connect_timeout_s"], profile["first_token_timeout_s"], profile["idle_timeout_s"])
-        return ChatRequest(build_messages(self.persona, history, request["text"], images),
+        return ChatRequest(build_messages(persona, history, request["text"], images),
                            stream=stream, params=params, timeouts=timeouts)
 
     def _attempts(self, job: Job, provider: Provider, chat: ChatRequest, profile: dict[str, Any]):
@@ -324,11 +342,15 @@ class LlmStage(Stage):
             if error:
                 self.bus.report("provider_error", error, request.session, request.id, "request")
             outcome = generation.outcome if generation else None
-            self.bus.publish("llm.done", request.session, request.id, **job.reply.done_fields(
+            done = job.reply.done_fields(
                 status, time.monotonic(), error=error, provider=job.provider,
                 model=outcome.model if outcome else "",
                 finish_reason="guard" if guard else (outcome.finish_reason if outcome else ""),
-                usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning)))
+                usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning))
+            sent = self.bus.publish("llm.done", request.session, request.id, **done)
+            self.journal.append((request, done, sent.ts))
+            if len(self.journal) > JOURNAL_SIZE:
+                self.journal_dropped_until = self.journal.popleft()[2]
         if queued is not None:
             self._begin(queued)
 
