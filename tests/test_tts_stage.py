@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from services.protocol import Message
-from tests.harness import connect, start_stage, stop_process
+from tests.harness import connect, start_stage, stop_process, wait_ready
 
 
 @pytest.fixture()
@@ -26,13 +26,7 @@ def bus() -> Iterator[Path]:
 @pytest.fixture()
 def tts(bus: Path) -> Iterator[Path]:
     stage = start_stage("tts", bus)
-    watcher = connect(bus, "tts-ready", "heartbeat")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        beat = watcher.receive(1)
-        if beat is not None and beat.src == "tts":
-            break
-    watcher.close()
+    wait_ready(bus, "tts")
     yield bus
     assert stop_process(stage)[0] == 0
 

@@ -1,0 +1,179 @@
+"""Commands and history in real processes with real SQLite: the pipeline, interruptions, a crash, import."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services import protocol
+from services.history.store import HistoryStore
+from services.protocol import Message
+from services.runtime import Connection, endpoints_for
+from tests.harness import Daemon, connect, fake_openai, openai_settings, start_stage, stop_process, wait_ready
+
+KEY = {"FAKE_OPENAI_KEY": "test-key"}
+TAGGED = ("Привет <e>smile</e> и <c>Подойти к игроку</c>. Запомни <+memory>high|Игрок любит кошек</memory> "
+          "и <p>2,-1,0</p>. Нельзя <teleport>moon</teleport> <e>furious-ish</e>.")
+
+
+@pytest.fixture(scope="module")
+def server() -> str:
+    with fake_openai() as url:
+        yield url
+
+
+def follow(client: Connection, request_id: str, until, timeout: float = 30.0) -> list[Message]:
+    messages: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(messages):
+        message = client.receive(0.5)
+        if message is not None and message.id == request_id:
+            messages.append(message)
+    return messages
+
+
+def commands_of(messages: list[Message]) -> list[tuple[Any, ...]]:
+    return [(m["name"], tuple(m["args"]), m["accepted"], m["chunk"], m["offset"]) for m in messages
+            if m.kind == "command"]
+
+
+def test_commands_in_a_streamed_reply_are_published_placed_and_applied(server: str) -> None:
+    with Daemon(openai_settings(server), env=KEY) as daemon:
+        client = Connection("cmd", endpoints_for(daemon.config()),
+                            [protocol.subscription(kind) for kind in ("command", "context", "history.saved")])
+        client.open()
+        results = {}
+        for mode in (True, False):
+            session, request_id = f"cmd-{mode}", f"r-{mode}"
+            client.publish("request", session, request_id, text=TAGGED, stream=mode)
+            messages = follow(client, request_id, lambda got: len([m for m in got if m.kind == "command"]) >= 7)
+            results[mode] = commands_of(messages)
+        # the fake server's reply is "Echo: <the message>. Done <e>smile</e> here."
+        reply = results[True]
+        assert [(name, accepted) for name, _, accepted, _, _ in reply] == [
+            ("e", True), ("c", True), ("+memory", True), ("p", True), ("teleport", False), ("e", False),
+            ("e", True)]
+        assert all(chunk >= 0 and offset >= 0 for name, _, _, chunk, offset in reply if name != "teleport")
+        assert reply[4][3:] == (-1, -1)  # an unknown tag is no chunker mark: no place
+        assert results[True] == results[False], "streaming on and off must give the same command events"
+
+        client.publish("context.query", "cmd-True", "probe", limit=10)
+        context = follow(client, "probe", lambda got: any(m.kind == "context" for m in got))[-1]
+        client.close()
+        assert "[high] Игрок любит кошек" in context["memory"]
+        assert context["variables"] == {"attitude": 54.0, "boredom": 48.0, "stress": 50.0}  # two replies: 2*(+2,-1)
+        with sqlite3.connect(daemon.db_path) as db:
+            stored = db.execute("SELECT session, content FROM messages WHERE role='assistant' ORDER BY session")
+            texts = dict(stored.fetchall())
+            refused = db.execute("SELECT COUNT(*) FROM commands WHERE accepted=0").fetchone()[0]
+        assert texts["cmd-True"] == texts["cmd-False"] and "<e>smile</e>" in texts["cmd-True"]
+        assert refused == 4  # 2 refused tags per reply, in both modes
+
+
+def test_an_interrupted_reply_is_stored_with_what_was_heard_and_the_next_context_uses_it() -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="vp-hist-")) / "run"
+    db = runtime.parent / "history.db"
+    bus = start_stage("bus", runtime)
+    try:
+        connect(runtime, "probe").close()
+        history = start_stage("history", runtime, VOXPIPE_HISTORY__DB_PATH=str(db))
+        wait_ready(runtime, "history")
+        client = connect(runtime, "front", "history.saved", "context")
+        client.publish("request", "talk", "q1", text="Tell me a story.")
+        follow(client, "q1", lambda got: any(m.kind == "history.saved" for m in got))
+        reply = "Once upon a time there was a cat. It lived in a tall tower by the sea."
+        client.publish("llm.done", "talk", "q1", status="ok", text=reply, tokens=1)
+        follow(client, "q1", lambda got: len([m for m in got if m.kind == "history.saved"]) >= 1)
+        first, second = "Once upon a time there was a cat.", "It lived in a tall tower by the sea."
+        client.publish("chunk", "talk", "q1", text=first, index=0, final=False)
+        client.publish("chunk", "talk", "q1", text=second, index=1, final=True)
+        client.publish("playback", "talk", "q1", event="finished", chunk=0, heard=1.0, heard_chars=len(first))
+        client.publish("playback", "talk", "q1", event="stopped", chunk=1, heard=0.3, heard_chars=11, final=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with sqlite3.connect(db) as database:
+                row = database.execute("SELECT spoken, interrupted, content FROM messages WHERE role='assistant'")
+                spoken, interrupted, content = row.fetchone() or (None, 0, "")
+            if spoken:
+                break
+            time.sleep(0.1)
+        assert (spoken, interrupted, content) == (f"{first} It lived in", 1, reply)
+        client.publish("context.query", "talk", "q2", limit=10)
+        context = follow(client, "q2", lambda got: any(m.kind == "context" for m in got))[-1]
+        client.close()
+        assert context["messages"] == [{"role": "user", "content": "Tell me a story."},
+                                       {"role": "assistant", "content": f"{first} It lived in"}]
+        assert stop_process(history)[0] == 0
+    finally:
+        stop_process(bus)
+
+
+def test_kill_history_under_load_then_it_catches_up(server: str) -> None:
+    with fake_openai(delay=0.01) as slow, Daemon(openai_settings(slow), env=KEY) as daemon:
+        client = Connection("load", endpoints_for(daemon.config()),
+                            [protocol.subscription(kind) for kind in ("history.saved", "llm.done", "error", "heartbeat")])
+        client.open()
+        history_pid = next(m for m in iter(lambda: client.receive(2), None) if m.kind == "heartbeat"
+                           and m.src == "history")["pid"]
+        ids = [f"load-{n}" for n in range(100)]
+        for number, request_id in enumerate(ids):
+            client.publish("request", f"s{number}", request_id, text=f"question {number}")
+        saved, done, gaps, killed = set(), set(), [], False
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (len(done) < 100 or len(saved) < 100):
+            message = client.receive(0.5)
+            if message is None:
+                continue
+            if message.kind == "llm.done":
+                done.add(message.id)
+                if len(done) == 30 and not killed:
+                    os.kill(history_pid, signal.SIGKILL)
+                    killed = True
+            elif message.kind == "history.saved" and message["role"] == "assistant":
+                saved.add(message.id)
+            elif message.kind == "error" and message["code"] == "history_gap":
+                gaps.append(message)
+        client.close()
+        assert killed and len(done) == 100
+        with sqlite3.connect(daemon.db_path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            stored = {row[0] for row in db.execute("SELECT request_id FROM messages WHERE role='assistant'")}
+            users = {row[0] for row in db.execute("SELECT request_id FROM messages WHERE role='user'")}
+        assert saved <= stored, "a reply announced as saved is missing"
+        assert stored == set(ids) or gaps, f"{100 - len(stored)} replies missing and no history_gap reported"
+        assert users >= stored
+
+
+def test_companion_history_import_round_trips_through_export(tmp_path: Path) -> None:
+    sample = {"fixed_parts": ["Ты — Мита."],
+              "messages": [{"role": "user", "content": "Привет!", "time": "2024-05-01 12:00:00"},
+                           {"role": "assistant", "content": "Привет! <e>smile</e>", "time": "2024-05-01 12:00:05"}],
+              "temp_context": [], "variables": {"attitude": 60, "boredom": 10, "stress": 5}}
+    path = tmp_path / "mita.json"
+    path.write_text(json.dumps(sample, ensure_ascii=False))
+    daemon = Daemon({})
+    try:
+        imported = daemon.run_cli("history", "import", str(path))
+        assert imported.returncode == 0, imported.stderr
+        assert "imported 2 messages into session mita" in imported.stdout
+        exported = daemon.run_cli("history", "export", "mita")
+        assert exported.returncode == 0, exported.stderr
+        assert json.loads(exported.stdout) == sample
+        listed = daemon.run_cli("history", "list")
+        assert "mita" in listed.stdout and "2 messages" in listed.stdout
+        shown = daemon.run_cli("history", "show", "mita")
+        assert "assistant: Привет! <e>smile</e>" in shown.stdout
+        missing = daemon.run_cli("history", "export", "nobody")
+        assert missing.returncode == 1 and "no session 'nobody'" in missing.stderr
+        assert daemon.run_cli("history", "clear", "mita").returncode == 0
+        assert HistoryStore(daemon.db_path).messages("mita") == []
+    finally:
+        daemon.close()
