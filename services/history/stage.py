@@ -22,6 +22,8 @@ from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_repl
 from .store import ATTITUDE_VARIABLES, HistoryStore
 
 _FINISHED_MEMORY = 4096
+METRICS_WAIT_S = 30.0
+"""A reply with no final playback event this long after llm.done gets its metrics anyway."""
 
 
 def default_db_path(configured: str = "") -> Path:
@@ -44,11 +46,18 @@ class ReplyTrack:
     commands: list[Command] | None = None
     message_id: int = 0
     commands_due: float = 0.0
+    request_ts: float = 0.0
+    first_chunk_ts: float = 0.0
+    first_audio_ts: float = 0.0
+    first_playback_ts: float = 0.0
+    done: Message | None = None
+    metrics_due: float = 0.0
 
 
 class HistoryStage(Stage):
     name = "history"
     kinds = ("request", "llm.done", "context.query", "chunk", "text", "playback", "replay", "replay.done")
+
 
     def prepare(self) -> None:
         history = self.config["history"]
@@ -77,10 +86,14 @@ class HistoryStage(Stage):
     # --- turns ----------------------------------------------------------------------------
 
     def _on_request(self, message: Message) -> None:
+        self._track(message.session, message.id).request_ts = message.ts
         row = self.store.add_message(message.session, message.id, "user", message["text"], message.ts)
         self.bus.publish("history.saved", message.session, message.id, role="user", message_id=row)
 
     def _on_llm_done(self, message: Message) -> None:
+        track = self._track(message.session, message.id)
+        track.done = message
+        track.metrics_due = time.monotonic() + METRICS_WAIT_S
         self._store_reply(message, message.ts)
 
     def _store_reply(self, done: Message, ts: float) -> None:
@@ -103,6 +116,7 @@ class HistoryStage(Stage):
 
     def _on_chunk(self, message: Message) -> None:
         track = self._track(message.session, message.id)
+        track.first_chunk_ts = track.first_chunk_ts or message.ts
         track.chunks[message["index"]] = message["text"]
         track.marks.extend(message["marks"])
         if message["final"]:
@@ -118,23 +132,30 @@ class HistoryStage(Stage):
 
     def _on_playback(self, message: Message) -> None:
         track = self._track(message.session, message.id)
+        if message["event"] == "started":
+            track.first_playback_ts = track.first_playback_ts or message.ts
+            track.first_audio_ts = track.first_audio_ts or message["audio_ts"]
         if message["chunk"] >= 0 and message["event"] in ("finished", "stopped"):
             track.heard[message["chunk"]] = message["heard_chars"]
         if message["final"]:
             spoken = " ".join(text[:track.heard[index]].strip() for index, text in sorted(track.chunks.items())
                               if track.heard.get(index))
             self.store.set_spoken(message.session, message.id, spoken, message["event"] == "stopped")
+            self._publish_metrics(message.session, message.id, track, message.ts, message["audio_s"])
 
     # --- commands ---------------------------------------------------------------------------
 
     def next_tick(self) -> float | None:
         due = [track.commands_due for track in self.tracks.values() if track.commands and track.commands_due]
+        due += [track.metrics_due for track in self.tracks.values() if track.metrics_due]
         return min(due) if due else None
 
     def tick(self, now: float) -> None:
         for (session, id), track in list(self.tracks.items()):
             if track.commands and track.commands_due and track.commands_due <= now:
                 self._publish_commands(session, id, track)
+            if track.metrics_due and track.metrics_due <= now and track.done is not None:
+                self._publish_metrics(session, id, track, track.done.ts, 0.0)
 
     def _publish_commands(self, session: str, id: str, track: ReplyTrack) -> None:
         """Publish the reply's commands in order, placed where the chunker met each tag."""
@@ -150,6 +171,24 @@ class HistoryStage(Stage):
                 self.bus.counters["refused_commands"] += 1
         if rows and track.message_id:
             self.store.add_commands(track.message_id, rows)
+
+    def _publish_metrics(self, session: str, id: str, track: ReplyTrack, end_ts: float, audio_s: float) -> None:
+        """One reply's timeline, from the request to the end of playback, published and stored."""
+        done, track.metrics_due = track.done, 0.0
+        if done is None or not track.request_ts:
+            return
+
+        def since(ts: float) -> float:
+            return (ts - track.request_ts) * 1000 if ts else -1.0
+
+        metrics = {"request_ts": track.request_ts, "provider": done["provider"], "model": done["model"],
+                   "engine": self.config["tts"]["engine"], "status": done["status"],
+                   "first_token_ms": done["metrics"].get("ttft_ms", -1.0),
+                   "first_chunk_ms": since(track.first_chunk_ts), "first_audio_ms": since(track.first_audio_ts),
+                   "first_playback_ms": since(track.first_playback_ts), "end_ms": since(end_ts),
+                   "tokens": done["tokens"], "chars": len(done["text"]), "audio_s": audio_s}
+        self.bus.publish("metrics", session, id, **metrics)
+        self.store.add_metrics(session, id, metrics)
 
     def _apply_effects(self, commands: list[Command], ts: float) -> None:
         """Memory and attitude commands change the persona's state (accepted ones only)."""

@@ -127,6 +127,21 @@ class HistoryStore:
             self.db.execute("UPDATE messages SET spoken=?, interrupted=MAX(interrupted, ?) WHERE session=?"
                             " AND request_id=? AND role='assistant'", (spoken, int(interrupted), session, request_id))
 
+    def add_metrics(self, session: str, request_id: str, metrics: Mapping[str, Any]) -> None:
+        """Merge a reply's pipeline timeline into its stored metrics."""
+        with self.db:
+            row = self.db.execute("SELECT id, metrics FROM messages WHERE session=? AND request_id=?"
+                                  " AND role='assistant'", (session, request_id)).fetchone()
+            if row is not None:
+                merged = {**json.loads(row["metrics"]), **metrics}
+                self.db.execute("UPDATE messages SET metrics=? WHERE id=?", (json.dumps(merged), row["id"]))
+
+    def recent_metrics(self, limit: int) -> list[dict[str, Any]]:
+        """The metrics of the last `limit` replies that have a pipeline timeline."""
+        rows = self.db.execute("SELECT metrics FROM messages WHERE role='assistant' AND metrics LIKE '%first_chunk_ms%'"
+                               " ORDER BY id DESC LIMIT ?", (limit,))
+        return [json.loads(row["metrics"]) for row in rows]
+
     def add_commands(self, message_id: int, commands: list[dict[str, Any]]) -> None:
         with self.db:
             self.db.execute("DELETE FROM commands WHERE message_id=?", (message_id,))
