@@ -5,19 +5,18 @@ Reads the timelines the history stage stores with each reply (the `metrics` kind
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 MEASURES = (("first_token_ms", "first token"), ("first_audio_ms", "first audio"),
             ("first_playback_ms", "first playback"))
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile of sorted-or-not values (empty: nan)."""
-    if not values:
-        return float("nan")
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank q-quantile (0 < q <= 1): always a measured sample, never an interpolation."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else float("nan")
 
 
 def table(timelines: Iterable[dict[str, Any]]) -> list[str]:
