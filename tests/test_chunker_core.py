@@ -389,3 +389,26 @@ def test_policy_from_mapping_accepts_config_and_environment_values():
 def test_policy_errors_name_the_key_and_what_is_allowed(data, key):
     with pytest.raises(ValueError, match=rf"^{key}: (expected|unknown key; allowed: )"):
         ChunkerPolicy.from_mapping(data)
+
+
+def test_memory_tags_close_the_way_the_companion_app_writes_them() -> None:
+    chunker = Chunker(ChunkerPolicy())
+    out = chunker.feed("Запомню. <+memory>high|Игрок любит кошек</memory> Хорошо!", 0.0)
+    final = chunker.finish(1.0)
+    chunks = [*out.chunks, *final.chunks]
+    assert " ".join(c.text for c in chunks) == "Запомню. Хорошо!"
+    assert [(m.tag, m.body) for c in chunks for m in c.marks] == [("+memory", "high|Игрок любит кошек")]
+    assert "memory" not in out.display + final.display
+
+
+def test_a_comma_after_a_word_ends_the_first_chunk_without_waiting_for_more() -> None:
+    chunker = Chunker(ChunkerPolicy())
+    assert chunker.feed("Привет! Я так ", 0.0).chunks == ()
+    assert [c.text for c in chunker.feed("рада,", 0.1).chunks] == ["Привет! Я так рада,"]
+
+
+def test_month_and_title_abbreviations_do_not_end_a_sentence() -> None:
+    chunker = Chunker(ChunkerPolicy(min_first_chars=200, max_first_words=100))
+    text = "It shipped on Oct. 19 and Capt. Miller signed it. Then it was done."
+    chunks = [*chunker.feed(text, 0.0).chunks, *chunker.finish(1.0).chunks]
+    assert all(not c.text.endswith(("Oct.", "Capt.")) for c in chunks)

@@ -467,10 +467,11 @@ class _SpeechCleaner:
     def _html_tag(self, text: str, at_end: bool) -> _Step | None:
         """HTML such as </b> is markup too, <br> a line break; a '<' that starts no tag is text."""
         tag = _HTML_TAG.match(text)
-        if tag and tag.end() == len(text) and not at_end:
-            return None
+        line_break = bool(tag) and tag.group().lower().startswith("<br")
+        if tag and tag.end() == len(text) and not at_end and not line_break:
+            return None   # what replaces it depends on the next character
         if tag:
-            return tag.end(), "\n" if tag.group().lower().startswith("<br") else self._joint(text, tag.end())
+            return tag.end(), "\n" if line_break else self._joint(text, tag.end())
         if not at_end and _HTML_TAG_START.fullmatch(text):
             return None
         return 1, "<"
@@ -494,7 +495,11 @@ class _SpeechCleaner:
 # How good a pause each gap between two words makes.
 GLUE, WORD, COMMA, CLAUSE, STRONG_CLAUSE, SENTENCE, HARD = range(-1, 6)
 
-_TOKEN = re.compile(r"\S+")
+_TOKEN = re.compile(r"\S+?(?:(?<=[^\W\d_])[,…]|(?<=\w);|(?=\s)|$)")
+"""A word: up to a space, or up to a comma or ellipsis right after a letter, or a semicolon after
+a letter or digit. Such a clause mark ends the word whatever follows ("2,5" stays whole), so it
+can be judged at once."""
+_CLAUSE_END = re.compile(r"(?:[^\W\d_][,…]|\w;)$")
 _LAST_TOKEN = re.compile(r"\S+$")
 _OPENERS = "«\"“„'‘([{¿¡"
 _CLOSERS = "»\"”’')]}"
@@ -510,6 +515,10 @@ _COMPLETE_TAIL = re.compile(r"(?:[!?…,;:]|(?<!\d)\.)[»\"”’')\]}]*$")
 # Abbreviations that do not end a sentence even before a capital ("Dr. Smith", "г. Москва").
 _NON_TERMINAL = frozenset("""
     mr. mrs. ms. dr. prof. st. sr. jr. vs. cf. approx. fig. p. pp. vol. ch. mt. ave. blvd. dept.
+    no. nos. sgt. capt. gen. col. lt. cmdr. gov. sen. rep. corp. est.
+    jan. feb. mar. apr. jun. jul. aug. sep. sept. oct. nov. dec.
+    mon. tue. tues. wed. thu. thur. thurs. fri. sat. sun.
+    пос. м. н. дер. обл. р. оз.
     ул. стр. д. им. проф. акад. доц. см. напр. рис. табл. с. п. пп. просп. пер. кв. обл. ст.
     тов. гр. англ. лат. рус. ср. т. г. гг. в. вв. тыс. млн. млрд. мин. сек. ч. руб. коп.
 """.split())
@@ -625,7 +634,7 @@ class _Splitter:
             if at_end and not following:
                 gaps.append(_Gap(token.end(), length, words, HARD, glue, end=True))
                 break
-            if not following and token.end() == len(self._text):
+            if not following and token.end() == len(self._text) and not _CLAUSE_END.search(token.group()):
                 break   # the word may go on
             strength = self._strength(token, following, glue, at_end)
             gaps.append(_Gap(token.end(), length, words, strength, glue))
@@ -643,6 +652,8 @@ class _Splitter:
         terminal = _TERMINAL.search(core)
         if terminal:
             lowercase = self._lowercase_follows(token.end(), at_end)
+            if lowercase is None and self._index == 0 and terminal.group() != ".":
+                return STRONG_CLAUSE   # a first chunk may end here either way: no need to wait
             if lowercase is None:
                 return None
             if lowercase:   # "Ну... я", «Кто?» — спросил он; after "." a false alarm
