@@ -408,7 +408,7 @@ def test_a_comma_after_a_word_ends_the_first_chunk_without_waiting_for_more() ->
 
 
 def test_month_and_title_abbreviations_do_not_end_a_sentence() -> None:
-    chunker = Chunker(ChunkerPolicy(min_first_chars=200, max_first_words=100))
+    chunker = Chunker(ChunkerPolicy(min_first_chars=150, max_first_words=100))
     text = "It shipped on Oct. 19 and Capt. Miller signed it. Then it was done."
     chunks = [*chunker.feed(text, 0.0).chunks, *chunker.finish(1.0).chunks]
     assert all(not c.text.endswith(("Oct.", "Capt.")) for c in chunks)
