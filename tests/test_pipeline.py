@@ -80,7 +80,7 @@ def test_thousand_replies_over_twenty_sessions_lose_nothing(server: str) -> None
     with Daemon({**openai_settings(server), "player": {"backend": "null"}}, env=KEY) as daemon:
         client = Connection("loadtest", endpoints_for(daemon.config()),
                             [protocol.subscription(kind) for kind in ("token", "text", "chunk", "llm.done",
-                                                                      "playback", "error")])
+                                                                      "playback", "error", "history.saved")])
         client.open()
         sessions = [f"load{n}" for n in range(20)]
         per_session, total = 50, 1000
@@ -90,6 +90,7 @@ def test_thousand_replies_over_twenty_sessions_lose_nothing(server: str) -> None
         display: dict[str, list[str]] = defaultdict(list)
         seqs: dict[tuple, list[int]] = defaultdict(list)
         finished: set[str] = set()
+        saved: set[str] = set()
         errors = []
 
         def ask(session: str) -> None:
@@ -103,7 +104,7 @@ def test_thousand_replies_over_twenty_sessions_lose_nothing(server: str) -> None
         for session in sessions:
             ask(session)
         deadline = time.monotonic() + 240
-        while len(finished) < total and time.monotonic() < deadline:
+        while (len(finished) < total or len(saved) < total) and time.monotonic() < deadline:
             message = client.receive(1.0)
             if message is None:
                 continue
@@ -118,8 +119,11 @@ def test_thousand_replies_over_twenty_sessions_lose_nothing(server: str) -> None
             elif message.kind == "playback" and message["final"]:
                 assert message["event"] == "finished"
                 finished.add(message.id)
+            elif message.kind == "history.saved" and message["role"] == "assistant":
+                saved.add(message.id)
         client.close()
         assert len(finished) == total, f"only {len(finished)} of {total} replies finished playing"
+        assert len(saved) == total, f"only {len(saved)} of {total} replies saved"
         assert not errors, [error.body for error in errors[:5]]
         for key, numbers in seqs.items():
             assert numbers == list(range(len(numbers))), f"seq not contiguous in {key}"
