@@ -9,11 +9,11 @@ import argparse
 import logging
 import sys
 import time
-import uuid
 from typing import Any, Sequence
 
 from . import protocol
 from .bus import BusError, Endpoints
+from .client import Done, Error, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect
 from .config import Config, ConfigError, load
 from .llm.providers.base import ProviderError
 from .protocol import Message
@@ -21,8 +21,6 @@ from .runtime import BusUnavailable, Connection, endpoints_for
 from .shard import Shard
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-REPLY_STAGES = ("llm", "chunker", "tts", "player")
-"""Stages a reply passes through: if one crashes, an in-flight reply cannot complete."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,12 +54,40 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--timeout", type=float, default=120.0,
                      help="give up after this many seconds without any progress (default 120)")
 
+    chat = commands.add_parser("chat", help="talk to the daemon in the terminal; Ctrl-C interrupts a reply")
+    chat.add_argument("--session", default="chat")
+    chat.add_argument("--profile", default="", help="LLM profile (default: llm.profile)")
+    chat.add_argument("--no-stream", action="store_true", help="ask the provider for whole replies")
+    chat.add_argument("--timeout", type=float, default=120.0,
+                      help="give up on a reply after this many seconds without progress (default 120)")
+
+    gui = commands.add_parser("gui", help="a Tk window: type, watch the reply grow, stop it")
+    gui.add_argument("--session", default="gui")
+    gui.add_argument("--profile", default="", help="LLM profile (default: llm.profile)")
+    gui.add_argument("--timeout", type=float, default=120.0,
+                     help="give up on a reply after this many seconds without progress (default 120)")
+    gui.add_argument("--dump", metavar="FILE", help=argparse.SUPPRESS)  # test hook: the window's state as JSON
+
     tap = commands.add_parser("tap", help="print live bus traffic, one line per message")
     tap.add_argument("kinds", nargs="*", metavar="KIND", help="only these kinds (default: all)")
 
     commands.add_parser("status", help="show every stage with pid, uptime and counters")
+    stats = commands.add_parser("stats", help="p50/p95 time to first token, audio and playback of recent replies")
+    stats.add_argument("--last", type=int, default=200, help="how many recent replies (default 200)")
+
+    from .history.cli import add_arguments as history_arguments
+    history_arguments(commands.add_parser("history", help="list, show, export, import or clear stored sessions"))
 
     commands.add_parser("chunk", help='split JSON lines {"delta": ...} on stdin into speakable chunks')
+
+    keys = commands.add_parser("keys", help="CURVE keys for a bus on TCP")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    generate = keys_commands.add_parser("generate", parents=[common],
+                                        help="make the server and client keypairs (secret files 0600)")
+    generate.add_argument("--dir", default="", help="where to write them (default: bus.keys_dir)")
+    generate.add_argument("--client", default="", metavar="NAME",
+                          help="only a client keypair, for a machine that joins a bus running elsewhere")
+    generate.add_argument("--force", action="store_true", help="replace existing keys")
     return parser
 
 
@@ -76,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args, config)
-    except (BusUnavailable, BusError, ProviderError) as exc:
+    except (BusUnavailable, BusError, ProviderError, VoxpipeError) as exc:
         print(f"voxpipe: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (ConfigError, ValueError) as exc:
@@ -98,53 +124,50 @@ def cmd_stage(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_say(args: argparse.Namespace, config: Config) -> int:
     """Send one request and follow it until its audio has played (or it fails)."""
-    session, request_id = args.session, uuid.uuid4().hex[:16]
-    kinds = ("text", "llm.done", "playback", "error")
-    subscriptions = [protocol.subscription(kind, session) for kind in kinds]
-    client = Connection(f"say.{request_id}", endpoints_for(config),
-                        [*subscriptions, protocol.subscription("error", "")])
-    client.require_bus()
-    client.open(timeout=min(args.timeout, 10.0))
-    try:
-        client.publish("request", session, request_id, text=args.text, profile=args.profile,
-                       stream=False if args.no_stream else None)
-        return _follow(client, request_id, args.timeout)
-    finally:
-        client.close()
+    with connect(config, session=args.session, kinds=("text", "llm.done", "playback", "error"), name="say",
+                 timeout=min(args.timeout, 10.0)) as client:
+        reply = client.ask(args.text, stream=False if args.no_stream else None, profile=args.profile,
+                           timeout=args.timeout)
+        played: Playback | None = None
+        try:
+            for event in reply:
+                if isinstance(event, TextDelta):
+                    sys.stdout.write(event.delta + ("\n" if event.final else ""))
+                    sys.stdout.flush()
+                elif isinstance(event, Error) and event.code != "stage_crashed":
+                    print(f"voxpipe: {event.code}: {event.message}", file=sys.stderr)
+                elif isinstance(event, Playback) and event.final:
+                    played = event
+        except VoxpipeTimeout as exc:
+            print(f"\nvoxpipe: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    return _say_outcome(reply.crashed, reply.done, played)
 
 
-def _follow(client: Connection, request_id: str, timeout: float) -> int:
-    done: Message | None = None
-    while True:
-        message = client.receive(timeout)
-        if message is None:
-            waiting = "the audio" if done else "the reply"
-            print(f"\nvoxpipe: no progress on {waiting} for {timeout:g} s; check `voxpipe status`",
-                  file=sys.stderr)
-            return EXIT_FAILURE
-        if message.kind == "error" and message["code"] == "stage_crashed" \
-                and message["stage"] in REPLY_STAGES:
-            print(f"\nvoxpipe: {message['message']}; this reply is lost, ask again", file=sys.stderr)
-            return EXIT_FAILURE
-        if message.id != request_id:
-            continue
-        if message.kind == "text":
-            sys.stdout.write(message["delta"] + ("\n" if message["final"] else ""))
-            sys.stdout.flush()
-        elif message.kind == "error":
-            print(f"voxpipe: {message['code']}: {message['message']}", file=sys.stderr)
-        elif message.kind == "llm.done":
-            done = message
-            if message["status"] == "error":
-                print(f"\nvoxpipe: the reply failed: {message['error']}", file=sys.stderr)
-                return EXIT_FAILURE
-            if message["status"] == "interrupted":
-                print("\nvoxpipe: the reply was interrupted", file=sys.stderr)
-                return EXIT_FAILURE
-        elif message.kind == "playback" and message["final"]:
-            if message["path"]:
-                print(f"audio written to {message['path']}", file=sys.stderr)
-            return EXIT_OK if message["event"] == "finished" else EXIT_FAILURE
+def _say_outcome(crashed: Error | None, done: Done | None, played: Playback | None) -> int:
+    if crashed is not None:
+        print(f"\nvoxpipe: {crashed.message}; this reply is lost, ask again", file=sys.stderr)
+        return EXIT_FAILURE
+    if done is None or done.status == "error":
+        print(f"\nvoxpipe: the reply failed: {done.error if done else 'no llm.done'}", file=sys.stderr)
+        return EXIT_FAILURE
+    if done.status == "interrupted":
+        print("\nvoxpipe: the reply was interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    if played is not None and played.path:
+        print(f"audio written to {played.path}", file=sys.stderr)
+    return EXIT_OK if played is not None and played.event == "finished" else EXIT_FAILURE
+
+
+def cmd_chat(args: argparse.Namespace, config: Config) -> int:
+    from .chat import run
+    return run(config, session=args.session, profile=args.profile, stream=False if args.no_stream else None,
+               timeout=args.timeout)
+
+
+def cmd_gui(args: argparse.Namespace, config: Config) -> int:
+    from .gui import run
+    return run(config, session=args.session, profile=args.profile, timeout=args.timeout, dump=args.dump)
 
 
 def cmd_tap(args: argparse.Namespace, config: Config) -> int:
@@ -152,7 +175,7 @@ def cmd_tap(args: argparse.Namespace, config: Config) -> int:
     import zmq
 
     endpoints: Endpoints = endpoints_for(config)
-    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock = endpoints.prepare(zmq.Context.instance().socket(zmq.SUB))
     sock.linger = 0
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
     for kind in args.kinds or [""]:
@@ -211,11 +234,37 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_keys(args: argparse.Namespace, config: Config) -> int:
+    from .keys import command
+    return command(args, config)
+
+
 def cmd_chunk(args: argparse.Namespace, config: Config) -> int:
     from .chunker.cli import run
     from .chunker.core import ChunkerPolicy
     return run(sys.stdin, sys.stdout, ChunkerPolicy.from_mapping(config["chunker"]))
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "tap": cmd_tap,
-            "status": cmd_status, "chunk": cmd_chunk}
+def cmd_stats(args: argparse.Namespace, config: Config) -> int:
+    from .history.stage import default_db_path
+    from .history.store import HistoryStore
+    from .stats import table
+    store = HistoryStore(default_db_path(config["history"]["db_path"]))
+    try:
+        timelines = store.recent_metrics(args.last)
+    finally:
+        store.close()
+    if not timelines:
+        print("voxpipe: no replies with timings yet; ask something with `voxpipe say`", file=sys.stderr)
+        return EXIT_FAILURE
+    print("\n".join(table(timelines)))
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace, config: Config) -> int:
+    from .history.cli import run
+    return run(args, config)
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui,
+            "tap": cmd_tap, "status": cmd_status, "history": cmd_history, "stats": cmd_stats, "chunk": cmd_chunk, "keys": cmd_keys}
