@@ -297,14 +297,24 @@ def _apply_env(data: dict[str, Any], name: str, text: str, origins: dict[tuple[s
     if not all(path):
         raise ConfigError(f"environment variable {name}: empty key part; use VOXPIPE_SECTION__KEY")
     node: dict[str, Any] = data
+    tables: list[str] = []
     for part in path[:-1]:
-        child = node.setdefault(part, {})
+        tables.append(_dashed(node, part))
+        child = node.setdefault(tables[-1], {})
         if not isinstance(child, dict):
             raise ConfigError(f"environment variable {name}: {'.'.join(path)} is not a table key")
         node = child
+    path = (*tables, path[-1])
     rule = _rule_for(path)
     node[path[-1]] = rule.parse_env(text) if rule else text
     origins[path] = f"environment variable {name}"
+
+
+def _dashed(table: Mapping[str, Any], part: str) -> str:
+    """Shells and systemd cannot put '-' in a variable name: OPENAI_SPEECH names the table
+    openai-speech when there is one."""
+    dashed = part.replace("_", "-")
+    return dashed if part not in table and dashed in table else part
 
 
 def _rule_for(path: tuple[str, ...]) -> Rule | None:

@@ -204,20 +204,6 @@ def stop_process(process: "subprocess.Popen[str]") -> tuple[int, str]:
     return process.returncode, err or ""
 
 
-def wait_ready(runtime: Path, stage: str, timeout: float = 30.0) -> None:
-    """Until `stage` (its src name) sends a heartbeat: it is connected and handling messages."""
-    watcher = connect(runtime, f"{stage}-ready", "heartbeat")
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            beat = watcher.receive(1)
-            if beat is not None and beat.src == stage:
-                return
-        raise AssertionError(f"stage {stage} sent no heartbeat within {timeout:g} s")
-    finally:
-        watcher.close()
-
-
 def wait_ready(runtime: Path, src: str, timeout: float = 60.0) -> None:
     """Block until stage `src` has sent a heartbeat (it is connected and serving)."""
     watcher = connect(runtime, f"wait-{src}", "heartbeat")

@@ -50,10 +50,10 @@ def test_environment_can_define_a_new_profile(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text, expected", [
     ('[player]\nbackend = "speakers"\n', r"voxpipe.toml: key player.backend = 'speakers' is not allowed; "
-                                         r"expected one of: auto, simpleaudio, wav, null"),
+                                         r"expected one of: auto, simpleaudio, sounddevice, wav, null"),
     ('[llm.profiles.local]\nstream = "yes"\n', r"key llm.profiles.local.stream = 'yes' is not allowed; "
                                                 r"expected true or false"),
-    ('[tts]\nengnie = "espeak"\n', r"unknown key tts.engnie; allowed: engine, espeak"),
+    ('[tts]\nengnie = "espeak"\n', r"unknown key tts.engnie; allowed: coqui, engine, espeak, openai-speech"),
     ('[llm]\nprofile = "nope"\n', r"llm.profile = 'nope' names no profile"),
     ('[llm.profiles.x]\nmodel = "m"\n', r"profile llm.profiles.x needs provider"),
     ('[bus\n', r"is not valid TOML"),
@@ -100,3 +100,11 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
             keys = {key: value for key, value in keys.items() if key != "profiles"}
         for key in keys:
             assert f"{key} =" in text or f"[{section}.{key}]" in text, f"{section}.{key} is not documented"
+
+
+def test_env_names_reach_hyphenated_tables_with_underscores() -> None:
+    """Shells and systemd cannot export '-' in a name, so OPENAI_SPEECH stands for openai-speech."""
+    config = load(env={"VOXPIPE_TTS__OPENAI_SPEECH__SPEED": "1.5", "VOXPIPE_TTS__OPENAI-SPEECH__VOICE": "nova"})
+    assert (config["tts"]["openai-speech"]["speed"], config["tts"]["openai-speech"]["voice"]) == (1.5, "nova")
+    with pytest.raises(ConfigError, match="environment variable VOXPIPE_TTS__OPENAI_SPEECH__SPEED"):
+        load(env={"VOXPIPE_TTS__OPENAI_SPEECH__SPEED": "fast"})

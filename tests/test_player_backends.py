@@ -1,5 +1,5 @@
-"""Player backends: wav and null in-process; simpleaudio for real through ALSA, in subprocesses,
-because ALSA_CONFIG_PATH must be set before the process first opens a device."""
+"""Player backends: wav and null in-process; simpleaudio and sounddevice for real through ALSA, in
+subprocesses, because ALSA_CONFIG_PATH must be set before the process first opens a device."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import pytest
 
 from services.audio import AudioFormat, PcmFrame
 from services.player.backends import create_backend
+from services.player.backends.simpleaudio_backend import SimpleaudioBackend
+from tests.fakes.alsa_fifo import PacedFifo
 
 REPO = Path(__file__).resolve().parent.parent
 ALSA_NULL = REPO / "tests" / "alsa_null.conf"
@@ -74,6 +76,30 @@ def test_wav_file_is_valid_while_written_and_after_stop(wav_backend):
     assert read_wav(path)[1] == first.pcm
 
 
+def test_wav_and_null_take_any_format_and_count_written_audio_as_played(wav_backend):
+    odd = AudioFormat(rate=12345, channels=3, sample_width=4)
+    for backend in (wav_backend, create_backend("null", {})):
+        assert backend.output_format(odd) == odd
+        backend.begin("s", "r", FMT)
+        for frame in tone_frames(3):
+            backend.write(frame)
+        backend.stop()
+        backend.write(tone_frames(1)[0])
+        played = sum(frame.duration_ms for frame in tone_frames(3))
+        assert backend.played_ms() == pytest.approx(played)
+        backend.end()
+        assert backend.played_ms() == pytest.approx(played)  # still readable after end()
+
+
+def test_simpleaudio_output_format_is_one_it_can_play():
+    """play_buffer takes 11 rates, 1-2 channels, and plays 4-byte samples as floats."""
+    backend = SimpleaudioBackend()
+    assert backend.output_format(FMT) == FMT
+    assert backend.output_format(AudioFormat(12000, 1, 2)) == AudioFormat(16000, 1, 2)
+    assert backend.output_format(AudioFormat(24000, 6, 4)) == AudioFormat(24000, 2, 3)
+    assert backend.output_format(AudioFormat(384000, 1, 1)) == AudioFormat(192000, 1, 1)
+
+
 def test_wav_names_are_sanitised_into_wav_dir(wav_backend, tmp_path):
     wav_backend.begin("../../etc/x y", ".hidden/ü", FMT)
     path = Path(wav_backend.end())
@@ -112,7 +138,7 @@ def test_null_checks_frames_like_a_real_backend():
 
 
 def test_unknown_backend_lists_the_allowed_names():
-    with pytest.raises(ValueError, match="allowed: simpleaudio, wav, null, auto"):
+    with pytest.raises(ValueError, match="allowed: simpleaudio, sounddevice, wav, null, auto"):
         create_backend("speakers", {})
 
 
@@ -150,8 +176,15 @@ PLAY_FRAMES = """
 
 
 def test_simpleaudio_plays_on_the_alsa_null_device():
-    result = run_with_alsa(ALSA_NULL, 'NAME = "auto"', PLAY_FRAMES, "print(json.dumps(result))")
+    result = run_with_alsa(ALSA_NULL, 'NAME = "simpleaudio"', PLAY_FRAMES, "print(json.dumps(result))")
     assert result == {"name": "simpleaudio", "end": None}
+
+
+def test_auto_prefers_sounddevice_then_simpleaudio():
+    with_both = run_with_alsa(ALSA_NULL, 'NAME = "auto"', PLAY_FRAMES, "print(json.dumps(result))")
+    without_portaudio = run_with_alsa(ALSA_NULL, 'import sys; sys.modules["sounddevice"] = None; NAME = "auto"',
+                                      PLAY_FRAMES, "print(json.dumps(result))")
+    assert (with_both["name"], without_portaudio["name"]) == ("sounddevice", "simpleaudio")
 
 
 @pytest.fixture
@@ -218,3 +251,80 @@ def test_simpleaudio_stop_from_another_thread_releases_a_blocked_write(fifo_devi
     assert result["blocked"] and result["released"] and result["end"] is None
     assert result["released_s"] < 2  # a generous bound on a hang; the real latency is a benchmark
 
+
+
+# --- sounddevice, for real, on a device that plays in real time ----------------------------------
+
+
+@pytest.fixture
+def paced_device(tmp_path) -> PacedFifo:
+    with PacedFifo(tmp_path, FMT.rate * FMT.block_align) as fifo:
+        yield fifo
+
+
+def test_sounddevice_plays_every_frame_in_order_without_gaps(paced_device):
+    """Between the first and the last sample nothing is lost, doubled or padded with silence."""
+    result = run_with_alsa(paced_device.conf, 'NAME = "sounddevice"', PLAY_FRAMES, """
+        result["played_ms"] = backend.played_ms()
+        print(json.dumps(result))
+    """)
+    assert paced_device.wait_closed()
+    expected = b"".join(frame.pcm for frame in tone_frames())
+    heard = bytes(paced_device.heard)
+    start = heard.find(expected)
+    assert start >= 0 and not heard[:start].strip(b"\0") and not heard[start + len(expected):].strip(b"\0")
+    assert result == {"name": "sounddevice", "end": None,
+                      "played_ms": pytest.approx(sum(frame.duration_ms for frame in tone_frames()))}
+
+
+# Writes 3 s of audio from a thread (the queue holds 300 ms, so the writer blocks), then stops.
+STOP_WHILE_WRITING = """
+    import json, os, threading, time
+    from services.audio import PcmFrame
+    from services.player.backends import create_backend
+    from tests.test_player_backends import FMT
+    backend = create_backend("sounddevice", {})
+    sounded = []  # when callbacks that handed the device non-silent samples began
+    play = backend._callback
+    def spy(outdata, frames, at, status):
+        began = time.monotonic()
+        play(outdata, frames, at, status)
+        if any(bytes(outdata)):
+            sounded.append(began)
+    backend._callback = spy
+    backend.begin("s", "r", FMT)
+    loud = PcmFrame(bytes([1, 1]) * 2205, FMT)  # 100 ms
+    writer = threading.Thread(target=lambda: [backend.write(loud) for _ in range(30)])
+    writer.start()
+    time.sleep(0.6)
+    blocked = writer.is_alive()
+    stopping = time.monotonic()
+    backend.stop()
+    stopped = time.monotonic()
+    writer.join(timeout=5)
+    played = backend.played_ms()
+    time.sleep(0.1)
+    result = {"blocked": blocked, "released": not writer.is_alive(), "stop_ms": (stopped - stopping) * 1000,
+              "played_ms": played, "frozen": backend.played_ms() == played,
+              "last_sound_after_stop_ms": (sounded[-1] - stopped) * 1000 if sounded else None}
+"""
+
+
+def test_sounddevice_stop_silences_at_once_and_releases_a_blocked_write(paced_device):
+    result = run_with_alsa(paced_device.conf, STOP_WHILE_WRITING, """
+        backend.end()
+        print(json.dumps(result))
+    """)
+    assert result["blocked"] and result["released"] and result["frozen"]
+    assert 0 < result["played_ms"] < 3000
+    assert result["last_sound_after_stop_ms"] < 0  # no callback begun after stop() returned made sound
+
+
+def test_sounddevice_stop_returns_even_when_the_device_hangs(paced_device):
+    paced_device.pause()
+    result = run_with_alsa(paced_device.conf, STOP_WHILE_WRITING, """
+        print(json.dumps(result), flush=True)
+        os._exit(0)  # end() would wait for the wedged device, as would PortAudio's exit handler
+    """)
+    assert result["blocked"] and result["released"]
+    assert result["stop_ms"] < 1000  # a generous bound on a hang; the real latency is a benchmark

@@ -2,7 +2,10 @@
 
 One reply plays at a time (there is one speaker); replies wait in the order
 their first frame arrived.  A worker thread drives the backend so the main loop
-can take a cancel at any moment and silence the backend at once.
+can take a cancel at any moment and silence the backend at once.  Each reply is
+converted to the format the backend plays its first audio in, so a backend that
+cannot play the engine's rate, or an engine that changes format mid-reply (a
+fallback), still plays.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass, field
 from ..audio import AudioFormat, PcmFrame
 from ..protocol import Message
 from ..runtime import Stage
-from .backends import create_backend
+from .backends import PlayerBackend, create_backend
+from .convert import Converter
 
 STALL_S = 15.0
 """A reply whose next frame is this late is ended as stopped, so playback never wedges."""
@@ -31,13 +35,71 @@ class ReplyAudio:
     frames: collections.deque[Message] = field(default_factory=collections.deque)
 
 
+def _format(message: Message) -> AudioFormat:
+    return AudioFormat(message["rate"], message["channels"], message["width"])
+
+
+class ReplyFeed:
+    """One reply on its way to the backend: converts its frames to the format the backend chose
+    for the first audio, and remembers where the current chunk began, so that the backend's
+    played_ms() tells how much of that chunk was heard."""
+
+    def __init__(self, backend: PlayerBackend, session: str, reply_id: str) -> None:
+        self.backend, self.session, self.reply_id = backend, session, reply_id
+        self.converter: Converter | None = None
+        self.written_ms = 0.0
+        self.chunk, self.chars, self.chunk_start_ms = -1, 0, 0.0
+
+    @property
+    def begun(self) -> bool:
+        return self.converter is not None
+
+    def start_chunk(self, chunk: int, chars: int) -> None:
+        self.chunk, self.chars, self.chunk_start_ms = chunk, chars, self.written_ms
+
+    def begin(self, fmt: AudioFormat) -> None:
+        output = self.backend.output_format(fmt)
+        self.backend.begin(self.session, self.reply_id, output)
+        self.converter = Converter(fmt, output)
+
+    def write(self, fmt: AudioFormat, pcm: bytes) -> None:
+        """After begin(); a frame in another format than the last one starts a new conversion."""
+        if fmt != self.converter.source:
+            self._write(self.converter.flush())
+            self.converter = Converter(fmt, self.converter.target)
+        self._write(self.converter.convert(pcm))
+        self.written_ms += fmt.duration_ms(len(pcm))
+
+    def heard(self, queued_ms: float) -> float:
+        """The fraction of the current chunk played: of all of it, if its last frame has come
+        (`queued_ms` counts its frames not yet written), else of what has come."""
+        total = self.written_ms - self.chunk_start_ms + queued_ms
+        if self.chunk < 0 or not self.begun or total <= 0:
+            return 0.0
+        return min(1.0, max(0.0, (self.backend.played_ms() - self.chunk_start_ms) / total))
+
+    def end(self) -> str | None:
+        if not self.begun:
+            return None
+        self._write(self.converter.flush())
+        return self.backend.end()
+
+    def played_s(self) -> float:
+        """Seconds of the reply that played, for the final event."""
+        return self.backend.played_ms() / 1000 if self.begun else 0.0
+
+    def _write(self, pcm: bytes) -> None:
+        if pcm:
+            self.backend.write(PcmFrame(pcm, self.converter.target))
+
+
 class PlayerStage(Stage):
     name = "player"
     kinds = ("audio", "cancel")
 
     def prepare(self) -> None:
         player = self.config["player"]
-        self.backend = create_backend(player["backend"], {"wav_dir": player["wav_dir"]})
+        self.backend = create_backend(player["backend"], player)
         self.log.info("audio backend: %s", self.backend.name)
         self.replies: collections.OrderedDict[tuple[str, str], ReplyAudio] = collections.OrderedDict()
         self.ended: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
@@ -118,34 +180,56 @@ class PlayerStage(Stage):
             return reply.frames.popleft()
 
     def _play(self, reply: ReplyAudio) -> None:
-        begun = False
-        chunk = -1
+        key = (reply.session, reply.id)
+        feed = ReplyFeed(self.backend, reply.session, reply.id)
         while True:
             message = self._next_frame(reply)
             if message is None:
-                path = self.backend.end() if begun else None
-                self._event(reply, "stopped", chunk, path)
+                self._stopped(reply, feed, feed.end())
                 return
             if message["frame"] == 0:
-                chunk = message["chunk"]
-                self._event(reply, "started", chunk)
+                feed.start_chunk(message["chunk"], message["chars"])
+                self._event(reply, "started", feed.chunk, audio_ts=message.ts)
             if message["pcm"]:
-                fmt = AudioFormat(message["rate"], message["channels"], message["width"])
-                if not begun:
-                    self.backend.begin(reply.session, reply.id, fmt)
-                    begun = True
-                self.backend.write(PcmFrame(message["pcm"], fmt))
-            if message["last"] and message["final"]:
-                path = self.backend.end() if begun else None
-                self._event(reply, "finished", chunk, path, final=True)
+                if not feed.begun:
+                    feed.begin(_format(message))
+                    if self._cut(key):  # cancelled before begin(), which clears a stop
+                        self.backend.stop()
+                feed.write(_format(message), message["pcm"])
+            final = message["last"] and message["final"]
+            path = feed.end() if final else None
+            if self._cut(key):  # cancelled while this frame, or the reply's end, was playing
+                self._stopped(reply, feed, path if final else feed.end())
                 return
             if message["last"]:
-                self._event(reply, "finished", chunk)
+                self._event(reply, "finished", feed.chunk, path, final=final, heard=1.0, chars=feed.chars,
+                            audio_s=feed.played_s() if final else 0.0)
+            if final:
+                return
 
-    def _event(self, reply: ReplyAudio, event: str, chunk: int, path: str | None = None,
-               final: bool = False) -> None:
-        self.bus.publish("playback", reply.session, reply.id, event=event, chunk=chunk,
-                         path=path or "", final=final or event == "stopped")
+    def _cut(self, key: tuple[str, str]) -> bool:
+        """Whether the reply being played was cancelled (it is marked ended only then), or the
+        player is stopping."""
+        with self.wake:
+            return key in self.ended or self.stopping
+
+    def _stopped(self, reply: ReplyAudio, feed: ReplyFeed, path: str | None) -> None:
+        """The final event of a cut reply; after the backend's end(), which after a stall plays out
+        what came, so that counts as heard."""
+        heard = feed.heard(self._queued_ms(reply, feed.chunk))
+        self._event(reply, "stopped", feed.chunk, path, heard=heard, chars=feed.chars, audio_s=feed.played_s())
+
+    def _queued_ms(self, reply: ReplyAudio, chunk: int) -> float:
+        """Play time of the chunk's frames that came but were not written."""
+        with self.wake:
+            return sum(_format(frame).duration_ms(len(frame["pcm"])) for frame in reply.frames
+                       if frame["chunk"] == chunk)
+
+    def _event(self, reply: ReplyAudio, event: str, chunk: int, path: str | None = None, final: bool = False,
+               heard: float = 0.0, chars: int = 0, audio_ts: float = 0.0, audio_s: float = 0.0) -> None:
+        self.bus.publish("playback", reply.session, reply.id, event=event, chunk=chunk, path=path or "",
+                         final=final or event == "stopped", heard=heard, heard_chars=round(heard * chars),
+                         audio_ts=audio_ts, audio_s=audio_s)
 
     def shutdown(self) -> None:
         with self.wake:

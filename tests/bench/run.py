@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from tests.bench import fake_llm, hop
 from tests.bench.machine import CpuTimes, describe, load
 from tests.bench.pipeline import MILESTONES, Client, Sample, compare_modes, throughput
+from tests.bench.player import bench_player
 from tests.bench.stats import median, percentile
 from tests.harness import ROOT, Daemon, fake_openai, openai_settings
 
@@ -254,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [measured("1. Bus hop latency", lambda: bench_hops(plan)),
                 measured("2. Time to first audio: fake OpenAI server at 40 tokens/s", lambda: bench_fake(plan)),
                 measured("3. Time to first audio: embedded local model", lambda: bench_local(plan)),
-                measured("4. Throughput", lambda: bench_throughput(plan))]
+                measured("4. Throughput", lambda: bench_throughput(plan)),
+                measured("5. Player: gaps between frames, cancel to silence",
+                         lambda: bench_player(replies=5 if args.quick else 20))]
     command = "python -m tests.bench.run" + (" --quick" if args.quick else "")
     report = render(sections, command, started, load_before)
     REPORT.write_text(report)

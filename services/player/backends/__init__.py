@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
 from services.plugins import load_plugin
@@ -9,6 +10,7 @@ from services.player.backends.base import PlayerBackend
 
 BACKENDS = {
     "simpleaudio": "services.player.backends.simpleaudio_backend:SimpleaudioBackend",
+    "sounddevice": "services.player.backends.sounddevice_backend:SounddeviceBackend",
     "wav": "services.player.backends.wav:WavBackend",
     "null": "services.player.backends.null:NullBackend",
 }
@@ -21,9 +23,14 @@ def create_backend(name: str, options: Mapping[str, Any]) -> PlayerBackend:
 
 
 def _best_backend() -> str:
-    """simpleaudio if it is installed and a device really plays, else wav files."""
-    try:
-        from services.player.backends.simpleaudio_backend import plays_silence
-    except ImportError:
-        return "wav"
-    return "simpleaudio" if plays_silence() else "wav"
+    """The first of sounddevice (gapless, stops at once) and simpleaudio that is installed and whose
+    device really plays, else wav files."""
+    for name in ("sounddevice", "simpleaudio"):
+        module_name = BACKENDS[name].partition(":")[0]
+        try:
+            plays_silence = importlib.import_module(module_name).plays_silence
+        except (ImportError, OSError):  # sounddevice raises OSError when PortAudio is missing
+            continue
+        if plays_silence():
+            return name
+    return "wav"

@@ -13,6 +13,11 @@ class PlayerBackend(Protocol):
 
     name: str
 
+    def output_format(self, fmt: AudioFormat) -> AudioFormat:
+        """The format to play audio of format `fmt` in: `fmt` itself when the backend can, else the
+        closest it can (the player converts)."""
+        ...
+
     def begin(self, session: str, reply_id: str, fmt: AudioFormat) -> None:
         """Start a reply's audio; every frame of the reply has format `fmt`."""
         ...
@@ -26,6 +31,12 @@ class PlayerBackend(Protocol):
         write() return promptly. Later frames of the reply are dropped until the next begin()."""
         ...
 
+    def played_ms(self) -> float:
+        """How much of the reply since begin() has really gone out (not just queued), in ms of
+        audio; it stops growing at stop() and holds after end(), until the next begin(). The
+        player turns it into the `heard` fraction."""
+        ...
+
     def end(self) -> str | None:
         """Finish the reply once its audio is out; returns the written file's path, if any."""
         ...
@@ -35,15 +46,17 @@ class PlayerBackend(Protocol):
 
 
 class ReplyState:
-    """Shared by backends: the open reply's format and stop flag, and the check of each frame."""
+    """Shared by backends: the open reply's format, stop flag and played time, and the check of each frame."""
 
     def __init__(self) -> None:
         self.format: AudioFormat | None = None
         self.stopped = threading.Event()
+        self.played_ms = 0.0
 
     def begin(self, fmt: AudioFormat) -> None:
         self.format = fmt
         self.stopped.clear()
+        self.played_ms = 0.0
 
     def end(self) -> None:
         self.format = None

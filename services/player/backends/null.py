@@ -12,14 +12,22 @@ class NullBackend:
     def __init__(self) -> None:
         self._reply = ReplyState()
 
+    def output_format(self, fmt: AudioFormat) -> AudioFormat:
+        return fmt
+
     def begin(self, session: str, reply_id: str, fmt: AudioFormat) -> None:
         self._reply.begin(fmt)
 
     def write(self, frame: PcmFrame) -> None:
-        self._reply.wants(frame)  # still checked, so misuse fails here as on a real backend
+        """Still checks the frame, so misuse fails here as on a real backend; "plays" it at once."""
+        if self._reply.wants(frame):
+            self._reply.played_ms += frame.duration_ms
 
     def stop(self) -> None:
         self._reply.stopped.set()
+
+    def played_ms(self) -> float:
+        return self._reply.played_ms
 
     def end(self) -> str | None:
         self._reply.end()

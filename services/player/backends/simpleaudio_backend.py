@@ -6,6 +6,7 @@ this one sounds; the remaining gap is one poll interval plus the device open of 
 Waiting polls is_playing() on the stop event, because simpleaudio's wait_done() cannot be
 interrupted and stop() must release a blocked write() even when the device itself hangs.
 simpleaudio drains rather than drops on stop, so up to its ~100 ms device buffer still sounds.
+played_ms() counts a buffer's wall time since it started, up to its length.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from services.player.backends.base import ReplyState
 
 _POLL_S = 0.002
 _PROBE_TIMEOUT_S = 1.0
+RATES = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 88200, 96000, 192000)
+"""The only rates play_buffer accepts."""
 
 
 def plays_silence() -> bool:
@@ -45,6 +48,14 @@ class SimpleaudioBackend:
         self._reply = ReplyState()
         self._lock = threading.Lock()  # orders starting a buffer against stop() from another thread
         self._playing: simpleaudio.PlayObject | None = None
+        self._playing_since = 0.0
+        self._playing_ms = 0.0
+
+    def output_format(self, fmt: AudioFormat) -> AudioFormat:
+        """The next supported rate up (upsampling loses nothing), at most 2 channels, and 24 bits for
+        32-bit samples, because simpleaudio plays 4-byte samples as floats."""
+        rate = min((rate for rate in RATES if rate >= fmt.rate), default=RATES[-1])
+        return AudioFormat(rate, min(fmt.channels, 2), min(fmt.sample_width, 3))
 
     def begin(self, session: str, reply_id: str, fmt: AudioFormat) -> None:
         self._reply.begin(fmt)
@@ -56,23 +67,42 @@ class SimpleaudioBackend:
         fmt = frame.format
         with self._lock:
             if not self._reply.stopped.is_set():
+                self._settle()
                 self._playing = simpleaudio.play_buffer(frame.pcm, fmt.channels, fmt.sample_width, fmt.rate)
+                self._playing_since, self._playing_ms = time.monotonic(), frame.duration_ms
 
     def stop(self) -> None:
         with self._lock:
             self._reply.stopped.set()
             if self._playing is not None:
                 self._playing.stop()
+            self._settle()
+
+    def played_ms(self) -> float:
+        with self._lock:
+            return self._reply.played_ms + self._current_ms()
 
     def end(self) -> str | None:
         self._wait_played()
         with self._lock:
-            self._playing = None
+            self._settle()
         self._reply.end()
         return None
 
     def close(self) -> None:
         self.stop()
+
+    def _current_ms(self) -> float:
+        """How much of the current buffer has played."""
+        if self._playing is None:
+            return 0.0
+        return min(self._playing_ms, (time.monotonic() - self._playing_since) * 1000)
+
+    def _settle(self) -> None:
+        """Count the current buffer as played as far as it got, once (lock held). The buffer stays
+        in `_playing`, so the next one still waits until a stopped buffer has wound down."""
+        self._reply.played_ms += self._current_ms()
+        self._playing_ms = 0.0
 
     def _wait_played(self) -> None:
         """Until the current buffer has played, or stop() is called."""

@@ -37,6 +37,9 @@ class WavBackend:
         self._wave: wave.Wave_write | None = None
         self._path: Path | None = None
 
+    def output_format(self, fmt: AudioFormat) -> AudioFormat:
+        return fmt
+
     def begin(self, session: str, reply_id: str, fmt: AudioFormat) -> None:
         """Also finishes a reply left open, so its file stays valid."""
         with self._lock:
@@ -56,9 +59,14 @@ class WavBackend:
             if self._reply.wants(frame):
                 self._wave.writeframes(frame.pcm)
                 self._file.flush()
+                self._reply.played_ms += frame.duration_ms
 
     def stop(self) -> None:
         self._reply.stopped.set()
+
+    def played_ms(self) -> float:
+        """What is in the file: written counts as played."""
+        return self._reply.played_ms
 
     def end(self) -> str | None:
         with self._lock:

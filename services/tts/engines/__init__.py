@@ -9,6 +9,8 @@ from services.tts.engines.base import TtsEngine
 
 ENGINES = {
     "espeak": "services.tts.engines.espeak:EspeakEngine",
+    "coqui": "services.tts.engines.coqui:CoquiEngine",
+    "openai-speech": "services.tts.engines.openai_speech:OpenAISpeechEngine",
 }
 
 
