@@ -204,3 +204,34 @@ def test_tts_stage_speaks_through_the_engine_from_config(server):
         for process in reversed(processes):
             code, err = stop_process(process)
             assert code == 0, err
+
+
+def test_an_engine_error_in_one_chunk_does_not_stop_the_next(server):
+    """The server fails the first chunk (500); the stage reports it, ends that chunk, speaks the next."""
+    body = tone(300)
+    server.enqueue(json_script({"error": {"message": "engine overloaded"}}, status=500),
+                   audio_script((0, body)))
+    runtime = Path(tempfile.mkdtemp(prefix="vp-rt-")) / "run"
+    env = {"VOXPIPE_TTS__ENGINE": "openai-speech", "VOXPIPE_TTS__OPENAI-SPEECH__BASE_URL": server.url("/v1"),
+           "VOXPIPE_TTS__OPENAI-SPEECH__API_KEY_ENV": ""}
+    processes = [start_stage(name, runtime, **env) for name in ("bus", "tts")]
+    try:
+        wait_ready(runtime, "tts")
+        client = connect(runtime, "test", "audio", "error")
+        client.publish("chunk", "f1", "r1", text="First sentence.", index=0, final=False)
+        client.publish("chunk", "f1", "r1", text="Second sentence.", index=1, final=True)
+        frames, errors = [], []
+        while not (frames and frames[-1]["last"] and frames[-1]["final"]):
+            message = client.receive(20)
+            assert message is not None, "the tts stage stopped after the failed chunk"
+            (frames if message.kind == "audio" else errors).append(message)
+        client.close()
+        first = [f for f in frames if f["chunk"] == 0]
+        second = [f for f in frames if f["chunk"] == 1]
+        assert [(f["pcm"], f["last"]) for f in first] == [(b"", True)]
+        assert b"".join(f["pcm"] for f in second) == body
+        assert [(e["code"], e.id) for e in errors if e["code"] == "tts_failed"] == [("tts_failed", "r1")]
+        assert "500" in next(e["message"] for e in errors if e["code"] == "tts_failed")
+    finally:
+        for process in reversed(processes):
+            stop_process(process)
