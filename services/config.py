@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "VOXPIPE_"
 PROVIDERS = ("local", "openai", "gemini", "http", "g4f")
-TTS_ENGINES = ("espeak", "coqui", "openai-speech")
+TTS_ENGINES = ("espeak", "coqui", "openai-speech", "null")
 PLAYER_BACKENDS = ("auto", "simpleaudio", "sounddevice", "wav", "null")
 STAGES = ("llm", "chunker", "tts", "player", "history")
 
@@ -169,11 +169,13 @@ SCHEMA: dict[str, Any] = {
                           "response_format": _choice("pcm", "wav"), "speed": _real(0.25, 4.0),
                           "sample_rate": _count(8000, 384000), "timeout_s": _real(0.1, 600.0),
                           "max_frame_ms": _count(10, 1000)},
+        "null": {"frame_ms": _count(1, 200)},
     },
     "player": {"backend": _choice(*PLAYER_BACKENDS), "wav_dir": _text()},
     "history": {"db_path": _text(), "persona": _text(), "commands_file": _text(),
                 "max_commands_per_reply": _count(0, 10_000), "marks_wait_ms": _count(0, 60_000)},
     "log": {"level": _choice("debug", "info", "warning", "error")},
+    "metrics": {"prometheus_port": _count(0, 65535), "prometheus_bind": _text()},
     "run": {
         "stages": _names(STAGES),
         "instances": {name: _count(1, 64) for name in STAGES},
@@ -209,11 +211,13 @@ DEFAULTS: dict[str, Any] = {
                       "language": "", "speaker_wav": "", "max_frame_ms": 200},
             "openai-speech": {"base_url": "https://api.openai.com/v1", "model": "tts-1", "voice": "alloy",
                               "api_key_env": "OPENAI_API_KEY", "response_format": "pcm", "speed": 1.0,
-                              "sample_rate": 24000, "timeout_s": 30.0, "max_frame_ms": 200}},
+                              "sample_rate": 24000, "timeout_s": 30.0, "max_frame_ms": 200},
+            "null": {"frame_ms": 10}},
     "player": {"backend": "auto", "wav_dir": ""},
     "history": {"db_path": "", "persona": "default", "commands_file": "", "max_commands_per_reply": 30,
                 "marks_wait_ms": 2000},
     "log": {"level": "info"},
+    "metrics": {"prometheus_port": 0, "prometheus_bind": "127.0.0.1"},
     "run": {
         "stages": list(STAGES),
         "instances": {name: 1 for name in STAGES},

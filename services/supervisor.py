@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -74,8 +75,11 @@ class Supervisor:
         return command
 
     def _spawn(self, child: Child) -> None:
+        # Only `voxpipe run` talks to systemd; a stage's own READY/WATCHDOG would be rejected noise.
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")}
         child.process = subprocess.Popen(self._command(child), preexec_fn=_die_with_parent,
-                                         cwd=Path(__file__).resolve().parent.parent)
+                                         cwd=Path(__file__).resolve().parent.parent, env=env)
         child.restart_at = None
         self.ready.discard(child.src)
         log.info("started %s (pid %d)", child.src, child.process.pid)

@@ -8,6 +8,7 @@ from services.plugins import load_plugin
 from services.tts.engines.base import TtsEngine
 
 ENGINES = {
+    "null": "services.tts.engines.null:NullEngine",
     "espeak": "services.tts.engines.espeak:EspeakEngine",
     "coqui": "services.tts.engines.coqui:CoquiEngine",
     "openai-speech": "services.tts.engines.openai_speech:OpenAISpeechEngine",
