@@ -19,10 +19,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import protocol, sdnotify
 from .config import Config
 from .runtime import BusUnavailable, Connection, endpoints_for
+from .prometheus import Exposition, serve
 from .shard import Shard
 
 log = logging.getLogger("voxpipe.run")
@@ -65,6 +67,8 @@ class Supervisor:
         self.stop = threading.Event()
         self.ready: set[str] = set()
         self.connection: Connection | None = None
+        self.exposition: Exposition | None = None
+        self.http: Any = None
 
     def _command(self, child: Child) -> list[str]:
         command = [sys.executable, "-m", "launcher", "stage", child.stage]
@@ -102,6 +106,7 @@ class Supervisor:
             self._spawn(child)
         if not self._wait_ready(time.monotonic() + timeout):
             return 1 if not self.stop.is_set() else 0
+        self._serve_metrics()
         sdnotify.notify("READY=1")
         print("voxpipe ready: " + ", ".join(sorted(self.ready)), flush=True)
         return self._supervise()
@@ -111,7 +116,9 @@ class Supervisor:
         while time.monotonic() < deadline and not self.stop.is_set():
             if self.bus.process is not None and self.bus.process.poll() is not None:
                 return False
-            connection = Connection("launcher", endpoints_for(self.config), [protocol.subscription("heartbeat")])
+            kinds = ("heartbeat", "metrics") if self.config["metrics"]["prometheus_port"] else ("heartbeat",)
+            connection = Connection("launcher", endpoints_for(self.config),
+                                    [protocol.subscription(kind) for kind in kinds])
             try:
                 connection.open(timeout=1.0)
             except BusUnavailable:
@@ -143,12 +150,22 @@ class Supervisor:
                 next_ping = time.monotonic() + 1.0
         return 0
 
+    def _serve_metrics(self) -> None:
+        metrics = self.config["metrics"]
+        if metrics["prometheus_port"]:
+            self.exposition = Exposition()
+            self.http = serve(self.exposition, metrics["prometheus_bind"], metrics["prometheus_port"])
+            log.info("prometheus metrics on http://%s:%d/metrics", metrics["prometheus_bind"],
+                     metrics["prometheus_port"])
+
     def _watch(self) -> bool:
         """Take heartbeats for 0.2 s, then restart dead children; False on a crash loop."""
         assert self.connection is not None
         message = self.connection.receive(0.2)
         if message is not None and message.kind == "heartbeat" and message["state"] == "ready":
             self.ready.add(message.src)
+        if message is not None and self.exposition is not None:
+            self.exposition.observe(message, time.monotonic())
         now = time.monotonic()
         for child in [self.bus, *self.children]:
             if child.restart_at is not None:
@@ -196,3 +213,5 @@ class Supervisor:
                     process.wait()
         if self.connection is not None:
             self.connection.close()
+        if self.http is not None:
+            self.http.shutdown()

@@ -169,6 +169,7 @@ class HistoryStage(Stage):
             self.bus.publish("command", session, id, **row)
             if not command.accepted:
                 self.bus.counters["refused_commands"] += 1
+                self.log.warning("%s/%s: refused <%s>: %s", session, id, command.name, command.reason)
         if rows and track.message_id:
             self.store.add_commands(track.message_id, rows)
 

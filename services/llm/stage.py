@@ -149,6 +149,8 @@ class LlmStage(Stage):
                   reply=Reply(request.session, request.id, started=time.monotonic()))
         with self.lock:
             self.jobs[request.session] = job
+        self.log.info("%s/%s: request (profile %s)", request.session, request.id,
+                      request["profile"] or llm["profile"])
         if llm["history_limit"] == 0:
             self._start(job, None)
         else:
@@ -348,6 +350,9 @@ class LlmStage(Stage):
                 finish_reason="guard" if guard else (outcome.finish_reason if outcome else ""),
                 usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning))
             sent = self.bus.publish("llm.done", request.session, request.id, **done)
+            self.log.info("%s/%s: %s after %d tokens, first token %s ms%s", request.session, request.id, status,
+                          done["tokens"], f"{done['metrics']['ttft_ms']:.0f}" if "ttft_ms" in done["metrics"]
+                          else "-", f", stopped by {guard}" if guard else "")
             self.journal.append((request, done, sent.ts))
             if len(self.journal) > JOURNAL_SIZE:
                 self.journal_dropped_until = self.journal.popleft()[2]

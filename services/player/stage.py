@@ -230,6 +230,9 @@ class PlayerStage(Stage):
         self.bus.publish("playback", reply.session, reply.id, event=event, chunk=chunk, path=path or "",
                          final=final or event == "stopped", heard=heard, heard_chars=round(heard * chars),
                          audio_ts=audio_ts, audio_s=audio_s)
+        if final or event == "stopped":
+            self.log.info("%s/%s: playback %s at chunk %d, %.1f s of audio%s", reply.session, reply.id, event,
+                          chunk, audio_s, f", {path}" if path else "")
 
     def shutdown(self) -> None:
         with self.wake:

@@ -1,0 +1,51 @@
+"""Per-reply metrics, `voxpipe stats`, the optional Prometheus endpoint and the event log lines."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+from tests.harness import Daemon, fake_openai, openai_settings
+
+KEY = {"FAKE_OPENAI_KEY": "test-key"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_metrics_stats_prometheus_and_logs() -> None:
+    port = free_port()
+    with fake_openai() as url, Daemon({**openai_settings(url), "metrics": {"prometheus_port": port}},
+                                      env=KEY) as daemon:
+        for n in range(3):
+            assert daemon.say(f"hello {n}", "--session", "obs").returncode == 0
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            stats = daemon.run_cli("stats")
+            if stats.returncode == 0 and " 3 " in stats.stdout:
+                break
+            time.sleep(0.5)
+        assert stats.returncode == 0, stats.stderr
+        header, row = stats.stdout.splitlines()[:2]
+        assert "first audio p50/p95 ms" in header and row.split()[:3] == ["openai", "espeak", "3"]
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        log = "".join(daemon.log)
+    for stage in ("bus", "llm", "chunker", "tts", "player", "history"):
+        assert f'voxpipe_stage_up{{stage="{stage}"}} 1' in page
+    assert 'voxpipe_stage_events_total{stage="llm",counter="published"}' in page
+    assert 'voxpipe_reply_latency_ms_count{measure="first_audio"} 3' in page
+    assert "obs/" in log and ": request (profile fake)" in log and ": ok after " in log
+    assert ": playback finished at chunk" in log
+
+
+def test_stats_without_replies_says_what_to_do() -> None:
+    daemon = Daemon({})
+    try:
+        result = daemon.run_cli("stats")
+    finally:
+        daemon.close()
+    assert result.returncode == 1 and "voxpipe say" in result.stderr
