@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .bus import Broker, runtime_dir
+from .bus import Broker
 from .runtime import Stage
 
 
@@ -10,9 +10,10 @@ class BusStage(Stage):
     name = "bus"
 
     def prepare(self) -> None:
-        self.broker = Broker(runtime_dir(self.config["bus"]["runtime_dir"]))
+        self.broker = Broker.from_config(self.config)
         self.broker.start()
-        self.log.info("bus listening in %s", self.broker.directory)
+        self.log.info("bus listening on %s and %s%s", self.broker.endpoints.inbound, self.broker.endpoints.outbound,
+                      " (CURVE)" if self.broker.curve else "")
 
     def shutdown(self) -> None:
         self.broker.stop()

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import zmq
 
 from . import protocol, sdnotify
-from .bus import Endpoints, runtime_dir
+from .bus import Endpoints, participant_endpoints
 from .config import Config
 from .protocol import Message, ProtocolError
 from .shard import Shard
@@ -80,11 +80,12 @@ class Connection:
         once the hello returns, every earlier subscription is live at the broker
         and our publishes reach it: nothing we send or expect is lost.
         """
-        self._pub = self._context.socket(zmq.PUB)
+        self._pub = self.endpoints.prepare(self._context.socket(zmq.PUB))
         self._pub.linger = PUB_LINGER_MS
         self._pub.sndhwm = protocol.HIGH_WATER_MARK
+        self._pub.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
         self._pub.connect(self.endpoints.inbound)
-        self._sub = self._context.socket(zmq.SUB)
+        self._sub = self.endpoints.prepare(self._context.socket(zmq.SUB))
         self._sub.linger = 0
         self._sub.rcvhwm = protocol.HIGH_WATER_MARK
         self._sub.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
@@ -103,8 +104,10 @@ class Connection:
                     self._drain_hellos()
                     return
         self.close()
+        hint = ("; with bus.curve on, also check that this machine's client.key is in the bus host's "
+                "authorized dir and that server.key here is the bus's") if self.endpoints.curve else ""
         raise BusUnavailable(f"no voxpipe bus answered at {self.endpoints.outbound} within {timeout:g} s; "
-                             f"start it with `voxpipe run` (or `voxpipe stage bus`)")
+                             f"start it with `voxpipe run` (or `voxpipe stage bus`){hint}")
 
     def _drain_hellos(self) -> None:
         """Drop extra copies of our hello that are still in flight."""
@@ -219,7 +222,8 @@ class Connection:
 
 
 def endpoints_for(config: Config) -> Endpoints:
-    return Endpoints.in_dir(runtime_dir(config["bus"]["runtime_dir"]))
+    """Where participants connect ([bus] transport, host, port) and with which CURVE keys."""
+    return participant_endpoints(config)
 
 
 class Stage:
