@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
 
 from . import protocol
 from .config import Config, load
+from .chunker.core import Mark
 from .protocol import Message
 from .runtime import BusUnavailable, Connection, endpoints_for
 
@@ -92,16 +93,6 @@ class TextDelta(Event):
     kind: ClassVar[str] = "text"
     delta: str
     final: bool
-
-
-@dataclass(frozen=True)
-class Mark:
-    """A command tag the chunker met: `<e>smile</e>` is Mark("e", "smile", chunk, offset)."""
-
-    tag: str
-    body: str
-    chunk: int
-    offset: int
 
 
 @dataclass(frozen=True, kw_only=True)
