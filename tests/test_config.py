@@ -53,7 +53,7 @@ def test_environment_can_define_a_new_profile(tmp_path: Path) -> None:
                                          r"expected one of: auto, simpleaudio, sounddevice, wav, null"),
     ('[llm.profiles.local]\nstream = "yes"\n', r"key llm.profiles.local.stream = 'yes' is not allowed; "
                                                 r"expected true or false"),
-    ('[tts]\nengnie = "espeak"\n', r"unknown key tts.engnie; allowed: coqui, engine, espeak, openai-speech"),
+    ('[tts]\nengnie = "espeak"\n', r"unknown key tts.engnie; allowed: coqui, engine, espeak, null, openai-speech"),
     ('[llm]\nprofile = "nope"\n', r"llm.profile = 'nope' names no profile"),
     ('[llm.profiles.x]\nmodel = "m"\n', r"profile llm.profiles.x needs provider"),
     ('[bus\n', r"is not valid TOML"),
