@@ -58,8 +58,8 @@ def test_repetition_stops_a_looping_model() -> None:
     loop = "I have a question. What is the Moon?\n" * 5
     out, fired = run_guard(GuardPolicy(repeat_ngram=6, repeat_count=3), splits(loop, [7, 19, 40, 77]))
     assert fired == "repetition"
-    assert out.startswith("I have a question. What is the Moon?\n" * 2) and out.count("Moon") == 2
-    assert run_guard(GuardPolicy(repeat_ngram=6, repeat_count=3), [loop])[0] == "I have a question. What is the Moon?\n" * 2
+    assert out == "I have a question. What is the Moon?\n" * 2 + "I have a question. What is"
+    assert run_guard(GuardPolicy(repeat_ngram=6, repeat_count=3), [loop])[0] == out
 
 
 def test_no_guard_passes_everything() -> None:
@@ -67,9 +67,10 @@ def test_no_guard_passes_everything() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="ab <ENDUser:\n.", max_size=60), st.lists(st.integers(0, 60), max_size=8))
+@given(st.text(alphabet="ab <ENDUser:\n.", max_size=80), st.lists(st.integers(0, 80), max_size=8))
 def test_guard_output_does_not_depend_on_token_boundaries(text: str, cuts: list[int]) -> None:
-    policy = GuardPolicy(stop_strings=("<END>",), user_turn_prefixes=("User:",), max_sentences=3)
+    policy = GuardPolicy(stop_strings=("<END>",), user_turn_prefixes=("User:",), max_sentences=3,
+                         repeat_ngram=2, repeat_count=3)
     whole = run_guard(policy, [text])
     assert run_guard(policy, splits(text, cuts)) == whole
     assert text.startswith(whole[0])

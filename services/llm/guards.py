@@ -46,7 +46,7 @@ class ReplyGuard:
         self._pending = ""
         self._markers = [*policy.stop_strings, *("\n" + prefix for prefix in policy.user_turn_prefixes)]
         self._ngrams: dict[tuple[str, ...], int] = {}
-        self._recent: collections.deque[tuple[str, int]] = collections.deque(maxlen=max(policy.repeat_ngram, 1))
+        self._recent: collections.deque[str] = collections.deque(maxlen=max(policy.repeat_ngram, 1))
         self._partial_word = ""
 
     def push(self, text: str) -> str:
@@ -124,7 +124,7 @@ class ReplyGuard:
         return ends[limit - 1] - len(self.released), "max_sentences"
 
     def _repetition_limit(self, ready: str) -> tuple[int, str] | None:
-        """An n-gram of words seen `repeat_count` times means the model loops: stop before it.
+        """An n-gram of words seen `repeat_count` times means the model loops: stop there.
 
         Words are counted once complete, so the scan is incremental and linear in the reply.
         """
@@ -132,17 +132,18 @@ class ReplyGuard:
         if not size:
             return None
         text = self._partial_word + ready
-        base = len(self.released) - len(self._partial_word)
         words = list(_WORD.finditer(text))
         trailing = words.pop() if words and words[-1].end() == len(text) else None
         for word in words:
-            self._recent.append((word.group().lower(), base + word.start()))
+            self._recent.append(word.group().lower())
             if len(self._recent) < size:
                 continue
-            gram = tuple(token for token, _ in self._recent)
+            gram = tuple(self._recent)
             self._ngrams[gram] = self._ngrams.get(gram, 0) + 1
             if self._ngrams[gram] >= self.policy.repeat_count:
-                return max(0, self._recent[0][1] - len(self.released)), "repetition"
+                # Cut after the word that completes the repeat: that point is known the moment the
+                # word ends, however the reply was split into deltas, so both modes cut alike.
+                return word.end() - len(self._partial_word), "repetition"
         self._partial_word = trailing.group() if trailing else ""
         return None
 
