@@ -88,6 +88,10 @@ def _strings() -> Rule:
     return Rule(list, "a list of strings", lambda value: all(isinstance(item, str) for item in value))
 
 
+def _languages() -> Rule:
+    return Rule(list, "a list drawn from: ru, en", lambda value: all(item in ("ru", "en") for item in value))
+
+
 def _names(allowed: tuple[str, ...]) -> Rule:
     return Rule(list, f"a list drawn from: {', '.join(allowed)}",
                 lambda value: all(item in allowed for item in value))
@@ -161,15 +165,15 @@ SCHEMA: dict[str, Any] = {
     "tts": {
         "engine": _choice(*TTS_ENGINES),
         "espeak": {"voice": _text(), "rate": _count(80, 500), "pitch": _count(0, 99),
-                   "volume": _count(0, 200)},
+                   "volume": _count(0, 200), "normalize_numbers": _languages()},
         "coqui": {"model_name": _text(), "model_path": _text(), "config_path": _text(),
                   "device": _choice("cpu", "cuda"), "speaker": _text(), "language": _text(),
-                  "speaker_wav": _text(), "max_frame_ms": _count(10, 1000)},
+                  "speaker_wav": _text(), "max_frame_ms": _count(10, 1000), "normalize_numbers": _languages()},
         "openai-speech": {"base_url": _text(), "model": _text(), "voice": _text(), "api_key_env": _text(),
                           "response_format": _choice("pcm", "wav"), "speed": _real(0.25, 4.0),
                           "sample_rate": _count(8000, 384000), "timeout_s": _real(0.1, 600.0),
-                          "max_frame_ms": _count(10, 1000)},
-        "null": {"frame_ms": _count(1, 200)},
+                          "max_frame_ms": _count(10, 1000), "normalize_numbers": _languages()},
+        "null": {"frame_ms": _count(1, 200), "normalize_numbers": _languages()},
     },
     "player": {"backend": _choice(*PLAYER_BACKENDS), "wav_dir": _text()},
     "history": {"db_path": _text(), "persona": _text(), "commands_file": _text(),
@@ -206,13 +210,15 @@ DEFAULTS: dict[str, Any] = {
         },
     },
     "chunker": {},
-    "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100},
+    "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100,
+                                           "normalize_numbers": []},
             "coqui": {"model_name": "", "model_path": "", "config_path": "", "device": "cpu", "speaker": "",
-                      "language": "", "speaker_wav": "", "max_frame_ms": 200},
+                      "language": "", "speaker_wav": "", "max_frame_ms": 200, "normalize_numbers": ["ru", "en"]},
             "openai-speech": {"base_url": "https://api.openai.com/v1", "model": "tts-1", "voice": "alloy",
                               "api_key_env": "OPENAI_API_KEY", "response_format": "pcm", "speed": 1.0,
-                              "sample_rate": 24000, "timeout_s": 30.0, "max_frame_ms": 200},
-            "null": {"frame_ms": 10}},
+                              "sample_rate": 24000, "timeout_s": 30.0, "max_frame_ms": 200,
+                              "normalize_numbers": []},
+            "null": {"frame_ms": 10, "normalize_numbers": []}},
     "player": {"backend": "auto", "wav_dir": ""},
     "history": {"db_path": "", "persona": "default", "commands_file": "", "max_commands_per_reply": 30,
                 "marks_wait_ms": 2000},

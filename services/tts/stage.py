@@ -16,6 +16,7 @@ from ..audio import AudioFormat, PcmFrame
 from ..protocol import Message
 from ..runtime import Stage
 from .engines import create_engine
+from .normalize import spell_numbers
 
 _CANCELLED_MEMORY = 4096
 SILENT_FORMAT = AudioFormat(rate=22050, channels=1, sample_width=2)
@@ -29,6 +30,7 @@ class TtsStage(Stage):
     def prepare(self) -> None:
         tts = self.config["tts"]
         self.engine = create_engine(tts["engine"], tts.get(tts["engine"], {}))
+        self.normalize = tuple(tts.get(tts["engine"], {}).get("normalize_numbers", ()))
         self.queue: collections.deque[Message] = collections.deque()
         self.cancelled: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.known: dict[str, set[str]] = collections.defaultdict(set)
@@ -92,7 +94,8 @@ class TtsStage(Stage):
     def _frames(self, chunk: Message) -> Iterator[PcmFrame]:
         """The engine's frames; a failure is reported and ends the chunk early."""
         try:
-            yield from self.engine.synthesize(chunk["text"], lambda: self._is_cancelled(chunk) or self.stopping)
+            text = spell_numbers(chunk["text"], self.normalize) if self.normalize else chunk["text"]
+            yield from self.engine.synthesize(text, lambda: self._is_cancelled(chunk) or self.stopping)
         except Exception as exc:  # an engine failure must not stop the next chunk
             self.log.exception("synthesis failed")
             self.bus.report("tts_failed", f"chunk {chunk['index']}: {type(exc).__name__}: {exc}",
