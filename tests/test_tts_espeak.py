@@ -131,5 +131,5 @@ def test_out_of_range_options_are_refused(option):
 
 
 def test_unknown_engine_lists_the_allowed_names():
-    with pytest.raises(ValueError, match="allowed: espeak"):
+    with pytest.raises(ValueError, match="allowed: .*espeak"):
         create_engine("festival", {})
