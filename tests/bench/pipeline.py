@@ -16,8 +16,8 @@ from services.protocol import Message
 from services.runtime import Connection, endpoints_for
 from tests.harness import Daemon
 
-MILESTONES = ("text", "chunk", "audio", "llm.done", "playback")
-"""What a reply passes, in order; `playback` is its final playback event."""
+MILESTONES = ("text", "chunk", "audio", "playback.first", "llm.done", "playback")
+"""What a reply passes; `playback.first` is its first playback event (`started`), `playback` its final one."""
 KINDS = ("text", "chunk", "audio", "llm.done", "playback", "error")
 
 
@@ -27,11 +27,12 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Sample:
-    """One reply: ms from the request to each milestone, and the final text."""
+    """One reply: ms from the request to each milestone, its final text and why it ended."""
 
     stream: bool
     ms: dict[str, float] = field(default_factory=dict)
     text: str = ""
+    finish: str = ""
 
 
 @dataclass
@@ -84,10 +85,13 @@ def time_reply(client: Client, text: str, stream: bool, timeout: float) -> Sampl
             if message["status"] != "ok":
                 raise BenchError(f"stream={stream}: llm.done {message['status']}: {message['error']}")
             sample.text = message["text"]
+            sample.finish = message["finish_reason"] + (f" ({message['guard']})" if message["guard"] else "")
         if message.kind == "text" and not message["delta"]:
             continue
         if message.kind == "playback" and message["final"] and message["event"] != "finished":
             raise BenchError(f"stream={stream}: playback {message['event']} after {sample.ms}")
+        if message.kind == "playback":
+            sample.ms.setdefault("playback.first", elapsed)
         if message.kind != "playback" or message["final"]:
             sample.ms.setdefault(message.kind, elapsed)
     return sample

@@ -19,7 +19,9 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from tests.bench import fake_llm, hop
+import importlib
+
+from tests.bench import engines, fake_llm, hop, system
 from tests.bench.machine import CpuTimes, describe, load
 from tests.bench.pipeline import MILESTONES, Client, Sample, compare_modes, throughput
 from tests.bench.player import bench_player
@@ -30,11 +32,9 @@ REPORT = ROOT / "docs" / "bench.md"
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 TOKEN_DELAY_S = 0.025
 """A pause after each SSE event: 40 tokens/s, a typical hosted model's pace."""
-LOCAL_PROFILE = {"llm": {"profiles": {"local": {"provider": "local", "max_tokens": 60, "temperature": 0.0}}}}
-LOCAL_PROMPT = "Tell me about Paris in three sentences."
 OTHERS_NOTE_PCT = 5.0
 """Above this share of CPU time taken by others (or stolen), a section's times are flagged."""
-LABELS = {"text": "first `text`", "chunk": "first `chunk`", "audio": "**first `audio` (TTFA)**",
+LABELS = {"text": "first `text`", "chunk": "first `chunk`", "audio": "**first `audio` (TTFA)**", "playback.first": "first `playback`",
           "llm.done": "`llm.done`", "playback": "final `playback`"}
 
 
@@ -45,13 +45,12 @@ class Plan:
     hops: int
     hop_rate: float
     fake_replies: int
-    local_replies: int
     sessions: int
     replies: int
 
 
-FULL = Plan(hops=10_000, hop_rate=2_000, fake_replies=20, local_replies=5, sessions=20, replies=200)
-QUICK = Plan(hops=1_000, hop_rate=2_000, fake_replies=3, local_replies=1, sessions=5, replies=20)
+FULL = Plan(hops=10_000, hop_rate=2_000, fake_replies=20, sessions=20, replies=200)
+QUICK = Plan(hops=1_000, hop_rate=2_000, fake_replies=3, sessions=5, replies=20)
 
 
 @dataclass
@@ -109,7 +108,7 @@ def bench_hops(plan: Plan) -> Result:
     return lines, notes
 
 
-# --- 2, 3. time to first audio ----------------------------------------------------------
+# --- 2. time to first audio (3, the local-model headline, lives in tests/bench/system.py) ---
 
 def bench_modes(settings: dict, env: dict[str, str], prompt: str, count: int, timeout: float) -> Result:
     with Daemon(settings, env=env) as daemon:
@@ -139,6 +138,8 @@ def mode_table(warmups: list[Sample], samples: list[Sample]) -> list[str]:
     lines += ["", f"**TTFA ratio, streaming / non-streaming: {ratio:.2f}** (the first sound comes "
                   f"{1 / ratio:.1f}× sooner with streaming). Warm-up replies (cold caches): TTFA "
                   f"{ms(cold[True])} ms streaming, {ms(cold[False])} ms non-streaming.", "",
+              "Replies ended by (`llm.done` finish_reason): " + ", ".join(
+                  f"{reason or 'none'} ×{n}" for reason, n in Counter(s.finish for s in samples).items()) + ".", "",
               "Each reply's `llm.done` in ms, in the order sent (spread here is the provider's, not the bus's): "
               f"streaming {', '.join(ms(s.ms['llm.done']) for s in on)}; "
               f"non-streaming {', '.join(ms(s.ms['llm.done']) for s in off)}."]
@@ -193,14 +194,6 @@ def bench_fake(plan: Plan) -> Result:
             "", *lines], notes
 
 
-def bench_local(plan: Plan) -> Result:
-    settings = {**LOCAL_PROFILE, "player": {"backend": "null"}}
-    lines, notes = bench_modes(settings, {}, LOCAL_PROMPT, plan.local_replies, timeout=180)
-    return [f"The default `local` profile (bundled Gemma 3 270M, llama.cpp in the llm process, "
-            f"`max_tokens = 60`, `temperature = 0`), prompt {LOCAL_PROMPT!r}. Player backend `null`.",
-            "", *lines], notes
-
-
 # --- 4. throughput ------------------------------------------------------------------------
 
 def bench_throughput(plan: Plan) -> Result:
@@ -222,6 +215,22 @@ def bench_throughput(plan: Plan) -> Result:
              f"| {ms(median(latency))} | {ms(percentile(latency, .9))} | {ms(max(latency))} |"]
     notes = [f"error event ×{n}: {text}" for text, n in client.errors.items()]
     return lines, notes + daemon_warnings(log)
+
+
+# --- modules that render their own section -------------------------------------------------
+
+def module_section(name: str, quick: bool) -> Callable[[], Result]:
+    """A `tests.bench.NAME` module whose `run(quick)` returns markdown under a `## ` heading:
+    the heading is dropped (run.py titles the section) and the rest are its lines."""
+    def run() -> Result:
+        text = importlib.import_module(f"tests.bench.{name}").run(quick)
+        lines = text.strip("\n").split("\n")
+        if lines and lines[0].startswith("## "):
+            lines = lines[1:]
+        while lines and not lines[0].strip():
+            lines = lines[1:]
+        return lines, []
+    return run
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -252,12 +261,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = load()
+    quick = args.quick
     sections = [measured("1. Bus hop latency", lambda: bench_hops(plan)),
                 measured("2. Time to first audio: fake OpenAI server at 40 tokens/s", lambda: bench_fake(plan)),
-                measured("3. Time to first audio: embedded local model", lambda: bench_local(plan)),
+                measured("3. Headline: time to first audio and playback, embedded local model and espeak-ng",
+                         lambda: system.bench_headline(quick)),
                 measured("4. Throughput", lambda: bench_throughput(plan)),
                 measured("5. Player: gaps between frames, cancel to silence",
-                         lambda: bench_player(replies=5 if args.quick else 20))]
+                         lambda: bench_player(replies=5 if quick else 20)),
+                measured("6. Overhead over the models: instant fake LLM, null tts and player",
+                         lambda: system.bench_overhead(quick)),
+                measured("7. Idle memory per stage", lambda: system.bench_rss(quick)),
+                measured("8. Time from `voxpipe run` to ready", lambda: system.bench_startup(quick)),
+                measured("9. TTS engines", engines.bench_engines),
+                measured("10. Token intake with a slow tts", lambda: engines.bench_intake(quick)),
+                measured("11. LLM stage: token latency", module_section("llm_latency", quick)),
+                measured("12. History: writes and context queries", module_section("history", quick)),
+                measured("13. Chunking: voxpipe vs stream2sentence", module_section("chunking", quick))]
     command = "python -m tests.bench.run" + (" --quick" if args.quick else "")
     report = render(sections, command, started, load_before)
     REPORT.write_text(report)
