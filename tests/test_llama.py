@@ -125,3 +125,17 @@ def test_repetition_guard_stops_the_looping_base_model(gguf: str) -> None:
     assert done is not None and done["status"] == "ok"
     assert done["guard"] == "repetition" and done["finish_reason"] == "guard"
     assert done["tokens"] < 400
+
+
+def test_the_local_model_answers_a_request_the_same_way_every_time(gguf: str) -> None:
+    """No state leaks between calls (llama.cpp's prompt cache would change the numerics)."""
+    from services.config import load
+    from services.llm.providers.base import ChatRequest, Params
+    from services.llm.providers.local import LocalProvider
+    provider = LocalProvider(load(env={}).profile("local"))
+    provider.load()
+    messages = [{"role": "user", "content": "How do I boil an egg?"}]
+    texts = ["".join(delta.text for delta in provider.open(ChatRequest(messages, stream=stream,
+                                                                       params=Params(40, 0.0))))
+             for stream in (True, False, True, False)]
+    assert len(set(texts)) == 1 and texts[0]

@@ -77,6 +77,10 @@ class LocalGeneration:
         with self._provider._lock:
             if self._closed.is_set():
                 return
+            # A fresh context each time: reusing the previous prompt's cache changes llama.cpp's
+            # numerics, so the same request could get a different reply (and streamed and whole
+            # replies would differ). Re-reading a short prompt costs little on this model.
+            self._provider._llama.reset()
             chunks = self._provider._llama.create_chat_completion(**self._arguments())
             pieces: list[str] = []
             try:
