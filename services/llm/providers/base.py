@@ -12,7 +12,10 @@ reasoning routing and cancel.  A provider only has to:
 
 from __future__ import annotations
 
+import email.utils
+import math
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import Any, Iterator, Mapping, Protocol
 
 
@@ -40,6 +43,35 @@ class ProviderError(RuntimeError):
     def rotates_key(self) -> bool:
         """Another API key may succeed where this one was refused or throttled."""
         return self.code in ("auth", "rate_limited") or self.status in (401, 403, 429)
+
+
+# --- helpers every HTTP provider needs for its errors (kept here: no heavy imports) ---------
+
+def scrub(text: str, secret: str) -> str:
+    """Remove a secret (and the prefix of it some servers echo back) from a message."""
+    if secret:
+        text = text.replace(secret, "***")
+        if len(secret) > 8:
+            text = text.replace(secret[:8], "***")
+    return text
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header, which holds delta-seconds or an HTTP-date."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ import threading
 from typing import Any, Awaitable, Iterator, Mapping
 
 from .base import ChatRequest, Delta, Outcome, ProviderError
-from .http_transport import scrub
+from .base import scrub
 
 NOT_INSTALLED = "g4f is not installed: pip install 'voxpipe[g4f]'"
 STATUS_IN_MESSAGE = re.compile(r"^(?:Response|Error) (\d{3})\b")

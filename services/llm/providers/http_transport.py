@@ -11,14 +11,11 @@ open and `close()` shuts them down, from any thread, at any moment of the call.
 from __future__ import annotations
 
 import base64
-import email.utils
 import json
-import math
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timezone
 from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
@@ -26,38 +23,12 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from .base import Delta, Outcome, ProviderError, Timeouts
+from .base import Delta, Outcome, ProviderError, Timeouts, parse_retry_after, scrub
 
 ERROR_TEXT_LIMIT = 300
 """How much of a server's error text a message quotes."""
 
 READ_SIZE = 65536
-
-
-def scrub(text: str, secret: str) -> str:
-    """Remove a secret (and the prefix of it some servers echo back) from a message."""
-    if secret:
-        text = text.replace(secret, "***")
-        if len(secret) > 8:
-            text = text.replace(secret[:8], "***")
-    return text
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header, which holds delta-seconds or an HTTP-date."""
-    if not value or not value.strip():
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = when.timestamp() - now
-    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def error_text(body: bytes) -> str:

@@ -16,8 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import openai
 
-from .base import ChatRequest, Delta, Outcome, ProviderError
-from .http_transport import parse_retry_after, scrub
+from .base import ChatRequest, Delta, Outcome, ProviderError, parse_retry_after, scrub
 
 STATUS_CODES = {401: "auth", 403: "auth", 429: "rate_limited"}
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import openai
 
 from services.audio import AudioFormat, PcmFrame
-from services.llm.providers.http_transport import scrub
+from services.llm.providers.base import scrub
 
 FORMATS = ("pcm", "wav")
 _STREAMED_SIZES = (0, 0xFFFFFFFF)
