@@ -59,9 +59,9 @@ def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def fake_openai(delay: float = 0.0) -> Iterator[str]:
-    """Start the fake OpenAI server process; yields its base URL."""
-    process = subprocess.Popen([PYTHON, "-m", "tests.fakes.openai_server", str(delay)], cwd=ROOT,
+def fake_openai(delay: float = 0.0, module: str = "tests.fakes.openai_server") -> Iterator[str]:
+    """Start a fake OpenAI server process (`module` runs one); yields its base URL."""
+    process = subprocess.Popen([PYTHON, "-m", module, str(delay)], cwd=ROOT,
                                stdout=subprocess.PIPE, text=True, env=base_env())
     try:
         line = process.stdout.readline()

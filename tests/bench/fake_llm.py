@@ -12,16 +12,11 @@ pause after each SSE event in seconds.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
-from http.server import ThreadingHTTPServer
-from typing import Iterator
 
 from tests.fakes import openai_server
 from tests.fakes.openai_server import pieces
-from tests.harness import PYTHON, ROOT, base_env
+from tests.harness import fake_openai
 
 REPLY = ("Sure, here is a short answer. The capital of France is Paris, a city on the Seine. "
          "It has been the capital for most of the last thousand years. <e>smile</e> "
@@ -43,28 +38,10 @@ class Handler(openai_server.Handler):
                                       "message": {"role": "assistant", "content": REPLY}}]})
 
 
-@contextmanager
-def serve(delay: float) -> Iterator[str]:
+def serve(delay: float):
     """Run this server in its own process; yields its base URL."""
-    process = subprocess.Popen([PYTHON, "-m", "tests.bench.fake_llm", str(delay)], cwd=ROOT,
-                               stdout=subprocess.PIPE, text=True, env=base_env())
-    try:
-        line = process.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"bench fake server did not start: {line!r}")
-        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
-    finally:
-        process.kill()
-        process.wait()
-
-
-def main() -> None:
-    Handler.delay = float(sys.argv[1])
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    print(f"PORT {server.server_address[1]}", flush=True)
-    server.serve_forever()
+    return fake_openai(delay, module="tests.bench.fake_llm")
 
 
 if __name__ == "__main__":
-    main()
+    openai_server.main(Handler)

@@ -83,9 +83,10 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
 
 
-def main() -> None:
-    Handler.delay = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def main(handler: type[Handler] = Handler) -> None:
+    """Serve on a free port, print `PORT <n>`; argv[1] is the pause after each SSE event."""
+    handler.delay = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     print(f"PORT {server.server_address[1]}", flush=True)
     server.serve_forever()
