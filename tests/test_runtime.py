@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import tempfile
@@ -15,7 +14,6 @@ from typing import Iterator
 import msgpack
 import pytest
 
-from services import protocol
 from services.shard import Shard, shard_of
 from tests.harness import (PYTHON, ROOT, Daemon, base_env, connect, fake_openai, openai_settings, start_stage,
                            stop_process)

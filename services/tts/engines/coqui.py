@@ -20,7 +20,6 @@ reports READY can speak at once.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import textwrap
 import threading
