@@ -9,16 +9,18 @@ import argparse
 import logging
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import protocol
 from .bus import BusError, Endpoints
-from .client import Done, Error, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect
 from .config import Config, ConfigError, load
 from .llm.providers.base import ProviderError
 from .protocol import Message
-from .runtime import BusUnavailable, Connection, endpoints_for
+from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
 from .shard import Shard
+
+if TYPE_CHECKING:  # the client library is imported only by the commands that use it
+    from .client import Done, Error, Playback
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -124,6 +126,7 @@ def cmd_stage(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_say(args: argparse.Namespace, config: Config) -> int:
     """Send one request and follow it until its audio has played (or it fails)."""
+    from .client import Error, Playback, TextDelta, VoxpipeTimeout, connect
     with connect(config, session=args.session, kinds=("text", "llm.done", "playback", "error"), name="say",
                  timeout=min(args.timeout, 10.0)) as client:
         reply = client.ask(args.text, stream=False if args.no_stream else None, profile=args.profile,

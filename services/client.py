@@ -51,7 +51,7 @@ from . import protocol
 from .config import Config, load
 from .chunker.core import Mark
 from .protocol import Message
-from .runtime import BusUnavailable, Connection, endpoints_for
+from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
 
 __all__ = [
     "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Event", "TextDelta", "Chunk", "Mark",
@@ -65,10 +65,6 @@ REPLY_STAGES = ("llm", "chunker", "tts", "player")
 DEFAULT_TIMEOUT = 60.0
 _POLL_S = 0.1
 """How often a waiting Reply looks whether another thread cancelled it."""
-
-
-class VoxpipeError(RuntimeError):
-    """Anything that stops the client from talking to voxpipe; the message says what to do."""
 
 
 class VoxpipeTimeout(VoxpipeError):

@@ -32,7 +32,11 @@ _MAX_TRACKED = 20_000
 _MAX_HEARTBEAT_STREAMS = 4000
 
 
-class BusUnavailable(RuntimeError):
+class VoxpipeError(RuntimeError):
+    """Anything that stops a participant from talking to voxpipe; the message says what to do."""
+
+
+class BusUnavailable(VoxpipeError):
     """The bus did not answer; the message tells the user how to start it."""
 
 

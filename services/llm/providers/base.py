@@ -12,7 +12,6 @@ reasoning routing and cancel.  A provider only has to:
 
 from __future__ import annotations
 
-import email.utils
 import math
 from dataclasses import dataclass, field
 from datetime import timezone
@@ -63,6 +62,7 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     try:
         seconds = float(value)
     except ValueError:
+        import email.utils  # only HTTP-dates need it, and it is a heavy import for every stage
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):
