@@ -23,8 +23,9 @@ from tests.bench.stats import median, percentile
 from tests.harness import Daemon, fake_openai, openai_settings
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
-LOCAL_PROFILE = {"llm": {"profile": "local", "profiles": {"local": {"provider": "local", "max_tokens": 60,
-                                                                   "temperature": 0.0}}}}
+LOCAL_PROFILE = {"llm": {"profile": "local", "profiles": {"local": {"provider": "local", "temperature": 0.0}}}}
+"""The product's defaults (max_tokens 200, the repetition guard on), made deterministic: without
+streaming the user waits for the whole generation, which is what the headline measures."""
 OVERHEAD_P50_MS, OVERHEAD_P99_MS = 2.0, 5.0
 RSS_TARGET_MB = 150.0
 RSS_STAGES = ("bus", "llm", "chunker", "history")
@@ -248,7 +249,8 @@ def bench_headline(quick: bool) -> tuple[list[str], list[str]]:
                   for prompt in prompts
                   for on_s in [s for p, s in samples if p == prompt and s.stream]
                   for off_s in [s for p, s in samples if p == prompt and not s.stream]]
-    lines = [f"The `local` profile (bundled Gemma 3 270M, llama.cpp in the llm process, `max_tokens = 60`, "
+    lines = [f"The `local` profile with its defaults (bundled Gemma 3 270M, llama.cpp in the llm process, "
+             f"`max_tokens = 200`, the repetition guard on), "
              f"`temperature = 0`), espeak-ng, player backend `null`. {len(prompts)} different prompts, each "
              f"asked once per mode in a new session, interleaved (the order alternating per prompt), after "
              f"one untimed warm-up per mode (cold: TTFA {ms(warm[0].ms['audio'])} ms streaming, "
