@@ -58,7 +58,6 @@ class HistoryStage(Stage):
     name = "history"
     kinds = ("request", "llm.done", "context.query", "chunk", "text", "playback", "replay", "replay.done")
 
-
     def prepare(self) -> None:
         history = self.config["history"]
         self.store = HistoryStore(default_db_path(history["db_path"]))

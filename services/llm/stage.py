@@ -340,7 +340,10 @@ class LlmStage(Stage):
             job.ended = True
             if self.jobs.get(request.session) is job:
                 self.jobs.pop(request.session, None)
-            queued = self.waiting[request.session].popleft() if self.waiting.get(request.session) else None
+            waiting = self.waiting.get(request.session)
+            queued = waiting.popleft() if waiting else None
+            if waiting is not None and not waiting:
+                del self.waiting[request.session]   # no empty queue left behind per session
             if error:
                 self.bus.report("provider_error", error, request.session, request.id, "request")
             outcome = generation.outcome if generation else None

@@ -88,8 +88,11 @@ class TtsStage(Stage):
             return
         self._publish(chunk, number, previous, last=True)
         if chunk["final"]:
-            with self.wake:
-                self.known[chunk.session].discard(chunk.id)
+            with self.wake:  # forget finished replies, and sessions with none left, so memory stays flat
+                replies = self.known.get(chunk.session, set())
+                replies.discard(chunk.id)
+                if not replies:
+                    self.known.pop(chunk.session, None)
 
     def _frames(self, chunk: Message) -> Iterator[PcmFrame]:
         """The engine's frames; a failure is reported and ends the chunk early."""
