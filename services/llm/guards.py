@@ -86,14 +86,19 @@ class ReplyGuard:
         return best, name
 
     def _held_back(self) -> int:
-        """Length of the longest pending suffix that could still grow into a marker."""
+        """Length of the longest pending suffix that could still grow into a marker.
+
+        The character before the pending text counts too (a line start, or the reply's start, which
+        counts as one), so "U" opening the reply is held as the possible start of "\nUser:".
+        """
+        text = ("\n" if not self.released else self.released[-1]) + self._pending
         longest = 0
         for marker in self._markers:
-            for size in range(min(len(marker) - 1, len(self._pending)), longest, -1):
-                if marker.startswith(self._pending[-size:]):
+            for size in range(min(len(marker) - 1, len(text)), longest, -1):
+                if marker.startswith(text[-size:]):
                     longest = size
                     break
-        return longest
+        return min(longest, len(self._pending))
 
     # --- limits on released text ----------------------------------------------------------
 
