@@ -120,6 +120,9 @@ PROFILE_SCHEMA: dict[str, Any] = {
     "n_threads": _count(0, 1024),
     "n_ctx": _count(128, 1_048_576),
     "chat_format": _text(),
+    "prompt_style": _choice("auto", "chat", "dialogue"),
+    "assistant_name": _text(),
+    "repack": _choice("auto", "on", "off"),
     "connect_timeout_s": _real(0.1, 600.0),
     "first_token_timeout_s": _real(0.1, 3600.0),
     "idle_timeout_s": _real(0.1, 3600.0),
@@ -139,6 +142,7 @@ PROFILE_DEFAULTS: dict[str, Any] = {
     "api_key_env": "", "api_key_file": "", "reserve_key_envs": [],
     "max_tokens": 200, "temperature": 0.7, "top_p": 0.0, "top_k": 0, "presence_penalty": 0.0, "stop": [],
     "reasoning_budget": -1, "n_threads": 0, "n_ctx": 2048, "chat_format": "gemma",
+    "prompt_style": "auto", "assistant_name": "Assistant", "repack": "auto",
     "connect_timeout_s": 10.0, "first_token_timeout_s": 60.0, "idle_timeout_s": 30.0,
     "retries": 2, "backoff_s": 0.5, "backoff_max_s": 8.0,
     "stop_strings": [], "max_reply_chars": 0, "max_reply_sentences": 0, "repeat_ngram": 8, "repeat_count": 3,
@@ -392,6 +396,11 @@ def _check_references(data: Mapping[str, Any], origins: dict[tuple[str, ...], st
         where = _where(("llm", "profile"), origins, "defaults")
         raise ConfigError(f"{where}: key llm.profile = {profile!r} names no profile; "
                           f"configured: {', '.join(sorted(data['llm']['profiles']))}")
+    for name, settings in data["llm"]["profiles"].items():
+        if settings.get("prompt_style") == "dialogue" and settings.get("provider") != "local":
+            where = _where(("llm", "profiles", name, "prompt_style"), origins, "defaults")
+            raise ConfigError(f"{where}: key llm.profiles.{name}.prompt_style = 'dialogue' needs a raw-completion "
+                              f"provider (local); use 'chat' or 'auto' for provider {settings.get('provider')!r}")
 
 
 def _where(path: tuple[str, ...], origins: Mapping[tuple[str, ...], str], fallback: str) -> str:

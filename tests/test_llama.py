@@ -13,6 +13,7 @@ import pytest
 from tests.harness import PYTHON, ROOT, Daemon, base_env
 
 pytest.importorskip("llama_cpp", reason="the `local` extra is not installed: make test installs it")
+pytestmark = pytest.mark.native  # a llama.cpp crash fails one test (tests/native_isolation.py)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from typing import Iterator
 import pytest
 
 pytest.importorskip("TTS")
+pytestmark = pytest.mark.native  # a torch crash fails one test (tests/native_isolation.py)
 
 from services.audio import AudioFormat  # noqa: E402
 from services.tts.engines import create_engine  # noqa: E402

@@ -60,6 +60,54 @@ def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], use
     return messages
 
 
+USER_LABEL = "User"
+DIALOGUE_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("Hi!", "Hello! How can I help you today?"),
+    ("What is the capital of Italy?", "The capital of Italy is Rome."),
+    ("Привет! Сколько дней в неделе?", "Привет! В неделе семь дней."),
+)
+"""Example exchanges that show a base model the shape of a turn: one line, on topic, in the user's language."""
+
+
+def resolve_prompt_style(profile: Mapping[str, Any]) -> str:
+    """"chat" (the model's chat template) or "dialogue" (a plain-text transcript for base models).
+
+    "auto" picks dialogue for the bundled Gemma 3 270M, a base model that rambles and leaks role
+    markers under the instruction-tuned chat template, and chat for everything else.
+    """
+    style = profile["prompt_style"]
+    if style == "auto":
+        return "dialogue" if profile["provider"] == "local" and not profile["model_path"] else "chat"
+    return style
+
+
+def _one_line(text: str) -> str:
+    """A turn on one line, so no text can start a forged turn in the transcript."""
+    return " ".join(text.split())
+
+
+def render_dialogue(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str,
+                    name: str) -> tuple[str, tuple[str, ...]]:
+    """The dialogue prompt and the stop strings that end the assistant's turn.
+
+    The system prompt (persona, memories, variables) comes first, then the example exchanges,
+    then the history and the user message as `User:` / `<name>:` lines, then `<name>:` for the
+    model to complete.  A turn is one line, so the first line break ends it.
+    """
+    lines = [_one_line(system_prompt)] if system_prompt else []
+    lines.append(f"Below is a conversation between {USER_LABEL} and {name}. {name} answers each question "
+                 f"briefly and directly, in the language {USER_LABEL} writes in.")
+    lines.append("")
+    turns = [pair for question, answer in DIALOGUE_EXAMPLES for pair in (("user", question), ("assistant", answer))]
+    turns += [(turn["role"], turn["content"]) for turn in history]
+    turns.append(("user", user_text))
+    for role, content in turns:
+        if role in ("user", "assistant") and content.strip():
+            lines.append(f"{USER_LABEL if role == 'user' else name}: {_one_line(content)}")
+    lines.append(f"{name}:")
+    return "\n".join(lines), ("\n",)
+
+
 @dataclass
 class Reply:
     """One reply being generated: its text so far and the timings its llm.done reports."""

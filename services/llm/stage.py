@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..config import ConfigError
 from ..protocol import Message
 from ..runtime import Stage
 from ..secrets import read_key
-from .core import Reply, build_messages, render_persona, trim_history
+from .core import Reply, build_messages, render_dialogue, render_persona, resolve_prompt_style, trim_history
 from .guards import GuardPolicy, ReplyGuard
 from .providers import create_provider
 from .providers.base import (ChatRequest, Delta, Generation, Image, Params, Provider, ProviderError,
@@ -259,8 +259,12 @@ class LlmStage(Stage):
             presence_penalty=profile["presence_penalty"] or None, stop=tuple(profile["stop"]),
             reasoning_budget=None if profile["reasoning_budget"] < 0 else profile["reasoning_budget"])
         timeouts = Timeouts(profile["connect_timeout_s"], profile["first_token_timeout_s"], profile["idle_timeout_s"])
-        return ChatRequest(build_messages(persona, history, request["text"], images),
-                           stream=stream, params=params, timeouts=timeouts)
+        messages = build_messages(persona, history, request["text"], images)
+        if resolve_prompt_style(profile) == "chat":
+            return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts)
+        prompt, stops = render_dialogue(persona, history, request["text"], profile["assistant_name"])
+        params = replace(params, stop=(*params.stop, *stops))
+        return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts, prompt=prompt)
 
     def _attempts(self, job: Job, provider: Provider, chat: ChatRequest, profile: dict[str, Any]):
         """Yield the deltas of the first attempt that produces any; retry only before that."""

@@ -106,10 +106,15 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What to ask. Each message is {"role", "content"}; a user message may add "images": [Image]."""
+    """What to ask. Each message is {"role", "content"}; a user message may add "images": [Image].
+
+    `prompt`, when set, is the whole prompt as plain text (the dialogue style), for providers that
+    complete raw text; `messages` then still holds the same conversation for the others.
+    """
 
     messages: list[dict[str, Any]]
     stream: bool = True
+    prompt: str = ""
     params: Params = Params()
     timeouts: Timeouts = Timeouts()
 

@@ -7,12 +7,16 @@ a time (llama.cpp contexts are not thread-safe); cancel takes effect between tok
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from .. import llama_runtime
 from .base import ChatRequest, Delta, Outcome, ProviderError
+
+log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "gemma-3-270m (bundled)"
 
@@ -36,6 +40,7 @@ class LocalProvider:
         self.n_threads = profile["n_threads"] or os.cpu_count() or 1
         self.n_ctx = profile["n_ctx"]
         self.chat_format = profile["chat_format"]
+        self.repack = profile["repack"]
         self._llama: Any = None
         self._lock = threading.Lock()
 
@@ -48,8 +53,11 @@ class LocalProvider:
         path = self.model_path or bundled_model_path()
         if not Path(path).is_file():
             raise ProviderError(f"model_path {path!r} is not a file; point it at a .gguf model", code="bad_request")
-        self._llama = Llama(model_path=path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                            chat_format=self.chat_format, verbose=False)
+        flags = llama_runtime.machine_flags()
+        log.info("llama.cpp: %s", llama_runtime.repack_reason(self.repack, flags))
+        with llama_runtime.model_params(repack=llama_runtime.repack_weights(self.repack, flags)):
+            self._llama = Llama(model_path=path, n_ctx=self.n_ctx, n_threads=self.n_threads,
+                                chat_format=self.chat_format, verbose=False)
         self.model_name = Path(path).name if self.model_path else BUNDLED_MODEL
 
     def open(self, request: ChatRequest, api_key: str = "") -> "LocalGeneration":
@@ -69,9 +77,11 @@ class LocalGeneration:
         params = self._request.params
         optional = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
                     "presence_penalty": params.presence_penalty, "stop": list(params.stop) or None}
+        given = {key: value for key, value in optional.items() if value is not None}
+        if self._request.prompt:
+            return {"prompt": self._request.prompt, "stream": True, "max_tokens": params.max_tokens, **given}
         messages = [{"role": m["role"], "content": m["content"]} for m in self._request.messages]
-        return {"messages": messages, "stream": True, "max_tokens": params.max_tokens,
-                **{key: value for key, value in optional.items() if value is not None}}
+        return {"messages": messages, "stream": True, "max_tokens": params.max_tokens, **given}
 
     def __iter__(self) -> Iterator[Delta]:
         with self._provider._lock:
@@ -81,7 +91,10 @@ class LocalGeneration:
             # numerics, so the same request could get a different reply (and streamed and whole
             # replies would differ). Re-reading a short prompt costs little on this model.
             self._provider._llama.reset()
-            chunks = self._provider._llama.create_chat_completion(**self._arguments())
+            llama = self._provider._llama
+            arguments = self._arguments()
+            complete = llama.create_completion if "prompt" in arguments else llama.create_chat_completion
+            chunks = complete(**arguments)
             pieces: list[str] = []
             try:
                 for chunk in chunks:
@@ -91,7 +104,7 @@ class LocalGeneration:
                     choice = chunk["choices"][0]
                     if choice.get("finish_reason"):
                         self.outcome.finish_reason = choice["finish_reason"]
-                    text = choice.get("delta", {}).get("content") or ""
+                    text = choice.get("text") or choice.get("delta", {}).get("content") or ""
                     if text:
                         if self._request.stream:
                             yield Delta(text=text)
