@@ -9,8 +9,22 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := libasound2-dev libportaudio2 alsa-utils xvfb xdotool x11-apps iproute2
 EXTRAS := local,audio,g4f,dev
 STAMP := $(VENV)/.voxpipe-installed
+# Every install is constrained by the lock: the exact versions `make test` passed with. `make lock`
+# re-resolves them on purpose (then run `make test` and commit requirements.lock).
+LOCK := requirements.lock
+PIP := $(PY) -m pip install -q -c $(LOCK)
 
-.PHONY: demo test bench install coqui apt clean
+# llama.cpp, built portably: no -march=native, and one CPU backend per x86-64 level that ggml picks
+# from at run time (GGML_BACKEND_DL + GGML_CPU_ALL_VARIANTS), the way distributions build it. A venv,
+# wheel or image built here then runs on any x86-64 CPU, instead of dying with SIGILL on an older
+# one or taking a path its build CPU chose. deploy/llama-portable.cmake installs the variant modules.
+# pip's wheel cache does not know CMAKE_ARGS, so this one build bypasses the cache: a wheel built
+# natively by an earlier, plain pip install can never slip in. `LLAMA_CMAKE_ARGS=-DGGML_NATIVE=ON`
+# builds for this CPU only (see docs/bench.md for what it buys).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
+	-DCMAKE_PROJECT_llama_cpp_INCLUDE=$(CURDIR)/deploy/llama-portable.cmake
+
+.PHONY: demo test bench install coqui apt clean lock
 
 demo: install
 	deploy/demo.sh $(PY)
@@ -23,10 +37,11 @@ bench: install
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml | apt
+$(STAMP): pyproject.toml $(LOCK) deploy/llama-portable.cmake | apt
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	$(PIP) --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) --no-cache-dir --no-deps llama-cpp-python
+	$(PIP) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 # Coqui TTS (the `coqui` extra), CPU only. The torch pin goes first so that pip takes the CPU build
@@ -42,9 +57,13 @@ coqui: $(COQUI_STAMP)
 	rm -f $(VENV)/lib/python3*/site-packages/torchaudio/lib/*.so
 
 $(COQUI_STAMP): $(STAMP)
-	$(PY) -m pip install -q $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[coqui]'
+	$(PIP) $(TORCH_PIP_ARGS) '$(TORCH_SPEC)'
+	$(PIP) -e '.[coqui]'
 	touch $(COQUI_STAMP)
+
+# Re-resolve every extra (and the CPU torch) to the newest allowed versions; nothing is installed.
+lock: install
+	$(PY) deploy/lock.py '$(EXTRAS),coqui' '$(TORCH_SPEC)' $(TORCH_PIP_ARGS)
 
 apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     history_arguments(commands.add_parser("history", help="list, show, export, import or clear stored sessions"))
 
     commands.add_parser("chunk", help='split JSON lines {"delta": ...} on stdin into speakable chunks')
+    commands.add_parser("doctor", help="check what a first run needs: OK, or the fix, for each; exit 0 or 1")
 
     keys = commands.add_parser("keys", help="CURVE keys for a bus on TCP")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "doctor":  # reports a broken config as one of its checks
+        from . import doctor
+        return doctor.run(args.config)
     try:
         config = load(args.config)
     except ConfigError as exc:

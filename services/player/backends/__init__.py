@@ -19,10 +19,10 @@ BACKENDS = {
 def create_backend(name: str, options: Mapping[str, Any]) -> PlayerBackend:
     """Build backend `name`, or for "auto" the best one that works here. `options` may be the whole
     [player] section: each backend takes the keys it knows (e.g. wav takes `wav_dir`)."""
-    return load_plugin(BACKENDS, name, "player backend", options, auto=_best_backend)
+    return load_plugin(BACKENDS, name, "player backend", options, auto=best_backend)
 
 
-def _best_backend() -> str:
+def best_backend() -> str:
     """The first of sounddevice (gapless, stops at once) and simpleaudio that is installed and whose
     device really plays, else wav files."""
     for name in ("sounddevice", "simpleaudio"):
