@@ -25,6 +25,16 @@ until grep -q "voxpipe ready" "$DEMO_DIR/daemon.log"; do
 done
 "$PY" -m launcher status
 echo
-echo "> Tell me a short fact about the Moon."
-"$PY" -m launcher say "Tell me a short fact about the Moon." --session demo
+QUESTION=${VOXPIPE_DEMO_QUESTION:-"What is the capital of France?"}
+echo "> $QUESTION"
+# say exits non-zero unless the reply was spoken to its end; without a sound card the player writes
+# a WAV file, which must then hold audio.
+"$PY" -m launcher say "$QUESTION" --session demo 2> "$DEMO_DIR/say.err" || {
+    cat "$DEMO_DIR/say.err"; echo "make demo: no speech was produced (daemon log: $DEMO_DIR/daemon.log)"; exit 1; }
+cat "$DEMO_DIR/say.err"
+WAV=$(sed -n 's/^audio written to //p' "$DEMO_DIR/say.err")
+if [ -n "$WAV" ]; then
+    "$PY" -c 'import sys, wave; n = wave.open(sys.argv[1]).getnframes(); sys.exit(0 if n else 1)' "$WAV" || {
+        echo "make demo: $WAV holds no audio frames"; exit 1; }
+fi
 echo "stopping voxpipe ..."

@@ -245,7 +245,7 @@ def audio(config: Config) -> Check:
     chosen = result.stdout.strip()
     if backend == "auto" and chosen == "wav":
         return Check(WARN, "audio", "no sound card plays here: replies are written as WAV files "
-                                    f"({config['player']['wav_dir'] or 'the default wav_dir'})",
+                                    f"(in {config['player']['wav_dir'] or 'a new private temporary directory per run'})",
                      "connect a sound device (or set player.backend = \"wav\" to silence this)")
     if result.returncode:
         return Check(FAIL, "audio", f"player.backend = {backend!r}: {_last_line(result.stderr)}",
