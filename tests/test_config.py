@@ -59,6 +59,11 @@ def test_environment_can_define_a_new_profile(tmp_path: Path) -> None:
     ('[bus\n', r"is not valid TOML"),
     ('[run]\nstages = ["llm", "brain"]\n', r"expected a list drawn from"),
     ('[chunker]\nmax_chars = 5\n', r"key chunker.max_chars: expected an integer >= 20, got 5"),
+    ('[llm.profiles.local]\nrepack = "maybe"\n', r"key llm.profiles.local.repack = 'maybe' is not allowed; "
+                                                   r"expected one of: auto, on, off"),
+    ('[llm.profiles.local]\nprompt_style = "story"\n', r"key llm.profiles.local.prompt_style = 'story'"),
+    ('[llm.profiles.openai]\nprompt_style = "dialogue"\n', r"llm.profiles.openai.prompt_style = 'dialogue' "
+                                                            r"needs a raw-completion provider \(local\)"),
 ])
 def test_invalid_file_names_file_key_and_allowed(tmp_path: Path, text: str, expected: str) -> None:
     path = write(tmp_path, text)

@@ -57,20 +57,20 @@ class Client:
             self.errors[f"{message.src}: {message['code']}: {message['message'][:120]}"] += 1
         return message
 
-    def ask(self, session: str, text: str, stream: bool | None = None) -> str:
+    def ask(self, session: str, text: str, stream: bool | None = None, profile: str = "") -> str:
         request_id = uuid.uuid4().hex[:12]
-        self.connection.publish("request", session, request_id, text=text, stream=stream)
+        self.connection.publish("request", session, request_id, text=text, stream=stream, profile=profile)
         return request_id
 
     def close(self) -> None:
         self.connection.close()
 
 
-def time_reply(client: Client, text: str, stream: bool, timeout: float) -> Sample:
+def time_reply(client: Client, text: str, stream: bool, timeout: float, profile: str = "") -> Sample:
     """Ask once in a fresh session (no history) and wait until the reply has played."""
     sample = Sample(stream)
     start = time.monotonic()
-    request_id = client.ask(f"ttfa-{uuid.uuid4().hex[:8]}", text, stream)
+    request_id = client.ask(f"ttfa-{uuid.uuid4().hex[:8]}", text, stream, profile)
     deadline = start + timeout
     while "playback" not in sample.ms:
         try:

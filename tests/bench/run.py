@@ -277,7 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measured("10. Token intake with a slow tts", lambda: engines.bench_intake(quick)),
                 measured("11. LLM stage: token latency", module_section("llm_latency", quick)),
                 measured("12. History: writes and context queries", module_section("history", quick)),
-                measured("13. Chunking: voxpipe vs stream2sentence", module_section("chunking", quick))]
+                measured("13. Chunking: voxpipe vs stream2sentence", module_section("chunking", quick)),
+                measured("14. llama.cpp on this CPU: weight repacking, portable and native builds",
+                         module_section("llama_cpu", quick)),
+                measured("15. Prompt style for the bundled base model: dialogue vs chat template",
+                         module_section("prompt_style", quick))]
     command = "python -m tests.bench.run" + (" --quick" if args.quick else "")
     report = render(sections, command, started, load_before)
     REPORT.write_text(report)
