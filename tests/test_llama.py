@@ -8,6 +8,8 @@ import subprocess
 import time
 import urllib.request
 import wave
+from pathlib import Path
+
 import pytest
 
 from tests.harness import PYTHON, ROOT, Daemon, base_env
@@ -29,11 +31,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_server(gguf: str, tmp_path_factory: pytest.TempPathFactory):
+def llama_server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("llama") / "server.log"
+
+
+@pytest.fixture(scope="module")
+def llama_server(gguf: str, llama_server_log: Path):
     port = free_port()
-    log = tmp_path_factory.mktemp("llama") / "server.log"
+    log = llama_server_log
     process = subprocess.Popen(
-        [PYTHON, "-m", "llama_cpp.server", "--model", gguf, "--chat_format", "gemma", "--n_threads", "2",
+        [PYTHON, "-m", "services.llm.llama_server", "--model", gguf, "--chat_format", "gemma", "--n_threads", "2",
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=base_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -80,8 +87,10 @@ def test_llama_cpp_server_streaming_and_not(llama_server: str) -> None:
         assert_modes_agree(daemon)
 
 
-def test_embedded_local_model_streaming_and_not(gguf: str) -> None:
-    settings = {"llm": {"profiles": {"local": {"provider": "local", **GREEDY}}}, "player": {"backend": "wav"}}
+@pytest.mark.parametrize("style", ["dialogue", "chat"])
+def test_embedded_local_model_streaming_and_not(gguf: str, style: str) -> None:
+    settings = {"llm": {"profiles": {"local": {"provider": "local", "prompt_style": style, **GREEDY}}},
+                "player": {"backend": "wav"}}
     with Daemon(settings) as daemon:
         assert_modes_agree(daemon)
 
@@ -116,7 +125,7 @@ def test_repetition_guard_stops_the_looping_base_model(gguf: str) -> None:
     from services import protocol
     from services.runtime import Connection, endpoints_for
     settings = {"llm": {"profiles": {"local": {"provider": "local", "max_tokens": 400, "temperature": 0.0,
-                                               "repeat_ngram": 6, "repeat_count": 3}}}}
+                                               "prompt_style": "chat", "repeat_ngram": 6, "repeat_count": 3}}}}
     with Daemon(settings) as daemon:
         client = Connection("looper", endpoints_for(daemon.config()), [protocol.subscription("llm.done", "loop")])
         client.open()
@@ -140,3 +149,50 @@ def test_the_local_model_answers_a_request_the_same_way_every_time(gguf: str) ->
                                                                        params=Params(40, 0.0))))
              for stream in (True, False, True, False)]
     assert len(set(texts)) == 1 and texts[0]
+
+
+def test_the_bundled_model_answers_on_topic_in_one_turn_with_history(gguf: str) -> None:
+    """The dialogue style (the default for the bundled base model): a sensible answer, no turn markers,
+    and the next question in the same session answered on its own, not a copy of the last reply."""
+    settings = {"llm": {"profiles": {"local": {"provider": "local", "temperature": 0.0}}},
+                "player": {"backend": "wav"}}
+    with Daemon(settings) as daemon:
+        first = daemon.say("What is the capital of France?", "--session", "s", timeout=180)
+        second = daemon.say("Какая столица России?", "--session", "s", timeout=180)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert "Paris" in first.stdout, first.stdout
+    assert "Москв" in second.stdout, second.stdout
+    for reply in (first.stdout, second.stdout):
+        assert not reply.startswith(" ")
+        assert "User" not in reply and "Assistant:" not in reply and "model" not in reply
+
+
+def test_the_server_wrapper_turns_repacking_off_on_amx_and_loads_the_best_cpu_backend(
+        llama_server: str, llama_server_log: Path) -> None:
+    """The server the README tells users to run: it answered the tests above, so it did not crash here."""
+    from services.llm.llama_runtime import AMX_FLAGS, cpu_variants, machine_flags
+    text = llama_server_log.read_text()
+    assert f"weight repacking {'off' if machine_flags() & AMX_FLAGS else 'on'}" in text
+    if cpu_variants():
+        assert "loaded CPU backend from" in text
+
+
+def test_repacking_forced_on_is_the_only_way_to_the_amx_crash() -> None:
+    """On an AMX CPU, repack = "on" dies in llama.cpp (in a child here); "auto" and "off" answer.
+    Elsewhere all three answer. Which case applies is this machine's."""
+    from services.llm.llama_runtime import AMX_FLAGS, machine_flags
+    code = ("import sys\nfrom services.llm import llama_runtime\nfrom llama_cpp import Llama\n"
+            "from services.llm.providers.local import bundled_model_path\n"
+            "flags = llama_runtime.machine_flags()\n"
+            "with llama_runtime.model_params(repack=llama_runtime.repack_weights(sys.argv[1], flags)):\n"
+            "    llm = Llama(model_path=bundled_model_path(), n_ctx=256, n_threads=2, verbose=False)\n"
+            "print(llm.create_completion('The Moon is', max_tokens=8, temperature=0.0)['choices'][0]['text'])\n")
+    results = {repack: subprocess.run([PYTHON, "-c", code, repack], cwd=ROOT, env=base_env(),
+                                      capture_output=True, text=True, timeout=180)
+               for repack in ("auto", "off", "on")}
+    assert results["auto"].returncode == 0 and results["auto"].stdout.strip(), results["auto"].stderr[-2000:]
+    assert results["off"].returncode == 0 and results["off"].stdout.strip()
+    if machine_flags() & AMX_FLAGS:
+        assert results["on"].returncode < 0, "AMX repacking no longer crashes: revisit repack = 'auto'"
+    else:
+        assert results["on"].returncode == 0

@@ -94,7 +94,10 @@ def load_backends() -> None:
             return
         lib = library_dir()
         if cpu_variants(lib):
-            from llama_cpp._ggml import libggml
+            import llama_cpp  # noqa: F401  loads libllama, and with it the libggml its backends must join
+            # The wheel holds copies, not symlinks, of libggml.so and libggml.so.0, and each copy keeps
+            # its own backend registry: load into the one libllama links (its NEEDED soname).
+            libggml = ctypes.CDLL(str(lib / "libggml.so.0"))
             libggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
             libggml.ggml_backend_load_all_from_path(str(lib).encode())
         _backends_loaded = True

