@@ -84,6 +84,10 @@ def test_llama_cpp_server_streaming_and_not(llama_server: str) -> None:
         "provider": "openai", "base_url": llama_server, "model": "gemma", "api_key_env": "", **GREEDY}}},
         "player": {"backend": "wav"}}
     with Daemon(settings) as daemon:
+        # llama_cpp.server reuses the previous request's prompt prefix, and a cached prefix changes
+        # llama.cpp's numerics: the first request after a cold start can differ from every later one.
+        # One untimed request first, so both modes compared below meet the same server state.
+        assert daemon.say("Name three colours.", "--session", "warm", timeout=180).returncode == 0
         assert_modes_agree(daemon)
 
 
@@ -161,7 +165,8 @@ def test_the_bundled_model_answers_on_topic_in_one_turn_with_history(gguf: str) 
         second = daemon.say("Какая столица России?", "--session", "s", timeout=180)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "Paris" in first.stdout, first.stdout
-    assert "Москв" in second.stdout, second.stdout
+    assert "Москв" in second.stdout or "Moscow" in second.stdout, second.stdout  # 270M: Russian is weak
+    assert second.stdout != first.stdout
     for reply in (first.stdout, second.stdout):
         assert not reply.startswith(" ")
         assert "User" not in reply and "Assistant:" not in reply and "model" not in reply

@@ -63,8 +63,9 @@ def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], use
 USER_LABEL = "User"
 DIALOGUE_EXAMPLES: tuple[tuple[str, str], ...] = (
     ("Hi!", "Hello! How can I help you today?"),
+    ("Привет! Как дела?", "Привет! Всё хорошо, спасибо."),
     ("What is the capital of Italy?", "The capital of Italy is Rome."),
-    ("Привет! Сколько дней в неделе?", "Привет! В неделе семь дней."),
+    ("Сколько дней в неделе?", "В неделе семь дней."),
 )
 """Example exchanges that show a base model the shape of a turn: one line, on topic, in the user's language."""
 
