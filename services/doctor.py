@@ -96,7 +96,7 @@ def _private_dir_problem(directory: Path) -> tuple[str, str] | None:
             return f"does not exist and {parent} is not writable", "set bus.runtime_dir to a directory you can create"
         return None
     if not stat.S_ISDIR(info.st_mode):
-        return "is not a directory", f"remove it, or set bus.runtime_dir elsewhere"
+        return "is not a directory", "remove it, or set bus.runtime_dir elsewhere"
     if info.st_uid != os.getuid():
         return (f"belongs to uid {info.st_uid}, not you (uid {os.getuid()})",
                 "set bus.runtime_dir (or XDG_RUNTIME_DIR) to a directory you own")
@@ -190,7 +190,8 @@ def local_model(name: str, settings: dict[str, Any]) -> Check:
     """The model loads and decodes a few tokens in a child; a crash names its signal and the way out."""
     label = f"llm {name}"
     if find_spec("llama_cpp") is None:
-        return Check(FAIL, label, "llama-cpp-python is not installed", "pip install 'voxpipe[local]' (make install does)")
+        return Check(FAIL, label, "llama-cpp-python is not installed",
+                     "pip install 'voxpipe[local]' (make install does)")
     path = settings["model_path"]
     if path:
         problem = _gguf_problem(Path(path).expanduser())
@@ -244,8 +245,8 @@ def audio(config: Config) -> Check:
                                     f"playing 20 ms of silence", "set player.backend = \"wav\" (or another backend)")
     chosen = result.stdout.strip()
     if backend == "auto" and chosen == "wav":
-        return Check(WARN, "audio", "no sound card plays here: replies are written as WAV files "
-                                    f"(in {config['player']['wav_dir'] or 'a new private temporary directory per run'})",
+        where = config["player"]["wav_dir"] or "a new private temporary directory per run"
+        return Check(WARN, "audio", f"no sound card plays here: replies are written as WAV files (in {where})",
                      "connect a sound device (or set player.backend = \"wav\" to silence this)")
     if result.returncode:
         return Check(FAIL, "audio", f"player.backend = {backend!r}: {_last_line(result.stderr)}",

@@ -44,7 +44,8 @@ def test_any_one_amx_flag_is_enough_to_turn_repacking_off() -> None:
 def test_the_reason_names_the_cpu_flags_and_the_override() -> None:
     reason = repack_reason("auto", recorded("intel-xeon-amx"))
     assert "off" in reason and "amx_bf16 amx_int8 amx_tile" in reason and "'on' forces it" in reason
-    assert repack_reason("auto", recorded("amd-epyc-zen4")) == "weight repacking on: no AMX on this CPU (repack = 'auto')"
+    on = repack_reason("auto", recorded("amd-epyc-zen4"))
+    assert on == "weight repacking on: no AMX on this CPU (repack = 'auto')"
     assert repack_reason("off", recorded("amd-epyc-zen4")) == "weight repacking off (repack = 'off')"
 
 

@@ -105,8 +105,9 @@ def run(quick: bool = False) -> str:
     portable, native_key = ("portable (make install)", "off"), ("native (-march=native)", "off")
     if portable in rates and native_key in rates:
         lines.append(f"**Portable / native, repack off: {rates[portable] / rates[native_key]:.2f}×.**")
-    if ("portable (make install)", "on") in rates and portable in rates:
-        lines.append(f"**Portable, repack on / off: {rates[('portable (make install)', 'on')] / rates[portable]:.2f}×.**")
+    repacked = ("portable (make install)", "on")
+    if repacked in rates and portable in rates:
+        lines.append(f"**Portable, repack on / off: {rates[repacked] / rates[portable]:.2f}×.**")
     return "\n".join(lines)
 
 
