@@ -118,7 +118,7 @@ def test_forced_repacking_on_this_cpu_is_reported_right(tmp_path: Path) -> None:
     if machine_flags() & AMX_FLAGS:
         assert code == 1
         line = checks["llm local"]
-        assert line.startswith("FAIL") and "crashed with SIGSEGV" in line and "amx_tile" in line, out
+        assert line.startswith("FAIL") and "crashed with SIG" in line and "amx_tile" in line, out  # SEGV or ILL
         assert 'fix: set llm.profiles.local.repack = "off"' in line
     else:
         assert checks["llm local"].startswith("OK"), out
