@@ -12,15 +12,22 @@ import contextlib
 import os
 import sys
 import termios
+import time
 from typing import Callable, Iterator, TextIO
 
 from . import protocol
-from .client import (Chunk, Client, Command, Done, Error, Playback, Reasoning, Reply, TextDelta, VoxpipeError,
-                     VoxpipeTimeout, connect)
+from .client import (Chunk, Client, Command, Done, Error, Playback, Reply, TextDelta, VoxpipeError, VoxpipeTimeout,
+                     connect)
 from .config import Config
 
 HISTORY_SHOWN = 20
 """How many of the session's last messages /history prints."""
+PROBE_S = 2.0
+"""Silence before the first event of a reply after which chat checks that the daemon is still there."""
+RETRY_S = 0.5
+"""How often chat looks whether an unreachable daemon is back."""
+HEARTBEAT_WAIT_S = 2.5
+"""How long a probe waits for the llm stage's ready heartbeat (stages send one every second)."""
 CHAT_KINDS = ("text", "chunk", "command", "llm.done", "playback", "error")
 
 HELP = """\
@@ -30,7 +37,8 @@ Type a message and press Enter; the reply streams in and is spoken.
   /session NAME switch to another conversation (now: {session})
   /history      show the last {shown} messages of this session
   /stream on|off  ask for a streamed reply or for the whole reply at once (now: {stream})
-  /voice NAME   choose the TTS voice
+  /voice NAME   speak this session's replies with that voice (espeak-ng: en, ru, en-us, en+f3, ...;
+                /voice alone: back to the configured voice; now: {voice})
   /help         this text
   /quit         quit"""
 
@@ -52,6 +60,10 @@ class Chat:
         self._dim, self._reset = ("\x1b[2m", "\x1b[0m") if color else ("", "")
         self._column = 0
         self._last = "\n"
+        self.voice = ""
+        self._cut = ""
+        self._waiting = False
+        self._color = bool(color)
 
     @property
     def session(self) -> str:
@@ -81,6 +93,19 @@ class Chat:
         if self._column:
             self.write("\n")
 
+    def waiting(self, text: str) -> None:
+        """A dimmed placeholder on the reply's line until its first text (only on a terminal)."""
+        if self._color:
+            self.out.write(f"{self._dim}{text}{self._reset}")
+            self.out.flush()
+            self._waiting = True
+
+    def stop_waiting(self) -> None:
+        if self._waiting:
+            self.out.write("\r\x1b[K")
+            self.out.flush()
+            self._waiting = False
+
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
@@ -102,50 +127,100 @@ class Chat:
             self.converse(line)
 
     def converse(self, text: str) -> None:
-        """Ask and show the reply; Ctrl-C cancels it and returns at once."""
+        """Ask and show the reply; Ctrl-C cancels it and returns at once.
+
+        While nothing of the reply has come, the bus is probed every PROBE_S: when the daemon is
+        down (restarting, or stopped) that is said at once, and the question is asked again when
+        it is back; a live but slow daemon is simply waited for. Either way within `timeout`.
+        """
+        deadline = time.monotonic() + self.timeout
         try:
             with _no_echo(sys.stdin):
-                self.follow(self.client.ask(text, stream=self.stream, profile=self.profile,
-                                            timeout=self.timeout))
+                while not self.follow(self.ask(text), deadline):
+                    if not self.wait_for_daemon(deadline):
+                        return
         except KeyboardInterrupt:
+            self.stop_waiting()
             self.client.cancel(self.session, reason="interrupted in voxpipe chat")
             self.note("[interrupted]")
-        except VoxpipeTimeout as exc:
-            self.note(f"[{exc}]")
-        except VoxpipeError as exc:
-            self.note(f"[voxpipe: {exc}]")
+        except VoxpipeError as exc:  # VoxpipeTimeout included
+            self.stop_waiting()
+            self.note(f"[{exc}]" if isinstance(exc, VoxpipeTimeout) else f"[voxpipe: {exc}]")
 
-    def follow(self, reply: Reply) -> None:
+    def ask(self, text: str) -> Reply:
+        reply = self.client.ask(text, stream=self.stream, profile=self.profile, voice=self.voice,
+                                timeout=min(PROBE_S, self.timeout))
+        self.waiting("…")
+        return reply
+
+    def follow(self, reply: Reply, deadline: float) -> bool:
+        """Show the reply's events; False if the daemon went away before any of it came."""
         marks: list[tuple[str, int]] = []  # (tag, chunk) shown from chunk marks, not to repeat as commands
-        for event in reply:
-            if isinstance(event, TextDelta):
-                self.write(event.delta)  # the line ends with the reply: later marks stay on it
-            elif isinstance(event, Chunk):
-                for mark in event.marks:
-                    marks.append((mark.tag.lower(), mark.chunk))
-                    self.inline(f"[{mark.tag}: {mark.body}]")
-            elif isinstance(event, Command):
-                if not event.accepted:
-                    self.note(f"[refused command {event.name}: {event.reason}]")
-                elif (event.name.lower(), event.chunk) in marks:
-                    marks.remove((event.name.lower(), event.chunk))
-                else:
-                    self.inline(f"[{event.name}: {' '.join(event.args)}]")
-            elif isinstance(event, Reasoning):
+        events = iter(reply)
+        started, last = False, time.monotonic()
+        self._cut = ""
+        while True:
+            try:
+                event = next(events)
+            except StopIteration:
+                break
+            except VoxpipeTimeout:
+                now = time.monotonic()
+                if not started and not self.client.reachable():
+                    return False
+                if now - last >= self.timeout or (not started and now >= deadline):
+                    raise VoxpipeTimeout(f"no progress on the reply for {self.timeout:g} s; check that every "
+                                         f"stage runs: `voxpipe status`") from None
                 continue
-            elif isinstance(event, Error):
-                if event.code == "stage_crashed":
-                    self.note(f"[{event.message}; this reply is lost, ask again]")
-                else:
-                    self.note(f"[error {event.code}: {event.message}]")
-            elif isinstance(event, Done):
-                if event.status == "error":
-                    self.note(f"[the reply failed: {event.error}]")
-                elif event.status == "interrupted":
-                    self.note("[interrupted]")
-            elif isinstance(event, Playback) and event.final and event.path:
-                self.note(f"[audio written to {event.path}]")
+            started, last = True, time.monotonic()
+            self.stop_waiting()
+            self.show(event, marks)
+        if self._cut:
+            self.inline(f"[cut: {self._cut}]")
         self.newline()
+        return True
+
+    def wait_for_daemon(self, deadline: float) -> bool:
+        """The daemon is unreachable: say so, and True once it is back (reconnected), False when given up."""
+        self.stop_waiting()
+        self.note("[the daemon is not reachable (restarting, or not running?); asking again when it is back]")
+        while time.monotonic() < deadline:
+            time.sleep(RETRY_S)
+            if self.client.reachable("llm", timeout=HEARTBEAT_WAIT_S):
+                self.client.reconnect()
+                self.note("[the daemon is back; asking again]")
+                return True
+        self.note(f"[gave up after {self.timeout:g} s: the daemon did not come back; start it with `voxpipe run`]")
+        return False
+
+    def show(self, event: object, marks: list[tuple[str, int]]) -> None:
+        """One event of the reply on the terminal."""
+        if isinstance(event, TextDelta):
+            self.write(event.delta)  # the line ends with the reply: later marks stay on it
+        elif isinstance(event, Chunk):
+            for mark in event.marks:
+                marks.append((mark.tag.lower(), mark.chunk))
+                self.inline(f"[{mark.tag}: {mark.body}]")
+        elif isinstance(event, Command):
+            if not event.accepted:
+                self.note(f"[refused command {event.name}: {event.reason}]")
+            elif (event.name.lower(), event.chunk) in marks:
+                marks.remove((event.name.lower(), event.chunk))
+            else:
+                self.inline(f"[{event.name}: {' '.join(event.args)}]")
+        elif isinstance(event, Error):
+            if event.code == "stage_crashed":
+                self.note(f"[{event.message}; this reply is lost, ask again]")
+            else:
+                self.note(f"[error {event.code}: {event.message}]")
+        elif isinstance(event, Done):
+            self._cut = event.guard  # said after the text, which may still be arriving (streaming off)
+            if event.status == "error":
+                self.note(f"[the reply failed: {event.error}]")
+            elif event.status == "interrupted":
+                self.note("[interrupted]")
+        elif isinstance(event, Playback) and event.final and event.path:
+            self.note(f"[audio written to {event.path}]")
 
     # --- slash commands -----------------------------------------------------------------
 
@@ -155,7 +230,8 @@ class Chat:
         if name in ("quit", "exit", "q"):
             return "quit"
         if name == "help":
-            self.note(HELP.format(session=self.session, shown=HISTORY_SHOWN, stream=self._stream_name()))
+            self.note(HELP.format(session=self.session, shown=HISTORY_SHOWN, stream=self._stream_name(),
+                                  voice=self.voice or "the configured voice"))
         elif name == "session":
             self.switch_session(argument)
         elif name == "history":
@@ -163,9 +239,8 @@ class Chat:
         elif name == "stream":
             self.set_stream(argument)
         elif name == "voice":
-            # The request has no voice field in protocol v1 and tts has no per-session voice.
-            self.note("[/voice is not supported yet: set tts.espeak.voice in the config "
-                      "(the protocol has no per-request voice)]")
+            self.voice = argument
+            self.note(f"[voice: {argument or 'the configured voice'}]")
         else:
             self.note(f"[unknown command /{name}; /help lists the commands]")
         return None

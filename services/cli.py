@@ -1,6 +1,7 @@
 """The `voxpipe` command line: run the daemon, run one stage, and the front-end commands.
 
-Exit codes: 0 OK, 1 runtime failure (provider error, timeout, no bus), 2 bad usage or config.
+Exit codes: 0 OK, 1 runtime failure (provider error, timeout, no bus), 2 bad usage or config,
+130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -23,75 +24,120 @@ if TYPE_CHECKING:  # the client library is imported only by the commands that us
     from .client import Done, Error, Playback
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): 128 + 2, the shell's convention."""
+
+
+CONFIG_HELP = "TOML config file (default: $VOXPIPE_CONFIG, then ~/.config/voxpipe/config.toml)"
+TAP_HIDDEN = ("heartbeat",)
+"""Kinds `voxpipe tap` leaves out unless asked (--heartbeats, or naming them)."""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text}")
+    return value
+
+
+def _kind(text: str) -> str:
+    if text not in protocol.KINDS:
+        raise argparse.ArgumentTypeError(f"unknown message kind {text!r}; known: {', '.join(sorted(protocol.KINDS))}")
+    return text
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows an option's default where it says something: not for flags, empty strings or SUPPRESS."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.option_strings and action.default not in (None, "", False,
+                                                                                          argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    config_help = "TOML config file (default: $VOXPIPE_CONFIG, then ~/.config/voxpipe/config.toml)"
     parser = argparse.ArgumentParser(prog="voxpipe", description="A streaming voice pipeline daemon.")
-    parser.add_argument("--config", help=config_help)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    class Commands:
-        """Every subcommand also takes --config, so `voxpipe run --config F` works too."""
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        """A subcommand whose --help starts with the same one-line summary the command list shows."""
+        return subparsers.add_parser(name, help=summary)
 
-        @staticmethod
-        def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-            return subparsers.add_parser(name, parents=[common], **kwargs)
+    def front_end(sub: argparse.ArgumentParser, session: str) -> None:
+        sub.add_argument("--session", default=session, help="the conversation to talk in")
+        sub.add_argument("--profile", default="", help="LLM profile (empty: llm.profile)")
+        sub.add_argument("--timeout", type=_seconds, default=120.0,
+                         help="give up on a reply after this many seconds without any progress")
 
-    commands = Commands
+    command("run", "start the bus and all stages, and supervise them")
 
-    commands.add_parser("run", help="start the bus and all stages, and supervise them")
-
-    stage = commands.add_parser("stage", help="run one stage in the foreground (systemd units use this)")
+    stage = command("stage", "run one stage in the foreground (systemd units use this)")
     stage.add_argument("name", help="bus, llm, chunker, tts, player or history")
     stage.add_argument("--shard", default="0/1", help="I/N: handle only sessions in shard I of N")
 
-    say = commands.add_parser("say", help="ask once; print the reply as it streams, exit when spoken")
-    say.add_argument("text")
-    say.add_argument("--session", default="cli")
-    say.add_argument("--profile", default="", help="LLM profile (default: llm.profile)")
+    say = command("say", "ask once; print the reply as it streams, exit when spoken")
+    say.add_argument("text", nargs="+", help="the message (several words are joined with spaces, as echo does)")
+    front_end(say, "cli")
     say.add_argument("--no-stream", action="store_true", help="ask the provider for the whole reply at once")
-    say.add_argument("--timeout", type=float, default=120.0,
-                     help="give up after this many seconds without any progress (default 120)")
 
-    chat = commands.add_parser("chat", help="talk to the daemon in the terminal; Ctrl-C interrupts a reply")
-    chat.add_argument("--session", default="chat")
-    chat.add_argument("--profile", default="", help="LLM profile (default: llm.profile)")
+    chat = command("chat", "talk to the daemon in the terminal; Ctrl-C interrupts a reply")
+    front_end(chat, "chat")
     chat.add_argument("--no-stream", action="store_true", help="ask the provider for whole replies")
-    chat.add_argument("--timeout", type=float, default=120.0,
-                      help="give up on a reply after this many seconds without progress (default 120)")
 
-    gui = commands.add_parser("gui", help="a Tk window: type, watch the reply grow, stop it")
-    gui.add_argument("--session", default="gui")
-    gui.add_argument("--profile", default="", help="LLM profile (default: llm.profile)")
-    gui.add_argument("--timeout", type=float, default=120.0,
-                     help="give up on a reply after this many seconds without progress (default 120)")
+    gui = command("gui", "a Tk window: type, watch the reply grow, stop it")
+    front_end(gui, "gui")
     gui.add_argument("--dump", metavar="FILE", help=argparse.SUPPRESS)  # test hook: the window's state as JSON
 
-    tap = commands.add_parser("tap", help="print live bus traffic, one line per message")
-    tap.add_argument("kinds", nargs="*", metavar="KIND", help="only these kinds (default: all)")
+    tap = command("tap", "print live bus traffic, one line per message")
+    tap.add_argument("kinds", nargs="*", type=_kind, metavar="KIND",
+                     help="only these message kinds (default: all but heartbeats)")
+    tap.add_argument("--heartbeats", action="store_true", help="also show the stages' heartbeats")
 
-    commands.add_parser("status", help="show every stage with pid, uptime and counters")
-    stats = commands.add_parser("stats", help="p50/p95 time to first token, audio and playback of recent replies")
-    stats.add_argument("--last", type=int, default=200, help="how many recent replies (default 200)")
+    command("status", "show every stage with pid, uptime and counters")
+    stats = command("stats", "p50/p95 time to first token, audio and playback of recent replies")
+    stats.add_argument("--last", type=_positive, default=200, help="how many recent replies")
 
     from .history.cli import add_arguments as history_arguments
-    history_arguments(commands.add_parser("history", help="list, show, export, import or clear stored sessions"))
+    history_arguments(command("history", "list, show, export, import or clear stored sessions"))
 
-    commands.add_parser("chunk", help='split JSON lines {"delta": ...} on stdin into speakable chunks')
-    commands.add_parser("doctor", help="check what a first run needs: OK, or the fix, for each; exit 0 or 1")
+    command("chunk", 'split JSON lines {"delta": ...} on stdin into speakable chunks')
+    command("doctor", "check what a first run needs: OK, or the fix, for each; exit 0 or 1")
 
-    keys = commands.add_parser("keys", help="CURVE keys for a bus on TCP")
+    keys = command("keys", "CURVE keys for a bus on TCP")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-    generate = keys_commands.add_parser("generate", parents=[common],
-                                        help="make the server and client keypairs (secret files 0600)")
+    generate = keys_commands.add_parser("generate", help="make the server and client keypairs (secret files 0600)")
     generate.add_argument("--dir", default="", help="where to write them (default: bus.keys_dir)")
     generate.add_argument("--client", default="", metavar="NAME",
                           help="only a client keypair, for a machine that joins a bus running elsewhere")
     generate.add_argument("--force", action="store_true", help="replace existing keys")
+    _config_everywhere(parser, top=True)
     return parser
+
+
+def _config_everywhere(parser: argparse.ArgumentParser, top: bool = False) -> None:
+    """--config on the top-level parser and on every subcommand at any depth, so it may come in any
+    position (`voxpipe --config F history list` and `voxpipe history list --config F`). Subcommands
+    default to SUPPRESS, so a value given before them is not overwritten. Every subcommand's --help
+    also opens with its one-line summary from the command list."""
+    parser.add_argument("--config", help=CONFIG_HELP, **({} if top else {"default": argparse.SUPPRESS}))
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            summaries = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and summaries.get(name):
+                    summary = summaries[name]
+                    sub.description = summary[0].upper() + summary[1:] + "."
+                sub.formatter_class = _Help
+                _config_everywhere(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"voxpipe: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        return EXIT_OK
+        return EXIT_INTERRUPTED
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
@@ -129,37 +175,53 @@ def cmd_stage(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_say(args: argparse.Namespace, config: Config) -> int:
-    """Send one request and follow it until its audio has played (or it fails)."""
+    """Send one request and follow it until its audio has played (or it fails); Ctrl-C cancels it everywhere."""
     from .client import Error, Playback, TextDelta, VoxpipeTimeout, connect
+    text = " ".join(args.text).strip()
+    if not text:
+        raise ConfigError("say needs a message: voxpipe say 'What is the capital of France?'")
+    config.profile(args.profile)  # an unknown profile is a usage error (exit 2), found before anything is sent
     with connect(config, session=args.session, kinds=("text", "llm.done", "playback", "error"), name="say",
                  timeout=min(args.timeout, 10.0)) as client:
-        reply = client.ask(args.text, stream=False if args.no_stream else None, profile=args.profile,
+        reply = client.ask(text, stream=False if args.no_stream else None, profile=args.profile,
                            timeout=args.timeout)
         played: Playback | None = None
+        shown: set[str] = set()
         try:
             for event in reply:
                 if isinstance(event, TextDelta):
-                    sys.stdout.write(event.delta + ("\n" if event.final else ""))
+                    end = "\n" if event.final and (reply.text or event.delta) else ""
+                    sys.stdout.write(event.delta + end)
                     sys.stdout.flush()
                 elif isinstance(event, Error) and event.code != "stage_crashed":
+                    shown.add(event.message)
                     print(f"voxpipe: {event.code}: {event.message}", file=sys.stderr)
                 elif isinstance(event, Playback) and event.final:
                     played = event
+        except KeyboardInterrupt:
+            client.cancel(args.session, reply.id, reason="interrupted in voxpipe say")
+            print(("\n" if reply.text and not reply.text.endswith("\n") else "") + "[interrupted]", flush=True)
+            return EXIT_INTERRUPTED
         except VoxpipeTimeout as exc:
             print(f"\nvoxpipe: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    return _say_outcome(reply.crashed, reply.done, played)
+    return _say_outcome(reply.crashed, reply.done, played, shown)
 
 
-def _say_outcome(crashed: Error | None, done: Done | None, played: Playback | None) -> int:
+def _say_outcome(crashed: Error | None, done: Done | None, played: Playback | None, shown: set[str]) -> int:
+    """The exit code of `say`, with one line on stderr for whatever went wrong (never twice)."""
     if crashed is not None:
-        print(f"\nvoxpipe: {crashed.message}; this reply is lost, ask again", file=sys.stderr)
+        print(f"voxpipe: {crashed.message}; this reply is lost, ask again", file=sys.stderr)
         return EXIT_FAILURE
     if done is None or done.status == "error":
-        print(f"\nvoxpipe: the reply failed: {done.error if done else 'no llm.done'}", file=sys.stderr)
+        reason = done.error if done else "no llm.done"
+        if reason not in shown:
+            print(f"voxpipe: the reply failed: {reason}", file=sys.stderr)
         return EXIT_FAILURE
+    if done.guard:
+        print(f"[cut: {done.guard}]", flush=True)
     if done.status == "interrupted":
-        print("\nvoxpipe: the reply was interrupted", file=sys.stderr)
+        print("voxpipe: the reply was interrupted", file=sys.stderr)
         return EXIT_FAILURE
     if played is not None and played.path:
         print(f"audio written to {played.path}", file=sys.stderr)
@@ -178,22 +240,30 @@ def cmd_gui(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_tap(args: argparse.Namespace, config: Config) -> int:
-    """Print everything the broker forwards (from its capture socket), one line per message."""
+    """Print everything the broker forwards (from its capture socket), one line per message.
+
+    Heartbeats are left out unless asked for. With no bus it fails at once, like every front-end.
+    """
     import zmq
 
     endpoints: Endpoints = endpoints_for(config)
+    Connection("tap", endpoints, []).require_bus()
+    hidden = () if args.heartbeats or args.kinds else TAP_HIDDEN
     sock = endpoints.prepare(zmq.Context.instance().socket(zmq.SUB))
     sock.linger = 0
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
     for kind in args.kinds or [""]:
         sock.setsockopt(zmq.SUBSCRIBE, protocol.subscription(kind))
     sock.connect(endpoints.capture)
+    skip = tuple(protocol.subscription(kind) for kind in hidden)
     try:
         while True:
             frame = sock.recv()
-            if frame[:1] in (b"\x00", b"\x01"):
-                continue  # a subscription travelling upstream, not a message
+            if frame[:1] in (b"\x00", b"\x01") or (skip and frame.startswith(skip)):
+                continue  # a subscription travelling upstream, or a hidden kind
             print(describe_frame(frame), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK  # the way to stop tap
     finally:
         sock.close()
 

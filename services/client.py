@@ -323,6 +323,31 @@ class Client:
         if old is not None:
             old.close()
 
+    def reachable(self, stage: str = "", timeout: float = 1.0) -> bool:
+        """Whether a broker answers a hello handshake now (on a fresh connection, within `timeout`),
+        and, if `stage` names one, whether that stage's ready heartbeat comes within `timeout` too."""
+        subscriptions = [protocol.subscription("heartbeat")] if stage else []
+        probe = Connection(f"{self.name}.probe.{secrets.token_hex(3)}", self._endpoints, subscriptions)
+        try:
+            probe.require_bus()
+            probe.open(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while stage:
+                beat = probe.receive(max(0.0, deadline - time.monotonic()))
+                if beat is None:
+                    return False
+                if beat.src.split("@")[0] == stage and beat["state"] == "ready":
+                    break
+            return True
+        except VoxpipeError:  # BusUnavailable included
+            return False
+        finally:
+            probe.close()
+
+    def reconnect(self) -> None:
+        """Connect again with a fresh handshake, e.g. after the broker restarted."""
+        self._open()
+
     def close(self) -> None:
         with self._lock:
             connection, self._connection = self._connection, None
@@ -350,13 +375,15 @@ class Client:
 
     def ask(self, text: str, session: str | None = None, *, stream: bool | None = True, profile: str = "",
             wait_audio: bool = True, timeout: float = DEFAULT_TIMEOUT,
-            images: Iterable[tuple[str, bytes]] = ()) -> Reply:
+            images: Iterable[tuple[str, bytes]] = (), voice: str = "") -> Reply:
         """Publish a request and return its Reply (an iterator of events).
 
         `stream`: True/False asks the provider for a streamed/whole reply; None uses the
         profile's setting. `profile`: the LLM profile ("" = llm.profile). `images`:
-        (mime, bytes) pairs for vision models. `wait_audio`: also wait until the reply has
-        been spoken (the final Playback). `timeout`: seconds without any event of this reply
+        (mime, bytes) pairs for vision models. `voice`: the TTS voice that speaks this reply,
+        in the engine's naming ("" = the configured voice; an unknown one gets an `unknown_voice`
+        error and the configured voice). `wait_audio`: also wait until the reply has been
+        spoken (the final Playback). `timeout`: seconds without any event of this reply
         before iteration raises VoxpipeTimeout.
         """
         if "llm.done" not in self.kinds:
@@ -372,7 +399,7 @@ class Client:
                       wait_audio=wait_audio and "playback" in self.kinds, timeout=timeout)
         self._reply = reply
         self._last_session = session
-        body: dict[str, Any] = {"text": text, "profile": profile, "stream": stream}
+        body: dict[str, Any] = {"text": text, "profile": profile, "stream": stream, "voice": voice}
         pictures = [{"mime": mime, "data": bytes(data)} for mime, data in images]
         if pictures:
             body["images"] = pictures

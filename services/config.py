@@ -267,7 +267,8 @@ def default_path(env: Mapping[str, str] = os.environ) -> Path:
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os.environ) -> Config:
     """Resolve the config: `path`, else $VOXPIPE_CONFIG, else the default path if it exists."""
     explicit = path or env.get("VOXPIPE_CONFIG")
-    file = Path(explicit) if explicit else default_path(env)
+    # Absolute once, here: `voxpipe run` hands this path to stages that start in another directory.
+    file = Path(explicit).expanduser().absolute() if explicit else default_path(env)
     data = copy.deepcopy(DEFAULTS)
     origins: dict[tuple[str, ...], str] = {}
     used: Path | None = None

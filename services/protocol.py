@@ -46,7 +46,8 @@ class Field:
     default: Any = None
 
 
-def _str(limit: int, pattern: re.Pattern[str] | None = None, choices: tuple[str, ...] = ()) -> Callable[[Any], str | None]:
+def _str(limit: int, pattern: re.Pattern[str] | None = None,
+         choices: tuple[str, ...] = ()) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not isinstance(value, str):
             return f"must be a string, got {type(value).__name__}"
@@ -170,6 +171,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "profile": Field(_str(64), required=False, default=""),
         "stream": Field(_optional_bool, required=False, default=None),
         "images": Field(_list(IMAGE, 8), required=False, default=[]),
+        "voice": Field(_str(64), required=False, default=""),
     },
     "cancel": {
         "reason": Field(_str(200), required=False, default=""),
@@ -191,6 +193,7 @@ KINDS: dict[str, dict[str, Field]] = {
         "metrics": Field(_counter_map(_number), required=False, default={}),
         "guard": Field(_str(32), required=False, default=""),
         "reasoning": Field(_str(_REPLY), required=False, default=""),
+        "profile": Field(_str(64), required=False, default=""),
     },
     "context.query": {
         "limit": Field(_int(0, 1000), required=False, default=20),
@@ -242,6 +245,7 @@ KINDS: dict[str, dict[str, Field]] = {
     },
     "metrics": {
         "request_ts": Field(_number),
+        "profile": Field(_str(64), required=False, default=""),
         "provider": Field(_str(64), required=False, default=""),
         "model": Field(_str(256), required=False, default=""),
         "engine": Field(_str(64), required=False, default=""),

@@ -1,4 +1,4 @@
-"""`voxpipe stats`: latency percentiles of recent replies, per provider and TTS engine.
+"""`voxpipe stats`: latency percentiles of recent replies, per LLM profile and TTS engine.
 
 Reads the timelines the history stage stores with each reply (the `metrics` kind).
 """
@@ -20,17 +20,28 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def table(timelines: Iterable[dict[str, Any]]) -> list[str]:
-    """Rows of p50/p95 per (provider, engine) for each measure, over replies that reached it."""
+    """Rows of p50/p95 per (profile, engine) for each measure, over the replies that reached it.
+
+    A profile, not a provider, is what the user picks: two profiles on one provider (two models,
+    two servers) are told apart.  The provider column names the profile's provider; a request that
+    failed before it reached one (an unknown profile, a busy session) still counts in its profile's
+    row, under FAILED, and gives no latency.  Timelines stored before profiles were recorded show
+    profile `-`.
+    """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for timeline in timelines:
-        groups[(str(timeline.get("provider", "")), str(timeline.get("engine", "")))].append(timeline)
-    lines = [f"{'PROVIDER':<10} {'ENGINE':<14} {'REPLIES':>7}  " +
-             "  ".join(f"{label + ' p50/p95 ms':>28}" for _, label in MEASURES)]
-    for (provider, engine), rows in sorted(groups.items()):
-        cells = []
+        groups[(str(timeline.get("profile", "")), str(timeline.get("engine", "")))].append(timeline)
+    rows = [["PROFILE", "PROVIDER", "ENGINE", "REPLIES", "FAILED",
+             *(f"{label + ' p50/p95 ms':>28}" for _, label in MEASURES)]]
+    for (profile, engine), replies in sorted(groups.items()):
+        providers = sorted({str(reply["provider"]) for reply in replies if reply.get("provider")})
+        failed = sum(reply.get("status") == "error" for reply in replies)
+        row = [profile or "-", ",".join(providers) or "-", engine or "-", str(len(replies)), str(failed)]
         for key, _ in MEASURES:
-            values = [float(row[key]) for row in rows if float(row.get(key, -1)) >= 0]
-            cells.append(f"{percentile(values, 0.5):>13.0f} / {percentile(values, 0.95):<12.0f}" if values
-                         else f"{'-':>28}")
-        lines.append(f"{provider or '-':<10} {engine or '-':<14} {len(rows):>7}  " + "  ".join(cells))
-    return lines
+            values = [float(reply[key]) for reply in replies if float(reply.get(key, -1)) >= 0]
+            row.append(f"{percentile(values, 0.5):>13.0f} / {percentile(values, 0.95):<12.0f}" if values
+                       else f"{'-':>28}")
+        rows.append(row)
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + f" {row[3]:>7} {row[4]:>6}  "
+            + "  ".join(row[5:]) for row in rows]

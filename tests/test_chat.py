@@ -44,7 +44,7 @@ def test_chat_streams_replies_commands_and_slash_commands() -> None:
             term.expect(r"Echo: All at once\. Done +here\..*" + PROMPT, after=start)
 
             start = say_line(term, "/voice en-us")
-            term.expect(r"not supported yet: set tts\.espeak\.voice in the config.*" + PROMPT, after=start)
+            term.expect(r"\[voice: en-us\].*" + PROMPT, after=start)
             start = say_line(term, "/session other")
             term.expect(r"\[session: other\].*" + PROMPT, after=start)
             start = say_line(term, "/history")

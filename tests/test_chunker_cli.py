@@ -96,3 +96,10 @@ def test_output_keeps_unicode_readable():
     stdout = io.StringIO()
     run(io.StringIO('{"delta": "Привет"}\n'), stdout, ChunkerPolicy())
     assert "Привет" in stdout.getvalue()
+
+
+def test_an_unknown_tag_is_a_mark_never_text():
+    code, out, _ = chunk_cli({"delta": "Echo: <bog"}, {"delta": "us>x</bo"}, {"delta": "gus>. Done."})
+    assert code == 0
+    assert out[1:] == [{"text": "Echo: . Done.", "index": 0, "final": True,
+                        "marks": [{"tag": "bogus", "body": "x", "chunk": 0, "offset": 6}]}, {"end": True}]

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
+from services.tags import VOID
 
 DEFAULT = ChunkerPolicy()
 
@@ -43,35 +44,57 @@ CODE_PHRASE = "Код на экране."
 WORDS = ["Привет", "мир", "hello", "world", "дела", "Ёжик", "3.14", "2,5", "12:30", "30.11.2026", "v1.2.3",
          "e.g.", "i.e.", "т.е.", "т.к.", "и т.д.", "Dr.", "Mr.", "U.S.", "А. С. Пушкин", "г.", "ул.", "стр.",
          "me@example.org", "https://ex.com/a_b?x=1", "www.site.ru", "(скобки)", "«цитата»", '"quote"',
-         "—", "что-то", "a < b", "x<y", "1.", "2)", "100%", "C++", "OK", "Нет", "Yes"]
+         "—", "что-то", "a < b", "x<y", "x<y>z", "<3", "2 > 1", "vector<int>", "1.", "2)", "100%", "C++", "OK",
+         "Нет", "Yes"]
 SEPARATORS = [" ", " ", " ", ", ", ". ", "! ", "? ", "?! ", "... ", "… ", "; ", ": ", " — ",
               "\n", "\n\n", ".\n"]
 BODIES = ["smile", "Подойти к игроку", "1,-2,0", "  wave  ", "happy|sad"]
+# Names no configured tag has, so only the rule for any well-formed pair makes them tags.
+OTHER_NAMES = ["bogus", "B", "div", "x1", "snake_name", "Tag_ё", "+note", "#id", "-gone"]
+OTHER_BODIES = [*BODIES, "x", "a < b", "две\nстроки", ""]
+
+# A part of a reply: (raw, expected display, expected speech, expected marks).
+Part = tuple[str, str, str, tuple[tuple[str, str], ...]]
 
 
-def plain(word: str) -> tuple[str, str, str]:
-    return word, word, word
+def plain(word: str) -> Part:
+    return word, word, word, ()
+
+
+def other_tag(name: str, body: str, upper_closer: bool, short_closer: bool) -> Part:
+    """`<name>body</name>` for a name no policy configures; an operator's tag may close without it."""
+    closing = name[1:] if short_closer and name[0] in "+#-" else name
+    closing = closing.upper() if upper_closer else closing
+    return f"<{name}>{body}</{closing}>", "", "", ((name.lower(), body.strip()),)
 
 
 words = st.sampled_from(WORDS).map(plain)
 simple_words = st.sampled_from(["Привет", "world", "дела", "hello", "Ёжик"])
 tags = st.tuples(st.sampled_from(DEFAULT.tags), st.sampled_from(BODIES)).map(
-    lambda tb: (f"<{tb[0]}>{tb[1]}</{tb[0]}>", "", ""))
-think = st.just(("<think>I should <e>smile</e> and say *hi* < 3</think>", "", ""))
+    lambda tb: (f"<{tb[0]}>{tb[1]}</{tb[0]}>", "", "", ((tb[0], tb[1].strip()),)))
+other_tags = st.builds(other_tag, st.sampled_from(OTHER_NAMES), st.sampled_from(OTHER_BODIES), st.booleans(),
+                       st.booleans())
+think = st.just(("<think>I should <e>smile</e> and say *hi* < 3</think>", "", "", ()))
 emphasis = st.tuples(st.sampled_from(["**", "*", "_", "__", "`", "~~"]), simple_words).map(
-    lambda mw: (f"{mw[0]}{mw[1]}{mw[0]}", f"{mw[0]}{mw[1]}{mw[0]}", mw[1]))
-emoji = st.sampled_from(["😊", "👍🏽", "❤️", "🇷🇺"]).map(lambda e: (e, e, ""))
+    lambda mw: (f"{mw[0]}{mw[1]}{mw[0]}", f"{mw[0]}{mw[1]}{mw[0]}", mw[1], ()))
+emoji = st.sampled_from(["😊", "👍🏽", "❤️", "🇷🇺"]).map(lambda e: (e, e, "", ()))
 links = st.tuples(simple_words, simple_words).map(
     lambda ww: (f"[{ww[0]} {ww[1]}](https://ex.com/p_(x)?q=*)", f"[{ww[0]} {ww[1]}](https://ex.com/p_(x)?q=*)",
-                f"{ww[0]} {ww[1]}"))
-fence = st.just(("\n```python\nx = 1 * 2  # <e>in code</e>\n```\n", "\n```python\nx = 1 * 2  # \n```\n",
-                 f"\n{CODE_PHRASE}\n"))
+                f"{ww[0]} {ww[1]}", ()))
+fence = st.sampled_from([
+    ("\n```python\nx = 1 * 2  # <e>in code</e>\n```\n", "\n```python\nx = 1 * 2  # \n```\n", f"\n{CODE_PHRASE}\n",
+     (("e", "in code"),)),
+    ("\n~~~html\n<li>x</li> <T> a<b\n<bogus>y</bogus>\n~~~\n", "\n~~~html\n<li>x</li> <T> a<b\n<bogus>y</bogus>\n~~~\n",
+     f"\n{CODE_PHRASE}\n", ()),
+])
+inline_code = st.just(("`<b>x</b>`", "`<b>x</b>`", "<b>x", ()))
 line_markup = st.tuples(st.sampled_from(["## ", "# ", "- ", "* ", "+ ", "> ", "• "]), simple_words).map(
-    lambda mw: (f"\n{mw[0]}{mw[1]}", f"\n{mw[0]}{mw[1]}", f"\n{mw[1]}"))
-snake = st.just(("snake_case", "snake_case", "snake case"))
-html = st.tuples(st.sampled_from(["b", "i", "sup"]), simple_words).map(
-    lambda tw: (f"<{tw[0]}>{tw[1]}</{tw[0]}><br/>", f"<{tw[0]}>{tw[1]}</{tw[0]}><br/>", f"{tw[1]}\n"))
-parts = st.one_of(words, words, words, tags, think, emphasis, emoji, links, fence, line_markup, snake, html)
+    lambda mw: (f"\n{mw[0]}{mw[1]}", f"\n{mw[0]}{mw[1]}", f"\n{mw[1]}", ()))
+snake = st.just(("snake_case", "snake_case", "snake case", ()))
+html = st.sampled_from([("<br/>", "<br/>", "\n", ()), ("<BR>", "<BR>", "\n", ()), ("<hr>", "<hr>", "", ()),
+                        ("</bogus>", "</bogus>", "", ()), ("<bogus/>", "<bogus/>", "", ())])
+parts = st.one_of(words, words, words, tags, other_tags, think, emphasis, emoji, links, fence, inline_code,
+                  line_markup, snake, html)
 
 
 @st.composite
@@ -79,13 +102,11 @@ def replies(draw: st.DrawFn) -> tuple[str, str, str, list[tuple[str, str]]]:
     """A reply as (raw, expected display, expected speech, expected marks)."""
     raw, display, speech, marks = [], [], [], []
     for part in draw(st.lists(st.tuples(parts, st.sampled_from(SEPARATORS)), max_size=40)):
-        (r, d, s), sep = part
+        (r, d, s, m), sep = part
         raw.append(r + sep)
         display.append(d + sep)
         speech.append(s + sep)
-        if not r.startswith("<think>"):
-            marks += [(m.group(1), m.group(2).strip()) for m in re.finditer(r"<([^>/]+)>(.*?)</\1>", r)
-                      if m.group(1) in DEFAULT.tags]
+        marks += m
     return "".join(raw), "".join(display), "".join(speech), marks
 
 
@@ -103,7 +124,8 @@ def split(raw: str, cuts: list[int]) -> list[str]:
     return [raw[a:b] for a, b in zip(points, points[1:])]
 
 
-MARKUP = re.compile(r"[*_`~#|\[\]]|</?\w+>|<think|[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]")
+# Markup that must never be spoken; a lone opening such as the <y> of x<y>z is text, so it is spoken.
+MARKUP = re.compile(r"[*_`~#|\[\]]|</\w+>|<\w+/>|<think|[\U0001F000-\U0001FAFF\u2600-\u27BF\uFE0F\u200D]")
 URL = re.compile(r"https?://\S+|www\.\S+")
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -135,7 +157,7 @@ def test_feeding_one_character_at_a_time_changes_nothing(reply):
 
 
 @FAST
-@given(st.text(alphabet=st.sampled_from("ab .,!?\n<>/e*_`#[]()-—«»😊:3"), max_size=200),
+@given(st.text(alphabet=st.sampled_from("ab .,!?\n<>/e*_`~#[]()-—«»😊:3"), max_size=200),
        st.lists(st.integers(0, 10_000), max_size=20))
 def test_arbitrary_text_is_split_the_same_way_and_within_max_chars(raw, cuts):
     policy = ChunkerPolicy(max_chars=20, min_chars=5, min_first_chars=3, tag_lookahead=20, tags=("e",))
@@ -262,6 +284,117 @@ def test_marks_point_into_the_chunk_being_assembled():
     assert chunks[1].marks == (Mark("e", "wink", 1, 3),) and chunks[1].text[3:] == "friend."
 
 
+# --- what counts as a tag -------------------------------------------------------------------
+
+def tag_oracle(text: str, lookahead: int) -> tuple[str, list[tuple[str, str]]]:
+    """The tag rule, written plainly over a whole reply without code or configured tags: at a '<',
+    a well-formed `<name>` (not a void element such as <br>) whose closing tag ends within
+    `lookahead` characters of the '<' is a tag; everything else is text."""
+    shown, marks, pos = [], [], 0
+    while pos < len(text):
+        opening = re.compile(r"<([+#\-]?[A-Za-z]\w{0,31})>").match(text, pos)
+        if opening and opening.group(1).lower() not in VOID:
+            name = opening.group(1).lower()
+            names = [name, name[1:]] if name[0] in "+#-" else [name]
+            closing = re.compile("|".join(f"</{re.escape(n)}>" for n in names), re.I)
+            close = closing.search(text, opening.end(), pos + lookahead)
+            if close:
+                marks.append((name, text[opening.end():close.start()].strip()))
+                pos = close.end()
+                continue
+        shown.append(text[pos])
+        pos += 1
+    return "".join(shown), marks
+
+
+ANGLE_PIECES = ["<", ">", "</", "/>", "b", "B", "bogus", "y", "x", "+", "-", "#", "_", "1", "ё", "br", " ", "\n",
+                "Привет", "a < b", ".", ","]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(ANGLE_PIECES), max_size=60), st.integers(8, 60),
+       st.lists(st.integers(0, 10_000), max_size=20))
+def test_tags_are_exactly_the_well_formed_pairs_however_the_reply_is_split(pieces, lookahead, cuts):
+    raw = "".join(pieces)
+    policy = ChunkerPolicy(tags=(), tag_lookahead=lookahead)
+    display, chunks = run(raw, policy)
+    want_display, want_marks = tag_oracle(raw, lookahead)
+    assert display == want_display
+    assert [(m.tag, m.body) for c in chunks for m in c.marks] == want_marks
+    assert run(split(raw, cuts), policy) == (display, chunks)
+    assert run(chars(raw), policy) == (display, chunks)
+
+
+@pytest.mark.parametrize("reply, display, speech, marks", [
+    ("Echo: <bogus>x</bogus>. Done.", "Echo: . Done.", "Echo: . Done.", [("bogus", "x")]),
+    ("Ответ <мусор>нет</мусор>, а <bogus>икс</bogus> готов.", "Ответ <мусор>нет</мусор>, а  готов.",
+     "Ответ <мусор>нет</мусор>, а готов.", [("bogus", "икс")]),
+    ("<BOGUS>x</Bogus>Ok.", "Ok.", "Ok.", [("bogus", "x")]),
+    ("A<+note>x</note>b<+note>y</+NOTE>c", "Abc", "Abc", [("+note", "x"), ("+note", "y")]),
+    ("Hi <bogus>a <e>smile</e> b</bogus>!", "Hi !", "Hi !", [("bogus", "a <e>smile</e> b")]),
+    ("<a1>x</a1><snake_case>y</snake_case><Tag_ё>z</tag_Ё>Да.", "Да.", "Да.",
+     [("a1", "x"), ("snake_case", "y"), ("tag_ё", "z")]),
+    ("Пусть a < b и x<y>z, 2<3>1.", "Пусть a < b и x<y>z, 2<3>1.", "Пусть a < b и x<y>z, 2<3>1.", []),
+    ("Use vector<int> here.", "Use vector<int> here.", "Use vector<int> here.", []),
+    ("a <bogus attr=1>x</bogus> b", "a <bogus attr=1>x</bogus> b", "a <bogus attr=1>x b", []),
+    ("Line<br>break <bogus/> and </bogus> stay.", "Line<br>break <bogus/> and </bogus> stay.",
+     "Line break and stay.", []),
+    ("Hi <bogus>x", "Hi <bogus>x", "Hi <bogus>x", []),
+])
+def test_a_well_formed_pair_is_a_tag_whatever_its_name_and_nothing_else_is(reply, display, speech, marks):
+    got_display, chunks = run(reply)
+    assert got_display == display
+    assert " ".join(c.text for c in chunks) == speech
+    assert [(m.tag, m.body) for c in chunks for m in c.marks] == marks
+
+
+@pytest.mark.parametrize("reply", ["Echo: <bogus>x</bogus>. Done <e>smile</e> here.",
+                                   "Привет! <bogus>икс</bogus>Как дела? <Bogus>x</bogus>"])
+def test_an_unknown_tag_split_anywhere_is_neither_shown_nor_spoken(reply):
+    whole = run(reply)
+    assert "x" not in whole[0] and "икс" not in whole[0] and "bogus" not in whole[0].lower()
+    assert not any("x" in c.text or "икс" in c.text for c in whole[1])
+    assert [m.tag for c in whole[1] for m in c.marks if m.tag != "e"] == ["bogus"] * reply.lower().count("<bogus>")
+    assert run(chars(reply)) == whole
+    for cut in range(len(reply) + 1):
+        assert run([reply[:cut], reply[cut:]]) == whole, cut
+
+
+def test_the_mark_of_an_unknown_tag_points_where_it_stood():
+    _, chunks = run("Echo: <bogus>x</bogus>. Done.")
+    assert chunks[0].marks == (Mark("bogus", "x", 0, 6),)
+
+
+def test_tag_like_code_stays_code():
+    reply = "Пример:\n```html\n<li>x</li> <bogus>y</bogus>\n```\nИ `<b>x</b>` тоже."
+    display, chunks = run(reply)
+    assert display == reply
+    assert [c.text for c in chunks] == ["Пример:", "И <b>x тоже."] and not any(c.marks for c in chunks)
+
+
+def test_tags_count_again_after_code_ends():
+    assert run("```\n<b>x</b>\n```\n<bogus>y</bogus>ok")[0] == "```\n<b>x</b>\n```\nok"
+    assert run("a `b\n<bogus>y</bogus>ok")[0] == "a `b\nok"   # an inline span ends with its line
+    assert run("a `b` <bogus>y</bogus>ok")[0] == "a `b` ok"
+    assert run("a ``b` <bogus>y</bogus>`` c")[0] == "a ``b` <bogus>y</bogus>`` c"
+
+
+def test_a_pair_longer_than_tag_lookahead_is_text():
+    reply = "<bogus>" + "x" * 40 + "</bogus>"
+    display, chunks = run(reply, ChunkerPolicy(tag_lookahead=30))
+    assert display == reply and chunks[0].marks == ()
+
+
+def test_only_a_possible_tag_is_held_back():
+    chunker = Chunker()
+    assert chunker.feed("a<br>b <3 a < b", 0).display == "a<br>b <3 a < b"   # a void element opens no pair
+    assert chunker.feed(" x<y>z", 0).display == " x"                        # <y> may still be closed
+    assert chunker.finish(0).display == "<y>z"
+    chunker = Chunker(ChunkerPolicy(tags=("e",), tag_lookahead=20))
+    assert chunker.feed("x<y>z more", 0).display == "x"
+    assert chunker.feed(" more more more", 0).display == "<y>z more more more more"
+
+
 def test_think_blocks_leave_neither_display_nor_speech():
     display, chunks = run(["<thi", "nk>Надо <e>улыбнуться</e>.</th", "ink>Ответ: да."])
     assert display == "Ответ: да."
@@ -300,8 +433,10 @@ def test_links_speak_their_text_not_their_url():
     assert spoken("Bare https://ex.com/a_b~c#top stays whole.") == "Bare https://ex.com/a_b~c#top stays whole."
 
 
-def test_html_tags_are_not_spoken_and_br_is_a_line_break():
-    assert texts("Это <b>важно</b>, очень<br/>важно <i >тоже</i>.") == ["Это важно,", "очень", "важно тоже."]
+def test_lone_html_tags_are_shown_not_spoken_and_br_is_a_line_break():
+    reply = "Это важно</b>, очень<br/>важно<hr> тоже<x/>."
+    display, chunks = run(reply)
+    assert display == reply and [c.text for c in chunks] == ["Это важно,", "очень", "важно тоже."]
 
 
 def test_a_lone_angle_bracket_is_text():
@@ -309,8 +444,9 @@ def test_a_lone_angle_bracket_is_text():
     assert display == "a < b and c<e" and chunks[0].text == "a < b and c<e"
     chunker = Chunker()
     assert chunker.feed("x <", 0).display == "x "
-    assert chunker.feed("e", 0).display == ""
-    assert chunker.feed("x", 0).display == "<ex"
+    assert chunker.feed("e", 0).display == ""     # may become <e>
+    assert chunker.feed("x", 0).display == ""     # may become <ex>
+    assert chunker.feed(" ", 0).display == "<ex "
 
 
 def test_an_unclosed_tag_is_released_as_text_after_tag_lookahead():

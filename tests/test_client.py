@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.client import (Audio, Chunk, Done, Mark, Playback, TextDelta, VoxpipeError, VoxpipeTimeout,
+from services.client import (Audio, Chunk, Done, Error, Mark, Playback, TextDelta, VoxpipeError, VoxpipeTimeout,
                              connect)
 from tests.fakes.openai_server import reply_for
 from tests.harness import Daemon, connect as bus_connect, fake_openai, openai_settings, start_stage, stop_process
@@ -56,6 +56,28 @@ def test_whole_reply_without_waiting_for_audio_and_a_second_session(daemon: Daem
         second = vp.ask("Other session", session="lib2b", stream=None)
         assert [event.kind for event in second][-1] == "playback"
         assert second.session == "lib2b" and second.text == spoken(reply_for("Other session"))
+
+
+def test_each_reply_can_choose_its_voice(daemon: Daemon) -> None:
+    """The voice travels in the request to tts; one espeak does not know is reported and the
+    reply is still spoken (in the configured voice)."""
+    watcher = bus_connect(daemon.runtime_dir, "test-voices", "request")
+    try:
+        with connect(daemon.config_path, session="lib4") as vp:
+            chosen = vp.ask("Hello library", voice="en+f3")
+            chosen_events = list(chosen)
+            unknown = vp.ask("Hello library", voice="xx-nope")
+            unknown_events = list(unknown)
+        sent = {}
+        while len(sent) < 2 and (message := watcher.receive(5.0)) is not None:
+            sent[message.id] = message["voice"]
+    finally:
+        watcher.close()
+    assert sent == {chosen.id: "en+f3", unknown.id: "xx-nope"}
+    assert chosen.complete and not [event for event in chosen_events if isinstance(event, Error)]
+    errors = [event for event in unknown_events if isinstance(event, Error)]
+    assert [error.code for error in errors] == ["unknown_voice"] and "'xx-nope'" in errors[0].message
+    assert unknown.complete and any(isinstance(event, Audio) and event.pcm for event in unknown_events)
 
 
 def test_cancel_from_another_thread_stops_the_reply_everywhere(daemon: Daemon) -> None:

@@ -68,10 +68,14 @@ class Gui:
                                         cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         self.state = self.wait(lambda state: True, "the window to come up")
 
-    def wait(self, condition: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Poll the --dump file until `condition` holds for the state it holds."""
+    def wait(self, condition: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60.0,
+             ask: bool = False) -> dict[str, Any]:
+        """Poll the --dump file until `condition` holds for the state it holds; with `ask`, also ask
+        for a fresh dump each time (for what changes after a reply ends, such as its commands)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if ask and self.process.poll() is None:
+                self.process.send_signal(signal.SIGUSR1)
             if self.dump.exists():
                 state = json.loads(self.dump.read_text())
                 if condition(state):
@@ -101,6 +105,21 @@ class Gui:
     def type(self, text: str) -> None:
         self.xdotool("type", "--delay", "25", text)
 
+    def resize(self, width: int, height: int) -> dict[str, Any]:
+        """Resize the window from outside, as a window manager would, and wait until it has reflowed.
+        Tk's wrapper window, the one to resize, is the one with the class name `voxpipe gui` gives it."""
+        found = subprocess.run(["xdotool", "search", "--classname", "^voxpipe$"], env=self.env, capture_output=True,
+                               text=True, timeout=60).stdout.split()
+        assert len(found) == 1, found
+        self.xdotool("windowsize", found[0], str(width), str(height))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = self.snapshot()
+            if state["widgets"]["window"][2:] == [width, height]:
+                return state
+            time.sleep(0.2)
+        raise AssertionError(f"the window did not become {width}x{height}: {self.state['widgets']['window']}")
+
     def screenshot(self, path: Path) -> Path:
         return screenshot(self.display, path, crop=tuple(self.state["widgets"]["window"]))
 
@@ -125,6 +144,31 @@ def next_reply(watcher: Connection, seen: set[str], timeout: float = 60.0) -> st
             seen.add(message.id)
             return message.id
     raise AssertionError("the GUI's reply did not start")
+
+
+def follow(watcher: Connection, seen: set[str], timeout: float = 60.0) -> tuple[str, list[protocol.Message]]:
+    """The next reply not seen yet: its id and its text, chunk and llm.done messages, up to its final chunk."""
+    reply_id = ""
+    messages: list[protocol.Message] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = watcher.receive(1.0)
+        if message is not None and not reply_id and message.kind == "text" and message.id not in seen:
+            reply_id = message.id
+            seen.add(reply_id)
+        if message is not None and message.id == reply_id:
+            messages.append(message)
+            if message.kind == "chunk" and message["final"]:
+                return reply_id, messages
+    raise AssertionError(f"no final chunk for {reply_id}")
+
+
+def shows_whole(state: dict[str, Any], name: str) -> bool:
+    """Whether a label is on screen, inside the window and as wide as its text asks."""
+    wx, wy, ww, wh = state["widgets"]["window"]
+    x, y, width, height = state["widgets"][name]
+    return (height > 1 and width >= state["requested"][name][0] and wx <= x and x + width <= wx + ww
+            and wy <= y and y + height <= wy + wh)
 
 
 def wait_done(watcher: Connection, reply_id: str, timeout: float = 60.0) -> protocol.Message:
@@ -158,7 +202,8 @@ def test_gui_streams_a_reply_shows_the_emotion_and_stops(display: str, tmp_path:
                 partial["reply"]
             shutil.copy(gui.screenshot(tmp_path / "voxpipe-gui-streaming.png"), "/tmp/voxpipe-gui-streaming.png")
             assert wait_done(watcher, first)["status"] == "ok"
-            state = gui.wait(lambda state: state["replies"] >= 1, "the first reply to finish")
+            state = gui.wait(lambda state: state["replies"] >= 1 and "smile" in state["emotion"],
+                             "the first reply and its emotion", ask=True)
             assert state["reply"] == full
             assert f"You: {question}\nvoxpipe: {full}" in state["transcript"]
             assert state["emotion"] == "emotion: smile"
@@ -178,12 +223,79 @@ def test_gui_streams_a_reply_shows_the_emotion_and_stops(display: str, tmp_path:
             assert state["transcript"].rstrip().endswith("[stopped]")
             assert not state["busy"]
             assert "here." not in state["reply"]
+
+            # 3. the focus went back to the input box: typing at once, with no click, lands there
+            assert state["focus"] == "entry"
+            gui.type("again")
+            assert gui.wait(lambda state: state["input"] == "again", "the typed text in the input box")["focus"] == "entry"
             shutil.copy(gui.screenshot(tmp_path / "voxpipe-gui-stopped.png"), "/tmp/voxpipe-gui-stopped.png")
         finally:
             code = gui.close()
             watcher.close()
         assert code == 0
         assert json.loads(gui.dump.read_text())["replies"] == 2  # the dump on exit
+
+
+def test_gui_hides_a_refused_tag_says_a_cut_reads_commands_in_words_and_fits_420px(display: str,
+                                                                                   tmp_path: Path) -> None:
+    with fake_openai(delay=0.01) as url, Daemon(openai_settings(url), env=KEY) as daemon:
+        watcher = Connection("test-watch", endpoints_for(daemon.config()),
+                             [protocol.subscription(kind, SESSION) for kind in ("text", "chunk", "llm.done")])
+        watcher.open(timeout=30)
+        gui = Gui(daemon, display, tmp_path)
+        seen: set[str] = set()
+        try:
+            # 1. the reply carries a tag the allowlist refuses and an attitude command
+            question = "<bogus>x</bogus> and <p>1,0,-1</p> please"
+            gui.click("entry")
+            gui.type(question)
+            gui.xdotool("key", "Return")
+            reply_id, messages = follow(watcher, seen)
+            state = gui.wait(lambda state: state["replies"] >= 1 and "attitude" in state["command"]
+                             and "smile" in state["emotion"] and "refused" in state["transcript"],
+                             "the reply and its commands", ask=True)
+            shown = "".join(m["delta"] for m in messages if m.kind == "text")
+            spoken = " ".join(m["text"] for m in messages if m.kind == "chunk")
+            assert shown == state["reply"] == "Echo:  and  please. Done  here."
+            assert spoken == "Echo: and please. Done here."
+            assert [mark["tag"] for m in messages if m.kind == "chunk" for mark in m["marks"]] == ["bogus", "p", "e"]
+            answer = state["transcript"].split("voxpipe: ", 1)[1]
+            text, refused = answer.split("\n")[:2]
+            assert text == shown and "x" not in text and "bogus" not in text
+            assert refused.startswith("[refused command bogus: ")
+            assert state["command"] == "attitude +1, boredom 0, stress \u22121"
+            assert state["emotion"] == "emotion: smile"
+            shutil.copy(gui.screenshot(tmp_path / "voxpipe-gui-commands.png"), "/tmp/voxpipe-gui-commands.png")
+
+            # 2. a reply that repeats itself is cut by the guard, and the window says so
+            gui.type("one two three four five six seven eight " * 3)
+            gui.xdotool("key", "Return")
+            assert wait_done(watcher, next_reply(watcher, seen))["guard"] == "repetition"
+            state = gui.wait(lambda state: state["replies"] >= 2, "the cut reply to end")
+            assert state["transcript"].rstrip().endswith("eight\n[cut: repetition]")
+
+            # 3. at the narrowest the window goes, every label is still whole and inside it
+            labels = ("emotion", "command", "status")
+            wide = gui.snapshot()
+            assert all(shows_whole(wide, name) for name in labels)
+            assert wide["widgets"]["command"][1] == wide["widgets"]["status"][1]   # one line when it fits
+            narrow = gui.resize(420, 480)
+            assert narrow["status"] == "ready" and all(shows_whole(narrow, name) for name in labels), narrow
+
+            # 4. a command too long to share the line gets one of its own, wrapped, below
+            gui.click("entry")
+            gui.type("<c>walk over to the player and sit down right next to them</c>")
+            gui.xdotool("key", "Return")
+            state = gui.wait(lambda state: state["replies"] >= 3 and "walk" in state["command"], "the long command",
+                             ask=True)
+            assert state["command"] == "command: walk over to the player and sit down right next to them"
+            assert all(shows_whole(state, name) for name in labels), state
+            assert state["widgets"]["command"][1] > state["widgets"]["status"][1]
+            shutil.copy(gui.screenshot(tmp_path / "voxpipe-gui-420.png"), "/tmp/voxpipe-gui-420.png")
+        finally:
+            code = gui.close()
+            watcher.close()
+        assert code == 0
 
 
 def test_gui_without_a_bus_fails_fast(display: str, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Commands and history in real processes with real SQLite: the pipeline, interruptions, a crash, import."""
+"""Commands and history in real processes with real SQLite: the pipeline, interruptions, a crash, import,
+and what a failed or interrupted exchange leaves for the next prompt."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 from services import protocol
 from services.history.store import HistoryStore
+from services.llm.core import build_messages, render_dialogue
 from services.protocol import Message
 from services.runtime import Connection, endpoints_for
 from tests.harness import Daemon, connect, fake_openai, openai_settings, start_stage, stop_process, wait_ready
@@ -61,8 +63,8 @@ def test_commands_in_a_streamed_reply_are_published_placed_and_applied(server: s
         assert [(name, accepted) for name, _, accepted, _, _ in reply] == [
             ("e", True), ("c", True), ("+memory", True), ("p", True), ("teleport", False), ("e", False),
             ("e", True)]
-        assert all(chunk >= 0 and offset >= 0 for name, _, _, chunk, offset in reply if name != "teleport")
-        assert reply[4][3:] == (-1, -1)  # an unknown tag is no chunker mark: no place
+        # every well-formed tag is a chunker mark, an unknown one too (it is refused, never shown): all are placed
+        assert all(chunk >= 0 and offset >= 0 for _, _, _, chunk, offset in reply)
         assert results[True] == results[False], "streaming on and off must give the same command events"
 
         client.publish("context.query", "cmd-True", "probe", limit=10)
@@ -118,8 +120,8 @@ def test_an_interrupted_reply_is_stored_with_what_was_heard_and_the_next_context
 
 def test_kill_history_under_load_then_it_catches_up(server: str) -> None:
     with fake_openai(delay=0.01) as slow, Daemon(openai_settings(slow), env=KEY) as daemon:
-        client = Connection("load", endpoints_for(daemon.config()),
-                            [protocol.subscription(kind) for kind in ("history.saved", "llm.done", "error", "heartbeat")])
+        client = Connection("load", endpoints_for(daemon.config()), [
+            protocol.subscription(kind) for kind in ("history.saved", "llm.done", "error", "heartbeat")])
         client.open()
         history_pid = next(m for m in iter(lambda: client.receive(2), None) if m.kind == "heartbeat"
                            and m.src == "history")["pid"]
@@ -187,3 +189,45 @@ def test_companion_history_import_round_trips_through_export(tmp_path: Path) -> 
         assert HistoryStore(daemon.db_path).messages("mita") == []
     finally:
         daemon.close()
+
+
+def test_the_next_prompt_leaves_out_failed_exchanges_and_never_repeats_a_turn(tmp_path: Path) -> None:
+    store = HistoryStore(tmp_path / "history.db")
+    question = "What is in this picture?"
+
+    def exchange(request_id: str, text: str, reply: str | None = None, **outcome: Any) -> None:
+        store.add_message("s", request_id, "user", text, time.time())
+        if reply is not None:
+            store.add_message("s", request_id, "assistant", reply, time.time(), **outcome)
+
+    try:
+        exchange("fail1", question, "", status="error", error="cannot reach the provider")
+        exchange("fail2", question, "", status="error", error="cannot reach the provider")
+        exchange("now", question)
+        assert store.context("s", 20, exclude_request="now") == []
+        assert build_messages("", [], question) == [{"role": "user", "content": question}]
+
+        exchange("now", question, "A cat.")
+        exchange("third", "Third")
+        exchange("barge", "barge in")   # stored before the reply it cut off
+        exchange("third", "Third", "Once upon a time", status="interrupted", interrupted=True)
+        store.set_spoken("s", "third", "Once", True)
+        exchange("barge", "barge in", "Sure.")
+        exchange("late", "And then?", "It went", status="error", error="no token for 5 s; the reply was cut off")
+        exchange("cut", "Again?", "", status="interrupted", interrupted=True)
+        exchange("cut2", "Again?")
+        context = store.context("s", 20, exclude_request="cut2")
+        assert context == [{"role": "user", "content": question}, {"role": "assistant", "content": "A cat."},
+                           {"role": "user", "content": "Third"}, {"role": "assistant", "content": "Once"},
+                           {"role": "user", "content": "barge in"}, {"role": "assistant", "content": "Sure."},
+                           {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "It went"},
+                           {"role": "user", "content": "Again?"}]
+        assert store.context("s", 3, exclude_request="cut2") == context[-3:]
+    finally:
+        store.close()
+    messages = build_messages("Be kind.", context, "Again?")
+    assert messages[-2:] == [{"role": "assistant", "content": "It went"}, {"role": "user", "content": "Again?"}]
+    prompt, _ = render_dialogue("", context, "Again?", "Mita")
+    assert prompt.split("\n")[-3:] == ["Mita: It went", "User: Again?", "Mita:"]
+    assert build_messages("", [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}], "hi") == [
+        {"role": "user", "content": "hi\nagain\nhi"}], "only a repeat of the turn just before is left out"

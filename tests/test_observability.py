@@ -31,7 +31,7 @@ def test_metrics_stats_prometheus_and_logs() -> None:
             time.sleep(0.5)
         assert stats.returncode == 0, stats.stderr
         header, row = stats.stdout.splitlines()[:2]
-        assert "first audio p50/p95 ms" in header and row.split()[:3] == ["openai", "espeak", "3"]
+        assert "first audio p50/p95 ms" in header and row.split()[:5] == ["fake", "openai", "espeak", "3", "0"]
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         log = "".join(daemon.log)
     for stage in ("bus", "llm", "chunker", "tts", "player", "history"):

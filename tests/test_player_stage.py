@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 from services.audio import AudioFormat
 from services.player.convert import Converter
+from services.player.stage import SPEECH_MS_PER_CHAR
 from services.protocol import Message
 from tests.fakes.alsa_fifo import PacedFifo
 from tests.harness import PYTHON, ROOT, base_env, connect, start_stage, stop_process, wait_ready
@@ -91,7 +93,7 @@ def test_events_carry_what_was_heard(tmp_path):
     with player("null") as p:
         p.send_chunk("r1", 0, [tone(100), tone(100)], chars=30)
         p.send_chunk("r1", 1, [tone(100)], chars=7, final=True)
-        # cut off: r2's chunk 0 has no last frame yet, so it was heard in full as far as it came
+        # cut off: r2's chunk 0 has no last frame yet, so its length is taken as its text spoken at the usual rate
         p.send_chunk("r2", 0, [tone(100)], chars=12, last=False)
         first = p.events()
         started = p.next_event()  # r2 is playing, not waiting
@@ -100,9 +102,44 @@ def test_events_carry_what_was_heard(tmp_path):
         stopped = p.next_event()
     assert summary(first) == [("r1", "started", 0, 0.0, 0, False), ("r1", "finished", 0, 1.0, 30, False),
                               ("r1", "started", 1, 0.0, 0, False), ("r1", "finished", 1, 1.0, 7, True)]
-    assert summary([started, stopped]) == [("r2", "started", 0, 0.0, 0, False), ("r2", "stopped", 0, 1.0, 12, True)]
+    heard = 100 / (12 * SPEECH_MS_PER_CHAR)
+    assert summary([started, stopped]) == [("r2", "started", 0, 0.0, 0, False),
+                                           ("r2", "stopped", 0, heard, round(heard * 12), True)]
     assert [round(event["audio_s"], 6) for event in (*first, started, stopped)] == [0, 0, 0, 0.3, 0, 0.1]
     assert all(event["audio_ts"] > 0 for event in (*first, started) if event["event"] == "started")
+
+
+def test_a_chunk_cut_before_its_audio_all_came_is_measured_at_the_replys_speech_rate():
+    """A synthesiser slower than the player (here: frames that stop coming) is cut mid-chunk: what
+    came is a part of the chunk whose length the reply's whole chunks tell (40 ms per character)."""
+    with player("null") as p:
+        p.send_chunk("r1", 0, [tone(200), tone(200)], chars=10)
+        p.send_chunk("r1", 1, [tone(200)], chars=20, last=False)  # 800 ms at 40 ms per character
+        events = [p.next_event() for _ in range(3)]
+        time.sleep(0.2)
+        p.client.publish("cancel", "s1", "r1")
+        events.append(p.next_event())
+    assert summary(events)[2:] == [("r1", "started", 1, 0.0, 0, False), ("r1", "stopped", 1, 0.25, 5, True)]
+
+
+@pytest.mark.parametrize("backend", ["sounddevice", "simpleaudio"])
+def test_a_cut_reports_the_chunk_that_was_sounding_not_the_last_one_started(tmp_path, backend):
+    """A backend holds audio ahead of the sound (sounddevice a 300 ms queue, simpleaudio the buffer
+    playing), so chunk 0 is `finished` and chunk 1 `started` while chunk 0 still sounds: a cancel
+    then stops the reply inside chunk 0, and the stopped event says so, so history drops chunk 1
+    and cuts chunk 0."""
+    with PacedFifo(tmp_path, FMT.rate * FMT.block_align) as device:
+        with player(backend, ALSA_CONFIG_PATH=str(device.conf)) as p:
+            p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(5)], chars=50)  # 1 s
+            p.send_chunk("r1", 1, [tone(200, level=n + 1) for n in range(5)], chars=50, final=True)
+            events = [p.next_event() for _ in range(3)]
+            p.client.publish("cancel", "s1", "r1")
+            stopped = p.next_event()
+    assert summary(events) == [("r1", "started", 0, 0.0, 0, False), ("r1", "finished", 0, 1.0, 50, False),
+                               ("r1", "started", 1, 0.0, 0, False)]
+    assert (stopped["event"], stopped["chunk"], stopped["final"]) == ("stopped", 0, True)
+    assert 0 < stopped["heard"] < 1 and stopped["heard_chars"] == round(stopped["heard"] * 50)
+    assert stopped["audio_s"] == pytest.approx(stopped["heard"] * 1.0, abs=0.01)  # chunk 0 is the first second
 
 
 def test_wav_is_in_the_first_frames_format_when_the_engine_changes_format(tmp_path):

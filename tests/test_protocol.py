@@ -15,7 +15,7 @@ ENVELOPE = {"session": "s1", "id": "r1", "seq": 3, "ts": 1764500000.25, "src": "
 EXAMPLES = {
     "hello": {},
     "request": {"text": "Привет! How are you?", "profile": "local", "stream": False,
-                "images": [{"mime": "image/png", "data": b"\x89PNG\r\n"}]},
+                "images": [{"mime": "image/png", "data": b"\x89PNG\r\n"}], "voice": "en+f3"},
     "cancel": {"reason": "user pressed stop"},
     "token": {"text": "Hel"},
     "reasoning": {"text": "The user greets me, "},
@@ -62,7 +62,7 @@ def test_round_trip(kind: str) -> None:
 
 def test_defaults_are_filled() -> None:
     message = protocol.make("request", **ENVELOPE, text="hi")
-    assert message["profile"] == "" and message["stream"] is None
+    assert message["profile"] == "" and message["stream"] is None and message["voice"] == ""
 
 
 def frame_of(payload: object, topic: bytes = b"request/s1") -> bytes:
@@ -90,6 +90,9 @@ def good_request(**changes: object) -> dict:
     (frame_of(good_request(stream="yes")), "field 'stream' must be true or false"),
     (frame_of(good_request(ts=float("nan"))), "must be finite"),
     (frame_of(good_request(images=[{"mime": "text/html", "data": b"x"}])), "field 'images' item 0 field 'mime'"),
+    (frame_of(good_request(voice=3)), "field 'voice' must be a string, got int"),
+    (frame_of(good_request(voice=None)), "field 'voice' must be a string, got NoneType"),
+    (frame_of(good_request(voice="v" * 65)), "field 'voice' is 65 characters, the limit is 64"),
     (frame_of(good_request(), b"request/other"), "does not match"),
     (b"request/s1 " + b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "the limit is"),
 ])
@@ -106,7 +109,8 @@ def test_subscription_prefix_never_matches_a_longer_session() -> None:
 
 
 msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12)
 

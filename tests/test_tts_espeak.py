@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from services.audio import AudioFormat
 from services.tts.engines import create_engine
+from services.tts.engines.base import VoiceError
 from services.tts.engines.espeak import EspeakEngine
 
 RU = "Привет! Сегодня хорошая погода, и мы идём гулять в парк."
@@ -23,14 +24,21 @@ def engine() -> EspeakEngine:
     return create_engine("espeak", {"voice": "auto"})
 
 
-def pcm_of(engine: EspeakEngine, text: str) -> bytes:
-    return b"".join(frame.pcm for frame in engine.synthesize(text, NEVER))
+def pcm_of(engine: EspeakEngine, text: str, voice: str = "") -> bytes:
+    return b"".join(frame.pcm for frame in engine.synthesize(text, NEVER, voice))
 
 
 def same_speech(a: bytes, b: bytes) -> bool:
     """espeak-ng is not bit-reproducible (its wave generator carries state and noise from one
     synthesis to the next), so the same speech is recognised by its length, within 1%."""
     return abs(len(a) - len(b)) <= 0.01 * len(b)
+
+
+def crossings(pcm: bytes) -> float:
+    """Sign changes per sample: a higher voice (a female variant such as +f3) changes sign more often,
+    which the length alone does not show (+f3 says the same words in about the same time)."""
+    samples = array("h", pcm)
+    return sum(1 for a, b in zip(samples, samples[1:]) if (a < 0) != (b < 0)) / max(len(samples), 1)
 
 
 @pytest.mark.parametrize("text", [RU, EN, "Скажи hello по-английски, пожалуйста."], ids=["ru", "en", "mixed"])
@@ -51,6 +59,34 @@ def test_auto_voice_is_ru_for_cyrillic_else_en(engine):
 
 def test_fixed_voice_is_used_for_any_text():
     assert EspeakEngine(voice="en-us").voice_for(RU) == "en-us"
+
+
+def test_a_synthesis_can_choose_its_own_voice(engine):
+    fixed = EspeakEngine(voice="en")
+    assert [fixed.voice_for(RU, voice) for voice in ("", "ru", "auto")] == ["en", "ru", "ru"]
+    ru_speech = pcm_of(EspeakEngine(voice="ru"), RU)
+    assert same_speech(pcm_of(fixed, RU, "ru"), ru_speech)
+    assert not same_speech(pcm_of(fixed, RU), ru_speech)  # the next synthesis is in the configured voice again
+    assert crossings(pcm_of(engine, EN, "en+f3")) > 1.2 * crossings(pcm_of(engine, EN))
+
+
+@pytest.mark.parametrize("spelling", ["en+F3", "EN+female3", "gmw/en+f3", "English (Great Britain)+f3"])
+def test_voices_are_found_by_any_of_espeaks_names_in_any_case(engine, spelling):
+    assert crossings(pcm_of(engine, EN, spelling)) > 1.2 * crossings(pcm_of(engine, EN))
+
+
+@pytest.mark.parametrize("voice", ["xx-nope", "en+zzz", "f3", "+f3", "en+", "../../etc/passwd", "en\x00x"])
+def test_an_unknown_voice_is_refused_before_any_audio_and_the_choices_are_listed(engine, voice):
+    """espeak itself would take most of these: it drops an unknown variant silently, loads a bare
+    variant with no language, and cuts a name at NUL."""
+    frames = engine.synthesize(EN, NEVER, voice)
+    with pytest.raises(VoiceError) as refused:
+        next(frames)
+    text = str(refused.value)
+    assert repr(voice) in text and "Languages: af, " in text and ", en, " in text and ", ru, " in text
+    assert "Variants: adam, " in text and ", f3, " in text
+    assert len(text) < 1900   # fits an error event (2000) with the stage's own words
+    assert same_speech(pcm_of(engine, EN), pcm_of(EspeakEngine(), EN))  # the library is unharmed
 
 
 def test_smaller_frames_carry_the_same_audio(engine):

@@ -7,12 +7,15 @@ import struct
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from services.audio import AudioFormat
 from services.tts.engines import create_engine
+from services.tts.engines.base import VoiceError
 from services.tts.engines.openai_speech import OpenAISpeechEngine, SpeechError
 from tests.fakes.wire_server import Script, WireServer, json_script
 from tests.harness import connect, start_stage, stop_process, wait_ready
@@ -177,10 +180,26 @@ def test_bad_options_fail_at_construction():
         OpenAISpeechEngine(response_format="mp3")
 
 
-def test_tts_stage_speaks_through_the_engine_from_config(server):
-    """The real stage, configured only by environment variables, publishes the server's audio."""
-    body = tone(450)
-    server.route("/v1/audio/speech", audio_script((0, body[:9000]), (0.05, body[9000:])))
+def test_a_chosen_voice_is_sent_and_a_refused_one_is_a_voice_error(server, engine_for):
+    server.enqueue(audio_script((0, tone(100))),
+                   json_script({"error": {"message": f"Voice 'nope' not found. Key {KEY}"}}, status=400),
+                   json_script({"error": {"message": "input too long"}}, status=400))
+    engine = engine_for(voice="alloy")
+    assert b"".join(frame.pcm for frame in engine.synthesize("Hi.", NEVER, "nova")) == tone(100)
+    assert server.records[0].json["voice"] == "nova"
+    with pytest.raises(VoiceError) as refused:
+        list(engine.synthesize("Hi.", NEVER, "nope"))
+    text = str(refused.value)
+    assert "refused voice 'nope' (400: " in text and "not found" in text and KEY not in text
+    with pytest.raises(SpeechError, match="400"):   # without a chosen voice, a 400 is not the voice's fault
+        list(engine.synthesize("Hi.", NEVER))
+    assert [record.json["voice"] for record in server.records] == ["nova", "nope", "alloy"]
+
+
+@contextmanager
+def speech_stage(server: WireServer) -> Iterator[Path]:
+    """A bus and a tts stage that speaks through `server`, configured only by environment variables;
+    yields the runtime directory."""
     runtime = Path(tempfile.mkdtemp(prefix="vp-rt-")) / "run"
     env = {"VOXPIPE_TTS__ENGINE": "openai-speech",
            "VOXPIPE_TTS__OPENAI-SPEECH__BASE_URL": server.url("/v1"),
@@ -188,6 +207,18 @@ def test_tts_stage_speaks_through_the_engine_from_config(server):
     processes = [start_stage(name, runtime, **env) for name in ("bus", "tts")]
     try:
         wait_ready(runtime, "tts")
+        yield runtime
+    finally:
+        for process in reversed(processes):
+            code, err = stop_process(process)
+            assert code == 0, err
+
+
+def test_tts_stage_speaks_through_the_engine_from_config(server):
+    """The real stage, configured only by environment variables, publishes the server's audio."""
+    body = tone(450)
+    server.route("/v1/audio/speech", audio_script((0, body[:9000]), (0.05, body[9000:])))
+    with speech_stage(server) as runtime:
         client = connect(runtime, "test", "audio")
         client.publish("chunk", "s1", "r1", text="Hello there.", index=0, final=True)
         frames = []
@@ -200,10 +231,6 @@ def test_tts_stage_speaks_through_the_engine_from_config(server):
         assert {(f["rate"], f["channels"], f["width"], f["chars"]) for f in frames} == {(24000, 1, 2, 12)}
         assert [frame["frame"] for frame in frames] == list(range(len(frames)))
         client.close()
-    finally:
-        for process in reversed(processes):
-            code, err = stop_process(process)
-            assert code == 0, err
 
 
 def test_an_engine_error_in_one_chunk_does_not_stop_the_next(server):
@@ -211,12 +238,7 @@ def test_an_engine_error_in_one_chunk_does_not_stop_the_next(server):
     body = tone(300)
     server.enqueue(json_script({"error": {"message": "engine overloaded"}}, status=500),
                    audio_script((0, body)))
-    runtime = Path(tempfile.mkdtemp(prefix="vp-rt-")) / "run"
-    env = {"VOXPIPE_TTS__ENGINE": "openai-speech", "VOXPIPE_TTS__OPENAI-SPEECH__BASE_URL": server.url("/v1"),
-           "VOXPIPE_TTS__OPENAI-SPEECH__API_KEY_ENV": ""}
-    processes = [start_stage(name, runtime, **env) for name in ("bus", "tts")]
-    try:
-        wait_ready(runtime, "tts")
+    with speech_stage(server) as runtime:
         client = connect(runtime, "test", "audio", "error")
         client.publish("chunk", "f1", "r1", text="First sentence.", index=0, final=False)
         client.publish("chunk", "f1", "r1", text="Second sentence.", index=1, final=True)
@@ -232,6 +254,22 @@ def test_an_engine_error_in_one_chunk_does_not_stop_the_next(server):
         assert b"".join(f["pcm"] for f in second) == body
         assert [(e["code"], e.id) for e in errors if e["code"] == "tts_failed"] == [("tts_failed", "r1")]
         assert "500" in next(e["message"] for e in errors if e["code"] == "tts_failed")
-    finally:
-        for process in reversed(processes):
-            stop_process(process)
+
+
+def test_a_voice_the_server_refuses_is_reported_and_the_configured_voice_speaks(server):
+    body = tone(300)
+    server.enqueue(json_script({"error": {"message": "Voice 'nope' not found"}}, status=400), audio_script((0, body)))
+    with speech_stage(server) as runtime:
+        client = connect(runtime, "test", "audio", "error")
+        client.publish("request", "v1", "r1", text="Say hello.", voice="nope")
+        client.publish("chunk", "v1", "r1", text="Hello.", index=0, final=True)
+        frames, errors = [], []
+        while not (frames and frames[-1]["last"]):
+            message = client.receive(20)
+            assert message is not None, "no audio from the tts stage"
+            (frames if message.kind == "audio" else errors).append(message)
+        client.close()
+    assert b"".join(frame["pcm"] for frame in frames) == body
+    assert [(e["code"], e.id) for e in errors] == [("unknown_voice", "r1")]
+    assert "'nope'" in errors[0]["message"] and "not found" in errors[0]["message"]
+    assert [record.json["voice"] for record in server.records] == ["nope", "alloy"]

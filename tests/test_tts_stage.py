@@ -1,4 +1,4 @@
-"""The tts stage with real espeak-ng in a real process: languages, order across sessions, cancel."""
+"""The tts stage with real espeak-ng in a real process: languages, order across sessions, cancel, voices."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
+import msgpack
 import pytest
 
+from services import protocol
+from services.config import load
 from services.protocol import Message
+from services.shard import Shard
+from services.tts.stage import TtsStage
 from tests.harness import connect, start_stage, stop_process, wait_ready
+from tests.test_tts_espeak import EN, RU, crossings, same_speech
 
 
 @pytest.fixture()
@@ -113,3 +119,85 @@ def test_cancel_mid_reply_stops_that_sessions_audio_only(tts: Path) -> None:
     assert not [m for m in late if m.session == "long"], "audio kept coming after cancel"
     assert finished([m for m in rest if m.session == "other"])
     assert time.monotonic() - cancelled_at < 30
+
+
+def pcm_by_reply(messages: list[Message]) -> dict[tuple[str, str], bytes]:
+    spoken: dict[tuple[str, str], bytes] = defaultdict(bytes)
+    for message in messages:
+        if message.kind == "audio":
+            spoken[(message.session, message.id)] += message["pcm"]
+    return spoken
+
+
+def test_each_reply_speaks_in_the_voice_of_its_request(tts: Path) -> None:
+    client = connect(tts, "voices", "audio", "error")
+    replies = {("v1", "auto"): ("", RU), ("v1", "en"): ("en", RU),
+               ("v2", "plain"): ("", EN), ("v2", "f3"): ("en+f3", EN)}
+    for (session, reply), (voice, text) in replies.items():
+        client.publish("request", session, reply, text="Say something.", voice=voice)
+        send_chunks(client, session, [text], reply)
+    messages = collect(client, lambda got: finished(got, len(replies)))
+    client.close()
+    assert not [m for m in messages if m.kind == "error"]
+    spoken = pcm_by_reply(messages)
+    assert len(spoken["v1", "en"]) > 1.5 * len(spoken["v1", "auto"])  # en spells the Cyrillic letters out
+    assert crossings(spoken["v2", "f3"]) > 1.2 * crossings(spoken["v2", "plain"])  # the female variant is higher
+
+
+def test_an_unknown_voice_is_reported_once_and_the_reply_speaks_in_the_configured_voice(tts: Path) -> None:
+    client = connect(tts, "unknown-voice", "audio", "error")
+    texts = ["Hello there, how are you?", EN]
+    client.publish("request", "u1", "bad", text="Say something.", voice="xx-nope")
+    send_chunks(client, "u1", texts, "bad")
+    send_chunks(client, "u2", texts, "none")  # chunks without any request: the configured voice
+    messages = collect(client, lambda got: finished(got, 2))
+    client.close()
+    errors = [m for m in messages if m.kind == "error"]
+    assert [(m["code"], m.session, m.id, m["ref_kind"], m.src) for m in errors] == \
+        [("unknown_voice", "u1", "bad", "request", "tts")]
+    text = errors[0]["message"]
+    assert text.startswith("voice 'xx-nope' cannot be used, so the configured voice speaks: ")
+    assert "Languages: af, " in text and ", f3, " in text
+    chunks = {session: audio_by_chunk([m for m in messages if m.session == session]) for session in ("u1", "u2")}
+    for index in range(len(texts)):
+        bad, configured = (b"".join(f["pcm"] for f in chunks[session][index]) for session in ("u1", "u2"))
+        assert len(bad) > 22050 * 2 * 0.5 and same_speech(bad, configured)
+
+
+def test_a_request_with_a_bad_voice_field_is_rejected_with_an_error(tts: Path) -> None:
+    client = connect(tts, "bad-voice", "audio", "error")
+    for seq, voice in enumerate([5, "v" * 65]):
+        payload = {"v": 1, "kind": "request", "session": "b1", "id": "r1", "seq": seq, "ts": time.time(),
+                   "src": "bad-voice", "text": "Say something.", "voice": voice}
+        client.send_raw(b"request/b1 " + msgpack.packb(payload, use_bin_type=True))
+    send_chunks(client, "b1", [EN])
+    messages = collect(client, finished)
+    client.close()
+    rejected = [m["message"] for m in messages if m.kind == "error" and m["code"] == "invalid_message"]
+    assert len(rejected) == 2
+    assert "request: field 'voice' must be a string, got int" in rejected[0]
+    assert "request: field 'voice' is 65 characters, the limit is 64" in rejected[1]
+    assert sum(len(m["pcm"]) for m in messages if m.kind == "audio") > 22050 * 2 * 0.5  # the stage goes on
+
+
+def test_a_shard_remembers_only_its_own_sessions_voices_and_at_most_4096(tmp_path: Path) -> None:
+    """The real stage class and dispatch (with its shard filter) in this process; the null engine."""
+    config = load(env={"XDG_CONFIG_HOME": str(tmp_path), "VOXPIPE_BUS__RUNTIME_DIR": str(tmp_path / "run"),
+                       "VOXPIPE_TTS__ENGINE": "null"})
+    shard = Shard(0, 2)
+    stage = TtsStage(config, shard)
+    stage.prepare()
+    sessions = [f"s{n}" for n in range(10_000)]
+    for session in sessions:
+        stage._dispatch(protocol.make("request", session=session, id="r", seq=0, ts=0, src="t", text="Hi",
+                                      voice="ru"))
+        stage._dispatch(protocol.make("request", session=session, id="plain", seq=0, ts=0, src="t", text="Hi"))
+    own = [(session, "r") for session in sessions if shard.owns(session)]
+    assert 4096 < len(own) < len(sessions)
+    assert list(stage.voices) == own[-4096:]   # the newest, never another shard's, never an empty voice
+    assert stage.bus.counters["foreign"] == 2 * (len(sessions) - len(own))
+    session = own[-1][0]
+    stage._dispatch(protocol.make("cancel", session=session, id="r", seq=0, ts=0, src="t"))
+    assert (session, "r") not in stage.voices and len(stage.voices) == 4095
+    assert stage.bus.counters["failures"] == 0
+    stage.engine.close()

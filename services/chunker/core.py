@@ -4,8 +4,9 @@ A reply flows through three streaming stages. Each one holds back only what it c
 decide yet and decides from the text alone, so the chunks never depend on how the reply
 was split into deltas (a stall flush in `tick` is the one deliberate exception):
 
-1. `_TagStripper` removes command tags (reported as marks) and `<think>` blocks; what is
-   left is the display text.
+1. `_TagStripper` removes tags, `<name>…</name>` pairs (reported as marks, for history to
+   accept or refuse), and `<think>` blocks; what is left is the display text, so what is
+   shown and what is spoken never disagree about a tag.
 2. `_SpeechCleaner` turns display text into speakable text: markdown symbols, fenced
    code, emoji and link URLs go; link text stays.
 3. `_Splitter` cuts the speakable text into chunks where a pause sounds right.
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..tags import DEFAULT_TAGS, closers
+from ..tags import DEFAULT_TAGS, OPENING, OPENING_START, VOID, closer, closers
 
 
 # --- policy -------------------------------------------------------------------------------
@@ -203,25 +204,41 @@ class Chunker:
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 _THINK_CLOSE_RE = re.compile(re.escape(_THINK_CLOSE), re.I)
+_FENCE_OPEN = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
+_FENCE_CLOSE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})[ \t]*")
+_CODE_PIECE = re.compile(r"\n|`+|[^`\n]+")
+_FENCE_REACH = 64   # how much of a line a fence line is judged on
 
 # A mark in flight: (position in the stage's output text, tag, body).
 _Placed = tuple[int, str, str]
 
 
+def _closes_fence(line: str, fence: str) -> bool:
+    """Whether `line` closes the code block `fence` opened: the same character, at least as many."""
+    close = _FENCE_CLOSE.fullmatch(line)
+    return bool(close) and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence)
+
+
 class _TagStripper:
-    """Removes command tags and `<think>` blocks, reporting tags as marks.
+    """Removes tags and `<think>` blocks, reporting tags as marks.
+
+    A tag (services.tags) is a pair `<name>body</name>` closed within `lookahead` characters
+    of its '<': a configured name anywhere, any other well-formed name outside code, so
+    the `<li>x</li>` of an HTML example stays code while a refused `<bogus>x</bogus>` is
+    neither shown nor spoken. A configured tag the reply ends inside is a tag too; a stray
+    configured closing tag is dropped. Names match case-insensitively; a mark carries the
+    configured spelling, or any other name in lowercase, as history reports it.
 
     Text is held only from a '<' that may still become a tag, and for at most
-    `lookahead` characters from it, so the display never waits long on a stray '<'.
-    Tag names match case-insensitively; a stray closing tag is dropped too."""
+    `lookahead` characters from it, so the display never waits long on a stray '<'."""
 
     def __init__(self, tags: tuple[str, ...], lookahead: int) -> None:
         self._opening = {f"<{tag.lower()}>": tag for tag in tags}
-        self._closing = {tag: re.compile("|".join(map(re.escape, closers(tag))), re.I) for tag in tags}
         self._stray = (*{closer.lower() for tag in tags for closer in closers(tag)}, _THINK_CLOSE)
         self._patterns = (*self._opening, *self._stray, _THINK_OPEN)
         self._longest = max(map(len, self._patterns))
         self._lookahead = lookahead
+        self._code = _Code()
         self._pending = ""
         self._in_think = False
         self._shown = 0
@@ -255,6 +272,7 @@ class _TagStripper:
     def _release(self, count: int) -> str:
         text, self._pending = self._pending[:count], self._pending[count:]
         self._shown += count
+        self._code.feed(text)
         return text
 
     def _at_angle(self, at_end: bool) -> tuple[int, tuple[str, str] | None] | None:
@@ -263,27 +281,37 @@ class _TagStripper:
         head = self._pending[:self._longest].lower()
         for opening, tag in self._opening.items():
             if head.startswith(opening):
-                return self._command(opening, tag, at_end)
+                return self._command(len(opening), tag, at_end, configured=True)
         if head.startswith(_THINK_OPEN):
             self._in_think = True
             return len(_THINK_OPEN), None
         for closing in self._stray:
             if head.startswith(closing):
                 return len(closing), None
+        if not self._code.inside:
+            opening = OPENING.match(self._pending)
+            if opening and opening.group(1).lower() not in VOID:
+                return self._command(opening.end(), opening.group(1).lower(), at_end, configured=False)
+            if not at_end and OPENING_START.fullmatch(self._pending):
+                return None
         if not at_end and len(head) == len(self._pending) and any(p.startswith(head) for p in self._patterns):
             return None
         return 0, None
 
-    def _command(self, opening: str, tag: str, at_end: bool) -> tuple[int, tuple[str, str] | None] | None:
+    def _command(self, used: int, tag: str, at_end: bool,
+                 configured: bool) -> tuple[int, tuple[str, str] | None] | None:
+        """A tag opened by the first `used` pending characters: closed, or still open, or text."""
         window = self._pending[:self._lookahead]
-        close = self._closing[tag].search(window, len(opening))
+        close = closer(tag).search(window, used)
         if close:
-            return close.end(), (tag, window[len(opening):close.start()].strip())
+            return close.end(), (tag, window[used:close.start()].strip())
         if len(self._pending) >= self._lookahead:
             return 0, None
-        if at_end:  # the reply stopped inside the tag: still a command, never speech
-            return len(self._pending), (tag, self._pending[len(opening):].strip())
-        return None
+        if not at_end:
+            return None
+        if configured:  # the reply stopped inside a command: still a command, never speech
+            return len(self._pending), (tag, self._pending[used:].strip())
+        return 0, None   # x<y>z: a lone opening is text
 
     def _skip_think(self, at_end: bool) -> bool:
         close = _THINK_CLOSE_RE.search(self._pending)
@@ -294,6 +322,49 @@ class _TagStripper:
         keep = 0 if at_end else _partial_suffix(self._pending, _THINK_CLOSE)
         self._pending = self._pending[len(self._pending) - keep:]
         return False
+
+
+class _Code:
+    """Follows whether the display text so far ends inside code: a fenced block, or an inline
+    `span` (which, kept simple, also ends at a line's end). Fences are judged on whole lines
+    the way the speech cleaner judges them."""
+
+    def __init__(self) -> None:
+        self._line = ""         # the start of the current line
+        self._fence = ""        # the fence of the open code block
+        self._span = 0          # the backticks that opened an inline span; 0 outside one
+        self._ticks = 0         # the backtick run the text ends with, not yet judged
+
+    @property
+    def inside(self) -> bool:
+        return bool(self._fence) or bool(self._span_after_run())
+
+    def feed(self, text: str) -> None:
+        for piece in _CODE_PIECE.findall(text):
+            if piece[0] == "`":
+                self._ticks += len(piece)
+            else:
+                self._span, self._ticks = self._span_after_run(), 0
+            if piece == "\n":
+                self._end_line()
+            elif len(self._line) < _FENCE_REACH:
+                self._line += piece[:_FENCE_REACH]
+
+    def _span_after_run(self) -> int:
+        """A run of backticks opens a span, or closes the span a run as long opened."""
+        if not self._ticks:
+            return self._span
+        if not self._span:
+            return self._ticks
+        return 0 if self._ticks == self._span else self._span
+
+    def _end_line(self) -> None:
+        line, self._line, self._span = self._line, "", 0
+        if self._fence:
+            if len(line) < _FENCE_REACH and _closes_fence(line, self._fence):
+                self._fence = ""
+        elif opening := _FENCE_OPEN.match(line):
+            self._fence = opening.group(1)
 
 
 def _partial_suffix(text: str, pattern: str) -> int:
@@ -311,12 +382,11 @@ _EMOJI = ("\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF"
 _EMOJI_RUN = re.compile(f"[{_EMOJI}]+")
 _MARKUP_RUN = re.compile(r"[*_`~#|]+")
 _PLAIN_RUN = re.compile(rf"[^\n*_`~#|\[\]=\-<{_EMOJI}]+")
-_HTML_TAG = re.compile(r"</?[A-Za-z][\w-]{0,30}[ \t]{0,3}/?>")
+_HTML_TAG = re.compile(rf"</[A-Za-z][\w-]{{0,30}}[ \t]{{0,3}}>|<[A-Za-z][\w-]{{0,30}}[ \t]{{0,3}}/>"
+                       rf"|<(?:{'|'.join(sorted(VOID))})[ \t]{{0,3}}>", re.I)
 _HTML_TAG_START = re.compile(r"</?(?:[A-Za-z][\w-]{0,30}[ \t]{0,3}/?)?")
 _LINE_HOLD = frozenset(" \t>-+•·`~")   # what a line's leading markers are made of
 _MAX_LINE_HOLD = 16
-_FENCE_OPEN = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
-_FENCE_CLOSE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})[ \t]*")
 _FENCE_LINE = frozenset(" \t`~")
 _BLOCK_MARKERS = re.compile(r"[ \t]*(?:>[ \t]*)*(?:[-+•·][ \t]+)?")
 _URL_START = re.compile(r"://|(?:^|\W)www\.", re.I)
@@ -330,8 +400,8 @@ class _SpeechCleaner:
     """Turns display text into speakable text.
 
     Dropped: * _ ` ~ # | [ ] (a symbol between two letters becomes a space, so
-    snake_case stays two words), rules of 3+ '-' or '=', HTML tags without attributes
-    (<br> becomes a line break), quote markers and bullets at a line start, fenced code
+    snake_case stays two words), rules of 3+ '-' or '=', closing, self-closing and void
+    HTML tags without attributes (<br> becomes a line break), quote markers and bullets at a line start, fenced code
     (replaced by the code phrase), emoji, and the (url) of [text](url). Inside a bare URL
     nothing is dropped; numbered list markers are kept. A mark is placed where its input
     position is consumed, so marks stay put whatever is dropped around them."""
@@ -410,8 +480,7 @@ class _SpeechCleaner:
         line = text if newline < 0 else text[:newline]
         if newline < 0 and not at_end and set(line) <= _FENCE_LINE:
             return None
-        fence = _FENCE_CLOSE.fullmatch(line)
-        if fence and fence.group(1)[0] == self._fence[0] and len(fence.group(1)) >= len(self._fence):
+        if _closes_fence(line, self._fence):
             self._fence = ""
             return (len(text) if newline < 0 else newline + 1), ""
         self._line_start = False
@@ -465,7 +534,9 @@ class _SpeechCleaner:
         return plain.end(), plain.group()
 
     def _html_tag(self, text: str, at_end: bool) -> _Step | None:
-        """HTML such as </b> is markup too, <br> a line break; a '<' that starts no tag is text."""
+        """A closing </b>, a self-closing <x/> and a void <hr> are markup, <br> a line break.
+        A lone opening such as the <y> of x<y>z is text, shown and so spoken: a paired one
+        was a tag, gone before this stage."""
         tag = _HTML_TAG.match(text)
         line_break = bool(tag) and tag.group().lower().startswith("<br")
         if tag and tag.end() == len(text) and not at_end and not line_break:

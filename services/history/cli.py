@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import Config
 from .stage import default_db_path
@@ -72,13 +73,25 @@ def _show(store: HistoryStore, session: str) -> int:
         return 1
     for message in messages:
         stamp = time.strftime("%H:%M:%S", time.localtime(message["ts"]))
-        flags = [message["status"]] if message["status"] != "ok" else []
-        if message["interrupted"]:
-            flags.append("interrupted")
-        print(f"[{stamp}] {message['role']}{' (' + ', '.join(flags) + ')' if flags else ''}: {message['content']}")
+        text = f": {message['content']}" if message["content"] else ""
+        print(f"[{stamp}] {message['role']}{outcome(message)}{text}")
         if message["interrupted"] and message["spoken"] is not None:
             print(f"    heard: {message['spoken']}")
         for command in store.commands(message["id"]):
             mark = "✓" if command["accepted"] else f"refused: {command['reason']}"
             print(f"    <{command['name']}> {', '.join(command['args'])}  {mark}")
     return 0
+
+
+def outcome(message: dict[str, Any]) -> str:
+    """How a reply ended, each fact once: ` (error: <the stored reason>)`, ` (interrupted)`, or nothing.
+
+    A reply cut off while generating has status `interrupted` and the interrupted flag; one cut off
+    while speaking has the flag only. Either way it is one fact, said once.
+    """
+    facts = []
+    if message["status"] not in ("ok", "interrupted"):
+        facts.append(f"{message['status']}: {message['error']}" if message["error"] else message["status"])
+    if message["interrupted"] or message["status"] == "interrupted":
+        facts.append("interrupted")
+    return f" ({', '.join(facts)})" if facts else ""

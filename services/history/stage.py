@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,9 @@ class ReplyTrack:
     marks: list[dict[str, Any]] = field(default_factory=list)
     shown: list[str] = field(default_factory=list)
     heard: dict[int, int] = field(default_factory=dict)
+    spoken: str | None = None
+    """What was heard, once the final playback event came; kept for a reply stored after it."""
+    cut: bool = False
     final_chunk: bool = False
     commands: list[Command] | None = None
     message_id: int = 0
@@ -94,6 +98,10 @@ class HistoryStage(Stage):
         track.done = message
         track.metrics_due = time.monotonic() + METRICS_WAIT_S
         self._store_reply(message, message.ts)
+        if message["status"] == "interrupted" and track.spoken is None:
+            # if the player had none of it, no final playback will come: store what was heard so far (mostly
+            # nothing); a final playback that comes later replaces it
+            self.store.set_spoken(message.session, message.id, _heard_text(track), True)
 
     def _store_reply(self, done: Message, ts: float) -> None:
         track = self._track(done.session, done.id)
@@ -101,6 +109,8 @@ class HistoryStage(Stage):
             done.session, done.id, "assistant", done["text"], ts, status=done["status"], error=done["error"],
             provider=done["provider"], model=done["model"], metrics=done["metrics"], reasoning=done["reasoning"],
             interrupted=done["status"] == "interrupted")
+        if track.spoken is not None:  # playback ended first, as it does when a cancel cuts the reply short
+            self.store.set_spoken(done.session, done.id, track.spoken, track.cut)
         track.commands = parse = self._parse(done["text"])
         self._apply_effects(parse, ts)
         self.bus.publish("history.saved", done.session, done.id, role="assistant", message_id=track.message_id)
@@ -136,10 +146,11 @@ class HistoryStage(Stage):
             track.first_audio_ts = track.first_audio_ts or message["audio_ts"]
         if message["chunk"] >= 0 and message["event"] in ("finished", "stopped"):
             track.heard[message["chunk"]] = message["heard_chars"]
+        if message["event"] == "stopped":  # the sound stopped in this chunk: later `finished` ran ahead of it
+            track.heard = {index: chars for index, chars in track.heard.items() if index <= message["chunk"]}
         if message["final"]:
-            spoken = " ".join(text[:track.heard[index]].strip() for index, text in sorted(track.chunks.items())
-                              if track.heard.get(index))
-            self.store.set_spoken(message.session, message.id, spoken, message["event"] == "stopped")
+            track.spoken, track.cut = _heard_text(track), message["event"] == "stopped"
+            self.store.set_spoken(message.session, message.id, track.spoken, track.cut)
             self._publish_metrics(message.session, message.id, track, message.ts, message["audio_s"])
 
     # --- commands ---------------------------------------------------------------------------
@@ -181,7 +192,8 @@ class HistoryStage(Stage):
         def since(ts: float) -> float:
             return (ts - track.request_ts) * 1000 if ts else -1.0
 
-        metrics = {"request_ts": track.request_ts, "provider": done["provider"], "model": done["model"],
+        metrics = {"request_ts": track.request_ts, "profile": done["profile"], "provider": done["provider"],
+                   "model": done["model"],
                    "engine": self.config["tts"]["engine"], "status": done["status"],
                    "first_token_ms": done["metrics"].get("ttft_ms", -1.0),
                    "first_chunk_ms": since(track.first_chunk_ts), "first_audio_ms": since(track.first_audio_ts),
@@ -232,6 +244,19 @@ class HistoryStage(Stage):
 
     def shutdown(self) -> None:
         self.store.close()
+
+
+def _heard_text(track: ReplyTrack) -> str:
+    """The text of the chunks heard, in order, each cut to its heard characters rounded to the
+    nearest word: heard_chars follows audio time, so a word cut past its middle was heard."""
+    parts = []
+    for index, text in sorted(track.chunks.items()):
+        chars = track.heard.get(index, 0)
+        word = next((word for word in re.finditer(r"\S+", text) if word.start() < chars < word.end()), None)
+        if word is not None:
+            chars = word.end() if 2 * (chars - word.start()) >= word.end() - word.start() else word.start()
+        parts.append(text[:chars].strip())
+    return " ".join(part for part in parts if part)
 
 
 def _places(commands: list[Command], marks: list[dict[str, Any]]) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -74,6 +75,10 @@ VARIABLE_DEFAULT = 50.0
 VARIABLE_RANGE = (0.0, 100.0)
 ATTITUDE_VARIABLES = ("attitude", "boredom", "stress")
 """What `<p>attitude,boredom,stress</p>` changes, in that order, clamped to VARIABLE_RANGE."""
+IMPORT_PREFIX = "import-"
+"""The request id of an imported message: `import-` and its position in the file."""
+DAY_FIRST_FORMATS = ("%d.%m.%Y %H:%M:%S", "%d.%m.%Y %H:%M")
+"""Companion times besides ISO 8601: the day-first dates that Russian locales write."""
 
 
 class HistoryStore:
@@ -156,15 +161,25 @@ class HistoryStore:
         return [{**dict(row), "args": json.loads(row["args"]), "accepted": bool(row["accepted"])} for row in rows]
 
     def context(self, session: str, limit: int, exclude_request: str = "") -> list[dict[str, str]]:
-        """The last `limit` turns of a session, oldest first, for the next prompt.
+        """The last `limit` turns of a session for the next prompt, oldest first, each reply after its request.
 
-        An interrupted reply contributes what the user heard, not what was generated.
+        What each exchange contributes:
+        - a reply that ended in an error before any text contributes nothing, and neither does its
+          request: the model never answered it, and a user who asks again must not have the question
+          sent twice (or once per failed attempt);
+        - an interrupted reply contributes what the user heard, not what was generated, and its
+          request stays (nothing heard: the request alone);
+        - a reply that failed after some text keeps that text, which the user saw.
         """
         rows = self.db.execute(
-            "SELECT role, CASE WHEN interrupted AND spoken IS NOT NULL THEN spoken ELSE content END AS text"
-            " FROM messages WHERE session=? AND request_id<>? ORDER BY id DESC LIMIT ?",
+            "SELECT role, text FROM (SELECT role, MIN(id) OVER (PARTITION BY request_id) AS turn,"
+            " CASE WHEN interrupted AND spoken IS NOT NULL THEN spoken ELSE content END AS text"
+            " FROM messages m WHERE session=? AND request_id<>? AND NOT EXISTS (SELECT 1 FROM messages f"
+            " WHERE f.session=m.session AND f.request_id=m.request_id AND f.role='assistant'"
+            " AND f.status='error' AND f.content=''))"
+            " WHERE text<>'' ORDER BY turn DESC, role='user' LIMIT ?",
             (session, exclude_request, limit)).fetchall()
-        return [{"role": row["role"], "content": row["text"]} for row in reversed(rows) if row["text"]]
+        return [{"role": row["role"], "content": row["text"]} for row in reversed(rows)]
 
     # --- memory and variables, per persona ---------------------------------------------------
 
@@ -217,25 +232,34 @@ class HistoryStore:
     # --- import and export in the companion app's format ---------------------------------------
 
     def import_companion(self, session: str, persona: str, data: Mapping[str, Any], ts: float) -> int:
-        """Load `{"fixed_parts", "messages": [{role, content, time}], "temp_context", "variables"}`."""
+        """Load `{"fixed_parts", "messages": [{role, content, time}], "temp_context", "variables"}`.
+
+        Each message keeps the file's `time` (a message without one gets `ts`, the import time).
+        The whole file is checked before anything is written, and written in one transaction:
+        a bad file changes nothing.
+        """
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise ValueError("not a companion history: it needs a \"messages\" list")
+        rows = []
+        for number, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") \
+                    or not isinstance(message.get("content"), str):
+                raise ValueError(f"message {number}: needs role user|assistant and a string content")
+            extra = {key: value for key, value in message.items() if key not in ("role", "content")}
+            stamp = _parse_time(number, message["time"]) if "time" in message else ts + number * 1e-3
+            rows.append((session, f"{IMPORT_PREFIX}{number:06d}", message["role"], message["content"], stamp,
+                         json.dumps(extra, ensure_ascii=False)))
+        meta = {key: data.get(key, []) for key in ("fixed_parts", "temp_context")}
         with self.db:
-            meta = {key: data.get(key, []) for key in ("fixed_parts", "temp_context")}
+            self.db.execute("BEGIN")
             self.db.execute("INSERT INTO sessions(id, created, meta) VALUES (?,?,?) ON CONFLICT(id) DO UPDATE"
-                            " SET meta=excluded.meta", (session, ts, json.dumps(meta, ensure_ascii=False)))
-            for number, message in enumerate(messages):
-                if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") \
-                        or not isinstance(message.get("content"), str):
-                    raise ValueError(f"message {number}: needs role user|assistant and a string content")
-                extra = {key: value for key, value in message.items() if key not in ("role", "content")}
-                self.db.execute(
-                    "INSERT INTO messages(session, request_id, role, content, ts, meta) VALUES (?,?,?,?,?,?)"
-                    " ON CONFLICT(session, request_id, role) DO UPDATE SET content=excluded.content,"
-                    " meta=excluded.meta",
-                    (session, f"import-{number:06d}", message["role"], message["content"], ts + number * 1e-3,
-                     json.dumps(extra, ensure_ascii=False)))
+                            " SET meta=excluded.meta", (session, min((row[4] for row in rows), default=ts),
+                                                        json.dumps(meta, ensure_ascii=False)))
+            self.db.executemany(
+                "INSERT INTO messages(session, request_id, role, content, ts, meta) VALUES (?,?,?,?,?,?)"
+                " ON CONFLICT(session, request_id, role) DO UPDATE SET content=excluded.content,"
+                " ts=excluded.ts, meta=excluded.meta", rows)
         variables = {name: value for name, value in (data.get("variables") or {}).items()
                      if isinstance(value, (int, float)) and not isinstance(value, bool)}
         if variables:
@@ -267,12 +291,22 @@ class HistoryStore:
                                (session, request_id)).fetchone() is not None
 
     def last_ts(self) -> float:
-        """The newest stored message time (0 when empty): where a catch-up replay starts."""
-        row = self.db.execute("SELECT MAX(ts) FROM messages").fetchone()
+        """The newest time of a message that went through llm (0 when none): where a catch-up replay starts.
+
+        Imported messages are left out: their times come from a file and may lie anywhere.
+        """
+        row = self.db.execute("SELECT MAX(ts) FROM messages WHERE request_id NOT LIKE ?",
+                              (IMPORT_PREFIX + "%",)).fetchone()
         return float(row[0] or 0.0)
 
     def messages(self, session: str) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM messages WHERE session=? ORDER BY id", (session,)).fetchall()
+        """A session's messages in conversation order: each request's message, then its reply.
+
+        Storage order is not that order: after a barge-in the new request is stored before the
+        interrupted reply it cut off.
+        """
+        rows = self.db.execute("SELECT * FROM messages WHERE session=?"
+                               " ORDER BY MIN(id) OVER (PARTITION BY request_id), role<>'user'", (session,)).fetchall()
         return [{**dict(row), "metrics": json.loads(row["metrics"]), "interrupted": bool(row["interrupted"])}
                 for row in rows]
 
@@ -291,3 +325,19 @@ class HistoryStore:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _parse_time(number: int, value: Any) -> float:
+    """A companion message's `time` as epoch seconds; naive times are local, as `_iso` writes them."""
+    text = value.strip() if isinstance(value, str) else ""
+    for form in DAY_FIRST_FORMATS:
+        try:
+            return datetime.strptime(text, form).timestamp()
+        except ValueError:
+            continue
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"message {number}: time {value!r} is not a date like \"2024-05-01 12:00:00\" or "
+                         f"\"01.05.2024 12:00\"; correct it, or delete the \"time\" field to give the message "
+                         f"the time of import") from None

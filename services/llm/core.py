@@ -38,6 +38,21 @@ def render_persona(persona: str, memory: str = "", variables: Mapping[str, float
     return "\n\n".join(parts)
 
 
+def conversation(history: Iterable[Mapping[str, str]], user_text: str) -> list[tuple[str, str]]:
+    """The history window, then the user message, as the (role, content) turns the model sees.
+
+    Empty turns and other roles are left out, and a turn that repeats the one before it (same role,
+    same text) is said once: a question asked again after its reply was cut off before a word must
+    not reach the model as the same text twice in one turn.
+    """
+    turns: list[tuple[str, str]] = []
+    for turn in [*history, {"role": "user", "content": user_text}]:
+        role, content = turn["role"], turn["content"]
+        if role in ("user", "assistant") and content and (not turns or turns[-1] != (role, content)):
+            turns.append((role, content))
+    return turns
+
+
 def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str,
                    images: Sequence[Image] = ()) -> list[dict[str, Any]]:
     """Persona, then the history window, then the user message (with its images).
@@ -48,13 +63,11 @@ def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], use
     messages: list[dict[str, Any]] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    for turn in [*history, {"role": "user", "content": user_text}]:
-        if turn["role"] not in ("user", "assistant") or not turn["content"]:
-            continue
-        if messages and messages[-1]["role"] == turn["role"]:
-            messages[-1] = {"role": turn["role"], "content": messages[-1]["content"] + "\n" + turn["content"]}
+    for role, content in conversation(history, user_text):
+        if messages and messages[-1]["role"] == role:
+            messages[-1] = {"role": role, "content": messages[-1]["content"] + "\n" + content}
         else:
-            messages.append({"role": turn["role"], "content": turn["content"]})
+            messages.append({"role": role, "content": content})
     if images:
         messages[-1]["images"] = list(images)
     return messages
@@ -100,10 +113,9 @@ def render_dialogue(system_prompt: str, history: Iterable[Mapping[str, str]], us
                  f"briefly and directly, in the language {USER_LABEL} writes in.")
     lines.append("")
     turns = [pair for question, answer in DIALOGUE_EXAMPLES for pair in (("user", question), ("assistant", answer))]
-    turns += [(turn["role"], turn["content"]) for turn in history]
-    turns.append(("user", user_text))
+    turns += conversation(history, user_text)
     for role, content in turns:
-        if role in ("user", "assistant") and content.strip():
+        if content.strip():
             lines.append(f"{USER_LABEL if role == 'user' else name}: {_one_line(content)}")
     lines.append(f"{name}:")
     return "\n".join(lines), ("\n",)

@@ -56,6 +56,7 @@ class Job:
     reply: Reply | None = None
     reasoning: list[str] = field(default_factory=list)
     provider: str = ""
+    profile: str = ""
 
 
 class LlmStage(Stage):
@@ -134,7 +135,8 @@ class LlmStage(Stage):
                             f"llm.on_busy = reject", request.session, request.id, "request")
             self.bus.publish("llm.done", request.session, request.id, **Reply(
                 request.session, request.id, time.monotonic()).done_fields(
-                "error", time.monotonic(), error="session busy: the previous reply is still being generated"))
+                "error", time.monotonic(), error="session busy: the previous reply is still being generated"),
+                profile=request["profile"] or self.config["llm"]["profile"])
             return
         if busy is not None:
             # Barge-in: every stage drops the old reply, not just this one.
@@ -146,7 +148,8 @@ class LlmStage(Stage):
         """Register the job and ask history for context (any thread)."""
         llm = self.config["llm"]
         job = Job(request, deadline=time.monotonic() + llm["context_timeout_ms"] / 1000,
-                  reply=Reply(request.session, request.id, started=time.monotonic()))
+                  reply=Reply(request.session, request.id, started=time.monotonic()),
+                  profile=request["profile"] or llm["profile"])
         with self.lock:
             self.jobs[request.session] = job
         self.log.info("%s/%s: request (profile %s)", request.session, request.id,
@@ -356,6 +359,7 @@ class LlmStage(Stage):
                 model=outcome.model if outcome else "",
                 finish_reason="guard" if guard else (outcome.finish_reason if outcome else ""),
                 usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning))
+            done["profile"] = job.profile
             sent = self.bus.publish("llm.done", request.session, request.id, **done)
             self.log.info("%s/%s: %s after %d tokens, first token %s ms%s", request.session, request.id, status,
                           done["tokens"], f"{done['metrics']['ttft_ms']:.0f}" if "ttft_ms" in done["metrics"]

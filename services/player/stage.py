@@ -23,6 +23,9 @@ from .convert import Converter
 
 STALL_S = 15.0
 """A reply whose next frame is this late is ended as stopped, so playback never wedges."""
+SPEECH_MS_PER_CHAR = 60.0
+"""Speech time per character of text (espeak-ng's default rate and most voices: 55-70 ms), to place
+a cut in a chunk whose audio had not all come, until the reply's own whole chunks give its rate."""
 _ENDED_MEMORY = 4096
 
 
@@ -39,23 +42,38 @@ def _format(message: Message) -> AudioFormat:
     return AudioFormat(message["rate"], message["channels"], message["width"])
 
 
+@dataclass
+class ChunkSpan:
+    """Where a chunk's audio lies in the reply, in ms of audio written since begin(); `end_ms` is
+    None until its last frame is written."""
+
+    chunk: int
+    chars: int
+    start_ms: float
+    end_ms: float | None = None
+
+
 class ReplyFeed:
     """One reply on its way to the backend: converts its frames to the format the backend chose
-    for the first audio, and remembers where the current chunk began, so that the backend's
-    played_ms() tells how much of that chunk was heard."""
+    for the first audio, and remembers where each chunk lies in the written audio, so that the
+    backend's played_ms() tells, at a cut, which chunk was sounding and how much of it was heard."""
 
     def __init__(self, backend: PlayerBackend, session: str, reply_id: str) -> None:
         self.backend, self.session, self.reply_id = backend, session, reply_id
         self.converter: Converter | None = None
         self.written_ms = 0.0
-        self.chunk, self.chars, self.chunk_start_ms = -1, 0, 0.0
+        self.spans: list[ChunkSpan] = []
 
     @property
     def begun(self) -> bool:
         return self.converter is not None
 
     def start_chunk(self, chunk: int, chars: int) -> None:
-        self.chunk, self.chars, self.chunk_start_ms = chunk, chars, self.written_ms
+        self.spans.append(ChunkSpan(chunk, chars, self.written_ms))
+
+    def end_chunk(self) -> None:
+        """The current chunk's last frame is written."""
+        self.spans[-1].end_ms = self.written_ms
 
     def begin(self, fmt: AudioFormat) -> None:
         output = self.backend.output_format(fmt)
@@ -70,13 +88,31 @@ class ReplyFeed:
         self._write(self.converter.convert(pcm))
         self.written_ms += fmt.duration_ms(len(pcm))
 
-    def heard(self, queued_ms: float) -> float:
-        """The fraction of the current chunk played: of all of it, if its last frame has come
-        (`queued_ms` counts its frames not yet written), else of what has come."""
-        total = self.written_ms - self.chunk_start_ms + queued_ms
-        if self.chunk < 0 or not self.begun or total <= 0:
-            return 0.0
-        return min(1.0, max(0.0, (self.backend.played_ms() - self.chunk_start_ms) / total))
+    def cut(self, queued_ms: float, queued_last: bool) -> tuple[ChunkSpan | None, float]:
+        """The chunk that was sounding when the reply stopped (the first one if none of the audio
+        played; None if no chunk started) and the fraction of it heard. The current chunk's frames
+        that came but were not written (`queued_ms`, `queued_last`: its last frame among them) count
+        toward its length; if its last frame never came, the length is at least its text spoken at
+        the reply's rate, so a chunk cut while it was still being synthesised is not taken as whole."""
+        played = self.backend.played_ms() if self.begun else 0.0
+        sounding = next((span for span in reversed(self.spans) if span.start_ms < played), None)
+        if sounding is None:
+            return (self.spans[0] if self.spans else None), 0.0
+        end = sounding.end_ms
+        if end is None:
+            end = self.written_ms + queued_ms
+            if not queued_last:
+                end = max(end, sounding.start_ms + sounding.chars * self._ms_per_char())
+        if end <= sounding.start_ms:  # a chunk without audio, played past
+            return sounding, 1.0
+        return sounding, min(1.0, (played - sounding.start_ms) / (end - sounding.start_ms))
+
+    def _ms_per_char(self) -> float:
+        """The reply's speech rate over its whole chunks, else SPEECH_MS_PER_CHAR."""
+        whole = [span for span in self.spans if span.end_ms is not None]
+        chars = sum(span.chars for span in whole)
+        audio_ms = sum(span.end_ms - span.start_ms for span in whole)
+        return audio_ms / chars if chars and audio_ms else SPEECH_MS_PER_CHAR
 
     def end(self) -> str | None:
         if not self.begun:
@@ -154,12 +190,13 @@ class PlayerStage(Stage):
                     return
                 key, reply = next(iter(self.replies.items()))
                 self.playing = key
+            feed = ReplyFeed(self.backend, *key)
             try:
-                self._play(reply)
+                self._play(reply, feed)
             except Exception as exc:  # a backend failure ends this reply, not the player
                 self.log.exception("playback failed")
                 self.bus.report("playback_failed", f"{type(exc).__name__}: {exc}", reply.session, reply.id)
-                self._event(reply, "stopped", -1)
+                self._stopped(reply, feed, None)
             finally:
                 with self.wake:
                     self.replies.pop(key, None)
@@ -179,30 +216,31 @@ class PlayerStage(Stage):
                 return None
             return reply.frames.popleft()
 
-    def _play(self, reply: ReplyAudio) -> None:
+    def _play(self, reply: ReplyAudio, feed: ReplyFeed) -> None:
         key = (reply.session, reply.id)
-        feed = ReplyFeed(self.backend, reply.session, reply.id)
         while True:
             message = self._next_frame(reply)
             if message is None:
                 self._stopped(reply, feed, feed.end())
                 return
-            if message["frame"] == 0:
+            if not feed.spans or feed.spans[-1].chunk != message["chunk"]:  # its frame 0, unless that was lost
                 feed.start_chunk(message["chunk"], message["chars"])
-                self._event(reply, "started", feed.chunk, audio_ts=message.ts)
+                self._event(reply, "started", message["chunk"], audio_ts=message.ts)
             if message["pcm"]:
                 if not feed.begun:
                     feed.begin(_format(message))
                     if self._cut(key):  # cancelled before begin(), which clears a stop
                         self.backend.stop()
                 feed.write(_format(message), message["pcm"])
+            if message["last"]:
+                feed.end_chunk()
             final = message["last"] and message["final"]
             path = feed.end() if final else None
             if self._cut(key):  # cancelled while this frame, or the reply's end, was playing
                 self._stopped(reply, feed, path if final else feed.end())
                 return
             if message["last"]:
-                self._event(reply, "finished", feed.chunk, path, final=final, heard=1.0, chars=feed.chars,
+                self._event(reply, "finished", message["chunk"], path, final=final, heard=1.0, chars=message["chars"],
                             audio_s=feed.played_s() if final else 0.0)
             if final:
                 return
@@ -214,16 +252,21 @@ class PlayerStage(Stage):
             return key in self.ended or self.stopping
 
     def _stopped(self, reply: ReplyAudio, feed: ReplyFeed, path: str | None) -> None:
-        """The final event of a cut reply; after the backend's end(), which after a stall plays out
-        what came, so that counts as heard."""
-        heard = feed.heard(self._queued_ms(reply, feed.chunk))
-        self._event(reply, "stopped", feed.chunk, path, heard=heard, chars=feed.chars, audio_s=feed.played_s())
+        """The final event of a cut reply, about the chunk that was sounding: `finished` events run
+        ahead of the sound by what the backend holds, so the cut may lie in an earlier chunk than
+        the last one started. After the backend's end(), which after a stall plays out what came,
+        so that counts as heard."""
+        span, heard = feed.cut(*self._queued(reply, feed))
+        self._event(reply, "stopped", span.chunk if span else -1, path, heard=heard, chars=span.chars if span else 0,
+                    audio_s=feed.played_s())
 
-    def _queued_ms(self, reply: ReplyAudio, chunk: int) -> float:
-        """Play time of the chunk's frames that came but were not written."""
+    def _queued(self, reply: ReplyAudio, feed: ReplyFeed) -> tuple[float, bool]:
+        """Play time of the current chunk's frames that came but were not written, and whether its
+        last frame is among them."""
+        chunk = feed.spans[-1].chunk if feed.spans else -1
         with self.wake:
-            return sum(_format(frame).duration_ms(len(frame["pcm"])) for frame in reply.frames
-                       if frame["chunk"] == chunk)
+            frames = [frame for frame in reply.frames if frame["chunk"] == chunk]
+        return sum(_format(frame).duration_ms(len(frame["pcm"])) for frame in frames), any(f["last"] for f in frames)
 
     def _event(self, reply: ReplyAudio, event: str, chunk: int, path: str | None = None, final: bool = False,
                heard: float = 0.0, chars: int = 0, audio_ts: float = 0.0, audio_s: float = 0.0) -> None:

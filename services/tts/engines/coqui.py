@@ -15,6 +15,10 @@ frame of a chunk goes out long before the chunk is synthesised, and a stop reque
 at the next piece. Every other model synthesises the whole chunk with `TTS.tts()`, which is then
 cut into frames. The model loads and runs a warm-up synthesis in the constructor, so a stage that
 reports READY can speak at once.
+
+A synthesis may choose a voice: one of the model's built-in speakers (`voices`: XTTS's
+speakers_xtts.pth, or a multi-speaker model's speaker names). A model with one voice (or a cloned
+voice and no built-in speakers) has nothing to choose, and says so with VoiceError.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from services.audio import AudioFormat, PcmFrame
+from services.tts.engines.base import VoiceError
 
 _INSTALL_HINT = "pip install 'voxpipe[coqui]' — see README for the torch recipe"
 _CYRILLIC = re.compile("[\u0400-\u04ff]")
@@ -105,6 +110,8 @@ class CoquiEngine:
         self._lock = threading.Lock()
         self._voice: tuple[Any, Any] | None = None
         self.speaker = ""
+        self.voices = self._speakers()
+        """The speakers a synthesis can choose by name; empty when the model has one voice."""
         if self.streaming:
             self._voice = self._xtts_voice(speaker, speaker_wav)
         else:
@@ -115,18 +122,22 @@ class CoquiEngine:
 
     # --- the interface --------------------------------------------------------------------------
 
-    def synthesize(self, text: str, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
-        """One synthesis at a time per engine (XTTS keeps per-generation state in the model)."""
+    def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
+        """One synthesis at a time per engine (XTTS keeps per-generation state in the model).
+        `voice` is one of `voices`; "" is the configured speaker or cloned voice."""
         if not text.strip():
             return
+        if voice and voice not in self.voices:
+            raise VoiceError(self._no_voice(voice))
         with self._lock:
             if should_stop():
                 return
             language = self.language_for(text)
             if self.streaming:
-                yield from self._stream(text, language, should_stop)
+                yield from self._stream(text, language, self._xtts_speaker(voice) if voice else self._voice,
+                                        should_stop)
             else:
-                yield from self._whole(text, language, should_stop)
+                yield from self._whole(text, language, voice, should_stop)
 
     def close(self) -> None:
         """Drop the model (and free GPU memory); the engine is unusable afterwards."""
@@ -148,16 +159,18 @@ class CoquiEngine:
 
     # --- synthesis ------------------------------------------------------------------------------
 
-    def _whole(self, text: str, language: str | None, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
-        samples = self._tts.tts(text, speaker=self.speaker or None, language=language,
-                                speaker_wav=self.speaker_wav or None)
+    def _whole(self, text: str, language: str | None, voice: str,
+               should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+        speaker, speaker_wav = (voice, None) if voice else (self.speaker or None, self.speaker_wav or None)
+        samples = self._tts.tts(text, speaker=speaker, language=language, speaker_wav=speaker_wav)
         yield from self._frames(_pcm16(samples), should_stop)
 
-    def _stream(self, text: str, language: str, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+    def _stream(self, text: str, language: str, conditioning: tuple[Any, Any],
+                should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
         """XTTS: audio every `stream_chunk_size` GPT tokens. Text over XTTS's per-language length limit
         is split here at sentence ends (XTTS's own splitting needs spaCy, which Coqui does not install)."""
         config = self.model.config
-        latents, embedding = self._voice
+        latents, embedding = conditioning
         limit = self.model.tokenizer.char_limits.get(language.split("-")[0], 250)
         for part in _split(text, limit):
             pieces = self.model.inference_stream(
@@ -190,32 +203,45 @@ class CoquiEngine:
             return list(self._tts.languages or [])
         return []
 
+    def _speakers(self) -> list[str]:
+        """The built-in speakers: XTTS's speakers_xtts.pth, or a multi-speaker model's names."""
+        if self.streaming:
+            manager = getattr(self.model, "speaker_manager", None)
+            return list(manager.speakers) if manager is not None else []
+        return list(self._tts.speakers or []) if self._tts.is_multi_speaker else []
+
+    def _no_voice(self, voice: str) -> str:
+        if not self.voices:
+            return f"this Coqui model speaks in one voice, so voice {voice!r} cannot be chosen"
+        return f"this Coqui model has no speaker {voice!r}; its speakers: {_listing(self.voices, 60)}"
+
     def _pick_speaker(self, speaker: str) -> str:
-        speakers = list(self._tts.speakers or []) if self._tts.is_multi_speaker else []
-        if not speakers:
+        if not self.voices:
             if speaker:
                 raise ValueError(f"{_key('speaker')} = {speaker!r}: this model has one voice; "
                                  f"leave {_key('speaker')} empty")
             return ""
-        if speaker and speaker not in speakers:
+        if speaker and speaker not in self.voices:
             raise ValueError(f"{_key('speaker')} = {speaker!r} is not one of this model's speakers: "
-                             f"{_listing(speakers)}")
-        return speaker or speakers[0]
+                             f"{_listing(self.voices)}")
+        return speaker or self.voices[0]
 
     def _xtts_voice(self, speaker: str, speaker_wav: str) -> tuple[Any, Any]:
         """XTTS conditioning (GPT latents, speaker embedding): a built-in speaker or a cloned voice."""
         if speaker_wav:
             return self._clone(speaker_wav)
-        manager = getattr(self.model, "speaker_manager", None)
-        speakers = dict(manager.speakers) if manager is not None else {}
-        if not speakers:
+        if not self.voices:
             raise ValueError(f"this XTTS model has no built-in speakers (no speakers_xtts.pth): set "
                              f"{_key('speaker_wav')} to a reference recording of the voice to clone")
-        if speaker and speaker not in speakers:
+        if speaker and speaker not in self.voices:
             raise ValueError(f"{_key('speaker')} = {speaker!r} is not one of this model's speakers: "
-                             f"{_listing(list(speakers))}")
-        self.speaker = speaker or next(iter(speakers))
-        voice = speakers[self.speaker]
+                             f"{_listing(self.voices)}")
+        self.speaker = speaker or self.voices[0]
+        return self._xtts_speaker(self.speaker)
+
+    def _xtts_speaker(self, name: str) -> tuple[Any, Any]:
+        """The conditioning of one of XTTS's built-in speakers (held in memory by its speaker manager)."""
+        voice = self.model.speaker_manager.speakers[name]
         return voice["gpt_cond_latent"], voice["speaker_embedding"]
 
     def _clone(self, speaker_wav: str) -> tuple[Any, Any]:

@@ -18,7 +18,8 @@ class NullEngine:
             raise ValueError(f"tts.null.frame_ms must be 1..200, got {frame_ms}")
         self._pcm = bytes(self.format.frame_bytes(frame_ms))
 
-    def synthesize(self, text: str, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+    def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
+        """Any voice is accepted and ignored: silence sounds the same in every voice."""
         if text.strip() and not should_stop():
             yield PcmFrame(self._pcm, self.format)
 

@@ -6,6 +6,11 @@ plays while the server is still synthesising the rest. `pcm` is headerless 16-bi
 `sample_rate` (24 kHz for OpenAI); `wav` carries its own format in a header, and a streamed WAV
 leaves the data size at 0 or 0xFFFFFFFF because the length is not known yet. Stopping leaves the
 response's context, which closes the connection, so the server sees the hang-up and stops.
+
+A synthesis may name another `voice` (the API's parameter). Only the server knows its voices, so a
+client error (400, 404, 422) to a request with a chosen voice is taken as the voice's refusal and
+raised as VoiceError, which lets the caller retry with the configured voice: if that fails too, the
+problem was not the voice.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import openai
 
 from services.audio import AudioFormat, PcmFrame
 from services.llm.providers.base import scrub
+from services.tts.engines.base import VoiceError
 
 FORMATS = ("pcm", "wav")
 _STREAMED_SIZES = (0, 0xFFFFFFFF)
 _MAX_HEADER = 64 * 1024
 _PCM_TAGS = (1, 0xFFFE)  # WAVE_FORMAT_PCM, and WAVE_FORMAT_EXTENSIBLE whose subformat is checked too
+_VOICE_REFUSALS = (400, 404, 422)  # how OpenAI, Kokoro-FastAPI and openedai-speech answer an unknown voice
 
 
 class SpeechError(RuntimeError):
@@ -118,16 +125,19 @@ class OpenAISpeechEngine:
         self.max_frame_ms = max_frame_ms
         self._clients: dict[str, openai.OpenAI] = {}
 
-    def synthesize(self, text: str, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+    def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
         if not text.strip() or should_stop():
             return
         key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
         try:
             with self._client(key).audio.speech.with_streaming_response.create(
-                    model=self.model, voice=self.voice, input=text, response_format=self.response_format,
+                    model=self.model, voice=voice or self.voice, input=text, response_format=self.response_format,
                     speed=self.speed) as response:
                 yield from self._frames(response, should_stop)
         except openai.APIStatusError as exc:
+            if voice and exc.status_code in _VOICE_REFUSALS:
+                raise VoiceError(scrub(f"{self.base_url} refused voice {voice!r} ({exc.status_code}: {exc.message}); "
+                                       f"the server's documentation lists its voices", key)) from None
             hint = f"; check the key in ${self.api_key_env}" if exc.status_code in (401, 403) else ""
             raise SpeechError(scrub(f"{self.base_url} answered {exc.status_code}: {exc.message}{hint}", key)) from None
         except openai.APITimeoutError:

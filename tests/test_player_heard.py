@@ -1,0 +1,169 @@
+"""What an interrupted reply is stored as having said, through the whole daemon, for every player
+backend and every point a cancel can come: before the first frame, between chunks, mid-chunk.
+
+A cancel usually comes while the model is still writing, so the player's final `playback` reaches
+history before the reply's `llm.done` does; the stored `spoken` must survive that order. The
+sounddevice and simpleaudio players play espeak-ng speech on a device that takes audio in real
+time; the wav and null players write audio as fast as it comes, so they get it from a speech server
+that streams in real time, the only way a cancel can land inside one of their chunks.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from services import protocol
+from services.chunker.core import Chunker, ChunkerPolicy
+from services.history.stage import ReplyTrack, _heard_text
+from services.protocol import Message
+from services.runtime import Connection, endpoints_for
+from tests.fakes.alsa_fifo import PacedFifo
+from tests.fakes.openai_server import pieces, reply_for
+from tests.harness import Daemon, fake_openai, openai_settings
+
+KEY = {"FAKE_OPENAI_KEY": "test-key"}
+TOKEN_DELAY_S = 0.12
+"""Per 3-character token: chunk 0 is written in under 1 s, chunk 1 some 3 s later, well after
+chunk 0 has played, and the model is still writing the third sentence when chunk 1 is cut."""
+QUESTION = ("Good morning. The second sentence is long enough to take a few seconds to read aloud. The third "
+            "sentence keeps the model busy writing while the second one is spoken")
+REPLY = reply_for(QUESTION)
+SPEECH_SERVER_MS_PER_CHAR = 40
+"""Not the player's default rate, so a cut inside chunk 1 must be placed by chunk 0's measured rate."""
+INTO_CHUNK_S = 1.2
+"""How long after chunk 1 starts the mid-chunk cancel comes."""
+
+
+def chunk_texts() -> list[str]:
+    """What the chunker makes of the reply as the fake server streams it."""
+    chunker = Chunker(ChunkerPolicy())
+    return [chunk.text for piece in pieces(REPLY) for chunk in chunker.feed(piece, 0.0).chunks]
+
+
+FIRST, SECOND = chunk_texts()[:2]
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[str]:
+    with fake_openai(delay=TOKEN_DELAY_S) as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=["sounddevice", "simpleaudio", "wav", "null"])
+def daemon(request, llm: str, tmp_path_factory) -> Iterator[Daemon]:
+    backend = request.param
+    settings = {**openai_settings(llm), "player": {"backend": backend}}
+    if backend in ("sounddevice", "simpleaudio"):
+        with PacedFifo(tmp_path_factory.mktemp(backend), 22050 * 2) as device:  # espeak-ng: 22.05 kHz, 16-bit mono
+            with Daemon({**settings, "tts": {"engine": "espeak"}},
+                        env={**KEY, "ALSA_CONFIG_PATH": str(device.conf)}) as running:
+                yield running
+    else:
+        # fake_openai starts any fake server module; the speech server takes its pace where the chat one takes a delay
+        with fake_openai(SPEECH_SERVER_MS_PER_CHAR, module="tests.fakes.speech_server") as speech:
+            tts = {"engine": "openai-speech", "openai-speech": {"base_url": speech, "api_key_env": "",
+                                                                 "max_frame_ms": 100}}
+            with Daemon({**settings, "tts": tts}, env=KEY) as running:
+                yield running
+
+
+class Watch:
+    """The test's view of one session on the bus: every message, with when it came."""
+
+    def __init__(self, daemon: Daemon, session: str) -> None:
+        self.client = Connection("heard-test", endpoints_for(daemon.config()),
+                                 [protocol.subscription(kind, session) for kind in
+                                  ("text", "audio", "playback", "llm.done")])
+        self.client.open(timeout=30)
+        self.seen: list[tuple[float, Message]] = []
+
+    def until(self, what: str, test: Callable[[Message], bool], timeout: float = 30.0) -> float:
+        """Read messages until one passes `test`; returns when it came."""
+        if any(test(message) for _, message in self.seen):
+            return next(at for at, message in self.seen if test(message))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self.client.receive(0.1)
+            if message is not None:
+                self.seen.append((time.monotonic(), message))
+                if test(message):
+                    return self.seen[-1][0]
+        raise AssertionError(f"no {what} within {timeout} s; seen: {[m.kind for _, m in self.seen]}")
+
+    def audio_ms(self, chunk: int) -> float:
+        return sum(len(m["pcm"]) / (m["channels"] * m["width"]) * 1000 / m["rate"] for _, m in self.seen
+                   if m.kind == "audio" and m["chunk"] == chunk)
+
+    def started_before(self, moment: float) -> list[int]:
+        return [m["chunk"] for at, m in self.seen if at < moment and m.kind == "playback" and m["event"] == "started"]
+
+
+def playback(event: str, chunk: int) -> Callable[[Message], bool]:
+    return lambda m: m.kind == "playback" and m["event"] == event and m["chunk"] == chunk
+
+
+def stored(db: Path, session: str, settled: Callable[[str], bool], timeout: float = 10.0) -> tuple[str, int, str]:
+    """(spoken, interrupted, status) of the session's reply once `settled(spoken)`, else as it is at
+    the timeout. history stores what was heard so far at llm.done and the rest when the final
+    playback comes, and either may come first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(db) as database:
+            row = database.execute("SELECT spoken, interrupted, status FROM messages WHERE session=?"
+                                   " AND role='assistant'", (session,)).fetchone()
+        if (row is not None and row[0] is not None and settled(row[0])) or time.monotonic() > deadline:
+            assert row is not None and row[0] is not None, f"no spoken text stored for {session}: {row}"
+            return row
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("point", ["before", "between", "mid"])
+def test_an_interrupted_reply_is_stored_with_what_was_heard(daemon: Daemon, point: str) -> None:
+    session = f"{point}-{daemon.config()['player']['backend']}"
+    watch = Watch(daemon, session)
+    watch.client.publish("request", session, "r1", text=QUESTION)
+    if point == "before":  # the reply is being written and shown; none of it is synthesised yet
+        watch.until("text", lambda m: m.kind == "text")
+    elif point == "between":  # chunk 0 has played out; chunk 1 is still being written
+        watch.until("chunk 0 finished", playback("finished", 0))
+        time.sleep(0.8)  # > what a backend holds (sounddevice: 300 ms queued, plus the device's buffer)
+    else:
+        started = watch.until("chunk 1 started", playback("started", 1))
+        time.sleep(max(0.0, started + INTO_CHUNK_S - time.monotonic()))
+    cancelled = time.monotonic()
+    watch.client.publish("cancel", session, "", reason="test")
+    watch.until("llm.done", lambda m: m.kind == "llm.done", timeout=15)
+    if point != "before":
+        watch.until("final playback", lambda m: m.kind == "playback" and m["final"], timeout=5)  # bounds a hang
+    watch.client.close()
+    settled = {"before": lambda text: text == "", "between": lambda text: text == FIRST,
+               "mid": lambda text: text.startswith(FIRST + " ")}[point]
+    spoken, interrupted, status = stored(daemon.db_path, session, settled)
+
+    assert (interrupted, status) == (1, "interrupted")  # the model was still writing when the cancel came
+    assert " ".join(REPLY.replace("<e>smile</e>", "").split()).startswith(spoken), spoken
+    if point == "before":
+        assert (watch.started_before(cancelled), spoken) == ([], "")
+    elif point == "between":
+        assert (watch.started_before(cancelled), spoken) == ([0], FIRST)
+    else:
+        assert spoken.startswith(FIRST + " "), spoken
+        part = spoken.removeprefix(FIRST + " ")
+        assert 0 < len(part) < len(SECOND) and SECOND[len(part)] == " ", f"{part!r}: not {SECOND!r} cut at a word"
+        expected = INTO_CHUNK_S * 1000 / (watch.audio_ms(0) / len(FIRST))  # characters at chunk 0's speech rate
+        assert 0.5 * expected <= len(part) <= 1.6 * expected, (part, expected)
+
+
+@pytest.mark.parametrize(("heard_chars", "spoken"), [
+    (0, "One two."), (1, "One two."), (2, "One two. Six"), (3, "One two. Six"), (6, "One two. Six"),
+    (7, "One two. Six seven"), (30, "One two. Six seven eight.")])
+def test_the_heard_part_of_a_chunk_is_rounded_to_the_nearest_word(heard_chars: int, spoken: str) -> None:
+    """heard_chars follows audio time, so it can fall inside a word: a word cut past its middle was
+    heard. Chunk 0 was heard whole, chunk 1 in part, chunk 2 not at all."""
+    track = ReplyTrack(chunks={0: "One two.", 1: "Six seven eight.", 2: "Nine."}, heard={0: 8, 1: heard_chars})
+    assert _heard_text(track) == spoken
