@@ -128,10 +128,9 @@ class App:
         self.client = client
         self.session = client.session
         self.dump_path = Path(dump) if dump else None
-        self.events: "queue.Queue[Any]" = queue.Queue()
-        self.worker = Worker(client, self.events, profile=profile, timeout=timeout)
         self.commands = commands
-        commands.events = self.events
+        self.events = commands.events   # one queue: the worker puts the rest of each reply in it too
+        self.worker = Worker(client, self.events, profile=profile, timeout=timeout)
         self.busy = False
         self.current: str | None = None  # the reply shown: "" while its request is on the way
         self.finished: str | None = None  # the reply shown last, whose commands may still come
@@ -209,6 +208,8 @@ class App:
         """The emotion, the command and the status share one line when they fit; otherwise the
         command moves to a line of its own, wrapped to the window's width, so a narrow window
         (420 px) still shows all three instead of pushing the status off the edge."""
+        if self.top.winfo_width() <= 1:
+            return   # not laid out yet: its first <Configure> comes with the real width
         font = tkfont.nametofont("TkDefaultFont")   # ttk labels' font
         width = self.top.winfo_width() - 2 * LABEL_GAP
         needed = sum(font.measure(variable.get()) for variable in (self.emotion, self.command, self.status))
@@ -396,8 +397,8 @@ class App:
             "emotion": self.emotion.get(), "command": self.command.get(), "input": self.entry.get(),
             "focus": None if focus is None else names.get(str(focus), str(focus)),
             "widgets": {name: place(widget) for name, widget in widgets.items()},
-            "requested": {name: [widget.winfo_reqwidth(), widget.winfo_reqheight()]
-                          for name, widget in widgets.items() if name in ("emotion", "command", "status")},
+            "requested": {name: [widgets[name].winfo_reqwidth(), widgets[name].winfo_reqheight()]
+                          for name in ("emotion", "command", "status")},
         }
         temporary = self.dump_path.with_name(self.dump_path.name + ".tmp")
         temporary.write_text(json.dumps(state, ensure_ascii=False, indent=1))

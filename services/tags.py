@@ -18,10 +18,11 @@ DEFAULT_TAGS = ("e", "c", "a", "m", "f", "v", "p", "music", "hint", "clothes", "
                 "+memory", "#memory", "-memory")
 OPERATORS = "+#-"
 
-NAME = r"[+#\-]?[A-Za-z]\w{0,31}"
+_OPERATOR, _WORD = r"[+#\-]?", r"[A-Za-z]\w{0,31}"
+NAME = _OPERATOR + _WORD
 """A tag name: an ASCII letter, then up to 31 letters, digits or '_', after an optional operator."""
 OPENING = re.compile(rf"<({NAME})>")
-OPENING_START = re.compile(r"<[+#\-]?(?:[A-Za-z]\w{0,31})?")
+OPENING_START = re.compile(rf"<{_OPERATOR}(?:{_WORD})?")
 """What may still grow into an OPENING: a stream holds it back until it can tell."""
 
 VOID = frozenset("area base br col embed hr img input link meta source track wbr".split())
@@ -52,7 +53,7 @@ _VARIABLES = ("attitude", "boredom", "stress")
 def describe(name: str, args: tuple[str, ...]) -> str:
     """An accepted command in words a person reads at a glance, for front-ends: `<p>1,0,-1</p>`
     is "attitude +1, boredom 0, stress −1", not "p 1 0 -1". A tag the default allowlist does
-    not know, or one a commands file reshaped, is shown as written: "name arg arg"."""
+    not know, or one a commands file reshaped, is shown as written: "command: name arg arg"."""
     name = name.lower()
     numbers = [_integer(arg) for arg in args]
     if name == "p" and len(args) == len(_VARIABLES) and None not in numbers:

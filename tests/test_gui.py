@@ -227,7 +227,8 @@ def test_gui_streams_a_reply_shows_the_emotion_and_stops(display: str, tmp_path:
             # 3. the focus went back to the input box: typing at once, with no click, lands there
             assert state["focus"] == "entry"
             gui.type("again")
-            assert gui.wait(lambda state: state["input"] == "again", "the typed text in the input box")["focus"] == "entry"
+            assert gui.wait(lambda state: state["input"] == "again", "the typed text in the input box",
+                            ask=True)["focus"] == "entry"
             shutil.copy(gui.screenshot(tmp_path / "voxpipe-gui-stopped.png"), "/tmp/voxpipe-gui-stopped.png")
         finally:
             code = gui.close()
@@ -250,7 +251,7 @@ def test_gui_hides_a_refused_tag_says_a_cut_reads_commands_in_words_and_fits_420
             gui.click("entry")
             gui.type(question)
             gui.xdotool("key", "Return")
-            reply_id, messages = follow(watcher, seen)
+            _, messages = follow(watcher, seen)
             state = gui.wait(lambda state: state["replies"] >= 1 and "attitude" in state["command"]
                              and "smile" in state["emotion"] and "refused" in state["transcript"],
                              "the reply and its commands", ask=True)

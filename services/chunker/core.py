@@ -401,9 +401,9 @@ class _SpeechCleaner:
 
     Dropped: * _ ` ~ # | [ ] (a symbol between two letters becomes a space, so
     snake_case stays two words), rules of 3+ '-' or '=', closing, self-closing and void
-    HTML tags without attributes (<br> becomes a line break), quote markers and bullets at a line start, fenced code
-    (replaced by the code phrase), emoji, and the (url) of [text](url). Inside a bare URL
-    nothing is dropped; numbered list markers are kept. A mark is placed where its input
+    HTML tags without attributes (<br> becomes a line break), quote markers and bullets
+    at a line start, fenced code (replaced by the code phrase), emoji, and the (url) of
+    [text](url). Inside a bare URL nothing is dropped; numbered list markers are kept. A mark is placed where its input
     position is consumed, so marks stay put whatever is dropped around them."""
 
     def __init__(self, code_phrase: str) -> None:
