@@ -1,7 +1,8 @@
 """`voxpipe chat`: an interactive terminal front-end on the client library.
 
-The reply streams in as it arrives; the command tags of the reply show inline, dimmed, as
-their chunks arrive (`[e: smile]`), and refused commands as history reports them. Ctrl-C
+The reply streams in as it arrives; the command tags of the reply show inline, dimmed, exactly
+where they stood in the text (`[e: smile]`, from the marks of the `text` messages), and refused
+commands only as history's refusal notes (they are never spoken either). Ctrl-C
 during a reply cancels it everywhere (LLM, TTS, player) and the prompt returns at once;
 Ctrl-C or Ctrl-D at the prompt quits. Lines starting with `/` are chat commands (/help).
 """
@@ -16,7 +17,7 @@ import time
 from typing import Callable, Iterator, TextIO
 
 from . import protocol
-from .client import (Chunk, Client, Command, Done, Error, Playback, Reply, TextDelta, VoxpipeError, VoxpipeTimeout,
+from .client import (Client, Command, Done, Error, Playback, Reply, TextDelta, VoxpipeError, VoxpipeTimeout,
                      connect)
 from .config import Config
 
@@ -28,7 +29,7 @@ RETRY_S = 0.5
 """How often chat looks whether an unreachable daemon is back."""
 HEARTBEAT_WAIT_S = 2.5
 """How long a probe waits for the llm stage's ready heartbeat (stages send one every second)."""
-CHAT_KINDS = ("text", "chunk", "command", "llm.done", "playback", "error")
+CHAT_KINDS = ("text", "command", "llm.done", "playback", "error")
 
 HELP = """\
 Type a message and press Enter; the reply streams in and is spoken.
@@ -61,6 +62,8 @@ class Chat:
         self._column = 0
         self._last = "\n"
         self.voice = ""
+        self.commands = _command_names(config)
+        self._space_due = False
         self._cut = ""
         self._waiting = False
         self._color = bool(color)
@@ -74,15 +77,19 @@ class Chat:
     def write(self, text: str) -> None:
         if not text:
             return
+        if self._space_due and not text[0].isspace():
+            text = " " + text
+        self._space_due = False
         self.out.write(text)
         self.out.flush()
         self._column = 0 if text.endswith("\n") else self._column + len(text)
         self._last = text[-1]
 
     def inline(self, text: str) -> None:
-        """A dimmed note inside the reply's line, e.g. a command as it arrives."""
+        """A dimmed note inside the reply's line, e.g. a command where it stood; set off by spaces."""
         space = " " if self._column and not self._last.isspace() else ""
         self.write(f"{space}{self._dim}{text}{self._reset}")
+        self._space_due = True
 
     def note(self, text: str) -> None:
         """A dimmed line of its own (starts a new line if the reply is mid-line)."""
@@ -155,7 +162,6 @@ class Chat:
 
     def follow(self, reply: Reply, deadline: float) -> bool:
         """Show the reply's events; False if the daemon went away before any of it came."""
-        marks: list[tuple[str, int]] = []  # (tag, chunk) shown from chunk marks, not to repeat as commands
         events = iter(reply)
         started, last = False, time.monotonic()
         self._cut = ""
@@ -174,7 +180,7 @@ class Chat:
                 continue
             started, last = True, time.monotonic()
             self.stop_waiting()
-            self.show(event, marks)
+            self.show(event)
         if self._cut:
             self.inline(f"[cut: {self._cut}]")
         self.newline()
@@ -193,21 +199,20 @@ class Chat:
         self.note(f"[gave up after {self.timeout:g} s: the daemon did not come back; start it with `voxpipe run`]")
         return False
 
-    def show(self, event: object, marks: list[tuple[str, int]]) -> None:
+    def show(self, event: object) -> None:
         """One event of the reply on the terminal."""
         if isinstance(event, TextDelta):
-            self.write(event.delta)  # the line ends with the reply: later marks stay on it
-        elif isinstance(event, Chunk):
+            # Each command tag shows where it stood in the text, as the text streams; a tag history
+            # will refuse (not on its allowlist) shows only as the refusal note, as it is never spoken.
+            position = 0
             for mark in event.marks:
-                marks.append((mark.tag.lower(), mark.chunk))
-                self.inline(f"[{mark.tag}: {mark.body}]")
-        elif isinstance(event, Command):
-            if not event.accepted:
-                self.note(f"[refused command {event.name}: {event.reason}]")
-            elif (event.name.lower(), event.chunk) in marks:
-                marks.remove((event.name.lower(), event.chunk))
-            else:
-                self.inline(f"[{event.name}: {' '.join(event.args)}]")
+                self.write(event.delta[position:mark.offset])
+                position = mark.offset
+                if mark.tag.lower() in self.commands:
+                    self.inline(f"[{mark.tag}: {mark.body}]")
+            self.write(event.delta[position:])
+        elif isinstance(event, Command) and not event.accepted:
+            self.note(f"[refused command {event.name}: {event.reason}]")
         elif isinstance(event, Error):
             if event.code == "stage_crashed":
                 self.note(f"[{event.message}; this reply is lost, ask again]")
@@ -286,6 +291,16 @@ class Chat:
 
     def _stream_name(self) -> str:
         return {None: "the profile's setting", True: "on", False: "off"}[self.stream]
+
+
+def _command_names(config: Config) -> frozenset[str]:
+    """The tags history accepts (its allowlist, with history.commands_file), to show inline."""
+    from .history.commands import DEFAULT_ALLOWLIST, load_allowlist
+    try:
+        specs = load_allowlist(config["history"]["commands_file"], config["history"]["max_commands_per_reply"]).specs
+    except (OSError, ValueError):  # history reports a broken commands_file; chat shows the built-in tags
+        specs = DEFAULT_ALLOWLIST
+    return frozenset(name.lower() for name in specs)
 
 
 @contextlib.contextmanager

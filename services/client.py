@@ -49,12 +49,12 @@ from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
 
 from . import protocol
 from .config import Config, load
-from .chunker.core import Mark
+from .chunker.core import Mark, TextMark
 from .protocol import Message
 from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
 
 __all__ = [
-    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Event", "TextDelta", "Chunk", "Mark",
+    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Event", "TextDelta", "TextMark", "Chunk", "Mark",
     "Audio", "Command", "Reasoning", "Playback", "Done", "Error", "REPLY_KINDS", "REPLY_STAGES",
 ]
 
@@ -84,11 +84,14 @@ class Event:
 
 @dataclass(frozen=True, kw_only=True)
 class TextDelta(Event):
-    """The next piece of display text (command tags removed); `final` on the reply's last one."""
+    """The next piece of display text (command tags removed); `final` on the reply's last one.
+
+    `marks` are the command tags met in this piece, each at its `offset` in `delta`."""
 
     kind: ClassVar[str] = "text"
     delta: str
     final: bool
+    marks: tuple[TextMark, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,7 +184,8 @@ def event_from(message: Message) -> AnyEvent | None:
     body = message.body
     kind = message.kind
     if kind == "text":
-        return TextDelta(**ids, delta=body["delta"], final=body["final"])
+        marks = tuple(TextMark(m["tag"], m["body"], m["offset"]) for m in body["marks"])
+        return TextDelta(**ids, delta=body["delta"], final=body["final"], marks=marks)
     if kind == "chunk":
         marks = tuple(Mark(m["tag"], m["body"], m["chunk"], m["offset"]) for m in body["marks"])
         return Chunk(**ids, text=body["text"], index=body["index"], final=body["final"], marks=marks)

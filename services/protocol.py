@@ -150,6 +150,7 @@ def _counter_map(values: Callable[[Any], str | None]) -> Callable[[Any], str | N
 
 IMAGE = _record({"mime": _str(64, re.compile(r"image/[a-z0-9.+-]+")), "data": _bytes(3 * 1024 * 1024)})
 MARK = _record({"tag": _str(_SHORT), "body": _str(_TEXT), "chunk": _int(), "offset": _int()})
+TEXT_MARK = _record({"tag": _str(_SHORT), "body": _str(_TEXT), "offset": _int()})
 CHAT_MESSAGE = _record({"role": _str(16, choices=("system", "user", "assistant")), "content": _str(_REPLY)})
 DONE_STATUSES = ("ok", "error", "interrupted")
 PLAYBACK_EVENTS = ("started", "finished", "stopped")
@@ -215,6 +216,7 @@ KINDS: dict[str, dict[str, Field]] = {
     "text": {
         "delta": Field(_str(_TEXT)),
         "final": Field(_bool, required=False, default=False),
+        "marks": Field(_list(TEXT_MARK, 1000), required=False, default=[]),
     },
     "chunk": {
         "text": Field(_str(_TEXT)),

@@ -31,7 +31,7 @@ def test_chat_streams_replies_commands_and_slash_commands() -> None:
         try:
             term.expect(PROMPT)
             start = say_line(term, "Hello chat")
-            term.expect(r"Echo: Hello chat\. Done +here\..*\[e: smile\]", after=start)
+            term.expect(r"Echo: Hello chat\. Done \[e: smile\] here\.", after=start)  # where the tag stood
             term.expect(PROMPT, after=start)
 
             start = say_line(term, "/history")
@@ -41,7 +41,7 @@ def test_chat_streams_replies_commands_and_slash_commands() -> None:
             start = say_line(term, "/stream off")
             term.expect(r"\[streaming: off\].*" + PROMPT, after=start)
             start = say_line(term, "All at once")
-            term.expect(r"Echo: All at once\. Done +here\..*" + PROMPT, after=start)
+            term.expect(r"Echo: All at once\. Done \[e: smile\] here\..*" + PROMPT, after=start)
 
             start = say_line(term, "/voice en-us")
             term.expect(r"\[voice: en-us\].*" + PROMPT, after=start)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
-from services.tags import VOID
+from services.tags import FORMATTING, VOID
 
 DEFAULT = ChunkerPolicy()
 
@@ -50,7 +50,7 @@ SEPARATORS = [" ", " ", " ", ", ", ". ", "! ", "? ", "?! ", "... ", "… ", "; "
               "\n", "\n\n", ".\n"]
 BODIES = ["smile", "Подойти к игроку", "1,-2,0", "  wave  ", "happy|sad"]
 # Names no configured tag has, so only the rule for any well-formed pair makes them tags.
-OTHER_NAMES = ["bogus", "B", "div", "x1", "snake_name", "Tag_ё", "+note", "#id", "-gone"]
+OTHER_NAMES = ["bogus", "Z", "div", "x1", "snake_name", "Tag_ё", "+note", "#id", "-gone"]
 OTHER_BODIES = [*BODIES, "x", "a < b", "две\nстроки", ""]
 
 # A part of a reply: (raw, expected display, expected speech, expected marks).
@@ -59,6 +59,13 @@ Part = tuple[str, str, str, tuple[tuple[str, str], ...]]
 
 def plain(word: str) -> Part:
     return word, word, word, ()
+
+
+def formatting(name: str, word: str, form: str) -> Part:
+    """HTML formatting around a word, paired or lone: the markup goes from display and speech, the word stays."""
+    opening, closing = f"<{name}>", f"</{name.swapcase()}>"
+    raw = {"pair": opening + word + closing, "opening": opening + word, "closing": word + closing}[form]
+    return raw, word, word, ()
 
 
 def other_tag(name: str, body: str, upper_closer: bool, short_closer: bool) -> Part:
@@ -74,6 +81,8 @@ tags = st.tuples(st.sampled_from(DEFAULT.tags), st.sampled_from(BODIES)).map(
     lambda tb: (f"<{tb[0]}>{tb[1]}</{tb[0]}>", "", "", ((tb[0], tb[1].strip()),)))
 other_tags = st.builds(other_tag, st.sampled_from(OTHER_NAMES), st.sampled_from(OTHER_BODIES), st.booleans(),
                        st.booleans())
+formatted = st.builds(formatting, st.sampled_from(["b", "I", "strong", "EM", "span", "sup"]), simple_words,
+                      st.sampled_from(["pair", "opening", "closing"]))
 think = st.just(("<think>I should <e>smile</e> and say *hi* < 3</think>", "", "", ()))
 emphasis = st.tuples(st.sampled_from(["**", "*", "_", "__", "`", "~~"]), simple_words).map(
     lambda mw: (f"{mw[0]}{mw[1]}{mw[0]}", f"{mw[0]}{mw[1]}{mw[0]}", mw[1], ()))
@@ -93,7 +102,7 @@ line_markup = st.tuples(st.sampled_from(["## ", "# ", "- ", "* ", "+ ", "> ", "�
 snake = st.just(("snake_case", "snake_case", "snake case", ()))
 html = st.sampled_from([("<br/>", "<br/>", "\n", ()), ("<BR>", "<BR>", "\n", ()), ("<hr>", "<hr>", "", ()),
                         ("</bogus>", "</bogus>", "", ()), ("<bogus/>", "<bogus/>", "", ())])
-parts = st.one_of(words, words, words, tags, other_tags, think, emphasis, emoji, links, fence, inline_code,
+parts = st.one_of(words, words, words, tags, other_tags, formatted, think, emphasis, emoji, links, fence, inline_code,
                   line_markup, snake, html)
 
 
@@ -288,10 +297,15 @@ def test_marks_point_into_the_chunk_being_assembled():
 
 def tag_oracle(text: str, lookahead: int) -> tuple[str, list[tuple[str, str]]]:
     """The tag rule, written plainly over a whole reply without code or configured tags: at a '<',
-    a well-formed `<name>` (not a void element such as <br>) whose closing tag ends within
-    `lookahead` characters of the '<' is a tag; everything else is text."""
+    the opening or closing tag of a formatting element such as <b> is dropped; a well-formed
+    `<name>` (not a void element such as <br>) whose closing tag ends within `lookahead`
+    characters of the '<' is a tag; everything else is text."""
     shown, marks, pos = [], [], 0
     while pos < len(text):
+        markup = re.compile(r"</?([A-Za-z]\w{0,31})>").match(text, pos)
+        if markup and markup.group(1).lower() in FORMATTING:
+            pos = markup.end()
+            continue
         opening = re.compile(r"<([+#\-]?[A-Za-z]\w{0,31})>").match(text, pos)
         if opening and opening.group(1).lower() not in VOID:
             name = opening.group(1).lower()
@@ -307,14 +321,14 @@ def tag_oracle(text: str, lookahead: int) -> tuple[str, list[tuple[str, str]]]:
     return "".join(shown), marks
 
 
-ANGLE_PIECES = ["<", ">", "</", "/>", "b", "B", "bogus", "y", "x", "+", "-", "#", "_", "1", "ё", "br", " ", "\n",
+ANGLE_PIECES = ["<", ">", "</", "/>", "b", "B", "span", "bogus", "y", "x", "+", "-", "#", "_", "1", "ё", "br", " ", "\n",
                 "Привет", "a < b", ".", ","]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(ANGLE_PIECES), max_size=60), st.integers(8, 60),
        st.lists(st.integers(0, 10_000), max_size=20))
-def test_tags_are_exactly_the_well_formed_pairs_however_the_reply_is_split(pieces, lookahead, cuts):
+def test_tags_are_exactly_the_well_formed_pairs_and_formatting_goes_however_the_reply_is_split(pieces, lookahead, cuts):
     raw = "".join(pieces)
     policy = ChunkerPolicy(tags=(), tag_lookahead=lookahead)
     display, chunks = run(raw, policy)
@@ -340,6 +354,10 @@ def test_tags_are_exactly_the_well_formed_pairs_however_the_reply_is_split(piece
     ("Line<br>break <bogus/> and </bogus> stay.", "Line<br>break <bogus/> and </bogus> stay.",
      "Line break and stay.", []),
     ("Hi <bogus>x", "Hi <bogus>x", "Hi <bogus>x", []),
+    ("<b>Важно:</b> завтра", "Важно: завтра", "Важно: завтра", []),
+    ("Это <STRONG>очень</strong> <i>важно, и</em> всё<u>.", "Это очень важно, и всё.", "Это очень важно, и всё.", []),
+    ("<b><e>smile</e>Да</b>, <em>a <bogus>x</bogus> b</em>", "Да, a  b", "Да, a b", [("e", "smile"), ("bogus", "x")]),
+    ("<+b>x</b> and <b/>", " and <b/>", "and", [("+b", "x")]),
 ])
 def test_a_well_formed_pair_is_a_tag_whatever_its_name_and_nothing_else_is(reply, display, speech, marks):
     got_display, chunks = run(reply)
@@ -434,7 +452,7 @@ def test_links_speak_their_text_not_their_url():
 
 
 def test_lone_html_tags_are_shown_not_spoken_and_br_is_a_line_break():
-    reply = "Это важно</b>, очень<br/>важно<hr> тоже<x/>."
+    reply = "Это важно</div>, очень<br/>важно<hr> тоже<x/>."
     display, chunks = run(reply)
     assert display == reply and [c.text for c in chunks] == ["Это важно,", "очень", "важно тоже."]
 

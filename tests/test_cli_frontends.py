@@ -292,3 +292,24 @@ def test_ctrl_c_at_the_chat_prompt_quits_cleanly() -> None:
             assert term.wait(15) == 0
         finally:
             term.close()
+
+
+def test_chat_shows_each_command_tag_where_it_stood_and_refused_ones_only_as_a_note() -> None:
+    """Tags at the start, in the middle and at the end of a sentence (a chunk), and a refused one."""
+    with fake_openai(delay=0.01) as url, Daemon(openai_settings(url), env=KEY) as daemon:
+        term = chat(daemon, "tty8")
+        try:
+            term.expect(PROMPT)
+            at = term.mark()
+            term.type("<e>smile</e>Hello there! <c>wave,2</c>Nice to meet you<a>bow</a> <bogus>x</bogus>ok", 0.005)
+            term.press(ENTER)
+            term.expect(r"refused command bogus.*" + PROMPT, after=at)
+            shown = term.screen[at:]
+            reply = shown[shown.index("Echo:"):shown.index("[refused")]
+            assert " ".join(reply.split()) == ("Echo: [e: smile] Hello there! [c: wave,2] Nice to meet you [a: bow] "
+                                               "ok. Done [e: smile] here.")
+            assert "x" not in reply.replace("Echo:", "")
+            term.press(CTRL_D)
+            assert term.wait(30) == 0, term.screen
+        finally:
+            term.close()

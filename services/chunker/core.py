@@ -5,8 +5,9 @@ decide yet and decides from the text alone, so the chunks never depend on how th
 was split into deltas (a stall flush in `tick` is the one deliberate exception):
 
 1. `_TagStripper` removes tags, `<name>…</name>` pairs (reported as marks, for history to
-   accept or refuse), and `<think>` blocks; what is left is the display text, so what is
-   shown and what is spoken never disagree about a tag.
+   accept or refuse), the markup of formatting such as `<b>` (its text stays), and `<think>`
+   blocks (services.tags); what is left is the display text, so what is shown and what is
+   spoken never disagree about a tag.
 2. `_SpeechCleaner` turns display text into speakable text: markdown symbols, fenced
    code, emoji and link URLs go; link text stays.
 3. `_Splitter` cuts the speakable text into chunks where a pause sounds right.
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..tags import DEFAULT_TAGS, OPENING, OPENING_START, VOID, closer, closers
+from ..tags import DEFAULT_TAGS, FENCE_OPEN, VOID, TagStripper, closes_fence
 
 
 # --- policy -------------------------------------------------------------------------------
@@ -132,9 +133,20 @@ class Chunk:
 
 
 @dataclass(frozen=True)
+class TextMark:
+    """A command tag met in the display text: `offset` is where it stood in that display delta,
+    so a front-end can show it exactly there while the text streams (chunks come later)."""
+
+    tag: str
+    body: str
+    offset: int
+
+
+@dataclass(frozen=True)
 class ChunkerOutput:
     display: str
     chunks: tuple[Chunk, ...]
+    display_marks: tuple[TextMark, ...] = ()
 
 
 _NOTHING = ChunkerOutput("", ())
@@ -150,6 +162,7 @@ class Chunker:
         self._tags = _TagStripper(policy.tags, policy.tag_lookahead)
         self._speech = _SpeechCleaner(policy.code_phrase)
         self._splitter = _Splitter(policy)
+        self._display_length = 0
         self._last_feed: float | None = None
         self._stall_possible = False
         self._finished = False
@@ -186,6 +199,8 @@ class Chunker:
 
     def _push(self, delta: str, at_end: bool) -> ChunkerOutput:
         display, marks = self._tags.push(delta, at_end)
+        start, self._display_length = self._display_length, self._display_length + len(display)
+        shown = tuple(TextMark(tag, body, position - start) for position, tag, body in marks)
         speech, placed = self._speech.push(display, marks, at_end)
         self._splitter.push(speech, placed)
         if at_end:
@@ -193,7 +208,7 @@ class Chunker:
         else:
             chunks = self._splitter.cut() if speech else []
             self._stall_possible = bool(self._policy.flush_after_ms) and self._splitter.can_stall_cut()
-        return ChunkerOutput(display, tuple(chunks))
+        return ChunkerOutput(display, tuple(chunks), shown)
 
     def _check_open(self, action: str) -> None:
         if self._finished:
@@ -202,177 +217,21 @@ class Chunker:
 
 # --- stage 1: command tags and reasoning --------------------------------------------------
 
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_THINK_CLOSE_RE = re.compile(re.escape(_THINK_CLOSE), re.I)
-_FENCE_OPEN = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
-_FENCE_CLOSE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})[ \t]*")
-_CODE_PIECE = re.compile(r"\n|`+|[^`\n]+")
-_FENCE_REACH = 64   # how much of a line a fence line is judged on
-
 # A mark in flight: (position in the stage's output text, tag, body).
 _Placed = tuple[int, str, str]
 
 
-def _closes_fence(line: str, fence: str) -> bool:
-    """Whether `line` closes the code block `fence` opened: the same character, at least as many."""
-    close = _FENCE_CLOSE.fullmatch(line)
-    return bool(close) and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence)
-
-
 class _TagStripper:
-    """Removes tags and `<think>` blocks, reporting tags as marks.
-
-    A tag (services.tags) is a pair `<name>body</name>` closed within `lookahead` characters
-    of its '<': a configured name anywhere, any other well-formed name outside code, so
-    the `<li>x</li>` of an HTML example stays code while a refused `<bogus>x</bogus>` is
-    neither shown nor spoken. A configured tag the reply ends inside is a tag too; a stray
-    configured closing tag is dropped. Names match case-insensitively; a mark carries the
-    configured spelling, or any other name in lowercase, as history reports it.
-
-    Text is held only from a '<' that may still become a tag, and for at most
-    `lookahead` characters from it, so the display never waits long on a stray '<'."""
+    """Removes tags, formatting markup and `<think>` blocks (services.tags, which history shares,
+    so the chunker hides exactly the tags history reports), handing each tag on as a mark."""
 
     def __init__(self, tags: tuple[str, ...], lookahead: int) -> None:
-        self._opening = {f"<{tag.lower()}>": tag for tag in tags}
-        self._stray = (*{closer.lower() for tag in tags for closer in closers(tag)}, _THINK_CLOSE)
-        self._patterns = (*self._opening, *self._stray, _THINK_OPEN)
-        self._longest = max(map(len, self._patterns))
-        self._lookahead = lookahead
-        self._code = _Code()
-        self._pending = ""
-        self._in_think = False
-        self._shown = 0
+        self._stripper = TagStripper(tags, lookahead)
 
     def push(self, text: str, at_end: bool) -> tuple[str, list[_Placed]]:
         """Returns the display text it can release now and the tags it completed."""
-        self._pending += text
-        shown: list[str] = []
-        marks: list[_Placed] = []
-        while self._pending:
-            if self._in_think:
-                if not self._skip_think(at_end):
-                    break
-                continue
-            lt = self._pending.find("<")
-            if lt != 0:
-                shown.append(self._release(len(self._pending) if lt < 0 else lt))
-                continue
-            step = self._at_angle(at_end)
-            if step is None:
-                break
-            used, mark = step
-            if not used:
-                shown.append(self._release(1))
-                continue
-            self._pending = self._pending[used:]
-            if mark:
-                marks.append((self._shown, *mark))
-        return "".join(shown), marks
-
-    def _release(self, count: int) -> str:
-        text, self._pending = self._pending[:count], self._pending[count:]
-        self._shown += count
-        self._code.feed(text)
-        return text
-
-    def _at_angle(self, at_end: bool) -> tuple[int, tuple[str, str] | None] | None:
-        """For the '<' opening the pending text: (characters used, mark); 0 used means the
-        '<' is plain text; None means it cannot be told yet."""
-        head = self._pending[:self._longest].lower()
-        for opening, tag in self._opening.items():
-            if head.startswith(opening):
-                return self._command(len(opening), tag, at_end, configured=True)
-        if head.startswith(_THINK_OPEN):
-            self._in_think = True
-            return len(_THINK_OPEN), None
-        for closing in self._stray:
-            if head.startswith(closing):
-                return len(closing), None
-        if not self._code.inside:
-            opening = OPENING.match(self._pending)
-            if opening and opening.group(1).lower() not in VOID:
-                return self._command(opening.end(), opening.group(1).lower(), at_end, configured=False)
-            if not at_end and OPENING_START.fullmatch(self._pending):
-                return None
-        if not at_end and len(head) == len(self._pending) and any(p.startswith(head) for p in self._patterns):
-            return None
-        return 0, None
-
-    def _command(self, used: int, tag: str, at_end: bool,
-                 configured: bool) -> tuple[int, tuple[str, str] | None] | None:
-        """A tag opened by the first `used` pending characters: closed, or still open, or text."""
-        window = self._pending[:self._lookahead]
-        close = closer(tag).search(window, used)
-        if close:
-            return close.end(), (tag, window[used:close.start()].strip())
-        if len(self._pending) >= self._lookahead:
-            return 0, None
-        if not at_end:
-            return None
-        if configured:  # the reply stopped inside a command: still a command, never speech
-            return len(self._pending), (tag, self._pending[used:].strip())
-        return 0, None   # x<y>z: a lone opening is text
-
-    def _skip_think(self, at_end: bool) -> bool:
-        close = _THINK_CLOSE_RE.search(self._pending)
-        if close:
-            self._pending = self._pending[close.end():]
-            self._in_think = False
-            return True
-        keep = 0 if at_end else _partial_suffix(self._pending, _THINK_CLOSE)
-        self._pending = self._pending[len(self._pending) - keep:]
-        return False
-
-
-class _Code:
-    """Follows whether the display text so far ends inside code: a fenced block, or an inline
-    `span` (which, kept simple, also ends at a line's end). Fences are judged on whole lines
-    the way the speech cleaner judges them."""
-
-    def __init__(self) -> None:
-        self._line = ""         # the start of the current line
-        self._fence = ""        # the fence of the open code block
-        self._span = 0          # the backticks that opened an inline span; 0 outside one
-        self._ticks = 0         # the backtick run the text ends with, not yet judged
-
-    @property
-    def inside(self) -> bool:
-        return bool(self._fence) or bool(self._span_after_run())
-
-    def feed(self, text: str) -> None:
-        for piece in _CODE_PIECE.findall(text):
-            if piece[0] == "`":
-                self._ticks += len(piece)
-            else:
-                self._span, self._ticks = self._span_after_run(), 0
-            if piece == "\n":
-                self._end_line()
-            elif len(self._line) < _FENCE_REACH:
-                self._line += piece[:_FENCE_REACH]
-
-    def _span_after_run(self) -> int:
-        """A run of backticks opens a span, or closes the span a run as long opened."""
-        if not self._ticks:
-            return self._span
-        if not self._span:
-            return self._ticks
-        return 0 if self._ticks == self._span else self._span
-
-    def _end_line(self) -> None:
-        line, self._line, self._span = self._line, "", 0
-        if self._fence:
-            if len(line) < _FENCE_REACH and _closes_fence(line, self._fence):
-                self._fence = ""
-        elif opening := _FENCE_OPEN.match(line):
-            self._fence = opening.group(1)
-
-
-def _partial_suffix(text: str, pattern: str) -> int:
-    """Length of the longest end of `text` that could be the start of `pattern`."""
-    for size in range(min(len(pattern) - 1, len(text)), 0, -1):
-        if text[-size:].lower() == pattern[:size]:
-            return size
-    return 0
+        display, found = self._stripper.push(text, at_end)
+        return display, [(tag.shown, tag.name, tag.body) for tag in found]
 
 
 # --- stage 2: markdown, code, emoji and links ---------------------------------------------
@@ -469,7 +328,7 @@ class _SpeechCleaner:
         if held == len(text) and held < _MAX_LINE_HOLD and not at_end:
             return None
         self._line_start = False
-        fence = _FENCE_OPEN.match(text)
+        fence = FENCE_OPEN.match(text)
         if fence:
             self._fence = fence.group(1)
             return fence.end(), self._code_text
@@ -480,7 +339,7 @@ class _SpeechCleaner:
         line = text if newline < 0 else text[:newline]
         if newline < 0 and not at_end and set(line) <= _FENCE_LINE:
             return None
-        if _closes_fence(line, self._fence):
+        if closes_fence(line, self._fence):
             self._fence = ""
             return (len(text) if newline < 0 else newline + 1), ""
         self._line_start = False

@@ -89,8 +89,9 @@ class ChunkerStage(Stage):
                 self._emit(session, id, state.chunker.tick(now))
 
     def _emit(self, session: str, id: str, output: ChunkerOutput, final: bool = False) -> None:
-        if output.display or final:
-            self.bus.publish("text", session, id, delta=output.display, final=final)
+        if output.display or output.display_marks or final:
+            marks = [dataclasses.asdict(mark) for mark in output.display_marks]
+            self.bus.publish("text", session, id, delta=output.display, final=final, **({"marks": marks} if marks else {}))
         for chunk in output.chunks:
             self.bus.publish("chunk", session, id, text=chunk.text, index=chunk.index, final=chunk.final,
                              marks=[dataclasses.asdict(mark) for mark in chunk.marks])

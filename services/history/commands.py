@@ -3,7 +3,10 @@
 Model output is untrusted input: a command is accepted only when its tag is on
 the allowlist and every argument passes its rule; anything else is refused with
 a reason the front-end can show.  A per-reply cap stops a model that spams
-commands.  Pure: no I/O.
+commands.  What is a tag at all is the chunker's call (services.tags): history
+finds the tags with the same stripper, so it refuses only what the chunker hid
+and never a `<b>` the user reads, a `<br>`, an `x<y>z` or tag-like code.
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..tags import closers
+from ..tags import DEFAULT_TAGS, LOOKAHEAD, OPENING, Tag, TagStripper
 
-_OPENING = re.compile(r"<([+#\-]?[A-Za-z][\w]{0,31})>")
 _IDS = re.compile(r"\d+(?:\s*[-,]\s*\d+)*")
 
 
@@ -102,54 +104,41 @@ class Command:
     args: tuple[str, ...]
     accepted: bool
     reason: str = ""
-    position: int = 0
     body: str = ""
 
 
 @dataclass
 class Allowlist:
+    """What history accepts (`specs`, at most `max_per_reply` per reply), and what the chunker takes
+    for a tag (`tags`, its configured names, and `lookahead`, as in `chunker.*`): history must find
+    the tags the chunker found, or it would refuse text the user reads or miss a tag the user never saw."""
+
     specs: Mapping[str, CommandSpec] = field(default_factory=lambda: dict(DEFAULT_ALLOWLIST))
     max_per_reply: int = 30
+    tags: tuple[str, ...] = DEFAULT_TAGS
+    lookahead: int = LOOKAHEAD
 
 
 def parse_reply(text: str, allowlist: Allowlist) -> list[Command]:
-    """Every tag of a full reply, in order, each accepted or refused with a reason."""
-    found: list[Command] = []
-    position = 0
-    while (match := _OPENING.search(text, position)) is not None:
-        name = match.group(1).lower()
-        close = _find_close(text, name, match.end())
-        if close is None:
-            found.append(Command(name, (), False, f"unclosed <{name}> tag", match.start()))
-            position = match.end()
-            continue
-        body = text[match.end():close[0]]
-        found.append(_judge(name, body, match.start(), allowlist))
-        position = close[1]
-    return _cap(found, allowlist.max_per_reply)
+    """Every tag of a full reply (the ones the chunker hid), in order, each accepted or refused with a reason."""
+    _, found = TagStripper(allowlist.tags, allowlist.lookahead).push(text, at_end=True)
+    return _cap([_judge(tag, allowlist) for tag in found], allowlist.max_per_reply)
 
 
-def _find_close(text: str, name: str, start: int) -> tuple[int, int] | None:
-    lowered = text.lower()
-    best = None
-    for closer in closers(name):
-        index = lowered.find(closer, start)
-        if index >= 0 and (best is None or index < best[0]):
-            best = (index, index + len(closer))
-    return best
-
-
-def _judge(name: str, body: str, position: int, allowlist: Allowlist) -> Command:
+def _judge(tag: Tag, allowlist: Allowlist) -> Command:
+    name, body = tag.name.lower(), tag.body
+    if not tag.closed:
+        return Command(name, (), False, f"unclosed <{name}> tag", body)
     spec = allowlist.specs.get(name)
     if spec is None:
-        return Command(name, (), False, f"unknown command <{name}>", position, body)
-    if _OPENING.search(body):
-        return Command(name, (), False, "nested tags are not allowed", position, body)
-    args = spec.split(body.strip())
+        return Command(name, (), False, f"unknown command <{name}>", body)
+    if OPENING.search(body):
+        return Command(name, (), False, "nested tags are not allowed", body)
+    args = spec.split(body)
     problem = spec.problem(args)
     if problem:
-        return Command(name, tuple(args), False, f"<{name}> {problem}", position, body)
-    return Command(name, tuple(args), True, "", position, body)
+        return Command(name, tuple(args), False, f"<{name}> {problem}", body)
+    return Command(name, tuple(args), True, "", body)
 
 
 def _cap(commands: list[Command], limit: int) -> list[Command]:
@@ -157,7 +146,7 @@ def _cap(commands: list[Command], limit: int) -> list[Command]:
     for number, command in enumerate(commands):
         if number >= limit and command.accepted:
             command = Command(command.name, command.args, False,
-                              f"more than {limit} commands in one reply", command.position, command.body)
+                              f"more than {limit} commands in one reply", command.body)
         capped.append(command)
     return capped
 
@@ -172,8 +161,10 @@ def memory_ids(spec: str) -> list[int]:
     return ids
 
 
-def load_allowlist(path: str, max_per_reply: int) -> Allowlist:
-    """The built-in allowlist, with tags from a TOML file added or replaced.
+def load_allowlist(path: str, max_per_reply: int, tags: tuple[str, ...] = DEFAULT_TAGS,
+                   lookahead: int = LOOKAHEAD) -> Allowlist:
+    """The built-in allowlist, with tags from a TOML file added or replaced; `tags` and `lookahead`
+    are the chunker's (`chunker.tags`, `chunker.tag_lookahead`), see Allowlist.
 
     The file has one table per tag: separator, min_args, max_args, and `args`, a list
     of tables with kind (enum | text | int | number), values, pattern, low, high.
@@ -184,7 +175,7 @@ def load_allowlist(path: str, max_per_reply: int) -> Allowlist:
             data = tomllib.load(handle)
         for tag, table in data.items():
             specs[tag.lower()] = _spec_from(tag, table)
-    return Allowlist(specs, max_per_reply)
+    return Allowlist(specs, max_per_reply, tags, lookahead)
 
 
 def _spec_from(tag: str, table: Mapping[str, Any]) -> CommandSpec:
