@@ -64,6 +64,7 @@ class Chat:
         self.voice = ""
         self.commands = _command_names(config)
         self._space_due = False
+        self._errors_shown: set[str] = set()
         self._cut = ""
         self._waiting = False
         self._color = bool(color)
@@ -165,6 +166,7 @@ class Chat:
         events = iter(reply)
         started, last = False, time.monotonic()
         self._cut = ""
+        self._errors_shown = set()
         while True:
             try:
                 event = next(events)
@@ -214,14 +216,15 @@ class Chat:
         elif isinstance(event, Command) and not event.accepted:
             self.note(f"[refused command {event.name}: {event.reason}]")
         elif isinstance(event, Error):
+            self._errors_shown.add(event.message)
             if event.code == "stage_crashed":
                 self.note(f"[{event.message}; this reply is lost, ask again]")
             else:
                 self.note(f"[error {event.code}: {event.message}]")
         elif isinstance(event, Done):
             self._cut = event.guard  # said after the text, which may still be arriving (streaming off)
-            if event.status == "error":
-                self.note(f"[the reply failed: {event.error}]")
+            if event.status == "error" and event.error not in self._errors_shown:
+                self.note(f"[the reply failed: {event.error}]")  # unless its error event said it
             elif event.status == "interrupted":
                 self.note("[interrupted]")
         elif isinstance(event, Playback) and event.final and event.path:

@@ -137,6 +137,7 @@ class App:
         self.pending = 0
         self.replies = 0
         self.reply_text = ""
+        self.errors_shown: set[str] = set()
         self.quitting = False
         self.dump_requested = False
         self.dumps = 0
@@ -307,6 +308,7 @@ class App:
             if item[0] == "asked" and self.current == "":
                 self.current = item[1]
                 self.reply_text = ""
+                self.errors_shown = set()
                 self._append("voxpipe: ", "who")
                 self._reply_end(self.current)
             elif item[0] == "end":
@@ -327,9 +329,10 @@ class App:
             if item.event == "started" and self.busy:
                 self.status.set("speaking…")
         elif isinstance(item, Error):
+            self.errors_shown.add(item.message)
             self._append(f"\n[{item.code}: {item.message}]", "note")
-        elif isinstance(item, Done) and item.status == "error":
-            self._append(f"\n[the reply failed: {item.error}]", "note")
+        elif isinstance(item, Done) and item.status == "error" and item.error not in self.errors_shown:
+            self._append(f"\n[the reply failed: {item.error}]", "note")  # unless its error event said it
 
     def take_command(self, command: Command) -> None:
         """An accepted command shows in words above the text; a refused one only as a note."""

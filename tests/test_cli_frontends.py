@@ -313,3 +313,23 @@ def test_chat_shows_each_command_tag_where_it_stood_and_refused_ones_only_as_a_n
             assert term.wait(30) == 0, term.screen
         finally:
             term.close()
+
+
+def test_chat_reports_a_failed_reply_once() -> None:
+    settings = openai_settings("http://127.0.0.1:9/v1")  # nothing listens on the discard port
+    settings["llm"]["profiles"]["fake"].update({"retries": 0, "connect_timeout_s": 1.0})
+    with Daemon(settings, env=KEY) as daemon:
+        term = chat(daemon, "tty9")
+        try:
+            term.expect(PROMPT)
+            at = term.mark()
+            term.type("hello?")
+            term.press(ENTER)
+            term.expect(r"\[error .*" + PROMPT, after=at)
+            shown = term.screen[at:]
+            assert shown.count("Connection refused") + shown.count("connect") >= 1
+            assert "[the reply failed" not in shown, shown  # the error event already said it
+            term.press(CTRL_D)
+            assert term.wait(30) == 0
+        finally:
+            term.close()

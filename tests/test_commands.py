@@ -6,7 +6,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from services.chunker.core import Chunker, ChunkerPolicy
 from services.history.commands import Allowlist, load_allowlist, memory_ids, parse_reply
 
 
@@ -58,6 +61,32 @@ def test_a_thousand_tags_are_capped_and_parsed_fast() -> None:
 
 def test_text_that_only_looks_like_tags_is_not_a_command() -> None:
     assert parse("a < b and 3 > 2, also <3 you") == []
+    assert parse("x<y>z, vector<int> and a<br>line</br>") == []    # a lone opening, a void element
+
+
+def test_formatting_is_not_a_command_paired_or_not() -> None:
+    assert parse("<b>Важно:</b> завтра <STRONG>очень</strong> <i>важно</em> <span>x</span>") == []
+    commands = parse("<b><e>smile</e>Да</b>")
+    assert [(c.name, c.accepted) for c in commands] == [("e", True)]
+
+
+def test_tag_like_code_is_not_a_command_but_a_configured_tag_in_code_is() -> None:
+    reply = "Пример:\n```html\n<li>x</li> <bogus>y</bogus> <e>smile</e>\n```\nИ `<div>z</div>` тоже. <bogus>w</bogus>"
+    assert [(c.name, c.body, c.accepted) for c in parse(reply)] == [("e", "smile", True), ("bogus", "w", False)]
+
+
+def test_a_pair_is_a_tag_only_if_it_closes_within_the_lookahead() -> None:
+    long = "<bogus>" + "x" * 40 + "</bogus> <e>" + "y" * 40 + "</e>"
+    assert parse_reply(long, Allowlist(lookahead=30)) == []
+    assert [c.name for c in parse_reply(long, Allowlist(lookahead=60))] == ["bogus", "e"]
+    assert [c.reason for c in parse_reply("<bogus>x <e>smile", Allowlist(lookahead=30))] == ["unclosed <e> tag"]
+
+
+def test_reasoning_is_no_command_and_letters_that_grow_in_lowercase_shift_nothing() -> None:
+    assert parse("<think>I could <e>smile</e></think>Да.") == []
+    commands = parse("İİİİ <e>smile</e> İ<bogus>x</bogus>")
+    assert [(c.name, c.args, c.accepted, c.body) for c in commands] == [
+        ("e", ("smile",), True, "smile"), ("bogus", (), False, "x")]
 
 
 def test_memory_id_lists() -> None:
@@ -77,3 +106,26 @@ def test_a_commands_file_adds_and_replaces_tags(tmp_path: Path) -> None:
     path.write_text('[x]\nargs = [{kind = "colour"}]\n')
     with pytest.raises(ValueError, match="tag <x>: kind 'colour' is not one of enum, text, int, number"):
         load_allowlist(str(path), 30)
+
+
+# --- history finds exactly the tags the chunker hid ------------------------------------------
+
+PIECES = ["<", ">", "</", "/", "e", "E", "b", "i", "strong", "br", "bogus", "y", "+memory", "memory", "+", "think",
+          "smile", " ", "\n", "```", "`", "Привет", "İ", "a < b", "x" * 12, "<e>smile</e>", "<bogus>x</bogus>",
+          "<b>Важно:</b>", "<e><c>wave</c></e>", "<+memory>high|кошки</memory>", "<think>", "</think>"]
+
+
+def split(raw: str, cuts: list[int]) -> list[str]:
+    points = sorted({0, len(raw), *(c % (len(raw) + 1) for c in cuts)})
+    return [raw[a:b] for a, b in zip(points, points[1:])]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(PIECES), max_size=50), st.integers(33, 80), st.lists(st.integers(0, 10_000), max_size=20))
+def test_history_reports_exactly_the_tags_the_chunker_marked_however_the_reply_streamed(pieces, lookahead, cuts):
+    raw = "".join(pieces)
+    chunker = Chunker(ChunkerPolicy(tag_lookahead=lookahead))
+    chunks = [chunk for delta in split(raw, cuts) for chunk in chunker.feed(delta, 0.0).chunks]
+    chunks += chunker.finish(0.0).chunks
+    marks = [(mark.tag.lower(), mark.body) for chunk in chunks for mark in chunk.marks]
+    assert [(c.name, c.body) for c in parse_reply(raw, Allowlist(lookahead=lookahead))] == marks
