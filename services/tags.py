@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 DEFAULT_TAGS = ("e", "c", "a", "m", "f", "v", "p", "music", "hint", "clothes", "interaction",
                 "+memory", "#memory", "-memory")
-LOOKAHEAD = 500
-"""How far past its '<' a tag must close (`chunker.tag_lookahead`): long memory tags fit, and a '<'
-that never becomes a tag is still released, as text, after 500 characters."""
+LOOKAHEAD = 600
+"""How far past its '<' a tag must close (`chunker.tag_lookahead`): the longest memory tag the
+allowlist takes (about 530 characters) fits, and a '<' that never becomes a tag is still released,
+as text, after 600 characters."""
 OPERATORS = "+#-"
 
 _OPERATOR, _WORD = r"[+#\-]?", r"[A-Za-z]\w{0,31}"
@@ -84,7 +86,7 @@ class Tag:
 
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
-_THINK_CLOSE_RE = re.compile(re.escape(_THINK_CLOSE), re.I)
+_THINK_OPEN_RE, _THINK_CLOSE_RE = (re.compile(re.escape(pattern), re.I) for pattern in (_THINK_OPEN, _THINK_CLOSE))
 FENCE_OPEN = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})")
 """A line opening a fenced code block; its group is the fence."""
 _FENCE_CLOSE = re.compile(r"[ \t]{0,3}(`{3,}|~{3,})[ \t]*")
@@ -107,9 +109,12 @@ class TagStripper:
     pushes a whole reply at once with `at_end`."""
 
     def __init__(self, configured: tuple[str, ...], lookahead: int) -> None:
-        self._opening = {f"<{tag.lower()}>": tag for tag in configured}
-        self._stray = (*{closing.lower() for tag in configured for closing in closers(tag)}, _THINK_CLOSE)
-        self._patterns = (*self._opening, *self._stray, _THINK_OPEN)
+        strays = (*(closing for tag in configured for closing in closers(tag)), _THINK_CLOSE)
+        self._configured = configured
+        self._opening = _any_of(f"<{tag}>" for tag in configured)   # group i + 1 opens configured[i]
+        self._stray = _any_of(strays)
+        self._patterns = tuple(pattern.lower() for pattern in (*(f"<{tag}>" for tag in configured), *strays,
+                                                               _THINK_OPEN))
         self._longest = max(map(len, self._patterns))
         self._lookahead = lookahead
         self._code = _Code()
@@ -119,95 +124,95 @@ class TagStripper:
 
     def push(self, text: str, at_end: bool) -> tuple[str, list[Tag]]:
         """Takes the next piece of the reply; returns the display text it can release now and the
-        tags it completed. `at_end`: the reply ends with this piece, so nothing is held."""
-        self._pending += text
+        tags it completed. `at_end`: the reply ends with this piece, so nothing is held. The text is
+        walked by position, not sliced per '<', so a whole reply costs time linear in its length."""
+        pending, pos = self._pending + text, 0
         shown: list[str] = []
         found: list[Tag] = []
-        while self._pending:
+        while pos < len(pending):
             if self._in_think:
-                if not self._skip_think(at_end):
+                close = _THINK_CLOSE_RE.search(pending, pos)
+                if not close:
+                    pos = len(pending) - (0 if at_end else _partial_suffix(pending[pos:], _THINK_CLOSE))
                     break
+                pos, self._in_think = close.end(), False
                 continue
-            lt = self._pending.find("<")
-            if lt != 0:
-                shown.append(self._release(len(self._pending) if lt < 0 else lt))
+            lt = pending.find("<", pos)
+            if lt != pos:
+                end = len(pending) if lt < 0 else lt
+                shown.append(self._release(pending[pos:end]))
+                pos = end
                 continue
-            step = self._at_angle(at_end)
+            step = self._at_angle(pending, pos, at_end)
             if step is None:
                 break
             used, tag = step
             if not used:
-                shown.append(self._release(1))
+                shown.append(self._release("<"))
+                pos += 1
                 continue
-            self._pending = self._pending[used:]
+            pos += used
             if tag:
                 found.append(tag)
+        self._pending = pending[pos:]
         return "".join(shown), found
 
-    def _release(self, count: int) -> str:
-        text, self._pending = self._pending[:count], self._pending[count:]
-        self._shown += count
+    def _release(self, text: str) -> str:
+        self._shown += len(text)
         self._code.feed(text)
         return text
 
-    def _at_angle(self, at_end: bool) -> tuple[int, Tag | None] | None:
-        """For the '<' opening the pending text: (characters used, the tag they made); 0 used means
-        the '<' is plain text; None means it cannot be told yet."""
-        pending = self._pending
-        for opening, tag in self._opening.items():
-            if _starts_with(pending, opening):
-                return self._pair(len(opening), tag, at_end, configured=True)
-        if _starts_with(pending, _THINK_OPEN):
+    def _at_angle(self, pending: str, pos: int, at_end: bool) -> tuple[int, Tag | None] | None:
+        """For the '<' at `pos`: (characters used, the tag they made); 0 used means the '<' is
+        plain text; None means it cannot be told yet."""
+        opening = self._opening.match(pending, pos)
+        if opening:
+            tag = self._configured[opening.lastindex - 1]
+            return self._pair(pending, pos, opening.end() - pos, tag, at_end, configured=True)
+        think = _THINK_OPEN_RE.match(pending, pos)
+        if think:
             self._in_think = True
-            return len(_THINK_OPEN), None
-        for closing in self._stray:
-            if _starts_with(pending, closing):
-                return len(closing), None
+            return think.end() - pos, None
+        stray = self._stray.match(pending, pos)
+        if stray:
+            return stray.end() - pos, None
         if not self._code.inside:
-            opening = OPENING.match(pending)
+            opening = OPENING.match(pending, pos)
             name = opening.group(1).lower() if opening else ""
             if name in FORMATTING:
-                return opening.end(), None
+                return opening.end() - pos, None
             if opening and name not in VOID:
-                return self._pair(opening.end(), name, at_end, configured=False)
-            closing = CLOSING.match(pending)
+                return self._pair(pending, pos, opening.end() - pos, name, at_end, configured=False)
+            closing = CLOSING.match(pending, pos)
             if closing and closing.group(1).lower() in FORMATTING:
-                return closing.end(), None
-            if not at_end and (OPENING_START.fullmatch(pending) or CLOSING_START.fullmatch(pending)):
+                return closing.end() - pos, None
+            if not at_end and (OPENING_START.fullmatch(pending, pos) or CLOSING_START.fullmatch(pending, pos)):
                 return None
-        if not at_end and len(pending) < self._longest and any(p.startswith(pending.lower()) for p in self._patterns):
+        rest = pending[pos:pos + self._longest]
+        if not at_end and len(rest) < self._longest and any(p.startswith(rest.lower()) for p in self._patterns):
             return None
         return 0, None
 
-    def _pair(self, used: int, name: str, at_end: bool, configured: bool) -> tuple[int, Tag | None] | None:
-        """A tag opened by the first `used` pending characters: closed, or still open, or text."""
-        window = self._pending[:self._lookahead]
+    def _pair(self, pending: str, pos: int, used: int, name: str, at_end: bool,
+              configured: bool) -> tuple[int, Tag | None] | None:
+        """A tag opened by the `used` characters at `pos`: closed, or still open, or text."""
+        window = pending[pos:pos + self._lookahead]
         close = closer(name).search(window, used)
         if close:
             return close.end(), Tag(name, window[used:close.start()].strip(), self._shown)
-        if len(self._pending) >= self._lookahead:
+        if len(window) >= self._lookahead:
             return 0, None
         if not at_end:
             return None
         if configured:  # the reply stopped inside a command: still a command, never speech
-            return len(self._pending), Tag(name, self._pending[used:].strip(), self._shown, closed=False)
+            return len(window), Tag(name, window[used:].strip(), self._shown, closed=False)
         return 0, None   # x<y>z: a lone opening is text
 
-    def _skip_think(self, at_end: bool) -> bool:
-        close = _THINK_CLOSE_RE.search(self._pending)
-        if close:
-            self._pending = self._pending[close.end():]
-            self._in_think = False
-            return True
-        keep = 0 if at_end else _partial_suffix(self._pending, _THINK_CLOSE)
-        self._pending = self._pending[len(self._pending) - keep:]
-        return False
 
-
-def _starts_with(text: str, pattern: str) -> bool:
-    """Whether `text` starts with the lowercase `pattern`, in any case; the comparison is of equal
-    lengths, so a character that lowercases to two ('İ') shifts nothing."""
-    return text[:len(pattern)].lower() == pattern
+def _any_of(patterns: Iterable[str]) -> re.Pattern[str]:
+    """Any of the literal `patterns`, each its own group, case-insensitively (a regex, so no index
+    shifts as `lower()` could: 'İ' lowercases to two characters)."""
+    return re.compile("|".join(f"({re.escape(pattern)})" for pattern in patterns) or "(?!)", re.I)
 
 
 class _Code:

@@ -321,8 +321,8 @@ def tag_oracle(text: str, lookahead: int) -> tuple[str, list[tuple[str, str]]]:
     return "".join(shown), marks
 
 
-ANGLE_PIECES = ["<", ">", "</", "/>", "b", "B", "span", "bogus", "y", "x", "+", "-", "#", "_", "1", "ё", "br", " ", "\n",
-                "Привет", "a < b", ".", ","]
+ANGLE_PIECES = ["<", ">", "</", "/>", "b", "B", "span", "bogus", "y", "x", "+", "-", "#", "_", "1", "ё", "br", " ",
+                "\n", "Привет", "a < b", ".", ","]
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -121,7 +121,8 @@ def split(raw: str, cuts: list[int]) -> list[str]:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.sampled_from(PIECES), max_size=50), st.integers(33, 80), st.lists(st.integers(0, 10_000), max_size=20))
+@given(st.lists(st.sampled_from(PIECES), max_size=50), st.integers(33, 80),
+       st.lists(st.integers(0, 10_000), max_size=20))
 def test_history_reports_exactly_the_tags_the_chunker_marked_however_the_reply_streamed(pieces, lookahead, cuts):
     raw = "".join(pieces)
     chunker = Chunker(ChunkerPolicy(tag_lookahead=lookahead))

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..tags import DEFAULT_TAGS, FENCE_OPEN, VOID, TagStripper, closes_fence
+from ..tags import DEFAULT_TAGS, FENCE_OPEN, LOOKAHEAD, VOID, TagStripper, closes_fence
 
 
 # --- policy -------------------------------------------------------------------------------
@@ -45,8 +45,9 @@ class ChunkerPolicy:
       Russian (250 of English); a bounded chunk also bounds each chunk's synthesis time.
     - flush_after_ms=600: tokens normally arrive every 10-100 ms, so 600 ms of nothing is
       a stall, and flushing then keeps the silence under a second. 0 disables it.
-    - tag_lookahead=500: a '<' is held until its tag closes; long memory tags fit, and a
-      '<' that never becomes a tag is still released, as text, after 500 characters.
+    - tag_lookahead=600 (tags.LOOKAHEAD): a '<' is held until its tag closes; the longest
+      memory tag fits, and a '<' that never becomes a tag is still released, as text, after
+      600 characters.
     - code_phrase="": said instead of a fenced code block; empty because the reply's
       language is not known here.
     """
@@ -56,7 +57,7 @@ class ChunkerPolicy:
     min_chars: int = 30
     max_chars: int = 180
     flush_after_ms: int = 600
-    tag_lookahead: int = 500
+    tag_lookahead: int = LOOKAHEAD
     code_phrase: str = ""
     tags: tuple[str, ...] = DEFAULT_TAGS
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..protocol import Message
 from ..runtime import Stage
+from ..chunker.core import ChunkerPolicy
 from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_reply
 from .store import ATTITUDE_VARIABLES, HistoryStore
 
@@ -66,7 +67,9 @@ class HistoryStage(Stage):
         history = self.config["history"]
         self.store = HistoryStore(default_db_path(history["db_path"]))
         self.persona = history["persona"]
-        self.allowlist: Allowlist = load_allowlist(history["commands_file"], history["max_commands_per_reply"])
+        chunker = ChunkerPolicy.from_mapping(self.config["chunker"])  # history's tags are the chunker's
+        self.allowlist: Allowlist = load_allowlist(history["commands_file"], history["max_commands_per_reply"],
+                                                   chunker.tags, chunker.tag_lookahead)
         self.tracks: collections.OrderedDict[tuple[str, str], ReplyTrack] = collections.OrderedDict()
 
     def started(self) -> None:
