@@ -167,3 +167,29 @@ def test_the_heard_part_of_a_chunk_is_rounded_to_the_nearest_word(heard_chars: i
     heard. Chunk 0 was heard whole, chunk 1 in part, chunk 2 not at all."""
     track = ReplyTrack(chunks={0: "One two.", 1: "Six seven eight.", 2: "Nine."}, heard={0: 8, 1: heard_chars})
     assert _heard_text(track) == spoken
+
+
+def test_a_reply_cancelled_while_its_first_audio_is_still_being_synthesised_is_stored_as_unheard(
+        llm: str, tmp_path) -> None:
+    """The model has finished, but the voice has not sent a byte (a slow Coqui, a hosted voice): no
+    audio reaches the player, so only history's cancel handling can record that nothing was heard."""
+    import socket
+    import threading
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)), daemon=True).start()
+    tts = {"engine": "openai-speech", "openai-speech": {
+        "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "api_key_env": "", "timeout_s": 60.0}}
+    with fake_openai() as fast, Daemon({**openai_settings(fast), "tts": tts, "player": {"backend": "null"}},
+                                       env=KEY) as running:
+        watch = Watch(running, "synth")
+        watch.client.publish("request", "synth", "r1", text="Say something.")
+        watch.until("llm.done", lambda m: m.kind == "llm.done" and m["status"] == "ok")
+        time.sleep(0.5)  # history has stored the reply; tts is still waiting on the voice
+        watch.client.publish("cancel", "synth", "", reason="test")
+        spoken, interrupted, status = stored(running.db_path, "synth", lambda text: text == "")
+        watch.client.close()
+    silent.close()
+    assert (spoken, interrupted, status) == ("", 1, "ok")

@@ -61,7 +61,7 @@ class ReplyTrack:
 
 class HistoryStage(Stage):
     name = "history"
-    kinds = ("request", "llm.done", "context.query", "chunk", "text", "playback", "replay", "replay.done")
+    kinds = ("request", "llm.done", "context.query", "chunk", "text", "playback", "cancel", "replay", "replay.done")
 
     def prepare(self) -> None:
         history = self.config["history"]
@@ -155,6 +155,16 @@ class HistoryStage(Stage):
             track.spoken, track.cut = _heard_text(track), message["event"] == "stopped"
             self.store.set_spoken(message.session, message.id, track.spoken, track.cut)
             self._publish_metrics(message.session, message.id, track, message.ts, message["audio_s"])
+
+    def _on_cancel(self, message: Message) -> None:
+        """A cancel of a finished reply whose final playback has not come (its audio was still being
+        synthesised, so the player may never see it): store what was heard so far, mostly nothing.
+        A final playback that comes later replaces it; a reply still being written waits for its
+        interrupted llm.done instead."""
+        for (session, id), track in list(self.tracks.items()):
+            if session == message.session and (not message.id or id == message.id) \
+                    and track.done is not None and track.spoken is None and any(track.chunks.values()):
+                self.store.set_spoken(session, id, _heard_text(track), True)
 
     # --- commands ---------------------------------------------------------------------------
 
