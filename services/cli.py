@@ -304,10 +304,34 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     if not beats:
         print("voxpipe: the bus is up but no stage sent a heartbeat", file=sys.stderr)
         return EXIT_FAILURE
+
+    def field(beat: Message, name: str) -> Any:
+        """A heartbeat field as the protocol defines it: an optional one that is missing or nil is its default."""
+        rule = protocol.KINDS["heartbeat"][name]
+        try:
+            value = beat[name]
+        except (KeyError, TypeError):
+            value = None
+        return rule.default if value is None and not rule.required else value
+
+    def shown(value: Any, spec: str = "") -> str:
+        """A value as the table shows it: `?` when it is missing, as it is when it has an odd type."""
+        if value is None or value == "":
+            return "?"
+        try:
+            return format(value, spec)
+        except (TypeError, ValueError):
+            return str(value)
+
     print(f"{'STAGE':<12} {'PID':>7} {'STATE':<9} {'UPTIME':>9} SHARD COUNTERS")
     for src, beat in sorted(beats.items()):
-        counters = " ".join(f"{key}={value}" for key, value in sorted(beat["counters"].items()))
-        print(f"{src:<12} {beat['pid']:>7} {beat['state']:<9} {beat['uptime']:>8.0f}s {beat['shard']:<5} {counters}")
+        counters = field(beat, "counters")
+        if isinstance(counters, dict):
+            counters = " ".join(f"{key}={value}" for key, value in sorted(counters.items(), key=lambda kv: str(kv[0])))
+        uptime = field(beat, "uptime")
+        uptime = f"{shown(uptime, '.0f')}s" if isinstance(uptime, (int, float)) else shown(uptime)
+        print(f"{src:<12} {shown(field(beat, 'pid')):>7} {shown(field(beat, 'state')):<9} {uptime:>9} "
+              f"{shown(field(beat, 'shard') or '-'):<5} {counters}")
     return EXIT_OK
 
 
