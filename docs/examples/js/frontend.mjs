@@ -6,6 +6,7 @@ import { join } from "node:path"
 import { decode, encode } from "@msgpack/msgpack"
 import { Publisher, Subscriber } from "zeromq"
 
+const REPLY_STAGES = ["llm", "chunker", "tts", "player"] // a crash of one of these loses the reply
 const HWM = 200_000, MAX_BYTES = 8 * 1024 * 1024, SRC = "example-js"
 const [text, session = "js", timeoutS = "30"] = process.argv.slice(2)
 if (!text || !/^[A-Za-z0-9_.:@-]{1,64}$/.test(session) || !(Number(timeoutS) > 0)) {
@@ -63,6 +64,7 @@ async function receive(ms) { // one frame, or null when none came within `ms` mi
 
 // 1. subscribe to everything we want, THEN to our own hello, THEN connect (§3)
 for (const kind of ["text", "llm.done", "playback", "command", "error"]) sub.subscribe(`${kind}/${session} `)
+sub.subscribe("error/ ") // stage-wide errors (empty session), such as stage_crashed (§2.3)
 const token = `${SRC}.${process.pid}.${randomBytes(4).toString("hex")}`
 const helloTopic = Buffer.from(`hello/${token} `)
 sub.subscribe(helloTopic)
@@ -97,6 +99,10 @@ for (;;) {
   if (!data) { note(`[no progress for ${timeoutS} s; are the stages running?]`); break }
   if (data.subarray(0, 6).toString() === "hello/") continue // a late copy of our own hello
   const msg = parse(data)
+  if (msg && msg.kind === "error" && msg.code === "stage_crashed" && REPLY_STAGES.includes(msg.stage)) {
+    note(`[${msg.message}; this reply is lost, ask again]`)
+    break // a stage the reply passes through died: it cannot complete
+  }
   if (!msg || msg.id !== rid) continue // invalid, or not about our request
   if (msg.kind === "text") {
     process.stdout.write(msg.delta + (msg.final ? "\n" : ""))
