@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import msgpack
 
@@ -351,9 +352,15 @@ def make(kind: str, *, session: str, id: str, seq: int, ts: float, src: str, **b
 
 
 def encode(message: Message) -> bytes:
-    """Serialise to the single wire frame."""
+    """Serialise to the single wire frame; refuses a frame no stage would accept, so the sender learns
+    it at once instead of every receiver reporting it (or, over BROKER_MAX_BYTES, the broker silently
+    dropping the sender's connection)."""
     payload = msgpack.packb(message.as_dict(), use_bin_type=True)
-    return message.topic.encode() + TOPIC_SEPARATOR + payload
+    frame = message.topic.encode() + TOPIC_SEPARATOR + payload
+    if len(frame) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"{message.kind} message is {len(frame)} bytes, over the limit of {MAX_MESSAGE_BYTES}; "
+                            f"send less (for images: smaller or fewer)")
+    return frame
 
 
 def decode(frame: bytes) -> Message:
