@@ -24,13 +24,20 @@ PIP := $(PY) -m pip install -q -c $(LOCK)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
 	-DCMAKE_PROJECT_llama_cpp_INCLUDE=$(CURDIR)/deploy/llama-portable.cmake
 
-.PHONY: demo test bench install coqui apt clean lock
+.PHONY: demo test check bench install coqui apt clean lock
 
 demo: install
 	deploy/demo.sh $(PY)
 
-test: install coqui
+# check comes first, so a lint or type error fails in seconds, before the Coqui install and the suite.
+test: check coqui
 	$(PY) -m pytest -q tests
+
+# Lint (ruff, rules in pyproject.toml; nothing is reformatted) and types (mypy over services/ and
+# launcher.py, the `files` in pyproject.toml). Needs only the dev extra, not Coqui.
+check: install
+	$(PY) -m ruff check services tests launcher.py deploy
+	$(PY) -m mypy
 
 bench: install
 	$(PY) -m tests.bench.run

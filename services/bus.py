@@ -21,9 +21,10 @@ import socket
 import stat
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import zmq
 
@@ -51,13 +52,13 @@ class Endpoints:
     """A participant's CURVE keys and the broker's public key, when the bus uses CURVE."""
 
     @classmethod
-    def in_dir(cls, directory: Path) -> "Endpoints":
+    def in_dir(cls, directory: Path) -> Endpoints:
         return cls(inbound=f"ipc://{directory / 'in.sock'}",
                    outbound=f"ipc://{directory / 'out.sock'}",
                    capture=f"ipc://{directory / 'capture.sock'}")
 
     @classmethod
-    def tcp(cls, host: str, port: int, curve: CurveKeys | None = None) -> "Endpoints":
+    def tcp(cls, host: str, port: int, curve: CurveKeys | None = None) -> Endpoints:
         """inbound on `port`, outbound on `port + 1`, capture on `port + 2`."""
         address = f"[{host}]" if ":" in host else host
         return cls(inbound=f"tcp://{address}:{port}", outbound=f"tcp://{address}:{port + 1}",
@@ -86,7 +87,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):
         return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def connect_host(bus: Mapping[str, Any]) -> str:
@@ -153,7 +154,7 @@ class Broker:
         self._failure: BaseException | None = None
 
     @classmethod
-    def from_config(cls, config: Config, context: zmq.Context | None = None) -> "Broker":
+    def from_config(cls, config: Config, context: zmq.Context | None = None) -> Broker:
         """The broker the [bus] section asks for; refuses TCP off loopback without CURVE."""
         bus = config["bus"]
         directory = runtime_dir(bus["runtime_dir"])
@@ -218,7 +219,7 @@ class Broker:
             self._lock_file = None
 
     def _take_lock(self) -> None:
-        handle = open(self.directory / "bus.lock", "a+")
+        handle = open(self.directory / "bus.lock", "a+")  # noqa: SIM115 - held open: the lock lives as long as the bus
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -234,7 +235,7 @@ class Broker:
         self._lock_file = handle
 
     def _serve(self) -> None:
-        sockets = []
+        sockets: list[zmq.Socket] = []
         try:
             inbound = self._socket(zmq.XSUB, sockets)
             inbound.bind(self.endpoints.inbound)

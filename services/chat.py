@@ -14,11 +14,11 @@ import os
 import sys
 import termios
 import time
-from typing import Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import TextIO
 
 from . import protocol
-from .client import (Client, Command, Done, Error, Playback, Reply, TextDelta, VoxpipeError, VoxpipeTimeout,
-                     connect)
+from .client import Client, Command, Done, Error, Playback, Reply, TextDelta, VoxpipeError, VoxpipeTimeout, connect
 from .config import Config
 
 HISTORY_SHOWN = 20
@@ -329,9 +329,7 @@ def _no_echo(stream: TextIO) -> Iterator[None]:
 def run(config: Config, *, session: str = "chat", profile: str = "", stream: bool | None = None,
         timeout: float = 120.0) -> int:
     """The `voxpipe chat` command: connect, then converse until Ctrl-C/Ctrl-D at the prompt."""
-    try:
+    with contextlib.suppress(ImportError):
         import readline  # noqa: F401 - line editing and recall for input()
-    except ImportError:
-        pass
     with connect(config, session=session, kinds=CHAT_KINDS, name="chat") as client:
         return Chat(client, config, profile=profile, stream=stream, timeout=timeout).run()

@@ -43,13 +43,14 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Mapping, Union
+from typing import Any, ClassVar
 
 from . import protocol
-from .config import Config, load
 from .chunker.core import Mark, TextMark
+from .config import Config, load
 from .protocol import Message
 from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
 
@@ -175,7 +176,7 @@ class Error(Event):
     stage: str = ""
 
 
-AnyEvent = Union[TextDelta, Chunk, Audio, Command, Reasoning, Playback, Done, Error]
+AnyEvent = TextDelta | Chunk | Audio | Command | Reasoning | Playback | Done | Error
 
 
 def event_from(message: Message) -> AnyEvent | None:
@@ -184,11 +185,11 @@ def event_from(message: Message) -> AnyEvent | None:
     body = message.body
     kind = message.kind
     if kind == "text":
-        marks = tuple(TextMark(m["tag"], m["body"], m["offset"]) for m in body["marks"])
-        return TextDelta(**ids, delta=body["delta"], final=body["final"], marks=marks)
+        text_marks = tuple(TextMark(m["tag"], m["body"], m["offset"]) for m in body["marks"])
+        return TextDelta(**ids, delta=body["delta"], final=body["final"], marks=text_marks)
     if kind == "chunk":
-        marks = tuple(Mark(m["tag"], m["body"], m["chunk"], m["offset"]) for m in body["marks"])
-        return Chunk(**ids, text=body["text"], index=body["index"], final=body["final"], marks=marks)
+        chunk_marks = tuple(Mark(m["tag"], m["body"], m["chunk"], m["offset"]) for m in body["marks"])
+        return Chunk(**ids, text=body["text"], index=body["index"], final=body["final"], marks=chunk_marks)
     if kind == "audio":
         return Audio(**ids, chunk=body["chunk"], frame=body["frame"], pcm=body["pcm"], rate=body["rate"],
                      channels=body["channels"], width=body["width"], last=body["last"], final=body["final"])
@@ -217,7 +218,7 @@ class Reply:
     is the `Done` event once it arrived; `complete` tells whether the reply ended normally.
     """
 
-    def __init__(self, client: "Client", session: str, id: str, *, wait_text: bool, wait_audio: bool,
+    def __init__(self, client: Client, session: str, id: str, *, wait_text: bool, wait_audio: bool,
                  timeout: float) -> None:
         self.session = session
         self.id = id
@@ -358,7 +359,7 @@ class Client:
         if connection is not None:
             connection.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,10 +13,11 @@ import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .config import Config, ConfigError, load
 from .llm import llama_runtime
@@ -291,7 +292,9 @@ def _probe_espeak() -> None:
 
 def _probe_model(path: str, repack: str, threads: str) -> None:
     import time
+
     from llama_cpp import Llama
+
     from .llm.providers.local import bundled_model_path
     model = path or bundled_model_path()
     flags = llama_runtime.machine_flags()
@@ -299,6 +302,7 @@ def _probe_model(path: str, repack: str, threads: str) -> None:
     with llama_runtime.model_params(repack=llama_runtime.repack_weights(repack, flags)):
         llama = Llama(model_path=model, n_ctx=256, n_threads=int(threads) or os.cpu_count() or 1, verbose=False)
     result = llama.create_completion("The capital of France is", max_tokens=4, temperature=0.0)
+    assert isinstance(result, dict), "a completion without stream=True is one response"
     text = result["choices"][0]["text"]
     print(f"{Path(model).name} loads and decodes ({len(text.split())} words in {time.monotonic() - started:.1f} s); "
           f"{llama_runtime.repack_reason(repack, flags)}")
@@ -306,6 +310,7 @@ def _probe_model(path: str, repack: str, threads: str) -> None:
 
 def _probe_audio(backend: str) -> None:
     import importlib
+
     from .player.backends import BACKENDS, best_backend
     if backend == "auto":
         print(best_backend())

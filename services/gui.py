@@ -35,8 +35,7 @@ from tkinter import ttk
 from typing import Any
 
 from . import protocol
-from .client import (Client, Command, Done, Error, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect,
-                     event_from)
+from .client import Client, Command, Done, Error, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect, event_from
 from .config import Config
 from .runtime import Connection, endpoints_for
 from .tags import describe
@@ -52,11 +51,11 @@ LABEL_GAP = 8
 class Worker(threading.Thread):
     """Owns the Client: asks what the Tk thread queues and queues every event back."""
 
-    def __init__(self, client: Client, events: "queue.Queue[Any]", *, profile: str, timeout: float) -> None:
+    def __init__(self, client: Client, events: queue.Queue[Any], *, profile: str, timeout: float) -> None:
         super().__init__(name="voxpipe-gui-worker", daemon=True)
         self.client = client
         self.events = events
-        self.asks: "queue.Queue[str | None]" = queue.Queue()
+        self.asks: queue.Queue[str | None] = queue.Queue()
         self.profile = profile
         self.timeout = timeout
 
@@ -106,7 +105,7 @@ class CommandListener(threading.Thread):
                                      [protocol.subscription("command", session)])
         self.connection.require_bus()
         self.connection.open()
-        self.events: "queue.Queue[Any]" = queue.Queue()
+        self.events: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
 
     def run(self) -> None:

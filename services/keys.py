@@ -18,9 +18,10 @@ import os
 import shutil
 import socket
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .config import Config, ConfigError
 

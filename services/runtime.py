@@ -15,7 +15,8 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import zmq
 
@@ -103,10 +104,9 @@ class Connection:
                                               ts=time.time(), src=self.src))
         while time.monotonic() < deadline:
             self._pub.send(probe)
-            if self._sub.poll(HELLO_INTERVAL_S * 1000):
-                if self._sub.recv().startswith(self._hello.encode()):
-                    self._drain_hellos()
-                    return
+            if self._sub.poll(int(HELLO_INTERVAL_S * 1000)) and self._sub.recv().startswith(self._hello.encode()):
+                self._drain_hellos()
+                return
         self.close()
         hint = ("; with bus.curve on, also check that this machine's client.key is in the bus host's "
                 "authorized dir and that server.key here is the bus's") if self.endpoints.curve else ""
@@ -115,7 +115,7 @@ class Connection:
 
     def _drain_hellos(self) -> None:
         """Drop extra copies of our hello that are still in flight."""
-        while self._sub is not None and self._sub.poll(HELLO_INTERVAL_S * 1000 * 2):
+        while self._sub is not None and self._sub.poll(int(HELLO_INTERVAL_S * 1000 * 2)):
             frame = self._sub.recv()
             if not frame.startswith(self._hello.encode()):
                 self._pending = frame
@@ -174,7 +174,7 @@ class Connection:
                 frame, self._pending = self._pending, None
             else:
                 remaining = max(0.0, deadline - time.monotonic())
-                if not self._sub.poll(remaining * 1000):
+                if not self._sub.poll(int(remaining * 1000)):
                     return None
                 frame = self._sub.recv()
             try:
@@ -336,7 +336,7 @@ class Stage:
                             getattr(argument, "kind", ""))
 
     def _heartbeat(self, state: str) -> None:
-        counters = {key: value for key, value in self.bus.counters.items()}
+        counters = dict(self.bus.counters)
         try:
             self.bus.publish("heartbeat", "", "", pid=os.getpid(), uptime=time.monotonic() - self._started_at,
                              state=state, shard=str(self.shard), counters=counters,

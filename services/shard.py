@@ -21,7 +21,7 @@ class Shard:
     count: int = 1
 
     @classmethod
-    def parse(cls, spec: str) -> "Shard":
+    def parse(cls, spec: str) -> Shard:
         """Parse ``I/N`` (0 <= I < N), as given to ``--shard``."""
         match = _SPEC.fullmatch(spec.strip())
         if not match:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 MEASURES = (("first_token_ms", "first token"), ("first_audio_ms", "first audio"),
             ("first_playback_ms", "first playback"))
@@ -43,5 +44,5 @@ def table(timelines: Iterable[dict[str, Any]]) -> list[str]:
                        else f"{'-':>28}")
         rows.append(row)
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    return [" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + f" {row[3]:>7} {row[4]:>6}  "
-            + "  ".join(row[5:]) for row in rows]
+    return [" ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True))
+            + f" {row[3]:>7} {row[4]:>6}  " + "  ".join(row[5:]) for row in rows]

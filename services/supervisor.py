@@ -9,6 +9,7 @@ stops everything with a message naming the stage.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,8 +24,8 @@ from typing import Any
 
 from . import protocol, sdnotify
 from .config import Config
-from .runtime import BusUnavailable, Connection, endpoints_for
 from .prometheus import Exposition, serve
+from .runtime import BusUnavailable, Connection, endpoints_for
 from .shard import Shard
 
 log = logging.getLogger("voxpipe.run")
@@ -36,10 +37,8 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:
     """Child-side: get SIGTERM if the supervisor dies, so no stage is ever orphaned."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass

@@ -5,6 +5,7 @@ Everything here starts real processes and talks real ZeroMQ; nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -14,9 +15,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -90,14 +92,14 @@ class Daemon:
         self.config_path = self.dir / "voxpipe.toml"
         write_toml(self.config_path, config)
         self.env = base_env(env)
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         self.process: subprocess.Popen[str] | None = None
 
     def cli(self, *args: str) -> list[str]:
         return [PYTHON, "-m", "launcher", "--config", str(self.config_path), *args]
 
-    def start(self, timeout: float = 120.0) -> "Daemon":
+    def start(self, timeout: float = 120.0) -> Daemon:
         self.process = subprocess.Popen(self.cli("run"), cwd=ROOT, env=self.env, text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         start_new_session=True)
@@ -152,13 +154,11 @@ class Daemon:
     def close(self) -> None:
         self.stop()
         if self.process is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "Daemon":
+    def __enter__(self) -> Daemon:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -179,7 +179,7 @@ def _deep_update(target: dict[str, Any], source: Mapping[str, Any]) -> None:
             target[key] = value
 
 
-def start_stage(name: str, runtime: Path, **env: str) -> "subprocess.Popen[str]":
+def start_stage(name: str, runtime: Path, **env: str) -> subprocess.Popen[str]:
     """`voxpipe stage NAME` as a real process on a private runtime dir (env: VOXPIPE_* overrides)."""
     return subprocess.Popen([PYTHON, "-m", "launcher", "stage", name], cwd=ROOT, text=True,
                             env=base_env({"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), **env}),
@@ -197,7 +197,7 @@ def connect(runtime: Path, name: str, *kinds: str) -> Any:
     return client
 
 
-def stop_process(process: "subprocess.Popen[str]") -> tuple[int, str]:
+def stop_process(process: subprocess.Popen[str]) -> tuple[int, str]:
     """SIGTERM and collect (exit code, stderr)."""
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=15)

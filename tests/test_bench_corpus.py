@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
 from collections import Counter
 
 from tests.bench.corpus.speakable import clean, speak
+
 
 def lines() -> list[dict]:
     from tests.bench.chunking import CORPUS
@@ -55,7 +57,7 @@ def test_speakable_text_removes_markup_and_keeps_words() -> None:
     assert cleaned.text == "Hi, see docs or https://x.io/a_b#c \nHead\nitem snake case\n\nEnd."
     assert "plan <e>x</e>" in cleaned.removed() and "print(1)" in cleaned.removed()
     assert cleaned.positions[-1] == len(cleaned.text)
-    assert all(a <= b for a, b in zip(cleaned.positions, cleaned.positions[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(cleaned.positions))
 
 
 def test_quick_run_produces_the_section_quickly() -> None:

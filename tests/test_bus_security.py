@@ -9,8 +9,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import zmq
@@ -67,7 +67,7 @@ def voxpipe(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.
                           capture_output=True, timeout=timeout)
 
 
-def start_bus(env: dict[str, str]) -> "subprocess.Popen[str]":
+def start_bus(env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen([PYTHON, "-m", "launcher", "stage", "bus"], cwd=ROOT, text=True, env=base_env(env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

@@ -67,11 +67,11 @@ def test_delta_and_end_on_one_line_and_no_reply_at_eof_without_deltas():
 
 
 def test_stall_flush_uses_t_and_nothing_else():
-    code, out, _ = chunk_cli({"delta": "Hello wor", "t": 1.0}, {"delta": "ld again", "t": 2.0})
+    _, out, _ = chunk_cli({"delta": "Hello wor", "t": 1.0}, {"delta": "ld again", "t": 2.0})
     assert [o["text"] for o in out if "text" in o] == ["Hello", "world again"]
-    code, out, _ = chunk_cli({"delta": "Hello wor"}, {"delta": "ld again"})
+    _, out, _ = chunk_cli({"delta": "Hello wor"}, {"delta": "ld again"})
     assert [o["text"] for o in out if "text" in o] == ["Hello world again"]
-    code, out, _ = chunk_cli({"delta": "Hello wor", "t": 1.0}, {"delta": "ld again", "t": 1.5})
+    _, out, _ = chunk_cli({"delta": "Hello wor", "t": 1.0}, {"delta": "ld again", "t": 1.5})
     assert [o["text"] for o in out if "text" in o] == ["Hello world again"]
 
 

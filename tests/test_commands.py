@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -117,7 +118,7 @@ PIECES = ["<", ">", "</", "/", "e", "E", "b", "i", "strong", "br", "bogus", "y",
 
 def split(raw: str, cuts: list[int]) -> list[str]:
     points = sorted({0, len(raw), *(c % (len(raw) + 1) for c in cuts)})
-    return [raw[a:b] for a, b in zip(points, points[1:])]
+    return [raw[a:b] for a, b in itertools.pairwise(points)]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

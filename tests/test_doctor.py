@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pytest
 
@@ -54,7 +55,7 @@ def test_a_working_first_run_passes(tmp_path: Path) -> None:
 
 
 def test_a_broken_config_names_the_file_and_key(tmp_path: Path) -> None:
-    code, checks, out = doctor(tmp_path, config_text='[player]\nbackend = "speakers"\n')
+    code, checks, _ = doctor(tmp_path, config_text='[player]\nbackend = "speakers"\n')
     assert code == 1
     assert checks["config"].startswith("FAIL") and "voxpipe.toml" in checks["config"]
     assert "player.backend = 'speakers'" in checks["config"] and "fix:" in checks["config"]
@@ -73,7 +74,7 @@ def test_a_runtime_dir_open_to_others_is_refused_with_the_chmod(tmp_path: Path) 
 
 def test_a_running_daemon_is_reached(tmp_path: Path) -> None:
     with Daemon({"run": {"stages": ["history"]}}) as daemon:
-        code, checks, out = doctor(tmp_path, {"bus": {"runtime_dir": str(daemon.runtime_dir)}})
+        _, checks, out = doctor(tmp_path, {"bus": {"runtime_dir": str(daemon.runtime_dir)}})
     assert checks["bus"] == "OK    bus            a daemon is running and answers", out
 
 

@@ -3,10 +3,11 @@ a failed or interrupted exchange sends the model next, through a running daemon.
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def test_failed_and_interrupted_exchanges_in_the_next_prompt_and_in_history_show
             assert sent[:2] == [("user", QUESTION), ("assistant", "It is a cat.")]
             users = [content for role, content in sent if role == "user"]
             assert "\n".join(users).split("\n")[1:] == ["Third", "barge in", "After"]
-            assert sent[-1] == ("user", "After") and all(a[0] != b[0] for a, b in zip(sent, sent[1:]))
+            assert sent[-1] == ("user", "After") and all(a[0] != b[0] for a, b in itertools.pairwise(sent))
 
             deadline = time.monotonic() + 20
             while True:
@@ -160,9 +161,9 @@ def test_import_keeps_the_files_times_and_a_bad_file_changes_nothing(tmp_path: P
         daemon.close()
     stamps = [message["ts"] for message in messages]
     assert stamps[:3] == [datetime(2024, 5, 1, 12, 0, 0).timestamp(), datetime(2024, 5, 1, 12, 0, 5).timestamp(),
-                          datetime(2024, 5, 1, 9, 0, 10, tzinfo=timezone.utc).timestamp()]
+                          datetime(2024, 5, 1, 9, 0, 10, tzinfo=UTC).timestamp()]
     assert before <= stamps[3] <= after, "a message without a time gets the time of import"
-    assert [message["content"] for message in messages][0] == "Привет!", "the refused file changed the session"
+    assert messages[0]["content"] == "Привет!", "the refused file changed the session"
     assert replay_from == 0.0, "imported times must not move where a catch-up replay starts"
     assert without_stamps(shown.stdout)[:2] == ["user: Привет!", "assistant: Привет! <e>smile</e>"]
     assert shown.stdout.startswith("[12:00:00] user: Привет!\n[12:00:05] assistant:")

@@ -202,7 +202,7 @@ def test_killed_stage_is_restarted_and_nothing_hangs(victim: str) -> None:
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(1.0)
         os.kill(old_pid, signal.SIGKILL)
-        out, err = process.communicate(timeout=40)
+        _, err = process.communicate(timeout=40)
         assert process.returncode in (0, 1), err
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -8,15 +8,24 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import msgpack
 import pytest
 
 from services.shard import Shard, shard_of
-from tests.harness import (PYTHON, ROOT, Daemon, base_env, connect, fake_openai, openai_settings, start_stage,
-                           stop_process)
+from tests.harness import (
+    PYTHON,
+    ROOT,
+    Daemon,
+    base_env,
+    connect,
+    fake_openai,
+    openai_settings,
+    start_stage,
+    stop_process,
+)
 
 
 @pytest.fixture()

@@ -14,8 +14,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,7 @@ class Hosts:
             ip("-n", ns, "link", "set", f"{ns}e", "up")
             ip("-n", ns, "link", "set", "lo", "up")
 
-    def spawn(self, ns: str, name: str, *args: str, stdout: Any = None) -> "subprocess.Popen[str]":
+    def spawn(self, ns: str, name: str, *args: str, stdout: Any = None) -> subprocess.Popen[str]:
         log = self.dir / f"{name}.log"
         with open(log, "w") as sink:
             process = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, *args], cwd=ROOT, text=True,

@@ -11,7 +11,6 @@ from ..protocol import Message
 from ..runtime import Stage
 from .core import Chunker, ChunkerOutput, ChunkerPolicy
 
-
 CANCELLED_MEMORY = 4096
 """Cancelled replies remembered, so their late tokens and llm.done are not spoken."""
 
@@ -91,7 +90,8 @@ class ChunkerStage(Stage):
     def _emit(self, session: str, id: str, output: ChunkerOutput, final: bool = False) -> None:
         if output.display or output.display_marks or final:
             marks = [dataclasses.asdict(mark) for mark in output.display_marks]
-            self.bus.publish("text", session, id, delta=output.display, final=final, **({"marks": marks} if marks else {}))
+            self.bus.publish("text", session, id, delta=output.display, final=final,
+                             **({"marks": marks} if marks else {}))
         for chunk in output.chunks:
             self.bus.publish("chunk", session, id, text=chunk.text, index=chunk.index, final=chunk.final,
                              marks=[dataclasses.asdict(mark) for mark in chunk.marks])

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..tags import DEFAULT_TAGS, LOOKAHEAD, OPENING, Tag, TagStripper
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..chunker.core import ChunkerPolicy
 from ..protocol import Message
 from ..runtime import Stage
-from ..chunker.core import ChunkerPolicy
 from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_reply
 from .store import ATTITUDE_VARIABLES, HistoryStore
 
@@ -185,7 +185,7 @@ class HistoryStage(Stage):
         commands, track.commands, track.commands_due = track.commands or [], [], 0.0
         places = _places(commands, track.marks)
         rows = []
-        for command, (chunk, offset) in zip(commands, places):
+        for command, (chunk, offset) in zip(commands, places, strict=True):
             row = {"name": command.name, "args": list(command.args), "accepted": command.accepted,
                    "reason": command.reason, "chunk": chunk, "offset": offset}
             rows.append(row)
@@ -227,7 +227,7 @@ class HistoryStage(Stage):
             elif command.name == "-memory":
                 self.store.delete_memories(self.persona, memory_ids(command.args[0]))
             elif command.name == "p":
-                for name, delta in zip(ATTITUDE_VARIABLES, command.args):
+                for name, delta in zip(ATTITUDE_VARIABLES, command.args, strict=True):
                     deltas[name] += int(delta)
         if deltas:
             self.store.add_variable_deltas(self.persona, deltas)

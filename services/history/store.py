@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -187,7 +188,9 @@ class HistoryStore:
         with self.db:
             cursor = self.db.execute("INSERT INTO memories(persona, priority, text, created, updated)"
                                      " VALUES (?,?,?,?,?)", (persona, priority, text, ts, ts))
-            return int(cursor.lastrowid)
+            row_id = cursor.lastrowid
+            assert row_id is not None, "sqlite sets lastrowid on every INSERT"
+            return row_id
 
     def edit_memory(self, persona: str, memory_id: int, priority: str, text: str, ts: float) -> bool:
         with self.db:
@@ -210,7 +213,7 @@ class HistoryStore:
         return "\n".join(f"{m['id']}. [{m['priority']}] {m['text']}" for m in self.memories(persona))
 
     def variables(self, persona: str) -> dict[str, float]:
-        values = {name: VARIABLE_DEFAULT for name in ATTITUDE_VARIABLES}
+        values = dict.fromkeys(ATTITUDE_VARIABLES, VARIABLE_DEFAULT)
         rows = self.db.execute("SELECT name, value FROM variables WHERE persona=?", (persona,))
         values.update({row["name"]: row["value"] for row in rows})
         return values

@@ -27,10 +27,10 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
 
 import emoji
 
@@ -494,7 +494,7 @@ def _kinds(results: dict[str, list[Measure]]) -> list[str]:
         lines.append(f"| {variant} | {sum(kinds.values())} | {kinds['punctuation']} | {kinds['bare gap']} | "
                      f"{kinds['protected']} | {kinds['inside a word']}{f' ({detail})' if detail else ''} | "
                      f"{kinds['unaligned']} |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _cpu(cpu: dict[str, tuple[float, int]], quick: bool) -> list[str]:
@@ -508,7 +508,7 @@ def _cpu(cpu: dict[str, tuple[float, int]], quick: bool) -> list[str]:
 def _later(results: dict[str, list[Measure]], baseline: str) -> list[tuple[Measure, Measure]]:
     """Streams where voxpipe's first chunk comes later; against s2s raw, only those where
     stream2sentence's first chunk is clean speech (speaking a <think> block first is no win)."""
-    return [(v, b) for v, b in zip(results["voxpipe"], results[baseline])
+    return [(v, b) for v, b in zip(results["voxpipe"], results[baseline], strict=True)
             if v.out.first_token > b.out.first_token
             and not _no_win(b, baseline)]
 
@@ -539,12 +539,13 @@ def _verdict(results: dict[str, list[Measure]]) -> list[str]:
     vox_leaks = sum(len(m.leaks) for m in vox)
     lines = ["**Target** (issue 4): voxpipe's first chunk no later than stream2sentence's, fewer wrong "
              "splits, zero leaks. The fair comparison is against **s2s clean**; against s2s raw, streams where "
-             "stream2sentence's first cut is a wrong split, or (raw) where it speaks markup or reasoning first, are left out of the first-chunk check.", "",
+             "stream2sentence's first cut is a wrong split, or (raw) where it speaks markup or reasoning first, "
+             "are left out of the first-chunk check.", "",
              "| check | against s2s clean (fair) | against s2s raw |", "|---|---|---|"]
     first_row, wrong_row = [], []
     for baseline in ("s2s clean", "s2s raw"):
         later = _later(results, baseline)
-        pairs = list(zip(vox, results[baseline]))
+        pairs = list(zip(vox, results[baseline], strict=True))
         earlier = sum(v.out.first_token < b.out.first_token for v, b in pairs)
         junk = sum(v.out.first_token > b.out.first_token for v, b in pairs) - len(later)
         delay = [v.out.first_token - b.out.first_token for v, b in later]
@@ -552,7 +553,8 @@ def _verdict(results: dict[str, list[Measure]]) -> list[str]:
             f"{'PASS' if not later else 'FAIL'}: later on {len(later)} of {len(vox)} streams"
             + (f" (by {median(delay):.0f} token{'s' if median(delay) != 1 else ''} median, {max(delay)} max)"
                if later else "")
-            + f", earlier on {earlier}" + (f"; {junk} more where s2s's first chunk is no win (a wrong cut or markup)" if junk else "")
+            + f", earlier on {earlier}"
+            + (f"; {junk} more where s2s's first chunk is no win (a wrong cut or markup)" if junk else "")
             + f"; median {median([m.out.first_token for m in vox]):.0f} vs "
               f"{median([m.out.first_token for m in results[baseline]]):.0f} tokens")
         base_wrong = sum(len(m.wrong) for m in results[baseline])

@@ -51,14 +51,14 @@ class CpuTimes:
     own: float
 
     @classmethod
-    def now(cls) -> "CpuTimes":
+    def now(cls) -> CpuTimes:
         user, nice, system, idle, iowait, irq, softirq, steal = (
             int(field) / _TICKS for field in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
         mine = os.times()
         return cls(busy=user + nice + system + irq + softirq, idle=idle + iowait, steal=steal,
                    own=mine.user + mine.system + mine.children_user + mine.children_system)
 
-    def since(self, earlier: "CpuTimes") -> dict[str, float]:
+    def since(self, earlier: CpuTimes) -> dict[str, float]:
         """Shares of all CPU time between two readings, in %: busy, stolen, and used by others."""
         busy, idle, steal = self.busy - earlier.busy, self.idle - earlier.idle, self.steal - earlier.steal
         total = max(1e-9, busy + idle + steal) / 100

@@ -43,7 +43,7 @@ class Client:
     errors: Counter[str] = field(default_factory=Counter)
 
     @classmethod
-    def attach(cls, daemon: Daemon) -> "Client":
+    def attach(cls, daemon: Daemon) -> Client:
         connection = Connection(f"bench.{uuid.uuid4().hex[:6]}", endpoints_for(daemon.config()),
                                 [protocol.subscription(kind) for kind in KINDS])
         connection.open()

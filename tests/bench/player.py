@@ -66,20 +66,20 @@ def cancel_to_silence(replies: int) -> tuple[list[float], list[float], dict]:
     """Per cancel: ms to stop() returned and ms to the `stopped` event; and the player's marks."""
     sent: list[float] = []
     events: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="vp-bench-") as directory, \
-            PacedFifo(Path(directory), FMT.rate * FMT.block_align) as device:
-        with player("sounddevice", [PYTHON, "-c", INSTRUMENTED_PLAYER], ALSA_CONFIG_PATH=str(device.conf)) as p:
-            for number in range(replies):
-                p.send_chunk(f"r{number}", 0, [tone(200, level=n + 1) for n in range(5)], final=True)
-                assert p.next_event()["event"] == "started"
-                time.sleep(0.3)
-                sent.append(time.monotonic())
-                p.client.publish("cancel", "s1", f"r{number}")
-                assert p.next_event()["event"] == "stopped"
-                events.append(time.monotonic())
+    with (tempfile.TemporaryDirectory(prefix="vp-bench-") as directory,
+          PacedFifo(Path(directory), FMT.rate * FMT.block_align) as device,
+          player("sounddevice", [PYTHON, "-c", INSTRUMENTED_PLAYER], ALSA_CONFIG_PATH=str(device.conf)) as p):
+        for number in range(replies):
+            p.send_chunk(f"r{number}", 0, [tone(200, level=n + 1) for n in range(5)], final=True)
+            assert p.next_event()["event"] == "started"
+            time.sleep(0.3)
+            sent.append(time.monotonic())
+            p.client.publish("cancel", "s1", f"r{number}")
+            assert p.next_event()["event"] == "stopped"
+            events.append(time.monotonic())
     marks = json.loads(p.output.strip().splitlines()[-1])
-    stopped = [(returned - at) * 1000 for at, (_, returned) in zip(sent, marks["stops"])]
-    return stopped, [(event - at) * 1000 for at, event in zip(sent, events)], marks
+    stopped = [(returned - at) * 1000 for at, (_, returned) in zip(sent, marks["stops"], strict=False)]
+    return stopped, [(event - at) * 1000 for at, event in zip(sent, events, strict=True)], marks
 
 
 def bench_player(replies: int) -> tuple[list[str], list[str]]:

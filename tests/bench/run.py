@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
-
-import importlib
 
 from tests.bench import engines, fake_llm, hop, system
 from tests.bench.machine import CpuTimes, describe, load
@@ -34,8 +33,8 @@ TOKEN_DELAY_S = 0.025
 """A pause after each SSE event: 40 tokens/s, a typical hosted model's pace."""
 OTHERS_NOTE_PCT = 5.0
 """Above this share of CPU time taken by others (or stolen), a section's times are flagged."""
-LABELS = {"text": "first `text`", "chunk": "first `chunk`", "audio": "**first `audio` (TTFA)**", "playback.first": "first `playback`",
-          "llm.done": "`llm.done`", "playback": "final `playback`"}
+LABELS = {"text": "first `text`", "chunk": "first `chunk`", "audio": "**first `audio` (TTFA)**",
+          "playback.first": "first `playback`", "llm.done": "`llm.done`", "playback": "final `playback`"}
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ def text_variants(samples: list[Sample]) -> list[str]:
         variants.setdefault(sample.text, Counter())["streaming" if sample.stream else "non-streaming"] += 1
     if len(variants) < 2:
         return []
-    same = len(os.path.commonprefix(list(variants)))
+    same = len(os.path.commonprefix(list(variants)))  # noqa: RUF071 - texts: a character prefix is wanted
     tails = "; ".join(f"{', '.join(f'{mode} ×{n}' for mode, n in modes.items())}: …{text[same:same + 80]!r}"
                       for text, modes in variants.items())
     return [f"the same prompt gave {len(variants)} different final texts over {len(samples)} replies "
@@ -208,7 +207,8 @@ def bench_throughput(plan: Plan) -> Result:
     lines = ["`tests/fakes/openai_server.py` at zero delay (a one-sentence reply with a tag), streaming, "
              "player backend `null`. Each session keeps one reply in flight and asks again when its "
              "final `playback` arrives.", "",
-             "| sessions | replies | stopped | seconds | **replies/s** | request→final playback p50 ms | p90 ms | max ms |",
+             "| sessions | replies | stopped | seconds | **replies/s** | request→final playback p50 ms | p90 ms "
+             "| max ms |",
              "|---|---|---|---|---|---|---|---|",
              f"| {result.sessions} | {result.replies} | {result.stopped} | {result.seconds:.1f} "
              f"| **{result.replies / result.seconds:.1f}** "
@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run with small counts (about a minute)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     load_before = load()
     quick = args.quick
     sections = [measured("1. Bus hop latency", lambda: bench_hops(plan)),

@@ -80,7 +80,8 @@ def direct_first_token(base_url: str, text: str) -> tuple[float, float]:
         response = connection.getresponse()
         first = None
         for line in response:
-            if first is None and line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            if (first is None and line.startswith(b"data: {")
+                    and json.loads(line[6:])["choices"][0]["delta"].get("content")):
                 first = (time.perf_counter() - start) * 1000
         return first if first is not None else float("nan"), (time.perf_counter() - start) * 1000
     finally:

@@ -56,7 +56,7 @@ class PacedFifo:
         self._thread.join()
         os.close(self._fd)
 
-    def __enter__(self) -> "PacedFifo":
+    def __enter__(self) -> PacedFifo:
         return self
 
     def __exit__(self, *exc: object) -> None:

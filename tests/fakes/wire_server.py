@@ -21,9 +21,10 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 
 SSE = "text/event-stream"
 
@@ -127,7 +128,7 @@ class WireServer:
         """The next request to arrive (its record is live: hang-up fields fill in later)."""
         return self.arrivals.get(timeout=timeout)
 
-    def start(self) -> "WireServer":
+    def start(self) -> WireServer:
         self._thread.start()
         return self
 
@@ -135,7 +136,7 @@ class WireServer:
         self._httpd.shutdown()
         self._httpd.server_close()
 
-    def __enter__(self) -> "WireServer":
+    def __enter__(self) -> WireServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
