@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import protocol
 from .bus import BusError, Endpoints
@@ -128,13 +129,16 @@ def _config_everywhere(parser: argparse.ArgumentParser, top: bool = False) -> No
     position (`voxpipe --config F history list` and `voxpipe history list --config F`). Subcommands
     default to SUPPRESS, so a value given before them is not overwritten. Every subcommand's --help
     also opens with its one-line summary from the command list."""
-    parser.add_argument("--config", help=CONFIG_HELP, **({} if top else {"default": argparse.SUPPRESS}))
+    if top:
+        parser.add_argument("--config", help=CONFIG_HELP)
+    else:
+        parser.add_argument("--config", help=CONFIG_HELP, default=argparse.SUPPRESS)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             summaries = {choice.dest: choice.help for choice in action._choices_actions}
             for name, sub in action.choices.items():
-                if not sub.description and summaries.get(name):
-                    summary = summaries[name]
+                summary = summaries.get(name)
+                if not sub.description and summary:
                     sub.description = summary[0].upper() + summary[1:] + "."
                 sub.formatter_class = _Help
                 _config_everywhere(sub)
@@ -368,4 +372,5 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
 
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui,
-            "tap": cmd_tap, "status": cmd_status, "history": cmd_history, "stats": cmd_stats, "chunk": cmd_chunk, "keys": cmd_keys}
+            "tap": cmd_tap, "status": cmd_status, "history": cmd_history, "stats": cmd_stats, "chunk": cmd_chunk,
+            "keys": cmd_keys}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -130,7 +131,7 @@ def policies(draw: st.DrawFn) -> ChunkerPolicy:
 
 def split(raw: str, cuts: list[int]) -> list[str]:
     points = sorted({0, len(raw), *(c % (len(raw) + 1) for c in cuts)})
-    return [raw[a:b] for a, b in zip(points, points[1:])]
+    return [raw[a:b] for a, b in itertools.pairwise(points)]
 
 
 # Markup that must never be spoken; a lone opening such as the <y> of x<y>z is text, so it is spoken.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import itertools
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
@@ -24,7 +25,7 @@ def heartbeat(src: str, **body: object) -> Message:
 class FakeConnection:
     """Stands in for runtime.Connection: hands out the given heartbeats, then nothing."""
 
-    beats: list[Message] = []
+    beats: ClassVar[list[Message]] = []
 
     def __init__(self, src: str, endpoints: object, subscriptions: list[bytes]) -> None:
         assert subscriptions == [protocol.subscription("heartbeat")]

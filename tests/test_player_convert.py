@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from array import array
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.audio import AudioFormat
 from services.player.convert import Converter
@@ -30,7 +32,7 @@ def splits(draw, data: bytes, block: int) -> list[bytes]:
     """`data` cut at random sample-frame boundaries."""
     cuts = sorted(draw(st.lists(st.integers(0, len(data) // block), max_size=6)))
     edges = [0, *(cut * block for cut in cuts), len(data)]
-    return [data[start:end] for start, end in zip(edges, edges[1:])]
+    return [data[start:end] for start, end in itertools.pairwise(edges)]
 
 
 def run(converter: Converter, pieces: list[bytes]) -> bytes:

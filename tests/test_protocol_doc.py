@@ -23,10 +23,11 @@ import ast
 import inspect
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -216,7 +217,7 @@ def assigned_strings(tree: ast.AST, name: str) -> set[str]:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def process_code(process: str) -> tuple[frozenset[str], frozenset[str]]:
     """(kinds it subscribes to, kinds it publishes), from its sources."""
     if process == "launcher":

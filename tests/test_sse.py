@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -129,7 +131,7 @@ def streams(draw: st.DrawFn) -> tuple[bytes, list[Event]]:
 def test_any_cutting_of_the_bytes_gives_the_same_events(stream: tuple[bytes, list[Event]], cuts: list[int]) -> None:
     data, expected = stream
     bounds = sorted({0, len(data), *(cut % (len(data) + 1) for cut in cuts)})
-    pieces = [data[start:end] for start, end in zip(bounds, bounds[1:])]
+    pieces = [data[start:end] for start, end in itertools.pairwise(bounds)]
     assert parse(data) == expected
     assert parse(*pieces) == expected
 

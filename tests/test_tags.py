@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from services.tags import (CLOSING, CLOSING_START, DEFAULT_TAGS, FORMATTING, OPENING, OPENING_START, VOID, Tag,
-                           TagStripper, closer, describe)
+from services.tags import (
+    CLOSING,
+    CLOSING_START,
+    DEFAULT_TAGS,
+    FORMATTING,
+    OPENING,
+    OPENING_START,
+    VOID,
+    Tag,
+    TagStripper,
+    closer,
+    describe,
+)
 
 
 @pytest.mark.parametrize("name, args, words", [

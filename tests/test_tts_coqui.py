@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import shutil
 import sys
-from contextlib import closing
 import tempfile
 import time
 from array import array
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -211,11 +211,11 @@ def test_smaller_frames(vits_files):
 
 
 def test_config_defaults_the_config_path_beside_the_checkpoint(vits_files, tmp_path):
-    checkpoint, config = vits_files
+    checkpoint, _config = vits_files
     assert CoquiEngine(model_path=str(checkpoint)).format.rate == VITS_RATE   # config.json is beside it
     lonely = tmp_path / "model.pth"
     lonely.write_bytes(checkpoint.read_bytes())
-    with pytest.raises(ValueError, match="tts.coqui.config_path"):
+    with pytest.raises(ValueError, match=r"tts\.coqui\.config_path"):
         CoquiEngine(model_path=str(lonely))
 
 
@@ -258,7 +258,7 @@ def test_config_accepts_coqui_and_checks_its_keys(vits_files):
     config = load(env=env)
     assert config["tts"]["coqui"]["model_path"] == str(vits_files[0])
     assert config["tts"]["coqui"]["max_frame_ms"] == 100 and config["tts"]["coqui"]["device"] == "cpu"
-    with pytest.raises(ConfigError, match="tts.coqui.device"):
+    with pytest.raises(ConfigError, match=r"tts\.coqui\.device"):
         load(env={**env, "VOXPIPE_TTS__COQUI__DEVICE": "gpu"})
 
 
@@ -291,13 +291,13 @@ def test_xtts_stop_ends_generation_at_the_next_frame(xtts):
 
 def test_xtts_language_is_chosen_per_chunk_or_fixed(xtts, xtts_dir):
     assert [xtts.language_for(text) for text in (RU, EN, "Скажи hello", "42")] == ["ru", "en", "ru", "en"]
-    with pytest.raises(ValueError, match="tts.coqui.language = 'fr' is not one of .*en, ru"):
+    with pytest.raises(ValueError, match=r"tts\.coqui\.language = 'fr' is not one of .*en, ru"):
         CoquiEngine(model_path=str(xtts_dir), language="fr")
 
 
 def test_xtts_clones_a_voice_from_speaker_wav_in_a_fixed_language(xtts_dir, tmp_path):
     reference = str(write_reference(tmp_path / "ref.wav"))
-    with pytest.raises(ValueError, match="tts.coqui.speaker and tts.coqui.speaker_wav"):
+    with pytest.raises(ValueError, match=r"tts\.coqui\.speaker and tts\.coqui\.speaker_wav"):
         CoquiEngine(model_path=str(xtts_dir), speaker="tiny", speaker_wav=reference)
     engine = tiny_xtts(xtts_dir, config_path=str(xtts_dir / "config.json"), speaker_wav=reference,
                        language="en")

@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 REPACK_CHOICES = ("auto", "on", "off")
 AMX_FLAGS = frozenset({"amx_tile", "amx_int8", "amx_bf16"})

@@ -43,7 +43,7 @@ def _remix(samples: array, source: int, target: int) -> array:
         return samples
     channels = [samples[c::source] for c in range(source)]
     if target == 1:
-        return array("i", [sum(frame) // source for frame in zip(*channels)])
+        return array("i", [sum(frame) // source for frame in zip(*channels, strict=True)])
     mixed = array("i", bytes(len(channels[0]) * target * 4))
     for c in range(target):
         mixed[c::target] = channels[c % source]

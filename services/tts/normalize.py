@@ -7,7 +7,7 @@ often do not. Which languages to expand is set per engine (`normalize_numbers`).
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 _CYRILLIC = re.compile(r"[а-яё]", re.I)
 _NUMBER = re.compile(r"(?<![\w.,])(\d{1,15})(?:([.,])(\d{1,6}))?(?![\w]|[.,]\d)")
@@ -30,7 +30,7 @@ def spell_numbers(text: str, languages: Iterable[str]) -> str:
     from num2words import num2words
 
     def spell(match: re.Match[str]) -> str:
-        whole, separator, fraction = match.groups()
+        whole, _separator, fraction = match.groups()
         if _inside_time_or_date(text, match):
             return match.group()
         value = float(f"{whole}.{fraction}") if fraction else int(whole)
