@@ -1,37 +1,43 @@
 """The voxpipe configuration: defaults, the TOML file, environment overrides and validation.
 
-This module is the only place that knows config keys.  The value is resolved in
-three layers: the embedded defaults (which work offline), the TOML file, then
-``VOXPIPE_<SECTION>__<KEY>`` environment variables (for systemd drop-ins and
-tests).  Every error names where the bad value came from, the key, and what is
-allowed.
+This module knows the config's own keys, and the vocabulary (`Rule`, `Setting`) every key is
+declared in.  Each plugin declares its own keys in its registry entry (services/plugins.py:
+providers, TTS engines, player backends), and the chunker with its policy; `load()` reads
+them there, so no plugin name or key is written twice.  The value is resolved in three
+layers: the embedded defaults (which work offline), the TOML file, then
+``VOXPIPE_<SECTION>__<KEY>`` environment variables (for systemd drop-ins and tests).  Every
+error names where the bad value came from, the key, and what is allowed.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from .plugins import Plugin
 
 ENV_PREFIX = "VOXPIPE_"
-PROVIDERS = ("local", "openai", "gemini", "http", "g4f")
-TTS_ENGINES = ("espeak", "coqui", "openai-speech", "null")
-PLAYER_BACKENDS = ("auto", "simpleaudio", "sounddevice", "wav", "null")
 STAGES = ("llm", "chunker", "tts", "player", "history")
+"""The stages `voxpipe run` can start. Their classes are registered in services/stages.py, which
+imports the bus runtime, too heavy for every config load; tests/test_plugins.py keeps the two equal."""
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the source, the key and what is allowed."""
 
 
-# --- leaf rules -------------------------------------------------------------
+# --- rules and settings ------------------------------------------------------
 
-@dataclass(frozen=True)
-class Rule:
-    """How one key is checked and how an environment string is turned into its value."""
+class Rule(NamedTuple):
+    """How one key is checked and how an environment string is turned into its value. (Named tuples, not
+    dataclasses: every process imports this module, and defining a dataclass costs about 0.5 ms.)"""
 
     kind: type | tuple[type, ...]
     describe: str
@@ -63,133 +69,149 @@ class Rule:
             return self.check(value)
         return isinstance(value, self.kind) and self.check(value)
 
+    def refusal(self, key: str, value: Any) -> str:
+        """What is wrong with `value` at `key` (a dotted path); said the same by load() and by a plugin built
+        without it."""
+        if self.kind is dict:
+            return f"key {key} must be a table"
+        return f"key {key} = {value!r} is not allowed; expected {self.describe}"
 
-def _text() -> Rule:
+
+class Setting(NamedTuple):
+    """One declared key: its default, its rule, and what it is for (deploy/voxpipe.example.toml says it
+    to users, and tests/test_plugins.py checks that it does)."""
+
+    default: Any
+    rule: Rule
+    doc: str
+
+
+def rules(settings: Mapping[str, Setting]) -> dict[str, Rule]:
+    return {key: setting.rule for key, setting in settings.items()}
+
+
+def defaults(settings: Mapping[str, Setting]) -> dict[str, Any]:
+    """Fresh copies, so no table shares a mutable default with another."""
+    return {key: copy.deepcopy(setting.default) for key, setting in settings.items()}
+
+
+def text() -> Rule:
     return Rule(str, "a string")
 
 
-def _choice(*choices: str) -> Rule:
+def choice(*choices: str) -> Rule:
     return Rule(str, f"one of: {', '.join(choices)}", lambda value: value in choices)
 
 
-def _flag() -> Rule:
+def flag() -> Rule:
     return Rule(bool, "true or false")
 
 
-def _count(low: int, high: int) -> Rule:
+def count(low: int, high: int) -> Rule:
     return Rule(int, f"an integer from {low} to {high}", lambda value: low <= value <= high)
 
 
-def _real(low: float, high: float) -> Rule:
+def real(low: float, high: float) -> Rule:
     return Rule(float, f"a number from {low} to {high}", lambda value: low <= value <= high)
 
 
-def _strings() -> Rule:
+def strings() -> Rule:
     return Rule(list, "a list of strings", lambda value: all(isinstance(item, str) for item in value))
 
 
-def _languages() -> Rule:
+def languages() -> Rule:
     return Rule(list, "a list drawn from: ru, en", lambda value: all(item in ("ru", "en") for item in value))
 
 
-def _names(allowed: tuple[str, ...]) -> Rule:
+def names(allowed: tuple[str, ...]) -> Rule:
     return Rule(list, f"a list drawn from: {', '.join(allowed)}",
                 lambda value: all(item in allowed for item in value))
 
 
+def table() -> Rule:
+    """A table of any keys, passed through as it is (a profile's `extra`)."""
+    return Rule(dict, "a table")
+
+
 # --- the schema -------------------------------------------------------------
+# The config's own keys. The tables plugins fill ([tts], [player] and every profile) get their
+# plugins' keys from the registries in `full_schema()`.
+
+def key_settings(env: str) -> dict[str, Setting]:
+    """Where a plugin's API keys are, never the keys themselves: a profile's keys, and openai-speech's,
+    whose variable defaults to `env`. services/secrets.py reads them."""
+    return {
+        "api_key_env": Setting(env, text(), "the environment variable holding the API key"),
+        "api_key_file": Setting("", text(), "a file of mode 0600 (refused if looser), one key per line: the first "
+                                            "the primary, the rest reserves; tried before the variables"),
+        "reserve_key_envs": Setting([], strings(), "more key variables, tried in turn when a key is refused "
+                                                   "(401, 402, 403) or throttled (429)"),
+    }
+
 
 PROFILE_SCHEMA: dict[str, Any] = {
-    "provider": _choice(*PROVIDERS),
-    "stream": _flag(),
-    "model": _text(),
-    "model_path": _text(),
-    "base_url": _text(),
-    "url": _text(),
-    "wire": _choice("openai-sse", "ndjson"),
-    "api_key_env": _text(),
-    "api_key_file": _text(),
-    "reserve_key_envs": _strings(),
-    "max_tokens": _count(1, 1_000_000),
-    "temperature": _real(0.0, 2.0),
-    "top_p": _real(0.0, 1.0),
-    "top_k": _count(0, 100_000),
-    "presence_penalty": _real(-2.0, 2.0),
-    "stop": _strings(),
-    "reasoning_budget": _count(-1, 1_000_000),
-    "n_threads": _count(0, 1024),
-    "n_ctx": _count(128, 1_048_576),
-    "chat_format": _text(),
-    "prompt_style": _choice("auto", "chat", "dialogue"),
-    "assistant_name": _text(),
-    "repack": _choice("auto", "on", "off"),
-    "connect_timeout_s": _real(0.1, 600.0),
-    "first_token_timeout_s": _real(0.1, 3600.0),
-    "idle_timeout_s": _real(0.1, 3600.0),
-    "retries": _count(0, 20),
-    "backoff_s": _real(0.0, 60.0),
-    "backoff_max_s": _real(0.0, 600.0),
-    "stop_strings": _strings(),
-    "max_reply_chars": _count(0, 10_000_000),
-    "max_reply_sentences": _count(0, 100_000),
-    "repeat_ngram": _count(0, 1000),
-    "repeat_count": _count(2, 1000),
-    "user_turn_prefixes": _strings(),
-    "extra": "free",
+    "stream": flag(),
+    **rules(key_settings("")),
+    "max_tokens": count(1, 1_000_000),
+    "temperature": real(0.0, 2.0),
+    "top_p": real(0.0, 1.0),
+    "top_k": count(0, 100_000),
+    "presence_penalty": real(-2.0, 2.0),
+    "stop": strings(),
+    "reasoning_budget": count(-1, 1_000_000),
+    "prompt_style": choice("auto", "chat", "dialogue"),
+    "assistant_name": text(),
+    "connect_timeout_s": real(0.1, 600.0),
+    "first_token_timeout_s": real(0.1, 3600.0),
+    "idle_timeout_s": real(0.1, 3600.0),
+    "retries": count(0, 20),
+    "backoff_s": real(0.0, 60.0),
+    "backoff_max_s": real(0.0, 600.0),
+    "stop_strings": strings(),
+    "max_reply_chars": count(0, 10_000_000),
+    "max_reply_sentences": count(0, 100_000),
+    "repeat_ngram": count(0, 1000),
+    "repeat_count": count(2, 1000),
+    "user_turn_prefixes": strings(),
 }
+"""The keys of a profile that the llm stage reads; its provider's keys come from the provider registry."""
 PROFILE_DEFAULTS: dict[str, Any] = {
-    "stream": True, "model": "", "model_path": "", "base_url": "", "url": "", "wire": "openai-sse",
-    "api_key_env": "", "api_key_file": "", "reserve_key_envs": [],
+    "stream": True, **defaults(key_settings("")),
     "max_tokens": 200, "temperature": 0.7, "top_p": 0.0, "top_k": 0, "presence_penalty": 0.0, "stop": [],
-    "reasoning_budget": -1, "n_threads": 0, "n_ctx": 2048, "chat_format": "gemma",
-    "prompt_style": "auto", "assistant_name": "Assistant", "repack": "auto",
+    "reasoning_budget": -1, "prompt_style": "auto", "assistant_name": "Assistant",
     "connect_timeout_s": 10.0, "first_token_timeout_s": 60.0, "idle_timeout_s": 30.0,
     "retries": 2, "backoff_s": 0.5, "backoff_max_s": 8.0,
     "stop_strings": [], "max_reply_chars": 0, "max_reply_sentences": 0, "repeat_ngram": 8, "repeat_count": 3,
-    "user_turn_prefixes": ["User:", "Пользователь:"], "extra": {},
+    "user_turn_prefixes": ["User:", "Пользователь:"],
 }
 """top_p, top_k and presence_penalty of 0 and reasoning_budget of -1 mean "not sent"."""
 
 SCHEMA: dict[str, Any] = {
-    "bus": {"runtime_dir": _text(), "transport": _choice("ipc", "tcp"), "tcp_bind": _text(),
-            "tcp_port": _count(1, 65533), "connect_host": _text(), "curve": _flag(), "keys_dir": _text(),
-            "authorized_dir": _text()},
+    "bus": {"runtime_dir": text(), "transport": choice("ipc", "tcp"), "tcp_bind": text(),
+            "tcp_port": count(1, 65533), "connect_host": text(), "curve": flag(), "keys_dir": text(),
+            "authorized_dir": text()},
     "llm": {
-        "profile": _text(),
-        "on_busy": _choice("cancel", "queue", "reject"),
-        "persona_file": _text(),
-        "history_token_budget": _count(0, 10_000_000),
-        "system_prompt": _text(),
-        "history_limit": _count(0, 1000),
-        "context_timeout_ms": _count(0, 60_000),
-        "workers": _count(1, 256),
+        "profile": text(),
+        "on_busy": choice("cancel", "queue", "reject"),
+        "persona_file": text(),
+        "history_token_budget": count(0, 10_000_000),
+        "system_prompt": text(),
+        "history_limit": count(0, 1000),
+        "context_timeout_ms": count(0, 60_000),
+        "workers": count(1, 256),
         "profiles": "profiles",
     },
     "chunker": "chunker",
-    "tts": {
-        "engine": _choice(*TTS_ENGINES),
-        "espeak": {"voice": _text(), "rate": _count(80, 500), "pitch": _count(0, 99),
-                   "volume": _count(0, 200), "normalize_numbers": _languages()},
-        "coqui": {"model_name": _text(), "model_path": _text(), "config_path": _text(),
-                  "device": _choice("cpu", "cuda"), "speaker": _text(), "language": _text(),
-                  "speaker_wav": _text(), "max_frame_ms": _count(10, 1000), "normalize_numbers": _languages()},
-        "openai-speech": {"base_url": _text(), "model": _text(), "voice": _text(), "api_key_env": _text(),
-                          "response_format": _choice("pcm", "wav"), "speed": _real(0.25, 4.0),
-                          "sample_rate": _count(8000, 384000), "timeout_s": _real(0.1, 600.0),
-                          "max_frame_ms": _count(10, 1000), "normalize_numbers": _languages()},
-        "null": {"frame_ms": _count(1, 200), "normalize_numbers": _languages()},
-    },
-    "player": {"backend": _choice(*PLAYER_BACKENDS), "wav_dir": _text()},
-    "history": {"db_path": _text(), "persona": _text(), "commands_file": _text(),
-                "max_commands_per_reply": _count(0, 10_000), "marks_wait_ms": _count(0, 60_000)},
-    "log": {"level": _choice("debug", "info", "warning", "error")},
-    "metrics": {"prometheus_port": _count(0, 65535), "prometheus_bind": _text()},
+    "history": {"db_path": text(), "persona": text(), "commands_file": text(),
+                "max_commands_per_reply": count(0, 10_000), "marks_wait_ms": count(0, 60_000)},
+    "log": {"level": choice("debug", "info", "warning", "error")},
+    "metrics": {"prometheus_port": count(0, 65535), "prometheus_bind": text()},
     "run": {
-        "stages": _names(STAGES),
-        "instances": {name: _count(1, 64) for name in STAGES},
-        "ready_timeout_s": _real(1.0, 600.0),
-        "restart_limit": _count(0, 1000),
-        "restart_window_s": _real(1.0, 3600.0),
+        "stages": names(STAGES),
+        "instances": {name: count(1, 64) for name in STAGES},
+        "ready_timeout_s": real(1.0, 600.0),
+        "restart_limit": count(0, 1000),
+        "restart_window_s": real(1.0, 3600.0),
     },
 }
 
@@ -214,16 +236,8 @@ DEFAULTS: dict[str, Any] = {
         },
     },
     "chunker": {},
-    "tts": {"engine": "espeak", "espeak": {"voice": "auto", "rate": 175, "pitch": 50, "volume": 100,
-                                           "normalize_numbers": []},
-            "coqui": {"model_name": "", "model_path": "", "config_path": "", "device": "cpu", "speaker": "",
-                      "language": "", "speaker_wav": "", "max_frame_ms": 200, "normalize_numbers": ["ru", "en"]},
-            "openai-speech": {"base_url": "https://api.openai.com/v1", "model": "tts-1", "voice": "alloy",
-                              "api_key_env": "OPENAI_API_KEY", "response_format": "pcm", "speed": 1.0,
-                              "sample_rate": 24000, "timeout_s": 30.0, "max_frame_ms": 200,
-                              "normalize_numbers": []},
-            "null": {"frame_ms": 10, "normalize_numbers": []}},
-    "player": {"backend": "auto", "wav_dir": ""},
+    "tts": {"engine": "espeak"},
+    "player": {"backend": "auto"},
     "history": {"db_path": "", "persona": "default", "commands_file": "", "max_commands_per_reply": 30,
                 "marks_wait_ms": 2000},
     "log": {"level": "info"},
@@ -236,6 +250,46 @@ DEFAULTS: dict[str, Any] = {
         "restart_window_s": 60.0,
     },
 }
+
+
+class FullSchema(NamedTuple):
+    """The schema and defaults with every plugin's keys: a profile takes the keys of every provider (so
+    changing its provider needs no other edit, and a default profile stays valid under any), [player]
+    those of every backend, and [tts] a table per engine."""
+
+    schema: dict[str, Any]
+    defaults: dict[str, Any]
+    profile: dict[str, Any]
+    profile_defaults: dict[str, Any]
+    providers: tuple[str, ...]
+
+
+@functools.cache
+def full_schema() -> FullSchema:
+    """Read from the registries on first use: they declare their keys with this module's rules, so
+    they import it, and cannot be imported at its top."""
+    from .llm.providers import PROVIDERS
+    from .player.backends import BACKENDS
+    from .tts.engines import ENGINES
+
+    provider_keys = _merged(PROVIDERS)
+    backend_keys = _merged(BACKENDS)
+    return FullSchema(
+        schema={**SCHEMA,
+                "tts": {"engine": choice(*ENGINES), **{name: rules(e.settings) for name, e in ENGINES.items()}},
+                "player": {"backend": choice("auto", *BACKENDS), **rules(backend_keys)}},
+        defaults={**DEFAULTS,
+                  "tts": {**DEFAULTS["tts"], **{name: defaults(e.settings) for name, e in ENGINES.items()}},
+                  "player": {**DEFAULTS["player"], **defaults(backend_keys)}},
+        profile={"provider": choice(*PROVIDERS), **PROFILE_SCHEMA, **rules(provider_keys)},
+        profile_defaults={**PROFILE_DEFAULTS, **defaults(provider_keys)},
+        providers=tuple(PROVIDERS))
+
+
+def _merged(registry: Mapping[str, Plugin]) -> dict[str, Setting]:
+    """The keys every plugin of a registry declares, for a table they share (a key several plugins
+    take is declared once, in the registry, and shared by them: tests/test_plugins.py checks)."""
+    return {key: setting for entry in registry.values() for key, setting in entry.settings.items()}
 
 
 # --- loading ----------------------------------------------------------------
@@ -256,7 +310,7 @@ class Config:
         profiles = self.data["llm"]["profiles"]
         if chosen not in profiles:
             raise ConfigError(f"unknown profile {chosen!r}; configured profiles: {', '.join(sorted(profiles))}")
-        return {"name": chosen, **PROFILE_DEFAULTS, **profiles[chosen]}
+        return {"name": chosen, **full_schema().profile_defaults, **profiles[chosen]}
 
 
 def default_path(env: Mapping[str, str] = os.environ) -> Path:
@@ -269,16 +323,17 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os
     explicit = path or env.get("VOXPIPE_CONFIG")
     # Absolute once, here: `voxpipe run` hands this path to stages that start in another directory.
     file = Path(explicit).expanduser().absolute() if explicit else default_path(env)
-    data = copy.deepcopy(DEFAULTS)
+    full = full_schema()
+    data = copy.deepcopy(full.defaults)
     origins: dict[tuple[str, ...], str] = {}
     used: Path | None = None
     if explicit or file.exists():
         used = file
         _merge(data, _read_toml(file), (), str(file), origins)
-    for name, text in sorted(env.items()):
+    for name, value in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and "__" in name:
-            _apply_env(data, name, text, origins)
-    _validate(data, SCHEMA, (), origins, str(used) if used else "defaults")
+            _apply_env(data, name, value, origins)
+    _validate(data, full.schema, (), origins, str(used) if used else "defaults")
     _check_references(data, origins)
     return Config(data=data, path=used)
 
@@ -307,7 +362,7 @@ def _merge(target: dict[str, Any], source: Mapping[str, Any], prefix: tuple[str,
         origins[path] = origin
 
 
-def _apply_env(data: dict[str, Any], name: str, text: str, origins: dict[tuple[str, ...], str]) -> None:
+def _apply_env(data: dict[str, Any], name: str, value: str, origins: dict[tuple[str, ...], str]) -> None:
     path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
     if not all(path):
         raise ConfigError(f"environment variable {name}: empty key part; use VOXPIPE_SECTION__KEY")
@@ -321,22 +376,22 @@ def _apply_env(data: dict[str, Any], name: str, text: str, origins: dict[tuple[s
         node = child
     path = (*tables, path[-1])
     rule = _rule_for(path)
-    node[path[-1]] = rule.parse_env(text) if rule else text
+    node[path[-1]] = rule.parse_env(value) if rule else value
     origins[path] = f"environment variable {name}"
 
 
-def _dashed(table: Mapping[str, Any], part: str) -> str:
+def _dashed(node: Mapping[str, Any], part: str) -> str:
     """Shells and systemd cannot put '-' in a variable name: OPENAI_SPEECH names the table
     openai-speech when there is one."""
     dashed = part.replace("_", "-")
-    return dashed if part not in table and dashed in table else part
+    return dashed if part not in node and dashed in node else part
 
 
 def _rule_for(path: tuple[str, ...]) -> Rule | None:
-    node: Any = SCHEMA
+    node: Any = full_schema().schema
     for part in path:
         if node == "profiles":
-            node = PROFILE_SCHEMA
+            node = full_schema().profile
             continue
         if not isinstance(node, dict) or part not in node:
             return None
@@ -350,23 +405,19 @@ def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple
     if schema == "chunker":
         _validate_chunker(data, path, origins, fallback)
         return
-    if schema == "free":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: key {'.'.join(path)} must be a table")
-        return
     if schema == "profiles":
         if not isinstance(data, dict) or not data:
             raise ConfigError(f"{where}: key {'.'.join(path)} must be a table of named profiles")
+        full = full_schema()
         for name, profile in data.items():
-            _validate(profile, PROFILE_SCHEMA, (*path, name), origins, fallback)
+            _validate(profile, full.profile, (*path, name), origins, fallback)
             if "provider" not in profile:
                 raise ConfigError(f"{_where((*path, name), origins, fallback)}: profile "
-                                  f"{'.'.join((*path, name))} needs provider = one of: {', '.join(PROVIDERS)}")
+                                  f"{'.'.join((*path, name))} needs provider = one of: {', '.join(full.providers)}")
         return
     if isinstance(schema, Rule):
         if not schema.accepts(data):
-            raise ConfigError(f"{where}: key {'.'.join(path)} = {data!r} is not allowed; "
-                              f"expected {schema.describe}")
+            raise ConfigError(f"{where}: {schema.refusal('.'.join(path), data)}")
         return
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: key {'.'.join(path)} must be a table")
@@ -379,11 +430,15 @@ def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple
 
 def _validate_chunker(data: Any, path: tuple[str, ...], origins: dict[tuple[str, ...], str],
                       fallback: str) -> None:
-    """The chunker's keys live with its policy (services/chunker/core.py); check them there."""
-    from .chunker.core import ChunkerPolicy
-
+    """The chunker's keys live with its policy (services/chunker/core.py); check them there. An empty
+    table is the policy's defaults, valid by construction, so the chunker (slow to import, for its
+    patterns) is imported only to check keys that were set."""
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(path, origins, fallback)}: key chunker must be a table")
+    if not data:
+        return
+    from .chunker.core import ChunkerPolicy
+
     try:
         ChunkerPolicy.from_mapping(data)
     except (ValueError, TypeError) as exc:

@@ -133,7 +133,7 @@ class TagStripper:
             if self._in_think:
                 close = _THINK_CLOSE_RE.search(pending, pos)
                 if not close:
-                    pos = len(pending) - (0 if at_end else _partial_suffix(pending[pos:], _THINK_CLOSE))
+                    pos = len(pending) - (0 if at_end else held_back(pending[pos:], (_THINK_CLOSE,), fold_case=True))
                     break
                 pos, self._in_think = close.end(), False
                 continue
@@ -258,12 +258,20 @@ class _Code:
             self._fence = opening.group(1)
 
 
-def _partial_suffix(text: str, pattern: str) -> int:
-    """Length of the longest end of `text` that could be the start of `pattern`."""
-    for size in range(min(len(pattern) - 1, len(text)), 0, -1):
-        if text[-size:].lower() == pattern[:size]:
-            return size
-    return 0
+def held_back(text: str, markers: Iterable[str], fold_case: bool = False) -> int:
+    """How many characters at the end of streamed `text` must wait for the next piece: the longest end
+    that is the start of one of `markers` but not yet all of it. The one helper for every stream that
+    looks for a marker split across pieces: a closing `</think>` here, `<think>` tags in the llm stage
+    (llm/think.py), and its guards' stop strings and user-turn prefixes (llm/guards.py). With
+    `fold_case`, the markers are lowercase and the text matches them in any case."""
+    longest = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), longest, -1):
+            end = text[-size:]
+            if marker.startswith(end.lower() if fold_case else end):
+                longest = size
+                break
+    return longest
 
 
 # --- commands in words --------------------------------------------------------------------

@@ -28,7 +28,6 @@ from g4f.Provider import ProviderLoader  # noqa: E402
 from g4f.providers.base_provider import AbstractProvider, AsyncGeneratorProvider  # noqa: E402
 from g4f.providers.response import FinishReason, Reasoning, Usage  # noqa: E402
 
-from services.config import PROFILE_DEFAULTS  # noqa: E402
 from services.llm.providers import create_provider  # noqa: E402
 from services.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts  # noqa: E402
 from services.llm.providers.g4f import NOT_INSTALLED, G4fProvider  # noqa: E402
@@ -106,8 +105,6 @@ def server() -> Iterator[WireServer]:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def profile(**overrides: Any) -> dict[str, Any]:
-    return {**PROFILE_DEFAULTS, "name": "g4f-test", "provider": "g4f", **overrides}
 
 
 def ask(text: str = "hello", stream: bool = True, **options: Any) -> ChatRequest:
@@ -205,14 +202,14 @@ def stalling(first: str | None, blocking: bool = False) -> type:
 # --- provider classes defined here ------------------------------------------------------------------
 
 def test_registry_builds_it_without_importing_g4f_at_construction() -> None:
-    provider = create_provider(profile(extra={"provider": "Echo"}))
+    provider = create_provider({"name": "g4f-test", "provider": "g4f", "extra": {"provider": "Echo"}})
     assert isinstance(provider, G4fProvider) and provider.name == "g4f"
 
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_async_provider_class_streaming_and_not(register, stream: bool) -> None:
     Echo.calls = []
-    provider = G4fProvider(profile(model="echo-1", extra={"provider": register(Echo)}))
+    provider = G4fProvider(model="echo-1", extra={"provider": register(Echo)})
     provider.load()
     params = Params(max_tokens=99, temperature=0.3, top_p=0.9, presence_penalty=0.5, stop=("NEVER",))
     generation = provider.open(ask("hello", stream=stream, params=params), "")
@@ -236,7 +233,7 @@ def test_async_provider_class_streaming_and_not(register, stream: bool) -> None:
 
 
 def test_both_modes_give_the_same_text(register) -> None:
-    provider = G4fProvider(profile(extra={"provider": register(Echo)}))
+    provider = G4fProvider(extra={"provider": register(Echo)})
     streamed = text_of(list(provider.open(ask("same", stream=True), "")))
     whole = text_of(list(provider.open(ask("same", stream=False), "")))
     assert streamed == whole == reply_for("same")
@@ -244,7 +241,7 @@ def test_both_modes_give_the_same_text(register) -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_sync_provider_class(register, stream: bool) -> None:
-    provider = G4fProvider(profile(extra={"provider": register(SyncEcho)}))
+    provider = G4fProvider(extra={"provider": register(SyncEcho)})
     deltas = list(provider.open(ask("sync", stream=stream), ""))
     assert text_of(deltas) == reply_for("sync")
     assert len(deltas) == (len(pieces(reply_for("sync"))) if stream else 1)
@@ -252,13 +249,13 @@ def test_sync_provider_class(register, stream: bool) -> None:
 
 def test_extra_keys_reach_g4f_and_load_is_lazy(register) -> None:
     Echo.calls = []
-    provider = G4fProvider(profile(extra={"provider": register(Echo), "reasoning_effort": "low"}))
+    provider = G4fProvider(extra={"provider": register(Echo), "reasoning_effort": "low"})
     list(provider.open(ask(), ""))  # open() without load(): the stage loads only the default profile
     assert Echo.calls[-1]["reasoning_effort"] == "low"
 
 
 def test_unknown_provider_name_is_a_bad_request_that_says_where_names_are() -> None:
-    provider = G4fProvider(profile(extra={"provider": "NoSuchProviderXyz"}))
+    provider = G4fProvider(extra={"provider": "NoSuchProviderXyz"})
     with pytest.raises(ProviderError) as caught:
         provider.load()
     assert caught.value.code == "bad_request" and not caught.value.retryable
@@ -269,13 +266,13 @@ def test_unknown_provider_name_is_a_bad_request_that_says_where_names_are() -> N
 
 def test_bad_extra_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="extra.provider"):
-        G4fProvider(profile(extra={"provider": 3}))
+        G4fProvider(extra={"provider": 3})
 
 
 def test_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [name for name in sys.modules if name == "g4f" or name.startswith("g4f.")]:
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
-    provider = G4fProvider(profile(extra={"provider": "Echo"}))
+    provider = G4fProvider(extra={"provider": "Echo"})
     for attempt in (provider.load, lambda: list(provider.open(ask(), ""))):
         with pytest.raises(ProviderError) as caught:
             attempt()
@@ -288,7 +285,7 @@ def test_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("first", ["First", None], ids=["mid-stream", "before-first-chunk"])
 def test_close_cancels_an_async_provider_mid_await(register, first: str | None) -> None:
     stall = stalling(first)
-    reader = Reader(G4fProvider(profile(extra={"provider": register(stall)})).open(ask(), ""))
+    reader = Reader(G4fProvider(extra={"provider": register(stall)}).open(ask(), ""))
     assert stall.seen["stalled"].wait(5)
     time.sleep(0.05)  # parked in the 30 s await
     closed_at = time.monotonic()
@@ -301,7 +298,7 @@ def test_close_cancels_an_async_provider_mid_await(register, first: str | None) 
 
 def test_close_stops_a_sync_provider_at_its_next_chunk(register) -> None:
     stall = stalling("First", blocking=True)
-    reader = Reader(G4fProvider(profile(extra={"provider": register(stall)})).open(ask(), ""))
+    reader = Reader(G4fProvider(extra={"provider": register(stall)}).open(ask(), ""))
     assert reader.first.wait(5) and stall.seen["stalled"].wait(5)
     reader.generation.close()
     assert reader.done.wait(2), "the reader never returned"
@@ -311,7 +308,7 @@ def test_close_stops_a_sync_provider_at_its_next_chunk(register) -> None:
 
 def test_close_before_iterating_calls_nothing(register) -> None:
     Echo.calls = []
-    generation = G4fProvider(profile(extra={"provider": register(Echo)})).open(ask(), "")
+    generation = G4fProvider(extra={"provider": register(Echo)}).open(ask(), "")
     generation.close()
     assert list(generation) == [] and Echo.calls == []
 
@@ -321,7 +318,7 @@ def test_close_before_iterating_calls_nothing(register) -> None:
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("extra", [{}, {"provider": "OpenaiTemplate"}], ids=["base_url", "named-template"])
 def test_openai_compatible_server(echo_server: str, stream: bool, extra: dict[str, Any]) -> None:
-    provider = G4fProvider(profile(base_url=echo_server, model="fake-model", extra=extra))
+    provider = G4fProvider(base_url=echo_server, model="fake-model", extra=extra)
     provider.load()
     generation = provider.open(ask("over http", stream=stream), KEY)
     deltas = list(generation)
@@ -332,7 +329,7 @@ def test_openai_compatible_server(echo_server: str, stream: bool, extra: dict[st
 
 
 def test_concurrent_generations_each_on_their_own_loop(echo_server: str) -> None:
-    provider = G4fProvider(profile(base_url=echo_server, model="fake-model"))
+    provider = G4fProvider(base_url=echo_server, model="fake-model")
     readers = [Reader(provider.open(ask(f"session {index}", stream=index % 2 == 0), KEY)) for index in range(6)]
     for index, reader in enumerate(readers):
         assert reader.done.wait(10) and reader.error is None
@@ -353,11 +350,30 @@ def test_the_daemon_speaks_through_a_g4f_profile(echo_server: str, tmp_path: Pat
 
 def test_wrong_key_is_an_auth_error_without_the_key(echo_server: str) -> None:
     secret = "sk-wrong-0123456789abcdef"
-    generation = G4fProvider(profile(base_url=echo_server, model="m")).open(ask(), secret)
+    generation = G4fProvider(base_url=echo_server, model="m").open(ask(), secret)
     with pytest.raises(ProviderError) as caught:
         list(generation)
     assert caught.value.code == "auth" and caught.value.status == 401 and caught.value.rotates_key
     assert secret not in str(caught.value) and secret[:8] not in str(caught.value)
+
+
+def test_a_provider_out_of_credit_is_a_billing_error(register) -> None:
+    """g4f's PaymentRequiredError reads as HTTP 402 does everywhere: billing, another key may do, no retry."""
+    from g4f.errors import PaymentRequiredError
+
+    class Unpaid(AsyncGeneratorProvider):
+        working = True
+        supports_stream = True
+
+        @classmethod
+        async def create_async_generator(cls, model: str, messages: Any, **kwargs: Any):
+            raise PaymentRequiredError("this model needs a paid plan")
+            yield ""
+
+    with pytest.raises(ProviderError) as caught:
+        list(G4fProvider(extra={"provider": register(Unpaid)}).open(ask(), ""))
+    assert caught.value.code == "billing" and caught.value.rotates_key and not caught.value.retryable
+    assert "paid plan" in str(caught.value)
 
 
 def test_request_carries_params_key_and_images(server: WireServer) -> None:
@@ -366,7 +382,7 @@ def test_request_carries_params_key_and_images(server: WireServer) -> None:
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "what is this?", "images": [Image(png, "image/png")]}]
     params = Params(max_tokens=42, temperature=0.2, top_p=0.8, top_k=7, presence_penalty=0.4, stop=("END",))
-    provider = G4fProvider(profile(base_url=server.url("/v1"), model="vision-model"))
+    provider = G4fProvider(base_url=server.url("/v1"), model="vision-model")
     assert text_of(list(provider.open(ChatRequest(messages, params=params), KEY))) == "Hi"
     record = server.records[-1]
     body = record.json
@@ -384,7 +400,7 @@ def test_request_carries_params_key_and_images(server: WireServer) -> None:
 @pytest.mark.parametrize("status, code", [(429, "rate_limited"), (500, "server"), (400, "bad_request")])
 def test_http_failures_map_to_codes(server: WireServer, status: int, code: str) -> None:
     server.enqueue(json_script({"error": {"message": f"scripted {status}"}}, status=status))
-    generation = G4fProvider(profile(base_url=server.url("/v1"), model="m")).open(ask(), KEY)
+    generation = G4fProvider(base_url=server.url("/v1"), model="m").open(ask(), KEY)
     with pytest.raises(ProviderError) as caught:
         list(generation)
     assert (caught.value.code, caught.value.status) == (code, status)
@@ -395,7 +411,7 @@ def test_connection_refused_is_a_connect_error() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    generation = G4fProvider(profile(base_url=f"http://127.0.0.1:{port}/v1", model="m")).open(ask(), KEY)
+    generation = G4fProvider(base_url=f"http://127.0.0.1:{port}/v1", model="m").open(ask(), KEY)
     with pytest.raises(ProviderError) as caught:
         list(generation)
     assert caught.value.code == "connect" and caught.value.retryable
@@ -404,7 +420,7 @@ def test_connection_refused_is_a_connect_error() -> None:
 def test_first_token_timeout(server: WireServer) -> None:
     server.enqueue(Script(stall=30.0))
     request = ask(timeouts=Timeouts(connect=1.0, first_token=0.3, idle=0.3))
-    generation = G4fProvider(profile(base_url=server.url("/v1"), model="m")).open(request, KEY)
+    generation = G4fProvider(base_url=server.url("/v1"), model="m").open(request, KEY)
     started = time.monotonic()
     with pytest.raises(ProviderError) as caught:
         list(generation)
@@ -413,7 +429,7 @@ def test_first_token_timeout(server: WireServer) -> None:
 
 
 def test_close_over_http_before_the_first_byte_and_mid_stream(server: WireServer) -> None:
-    provider = G4fProvider(profile(base_url=server.url("/v1"), model="m"))
+    provider = G4fProvider(base_url=server.url("/v1"), model="m")
     for script, expected in [(Script(stall=30.0), ""),
                              (Script(writes=[(0.0, f"data: {json.dumps(chunk('First'))}\n\n".encode()),
                                              (30.0, b"")]), "First")]:

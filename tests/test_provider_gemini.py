@@ -12,7 +12,6 @@ from typing import Any, Iterator
 
 import pytest
 
-from services.config import PROFILE_DEFAULTS
 from services.llm.providers import create_provider
 from services.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError
 from services.llm.providers.gemini import GeminiProvider
@@ -30,9 +29,8 @@ def server() -> Iterator[WireServer]:
         yield running
 
 
-def provider(server: WireServer, **profile: Any) -> GeminiProvider:
-    return GeminiProvider({**PROFILE_DEFAULTS, "name": "g", "provider": "gemini", "base_url": server.url("/v1beta"),
-                           "model": MODEL, **profile})
+def provider(server: WireServer, **settings: Any) -> GeminiProvider:
+    return GeminiProvider(**{"base_url": server.url("/v1beta"), "model": MODEL, **settings})
 
 
 def ask(stream: bool = True, **options: Any) -> ChatRequest:
@@ -52,9 +50,9 @@ USAGE = {"usageMetadata": {"promptTokenCount": 9, "candidatesTokenCount": 4, "th
                            "totalTokenCount": 18, "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 9}]}}
 
 
-def read(server: WireServer, script: Script, request: ChatRequest | None = None, **profile: Any) -> Reader:
+def read(server: WireServer, script: Script, request: ChatRequest | None = None, **settings: Any) -> Reader:
     server.enqueue(script)
-    reader = Reader(provider(server, **profile).open(request or ask(), KEY))
+    reader = Reader(provider(server, **settings).open(request or ask(), KEY))
     assert reader.done.wait(5)
     return reader
 
@@ -195,18 +193,17 @@ def test_close_mid_stream_reaches_the_server(server: WireServer) -> None:
 
 
 def test_registry_model_prefix_and_missing_model(server: WireServer) -> None:
-    profile = {**PROFILE_DEFAULTS, "name": "g", "provider": "gemini", "base_url": server.url("/v1beta/"),
-               "model": f"models/{MODEL}"}
+    profile = {"name": "g", "provider": "gemini", "base_url": server.url("/v1beta/"), "model": f"models/{MODEL}"}
     created = create_provider(profile)
     assert isinstance(created, GeminiProvider) and created.accepts_images
     read(server, sse_script([reply({"text": "ok"}, finish="STOP")]), model=f"models/{MODEL}")
     assert server.records[0].path == STREAM_PATH
-    with pytest.raises(ValueError, match="needs model"):
-        GeminiProvider({**profile, "model": ""})
+    with pytest.raises(ValueError, match="^profile 'g': provider gemini needs model"):
+        create_provider({**profile, "model": ""})
 
 
 def test_unknown_role_is_refused() -> None:
-    provider_ = GeminiProvider({**PROFILE_DEFAULTS, "name": "g", "model": MODEL})
+    provider_ = GeminiProvider(model=MODEL)
     with pytest.raises(ProviderError) as caught:
         provider_.open(ChatRequest([{"role": "tool", "content": "x"}]), KEY)
     assert caught.value.code == "bad_request"

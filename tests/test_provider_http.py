@@ -20,11 +20,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from services.config import PROFILE_DEFAULTS
+from services.config import load
 from services.llm.providers import create_provider
 from services.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
 from services.llm.providers.http import HttpProvider
-from services.llm.providers.http_transport import error_text, merged, parse_retry_after, scrub
+from services.llm.providers.http_transport import error_text, merged, parse_retry_after
 from tests.fakes.wire_server import Reader, Script, WireServer, json_script, ndjson_script, sse_script
 
 KEY = "sk-test-0123456789abcdef"
@@ -37,10 +37,9 @@ def server() -> Iterator[WireServer]:
         yield running
 
 
-def provider(server: WireServer, wire: str = "openai-sse", **profile: Any) -> HttpProvider:
+def provider(server: WireServer, wire: str = "openai-sse", **settings: Any) -> HttpProvider:
     path = "/api/chat" if wire == "ndjson" else "/v1/chat/completions"
-    return HttpProvider({**PROFILE_DEFAULTS, "name": "test", "provider": "http", "url": server.url(path),
-                         "wire": wire, "model": "test-model", **profile})
+    return HttpProvider(url=server.url(path), wire=wire, model="test-model", **settings)
 
 
 def ask(stream: bool = True, text: str = "hi", **options: Any) -> ChatRequest:
@@ -277,6 +276,14 @@ def test_401_says_status_and_server_text_without_the_key(server: WireServer) -> 
     assert KEY not in text and KEY[:8] not in text
 
 
+def test_402_is_billing_rotated_past_but_not_retried(server: WireServer) -> None:
+    with pytest.raises(ProviderError) as caught:
+        run(server, json_script({"error": {"message": "Insufficient credits"}}, 402))
+    error = caught.value
+    assert (error.code, error.status) == ("billing", 402) and error.rotates_key and not error.retryable
+    assert "402" in str(error) and "Insufficient credits" in str(error)
+
+
 def test_other_4xx_is_bad_request_and_not_retried(server: WireServer) -> None:
     with pytest.raises(ProviderError) as caught:
         run(server, json_script({"error": {"message": "model 'x' not found"}}, 404))
@@ -286,8 +293,7 @@ def test_other_4xx_is_bad_request_and_not_retried(server: WireServer) -> None:
 def test_connection_refused(server: WireServer) -> None:
     port = server.port
     server.stop()
-    generation = HttpProvider({**PROFILE_DEFAULTS, "name": "t", "url": f"http://127.0.0.1:{port}/v1/chat/completions",
-                               "model": "m"}).open(ask(), KEY)
+    generation = HttpProvider(url=f"http://127.0.0.1:{port}/v1/chat/completions", model="m").open(ask(), KEY)
     with pytest.raises(ProviderError) as caught:
         list(generation)
     assert caught.value.code == "connect" and caught.value.retryable
@@ -401,18 +407,19 @@ def test_error_text_shapes_and_clipping() -> None:
     assert len(error_text(b"x" * 5000)) == 301
 
 
-def test_scrub_and_merged() -> None:
-    assert scrub(f"key {KEY} and {KEY[:8]}", KEY) == "key *** and ***"
-    assert scrub("nothing", "") == "nothing"
+def test_merged() -> None:
     base = {"a": {"b": 1, "c": 2}, "d": 1}
     assert merged(base, {"a": {"c": 3}, "e": [1]}) == {"a": {"b": 1, "c": 3}, "d": 1, "e": [1]}
     assert base == {"a": {"b": 1, "c": 2}, "d": 1}
 
 
 def test_registry_and_profile_errors(server: WireServer) -> None:
-    profile = {**PROFILE_DEFAULTS, "name": "p", "provider": "http", "url": server.url("/x")}
+    """Built from its profile by the registry (which names the profile in what it refuses), or directly."""
+    profile = load(env={"VOXPIPE_LLM__PROFILES__P__PROVIDER": "http",
+                        "VOXPIPE_LLM__PROFILES__P__URL": server.url("/x")}).profile("p")
     assert isinstance(create_provider(profile), HttpProvider)
-    with pytest.raises(ValueError, match="needs url"):
-        HttpProvider({**profile, "url": ""})
-    with pytest.raises(ValueError, match="allowed: openai-sse, ndjson"):
-        HttpProvider({**profile, "wire": "grpc"})
+    with pytest.raises(ValueError, match="^profile 'p': provider http needs url"):
+        create_provider({**profile, "url": ""})
+    with pytest.raises(ValueError, match=r"key llm.profiles.p.wire = 'grpc' is not allowed; "
+                                         r"expected one of: openai-sse, ndjson"):
+        HttpProvider(profile, wire="grpc")

@@ -16,7 +16,7 @@ import pytest
 from services import protocol
 from services.config import ConfigError
 from services.runtime import Connection, endpoints_for
-from services.secrets import read_key
+from services.secrets import read_key, scrub
 from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, write_toml
 
 PRIMARY = "sk-voxpipe-file-primary-5f2c9e0d71ab4438"
@@ -60,6 +60,18 @@ def test_a_key_file_looser_than_0600_is_refused(home: Path, mode: int) -> None:
     assert read_key({"name": "openai", "api_key_file": str(path)}) == [PRIMARY]
     with pytest.raises(ConfigError, match="does not exist"):
         read_key({"name": "openai", "api_key_file": str(home / "missing")})
+
+
+def test_messages_name_the_table_the_keys_are_configured_in(home: Path) -> None:
+    """read_key serves a profile and tts.openai-speech alike; what it refuses names the right key."""
+    path = key_file(home, PRIMARY, 0o644)
+    with pytest.raises(ConfigError, match=r"key tts.openai-speech.api_key_file: .* has mode 644"):
+        read_key({"api_key_file": str(path)}, table="tts.openai-speech")
+
+
+def test_scrub_takes_the_key_and_its_echoed_prefix_out() -> None:
+    assert scrub(f"key {PRIMARY} and {PRIMARY[:8]}...", PRIMARY) == "key *** and ***..."
+    assert scrub("nothing", "") == "nothing"
 
 
 def test_the_llm_stage_refuses_a_readable_key_file_at_start(home: Path) -> None:

@@ -157,6 +157,46 @@ def test_401_names_the_key_variable_but_never_the_key(server, engine_for):
     assert KEY not in text and KEY[:8] not in text
 
 
+def bearer(record) -> str:
+    return {name.lower(): value for name, value in record.headers.items()}["authorization"]
+
+
+def test_keys_come_from_a_0600_file_and_reserves_take_over_from_a_refused_key(server, tmp_path, monkeypatch):
+    """The same keys as a profile's (services/secrets.py): the file's lines first, then the variables.
+    A refused key gives way before any audio, and the one that worked stays in use."""
+    keys = tmp_path / "speech.key"
+    keys.write_text(f"# speech keys\n{KEY}-old\n")
+    keys.chmod(0o600)
+    monkeypatch.setenv("VP_TEST_SPEECH_RESERVE", KEY)
+    engine = create_engine("openai-speech", {"base_url": server.url("/v1"), "api_key_env": "",
+                                             "api_key_file": str(keys), "reserve_key_envs": ["VP_TEST_SPEECH_RESERVE"]})
+    server.enqueue(json_script({"error": {"message": "Incorrect API key"}}, status=401),
+                   audio_script((0, tone(100))), audio_script((0, tone(100, seed=2))))
+    assert b"".join(frame.pcm for frame in engine.synthesize("Hi.", NEVER)) == tone(100)
+    assert b"".join(frame.pcm for frame in engine.synthesize("Again.", NEVER)) == tone(100, seed=2)
+    assert [bearer(record) for record in server.records] == [f"Bearer {KEY}-old", f"Bearer {KEY}", f"Bearer {KEY}"]
+    engine.close()
+
+
+def test_a_key_file_others_can_read_is_refused_before_any_request(server, tmp_path):
+    keys = tmp_path / "speech.key"
+    keys.write_text(KEY)
+    keys.chmod(0o644)
+    with pytest.raises(ValueError, match=rf"key tts.openai-speech.api_key_file: .*Run: chmod 600 {keys}") as refused:
+        create_engine("openai-speech", {"base_url": server.url("/v1"), "api_key_file": str(keys)})
+    assert KEY not in str(refused.value) and server.records == []
+
+
+def test_402_after_every_key_says_the_account_needs_credit(server, engine_for, monkeypatch):
+    monkeypatch.setenv("VP_TEST_SPEECH_RESERVE", "sk-reserve-0123456789")
+    server.enqueue(*[json_script({"error": {"message": "Insufficient credits"}}, status=402)] * 2)
+    with pytest.raises(SpeechError) as failure:
+        list(engine_for(reserve_key_envs=["VP_TEST_SPEECH_RESERVE"]).synthesize("Hello.", NEVER))
+    text = str(failure.value)
+    assert "answered 402" in text and "Insufficient credits; the key's account needs credit" in text
+    assert len(server.records) == 2
+
+
 def test_json_instead_of_audio_is_an_error_not_noise(server, engine_for):
     server.enqueue(json_script({"detail": "this is not a speech API"}))
     with pytest.raises(SpeechError, match="not audio"):

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import collections
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
+
+from ..tags import held_back
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"»”')\]]*(?=\s)")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -92,13 +95,7 @@ class ReplyGuard:
         counts as one), so "U" opening the reply is held as the possible start of "\nUser:".
         """
         text = ("\n" if not self.released else self.released[-1]) + self._pending
-        longest = 0
-        for marker in self._markers:
-            for size in range(min(len(marker) - 1, len(text)), longest, -1):
-                if marker.startswith(text[-size:]):
-                    longest = size
-                    break
-        return min(longest, len(self._pending))
+        return min(held_back(text, self._markers), len(self._pending))
 
     # --- limits on released text ----------------------------------------------------------
 

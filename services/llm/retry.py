@@ -7,10 +7,15 @@ jitter is passed in.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
+from ..secrets import KeyRing
 from .providers.base import ProviderError
+
+# KeyRing lives with the other secrets (services/secrets.py); the llm stage still imports it from here.
+__all__ = ["KeyRing", "MAX_RETRY_AFTER_S", "RetryPolicy", "Step", "next_step"]
 
 MAX_RETRY_AFTER_S = 60.0
 """A Retry-After longer than this is not waited for: the user would rather hear the error."""
@@ -48,18 +53,3 @@ def next_step(error: ProviderError, retries_done: int, keys_left: int, policy: R
             return None
         backoff = max(backoff, error.retry_after)
     return Step(rotate=False, delay=backoff)
-
-
-class KeyRing:
-    """A profile's API keys in order; sticks to the key that last worked."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self.keys = keys or [""]
-        self.index = 0
-
-    @property
-    def current(self) -> str:
-        return self.keys[self.index]
-
-    def rotate(self) -> None:
-        self.index = (self.index + 1) % len(self.keys)

@@ -6,6 +6,7 @@ be spoken or shown as reply text.  Pure: no I/O.
 
 from __future__ import annotations
 
+from ..tags import held_back
 from .providers.base import Delta
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -29,7 +30,7 @@ class ThinkSplitter:
             (reasoning if self._inside else reply).append(self._pending[:index])
             self._pending = self._pending[index + len(tag):]
             self._inside = not self._inside
-        keep = _partial_tag_length(self._pending, CLOSE if self._inside else OPEN)
+        keep = held_back(self._pending, (CLOSE if self._inside else OPEN,))
         ready = self._pending[:len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep:]
         (reasoning if self._inside else reply).append(ready)
@@ -39,11 +40,3 @@ class ThinkSplitter:
         """End of stream: a held-back partial tag was just text after all."""
         rest, self._pending = self._pending, ""
         return Delta(reasoning=rest) if self._inside else Delta(text=rest)
-
-
-def _partial_tag_length(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0

@@ -13,17 +13,30 @@ reasoning routing and cancel.  A provider only has to:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timezone
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Protocol
+
+STATUS_CODES = {401: "auth", 402: "billing", 403: "auth", 429: "rate_limited"}
+"""The error codes of HTTP statuses besides 5xx (server) and the other 4xx (bad_request). 402 is
+billing, not auth: the key is good but its account has no credit, which the user fixes elsewhere."""
+ROTATING_CODES = frozenset({"auth", "billing", "rate_limited"})
+"""Refusals that another API key (another account, another quota) may get past."""
+
+
+def status_code(status: int) -> str:
+    """The error code of an HTTP error status: the one reading of a refusal that every HTTP provider and
+    the openai-speech engine share."""
+    return STATUS_CODES.get(status) or ("server" if status >= 500 else "bad_request")
 
 
 class ProviderError(RuntimeError):
     """A provider failed. The message is safe to show (no secrets) and says what to fix.
 
-    `code` is one of: auth (401/403), rate_limited (429), server (5xx), bad_request (other 4xx),
-    connect, timeout, protocol (malformed response), blocked (safety filter), unsupported,
-    not_installed.
+    `code` is one of: auth (401/403), billing (402), rate_limited (429), server (5xx), bad_request
+    (other 4xx), connect, timeout, protocol (malformed response), blocked (safety filter),
+    unsupported, not_installed.
     """
 
     def __init__(self, message: str, *, code: str = "provider_error", status: int | None = None,
@@ -41,18 +54,7 @@ class ProviderError(RuntimeError):
     @property
     def rotates_key(self) -> bool:
         """Another API key may succeed where this one was refused or throttled."""
-        return self.code in ("auth", "rate_limited") or self.status in (401, 403, 429)
-
-
-# --- helpers every HTTP provider needs for its errors (kept here: no heavy imports) ---------
-
-def scrub(text: str, secret: str) -> str:
-    """Remove a secret (and the prefix of it some servers echo back) from a message."""
-    if secret:
-        text = text.replace(secret, "***")
-        if len(secret) > 8:
-            text = text.replace(secret[:8], "***")
-    return text
+        return self.code in ROTATING_CODES
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -71,7 +73,6 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
             when = when.replace(tzinfo=timezone.utc)
         seconds = when.timestamp() - now
     return max(0.0, seconds) if math.isfinite(seconds) else None
-
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,9 @@ class Provider(Protocol):
     name: str
     accepts_images: bool
 
-    def __init__(self, profile: Mapping[str, Any]) -> None: ...
+    def __init__(self, profile: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """Takes the keys its registry entry declares from `profile`, with `settings` over them, checked
+        and completed by `provider_settings` (services/plugins.py: every plugin is built so)."""
 
     def load(self) -> None:
         """Prepare before the stage reports ready (load a model); raise ProviderError if impossible."""

@@ -46,10 +46,12 @@ import base64
 import mimetypes
 import re
 import threading
-from typing import Any, Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from typing import Any
 
-from .base import ChatRequest, Delta, Outcome, ProviderError
-from .base import scrub
+from ...secrets import scrub
+from . import provider_settings
+from .base import ChatRequest, Delta, Outcome, ProviderError, status_code
 
 NOT_INSTALLED = "g4f is not installed: pip install 'voxpipe[g4f]'"
 STATUS_IN_MESSAGE = re.compile(r"^(?:Response|Error) (\d{3})\b")
@@ -66,18 +68,15 @@ class G4fProvider:
     """Images go to g4f as `media` (data URIs), which it renders per provider: OpenaiTemplate sends
     OpenAI image_url parts; a provider or model without vision ignores or refuses them."""
 
-    def __init__(self, profile: Mapping[str, Any]) -> None:
-        self.profile_name = profile["name"]
-        self.model = profile["model"]
-        self.base_url = profile["base_url"].rstrip("/")
-        extra = profile["extra"]
-        if not isinstance(extra, Mapping):
-            raise ValueError(f"profile {self.profile_name!r}: extra must be a table, got {extra!r}")
-        extra = dict(extra)
+    def __init__(self, profile: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        settings = provider_settings(self.name, profile, settings)
+        self.model = settings["model"]
+        self.base_url = settings["base_url"].rstrip("/")
+        extra = dict(settings["extra"])
         self.provider_name = extra.pop("provider", "")
         if not isinstance(self.provider_name, str):
-            raise ValueError(f"profile {self.profile_name!r}: extra.provider must be a g4f provider class name "
-                             f"(a string), got {self.provider_name!r}")
+            raise ValueError(f"extra.provider must be a g4f provider class name (a string), "
+                             f"got {self.provider_name!r}")
         self.options = extra
         self._lock = threading.Lock()
         self._loaded = False
@@ -115,7 +114,7 @@ class G4fProvider:
         found = ProviderUtils.convert.get(self.provider_name)
         if not (isinstance(found, type) and issubclass(found, BaseProvider)):
             raise ProviderError(
-                f"profile {self.profile_name!r}: g4f has no provider {self.provider_name!r} (extra.provider). "
+                f"g4f has no provider {self.provider_name!r} (extra.provider). "
                 f"Names are g4f provider class names (case, '-' and '_' ignored), "
                 f"e.g. OpenaiTemplate, Ollama, Pollinations; "
                 f"list them with: python -c \"import g4f.Provider as P; "
@@ -306,9 +305,10 @@ def _classify(exc: BaseException) -> tuple[str, int | None]:
     if isinstance(exc, (TimeoutError, errors.TimeoutError)):
         return "timeout", status
     if status is not None and 400 <= status < 600:
-        return _status_code(status), status
+        return status_code(status), status
     table: list[tuple[Any, str]] = [
-        ((errors.MissingAuthError, errors.PaymentRequiredError, errors.NoValidHarFileError), "auth"),
+        ((errors.MissingAuthError, errors.NoValidHarFileError), "auth"),
+        (errors.PaymentRequiredError, "billing"),
         ((errors.RateLimitError, errors.ConversationLimitError), "rate_limited"),
         ((errors.BadRequestError, errors.ModelNotFoundError, errors.ModelNotAllowedError,
           errors.ProviderNotFoundError), "bad_request"),
@@ -336,14 +336,6 @@ def _transport_code(exc: BaseException) -> str:
     if isinstance(exc, (requests.ConnectionError, ConnectionError)):
         return "connect"
     return "protocol"  # a provider that choked on what its site sent (KeyError, JSONDecodeError, ...)
-
-
-def _status_code(status: int) -> str:
-    if status in (401, 402, 403):
-        return "auth"
-    if status == 429:
-        return "rate_limited"
-    return "server" if status >= 500 else "bad_request"
 
 
 def to_g4f_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

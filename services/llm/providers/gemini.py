@@ -8,9 +8,11 @@ before it, so the stage keeps the partial reply.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from .. import sse
+from . import provider_settings
 from .base import ChatRequest, Delta, Outcome, Params, ProviderError
 from .http_transport import Call, HttpGeneration, b64, check_error, given, merged, parse_json
 
@@ -30,13 +32,13 @@ class GeminiProvider:
     name = "gemini"
     accepts_images = True
 
-    def __init__(self, profile: Mapping[str, Any]) -> None:
-        self.base_url = (profile["base_url"] or DEFAULT_BASE_URL).rstrip("/")
-        self.model = profile["model"].removeprefix("models/")
-        self.extra = dict(profile["extra"])
+    def __init__(self, profile: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        settings = provider_settings(self.name, profile, settings)
+        self.base_url = (settings["base_url"] or DEFAULT_BASE_URL).rstrip("/")
+        self.model = settings["model"].removeprefix("models/")
+        self.extra = dict(settings["extra"])
         if not self.model:
-            raise ValueError(f"profile {profile.get('name', '?')!r}: provider gemini needs model = "
-                             f"\"gemini-2.0-flash\" (or another Gemini model)")
+            raise ValueError("provider gemini needs model = \"gemini-2.0-flash\" (or another Gemini model)")
 
     def load(self) -> None:
         """Nothing to load: the API is remote and the key comes with each call."""

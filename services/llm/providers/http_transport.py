@@ -15,15 +15,17 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from .base import Delta, Outcome, ProviderError, Timeouts, parse_retry_after, scrub
+from ...secrets import scrub
+from .base import Delta, Outcome, ProviderError, Timeouts, parse_retry_after, status_code
 
 ERROR_TEXT_LIMIT = 300
 """How much of a server's error text a message quotes."""
@@ -108,14 +110,6 @@ def _innermost(exc: BaseException) -> str:
         if inner is None:
             return str(exc)
         exc = inner
-
-
-def _status_code(status: int) -> str:
-    if status in (401, 403):
-        return "auth"
-    if status == 429:
-        return "rate_limited"
-    return "server" if status >= 500 else "bad_request"
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -254,7 +248,7 @@ class Transport:
         status = response.status_code
         retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
         message = f"{where} answered {status} {response.reason or ''}".rstrip()
-        return self.error(f"{message}: {self._snippet(response)}", _status_code(status), status, retry_after)
+        return self.error(f"{message}: {self._snippet(response)}", status_code(status), status, retry_after)
 
     def _snippet(self, response: requests.Response) -> str:
         """The start of a body that is not the reply, to quote in the error; the response is closed."""

@@ -15,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from .. import llama_runtime
+from . import provider_settings
 from .base import ChatRequest, Delta, Outcome, ProviderError
 
 log = logging.getLogger(__name__)
@@ -40,12 +42,13 @@ class LocalProvider:
     name = "local"
     accepts_images = False
 
-    def __init__(self, profile: Mapping[str, Any]) -> None:
-        self.model_path = profile["model_path"]
-        self.n_threads = profile["n_threads"] or os.cpu_count() or 1
-        self.n_ctx = profile["n_ctx"]
-        self.chat_format = profile["chat_format"]
-        self.repack = profile["repack"]
+    def __init__(self, profile: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        settings = provider_settings(self.name, profile, settings)
+        self.model_path = settings["model_path"]
+        self.n_threads = settings["n_threads"] or os.cpu_count() or 1
+        self.n_ctx = settings["n_ctx"]
+        self.chat_format = settings["chat_format"]
+        self.repack = settings["repack"]
         self._llama: Any = None
         self._lock = threading.Lock()
 

@@ -12,13 +12,14 @@ import base64
 import socket
 import threading
 import time
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import openai
 
-from .base import ChatRequest, Delta, Outcome, ProviderError, parse_retry_after, scrub
-
-STATUS_CODES = {401: "auth", 403: "auth", 429: "rate_limited"}
+from ...secrets import scrub
+from . import provider_settings
+from .base import ChatRequest, Delta, Outcome, ProviderError, parse_retry_after, status_code
 
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,13 +41,13 @@ class OpenAIProvider:
     name = "openai"
     accepts_images = True
 
-    def __init__(self, profile: Mapping[str, Any]) -> None:
-        self.base_url = profile["base_url"] or "https://api.openai.com/v1"
-        self.model = profile["model"]
-        self.key_env = profile["api_key_env"]
-        self.extra = dict(profile["extra"])
+    def __init__(self, profile: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        settings = provider_settings(self.name, profile, settings)
+        self.base_url = settings["base_url"] or "https://api.openai.com/v1"
+        self.model = settings["model"]
+        self.extra = dict(settings["extra"])
         if not self.model:
-            raise ValueError(f"profile {profile['name']!r}: provider openai needs model = \"...\"")
+            raise ValueError("provider openai needs model = \"...\"")
         self._clients: dict[str, openai.OpenAI] = {}
         self._lock = threading.Lock()
 
@@ -101,9 +102,8 @@ class OpenAIGeneration:
                 yield from self._whole()
         except openai.APIStatusError as exc:
             raise ProviderError(self._safe(f"{self._provider.base_url} answered {exc.status_code}: {exc.message}"),
-                                code=STATUS_CODES.get(exc.status_code, "server" if exc.status_code >= 500
-                                                      else "bad_request"),
-                                status=exc.status_code, retry_after=_retry_after(exc.response)) from None
+                                code=status_code(exc.status_code), status=exc.status_code,
+                                retry_after=_retry_after(exc.response)) from None
         except openai.APITimeoutError:
             raise ProviderError(f"{self._provider.base_url} did not answer in time", code="timeout") from None
         except openai.APIConnectionError as exc:

@@ -1,25 +1,38 @@
-"""Player backend registry: adding a backend is one module and one line here."""
+"""Player backend registry: adding a backend is one module and one entry here, which declares the
+[player] keys it reads (config validation takes them from here)."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-from services.plugins import load_plugin
-from services.player.backends.base import PlayerBackend
+from services.config import Setting, text
+from services.plugins import Plugin, build
+
+if TYPE_CHECKING:
+    from services.player.backends.base import PlayerBackend
 
 BACKENDS = {
-    "simpleaudio": "services.player.backends.simpleaudio_backend:SimpleaudioBackend",
-    "sounddevice": "services.player.backends.sounddevice_backend:SounddeviceBackend",
-    "wav": "services.player.backends.wav:WavBackend",
-    "null": "services.player.backends.null:NullBackend",
+    "simpleaudio": Plugin("services.player.backends.simpleaudio_backend:SimpleaudioBackend"),
+    "sounddevice": Plugin("services.player.backends.sounddevice_backend:SounddeviceBackend"),
+    "wav": Plugin("services.player.backends.wav:WavBackend", {
+        "wav_dir": Setting("", text(), "where the wav backend writes a file per reply; empty: a new private "
+                                       "temporary directory each time the player starts"),
+    }),
+    "null": Plugin("services.player.backends.null:NullBackend"),
 }
 
 
 def create_backend(name: str, options: Mapping[str, Any]) -> PlayerBackend:
     """Build backend `name`, or for "auto" the best one that works here. `options` may be the whole
-    [player] section: each backend takes the keys it knows (e.g. wav takes `wav_dir`)."""
-    return load_plugin(BACKENDS, name, "player backend", options, auto=best_backend)
+    [player] section: each backend takes the keys it declares (e.g. wav takes `wav_dir`)."""
+    return build(BACKENDS, name, "player backend", options, auto=best_backend)
+
+
+def backend_settings(name: str, table: Mapping[str, Any] | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Backend `name`'s settings from [player] and keys given one by one (see Plugin.resolve)."""
+    return BACKENDS[name].resolve(table, given, "player")
 
 
 def best_backend() -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from services.audio import AudioFormat, PcmFrame
 
@@ -12,6 +13,10 @@ class PlayerBackend(Protocol):
     """Plays one reply at a time: begin(), write() per frame, end(); stop() interrupts from any thread."""
 
     name: str
+
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """Takes the keys its registry entry declares from `table` ([player]), with `settings` over
+        them, checked and completed by `backend_settings` (services/plugins.py: every plugin is built so)."""
 
     def output_format(self, fmt: AudioFormat) -> AudioFormat:
         """The format to play audio of format `fmt` in: `fmt` itself when the backend can, else the

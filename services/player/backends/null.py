@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from services.audio import AudioFormat, PcmFrame
 from services.player.backends.base import ReplyState
 
@@ -9,7 +12,8 @@ from services.player.backends.base import ReplyState
 class NullBackend:
     name = "null"
 
-    def __init__(self) -> None:
+    def __init__(self, table: Mapping[str, Any] | None = None, /) -> None:
+        """`table`: [player], from which this backend takes nothing: it declares no keys."""
         self._reply = ReplyState()
 
     def output_format(self, fmt: AudioFormat) -> AudioFormat:

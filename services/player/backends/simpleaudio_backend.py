@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import simpleaudio
 from simpleaudio._simpleaudio import SimpleaudioError
@@ -44,7 +46,8 @@ def plays_silence() -> bool:
 class SimpleaudioBackend:
     name = "simpleaudio"
 
-    def __init__(self) -> None:
+    def __init__(self, table: Mapping[str, Any] | None = None, /) -> None:
+        """`table`: [player], from which this backend takes nothing: it declares no keys."""
         self._reply = ReplyState()
         self._lock = threading.Lock()  # orders starting a buffer against stop() from another thread
         self._playing: simpleaudio.PlayObject | None = None

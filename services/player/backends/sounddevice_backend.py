@@ -11,6 +11,8 @@ then aborts the stream, which drops what the device buffer still holds.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
+from typing import Any
 
 import sounddevice
 
@@ -48,7 +50,8 @@ def plays_silence() -> bool:
 class SounddeviceBackend:
     name = "sounddevice"
 
-    def __init__(self) -> None:
+    def __init__(self, table: Mapping[str, Any] | None = None, /) -> None:
+        """`table`: [player], from which this backend takes nothing: it declares no keys."""
         self._reply = ReplyState()
         self._queued = threading.Condition()  # guards _queue and played_ms; the callback notifies
         self._queue = bytearray()

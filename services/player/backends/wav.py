@@ -10,10 +10,12 @@ import re
 import tempfile
 import threading
 import wave
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from services.audio import AudioFormat, PcmFrame
+from services.player.backends import backend_settings
 from services.player.backends.base import ReplyState
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -27,8 +29,9 @@ def _safe_name(part: str) -> str:
 class WavBackend:
     name = "wav"
 
-    def __init__(self, wav_dir: str = "") -> None:
-        """`wav_dir` empty: a `wav` directory in a new private temporary directory."""
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """`wav_dir` empty means a `wav` directory in a new private temporary directory."""
+        wav_dir = backend_settings(self.name, table, settings)["wav_dir"]
         self.wav_dir = Path(wav_dir) if wav_dir else Path(tempfile.mkdtemp(prefix="voxpipe-")) / "wav"
         self.wav_dir.mkdir(parents=True, exist_ok=True)
         self._reply = ReplyState()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 from services.audio import PcmFrame
 
@@ -19,6 +20,10 @@ class TtsEngine(Protocol):
     """Synthesises one chunk of text at a time as a stream of PCM frames."""
 
     name: str
+
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """Takes the keys its registry entry declares from `table` ([tts.<name>]), with `settings` over
+        them, checked and completed by `engine_settings` (services/plugins.py: every plugin is built so)."""
 
     def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
         """Yield the audio of `text` as it is produced, in frames of at most the engine's

@@ -28,9 +28,11 @@ import re
 import textwrap
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from services.audio import AudioFormat, PcmFrame
+from services.tts.engines import engine_settings
 from services.tts.engines.base import VoiceError
 
 _INSTALL_HINT = "pip install 'voxpipe[coqui]' — see README for the torch recipe"
@@ -50,19 +52,16 @@ class CoquiEngine:
     name = "coqui"
     stream_chunk_size = 20  # XTTS: GPT tokens per streamed piece (~0.9 s of XTTS v2 audio); fewer: sooner first audio
 
-    def __init__(self, model_name: str = "", model_path: str = "", config_path: str = "",
-                 device: str = "cpu", speaker: str = "", language: str = "", speaker_wav: str = "",
-                 max_frame_ms: int = 200) -> None:
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        settings = engine_settings(self.name, table, settings)
+        model_name, model_path, config_path = settings["model_name"], settings["model_path"], settings["config_path"]
+        device, speaker, speaker_wav = settings["device"], settings["speaker"], settings["speaker_wav"]
+        language, max_frame_ms = settings["language"], settings["max_frame_ms"]
         if bool(model_name) == bool(model_path):
             given = "both are set" if model_name else "neither is set"
             raise ValueError(f"{_key('model_name')} and {_key('model_path')}: set exactly one ({given}): "
                              f"a Coqui model name such as tts_models/multilingual/multi-dataset/xtts_v2, "
                              f"or the path of a local checkpoint (with {_key('config_path')})")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"{_key('device')} = {device!r} is not allowed; expected one of: cpu, cuda")
-        if max_frame_ms <= 0:
-            raise ValueError(f"{_key('max_frame_ms')} must be a positive number of milliseconds, "
-                             f"got {max_frame_ms!r}")
         checkpoint, config_file = _local_files(model_path, config_path) if model_path else (None, None)
         if speaker and speaker_wav:
             raise ValueError(f"{_key('speaker')} and {_key('speaker_wav')}: set one, not both (a built-in "
@@ -95,8 +94,6 @@ class CoquiEngine:
         self.model = synthesizer.tts_model
         self.format = AudioFormat(rate=int(synthesizer.output_sample_rate), channels=1, sample_width=2)
         self._max_bytes = self.format.frame_bytes(max_frame_ms)
-        if self._max_bytes <= 0:
-            raise ValueError(f"{_key('max_frame_ms')} must hold at least one sample, got {max_frame_ms!r}")
         self.streaming = hasattr(self.model, "inference_stream")  # XTTS
         self.device, self.max_frame_ms = device, max_frame_ms
         self.languages = self._languages()

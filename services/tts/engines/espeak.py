@@ -17,11 +17,13 @@ import ctypes
 import queue
 import re
 import threading
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import espeakng_loader
 
 from services.audio import AudioFormat, PcmFrame
+from services.tts.engines import engine_settings
 from services.tts.engines.base import VoiceError
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -180,11 +182,6 @@ def _espeak() -> _Espeak:
         return _instance
 
 
-def _check_range(option: str, value: int, low: int, high: int) -> None:
-    if not low <= value <= high:
-        raise ValueError(f"espeak {option} must be in {low}..{high}, got {value!r}")
-
-
 class EspeakEngine:
     """espeak-ng voice; `voice="auto"` picks `ru` for text with Cyrillic letters, else `en`.
 
@@ -194,19 +191,15 @@ class EspeakEngine:
 
     name = "espeak"
 
-    def __init__(self, voice: str = "auto", rate: int = 175, pitch: int = 50, volume: int = 100,
-                 max_frame_ms: int = 200) -> None:
-        _check_range("rate", rate, 80, 500)
-        _check_range("pitch", pitch, 0, 100)
-        _check_range("volume", volume, 0, 200)
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        settings = engine_settings(self.name, table, settings)
         self._espeak = _espeak()
-        self._max_bytes = self._espeak.format.frame_bytes(max_frame_ms)
-        if self._max_bytes <= 0:
-            raise ValueError(f"max_frame_ms must hold at least one sample, got {max_frame_ms!r}")
-        if voice != "auto":
-            with self._espeak.lock:
-                self._espeak.set_voice(self._espeak.resolve(voice))  # fail at construction, not on the first chunk
-        self.voice, self.rate, self.pitch, self.volume = voice, rate, pitch, volume
+        self._max_bytes = self._espeak.format.frame_bytes(settings["max_frame_ms"])
+        self.voice, self.rate = settings["voice"], settings["rate"]
+        self.pitch, self.volume = settings["pitch"], settings["volume"]
+        if self.voice != "auto":
+            with self._espeak.lock:  # fail at construction, not on the first chunk
+                self._espeak.set_voice(self._espeak.resolve(self.voice))
 
     def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
         """Holds the process-wide lock until exhausted or closed, so other syntheses wait."""

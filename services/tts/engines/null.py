@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from services.audio import AudioFormat, PcmFrame
+from services.tts.engines import engine_settings
 
 
 class NullEngine:
@@ -13,10 +15,8 @@ class NullEngine:
     name = "null"
     format = AudioFormat(rate=22050, channels=1, sample_width=2)
 
-    def __init__(self, frame_ms: int = 10) -> None:
-        if not 0 < frame_ms <= 200:
-            raise ValueError(f"tts.null.frame_ms must be 1..200, got {frame_ms}")
-        self._pcm = bytes(self.format.frame_bytes(frame_ms))
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        self._pcm = bytes(self.format.frame_bytes(engine_settings(self.name, table, settings)["frame_ms"]))
 
     def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
         """Any voice is accepted and ignored: silence sounds the same in every voice."""

@@ -11,21 +11,27 @@ A synthesis may name another `voice` (the API's parameter). Only the server know
 client error (400, 404, 422) to a request with a chosen voice is taken as the voice's refusal and
 raised as VoiceError, which lets the caller retry with the configured voice: if that fails too, the
 problem was not the voice.
+
+Keys come from services/secrets.py, as a profile's do: `api_key_file` (mode 0600), then
+`api_key_env` and `reserve_key_envs`. A key refused (401, 402, 403) or throttled (429) before any
+audio gives way to the next, which then stays in use. A refusal's code comes from the table every
+HTTP provider reads (services/llm/providers/base.py).
 """
 
 from __future__ import annotations
 
-import os
 import struct
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import openai
 
 from services.audio import AudioFormat, PcmFrame
-from services.llm.providers.base import scrub
+from services.llm.providers.base import ROTATING_CODES, status_code
+from services.secrets import KeyRing, read_key, scrub
+from services.tts.engines import engine_settings
 from services.tts.engines.base import VoiceError
 
-FORMATS = ("pcm", "wav")
 _STREAMED_SIZES = (0, 0xFFFFFFFF)
 _MAX_HEADER = 64 * 1024
 _PCM_TAGS = (1, 0xFFFE)  # WAVE_FORMAT_PCM, and WAVE_FORMAT_EXTENSIBLE whose subformat is checked too
@@ -108,38 +114,50 @@ def _wav_format(fmt: bytes) -> AudioFormat:
 class OpenAISpeechEngine:
     name = "openai-speech"
 
-    def __init__(self, base_url: str = "https://api.openai.com/v1", model: str = "tts-1", voice: str = "alloy",
-                 api_key_env: str = "OPENAI_API_KEY", response_format: str = "pcm", speed: float = 1.0,
-                 sample_rate: int = 24000, timeout_s: float = 30.0, max_frame_ms: int = 200) -> None:
-        if response_format not in FORMATS:
-            raise ValueError(f"openai-speech response_format must be one of {', '.join(FORMATS)}, "
-                             f"got {response_format!r}")
-        if max_frame_ms <= 0:
-            raise ValueError(f"max_frame_ms must be positive, got {max_frame_ms!r}")
-        self.base_url = base_url or "https://api.openai.com/v1"
-        self.model, self.voice, self.speed = model, voice, speed
-        self.api_key_env = api_key_env
-        self.response_format = response_format
-        self.pcm_format = AudioFormat(rate=sample_rate, channels=1, sample_width=2)
-        self.timeout_s = timeout_s
-        self.max_frame_ms = max_frame_ms
+    def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
+        """A key file looser than 0600 is refused here, before the first chunk."""
+        settings = engine_settings(self.name, table, settings)
+        self.base_url = settings["base_url"] or "https://api.openai.com/v1"
+        self.model, self.voice, self.speed = settings["model"], settings["voice"], settings["speed"]
+        self.keys = KeyRing(read_key(settings, table=f"tts.{self.name}"))
+        places = [settings["api_key_file"]] if settings["api_key_file"] else []
+        places += [f"${name}" for name in (settings["api_key_env"], *settings["reserve_key_envs"]) if name]
+        self.key_places = ", ".join(places)
+        """Where the keys come from, for the hint on a refusal."""
+        self.response_format = settings["response_format"]
+        self.pcm_format = AudioFormat(rate=settings["sample_rate"], channels=1, sample_width=2)
+        self.timeout_s = settings["timeout_s"]
+        self.max_frame_ms = settings["max_frame_ms"]
         self._clients: dict[str, openai.OpenAI] = {}
 
     def synthesize(self, text: str, should_stop: Callable[[], bool], voice: str = "") -> Iterator[PcmFrame]:
         if not text.strip() or should_stop():
             return
-        key = os.environ.get(self.api_key_env, "") if self.api_key_env else ""
+        for attempt in range(len(self.keys.keys)):
+            key = self.keys.current
+            try:
+                yield from self._speak(key, text, voice, should_stop)
+                return
+            except openai.APIStatusError as exc:  # raised before the first frame: the body was not read yet
+                if voice and exc.status_code in _VOICE_REFUSALS:
+                    refusal = f"{self.base_url} refused voice {voice!r} ({exc.status_code}: {exc.message})"
+                    raise VoiceError(scrub(f"{refusal}; the server's documentation lists its voices", key)) from None
+                code = status_code(exc.status_code)
+                if code in ROTATING_CODES and attempt + 1 < len(self.keys.keys):
+                    self.keys.rotate()
+                    continue
+                raise SpeechError(scrub(f"{self.base_url} answered {exc.status_code}: {exc.message}"
+                                        f"{self._hint(code)}", key)) from None
+
+    def _speak(self, key: str, text: str, voice: str, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+        """One request with `key`; every failure but a refusal (the caller's to judge) is a SpeechError."""
         try:
             with self._client(key).audio.speech.with_streaming_response.create(
                     model=self.model, voice=voice or self.voice, input=text, response_format=self.response_format,
                     speed=self.speed) as response:
                 yield from self._frames(response, should_stop)
-        except openai.APIStatusError as exc:
-            if voice and exc.status_code in _VOICE_REFUSALS:
-                raise VoiceError(scrub(f"{self.base_url} refused voice {voice!r} ({exc.status_code}: {exc.message}); "
-                                       f"the server's documentation lists its voices", key)) from None
-            hint = f"; check the key in ${self.api_key_env}" if exc.status_code in (401, 403) else ""
-            raise SpeechError(scrub(f"{self.base_url} answered {exc.status_code}: {exc.message}{hint}", key)) from None
+        except openai.APIStatusError:
+            raise
         except openai.APITimeoutError:
             raise SpeechError(f"{self.base_url} did not answer within {self.timeout_s:g} s") from None
         except openai.APIConnectionError as exc:
@@ -149,6 +167,13 @@ class OpenAISpeechEngine:
         except Exception as exc:  # the transport's own errors when the body breaks off
             raise SpeechError(scrub(f"the audio stream from {self.base_url} broke off: "
                                     f"{type(exc).__name__}: {exc}", key)) from None
+
+    def _hint(self, code: str) -> str:
+        if code == "auth":
+            return f"; check the key in {self.key_places or 'api_key_env or api_key_file'}"
+        if code == "billing":
+            return "; the key's account needs credit or a payment method"
+        return ""
 
     def _frames(self, response, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
         """Whole sample frames of at most max_frame_ms, from each read as it arrives."""
