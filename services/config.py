@@ -244,7 +244,7 @@ DEFAULTS: dict[str, Any] = {
     "metrics": {"prometheus_port": 0, "prometheus_bind": "127.0.0.1"},
     "run": {
         "stages": list(STAGES),
-        "instances": {name: 1 for name in STAGES},
+        "instances": dict.fromkeys(STAGES, 1),
         "ready_timeout_s": 120.0,
         "restart_limit": 5,
         "restart_window_s": 60.0,

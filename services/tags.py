@@ -97,7 +97,7 @@ _FENCE_REACH = 64   # how much of a line a fence line is judged on
 def closes_fence(line: str, fence: str) -> bool:
     """Whether `line` closes the code block `fence` opened: the same character, at least as many."""
     close = _FENCE_CLOSE.fullmatch(line)
-    return bool(close) and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence)
+    return close is not None and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence)
 
 
 class TagStripper:
@@ -167,7 +167,7 @@ class TagStripper:
         plain text; None means it cannot be told yet."""
         opening = self._opening.match(pending, pos)
         if opening:
-            tag = self._configured[opening.lastindex - 1]
+            tag = self._configured[(opening.lastindex or 1) - 1]  # one group per configured name
             return self._pair(pending, pos, opening.end() - pos, tag, at_end, configured=True)
         think = _THINK_OPEN_RE.match(pending, pos)
         if think:
@@ -179,7 +179,7 @@ class TagStripper:
         if not self._code.inside:
             opening = OPENING.match(pending, pos)
             name = opening.group(1).lower() if opening else ""
-            if name in FORMATTING:
+            if opening and name in FORMATTING:
                 return opening.end() - pos, None
             if opening and name not in VOID:
                 return self._pair(pending, pos, opening.end() - pos, name, at_end, configured=False)
@@ -287,9 +287,9 @@ def describe(name: str, args: tuple[str, ...]) -> str:
     is "attitude +1, boredom 0, stress −1", not "p 1 0 -1". A tag the default allowlist does
     not know, or one a commands file reshaped, is shown as written: "command: name arg arg"."""
     name = name.lower()
-    numbers = [_integer(arg) for arg in args]
-    if name == "p" and len(args) == len(_VARIABLES) and None not in numbers:
-        return ", ".join(f"{variable} {_signed(number)}" for variable, number in zip(_VARIABLES, numbers))
+    numbers = [number for number in map(_integer, args) if number is not None]
+    if name == "p" and len(args) == len(numbers) == len(_VARIABLES):
+        return ", ".join(f"{variable} {_signed(number)}" for variable, number in zip(_VARIABLES, numbers, strict=True))
     if name == "v" and len(args) == 2:
         return f"effect {args[0]} for {args[1]} s"
     if name == "+memory" and len(args) == 2:

@@ -16,24 +16,26 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import pytest
 
-g4f = pytest.importorskip("g4f")
+pytest.importorskip("g4f")
 
-import g4f.cookies  # noqa: E402
-from g4f.Provider import ProviderLoader  # noqa: E402
-from g4f.providers.base_provider import AbstractProvider, AsyncGeneratorProvider  # noqa: E402
-from g4f.providers.response import FinishReason, Reasoning, Usage  # noqa: E402
+import g4f
+import g4f.cookies
+from g4f.Provider import ProviderLoader
+from g4f.providers.base_provider import AbstractProvider, AsyncGeneratorProvider
+from g4f.providers.response import FinishReason, Reasoning, Usage
 
-from services.llm.providers import create_provider  # noqa: E402
-from services.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts  # noqa: E402
-from services.llm.providers.g4f import NOT_INSTALLED, G4fProvider  # noqa: E402
-from tests.fakes.openai_server import pieces, reply_for  # noqa: E402
-from tests.fakes.wire_server import Reader, Script, WireServer, json_script, sse_script  # noqa: E402
-from tests.harness import Daemon  # noqa: E402
+from services.llm.providers import create_provider
+from services.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
+from services.llm.providers.g4f import NOT_INSTALLED, G4fProvider
+from tests.fakes.openai_server import pieces, reply_for
+from tests.fakes.wire_server import Reader, Script, WireServer, json_script, sse_script
+from tests.harness import Daemon
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -130,7 +132,7 @@ class Echo(AsyncGeneratorProvider):
 
     working = True
     supports_stream = True
-    calls: list[dict[str, Any]] = []
+    calls: ClassVar[list[dict[str, Any]]] = []
 
     @classmethod
     async def create_async_generator(cls, model: str, messages: list[dict[str, Any]], stream: bool = False,
@@ -265,7 +267,7 @@ def test_unknown_provider_name_is_a_bad_request_that_says_where_names_are() -> N
 
 
 def test_bad_extra_is_a_config_error() -> None:
-    with pytest.raises(ValueError, match="extra.provider"):
+    with pytest.raises(ValueError, match=r"extra\.provider"):
         G4fProvider(extra={"provider": 3})
 
 

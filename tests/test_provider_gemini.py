@@ -8,7 +8,8 @@ safety blocks before and during the reply, with the partial text kept).
 from __future__ import annotations
 
 import base64
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -183,7 +184,7 @@ def test_malformed_chunk_after_text(server: WireServer) -> None:
 
 
 def test_close_mid_stream_reaches_the_server(server: WireServer) -> None:
-    server.enqueue(Script(writes=sse_script([reply({"text": "First"})]).writes + [(30.0, b"")]))
+    server.enqueue(Script(writes=[*sse_script([reply({"text": "First"})]).writes, (30.0, b"")]))
     reader = Reader(provider(server).open(ask(), KEY))
     record = server.next_request()
     assert reader.first.wait(5)
@@ -198,7 +199,7 @@ def test_registry_model_prefix_and_missing_model(server: WireServer) -> None:
     assert isinstance(created, GeminiProvider) and created.accepts_images
     read(server, sse_script([reply({"text": "ok"}, finish="STOP")]), model=f"models/{MODEL}")
     assert server.records[0].path == STREAM_PATH
-    with pytest.raises(ValueError, match="^profile 'g': provider gemini needs model"):
+    with pytest.raises(ValueError, match=r"^profile 'g': provider gemini needs model"):
         create_provider({**profile, "model": ""})
 
 

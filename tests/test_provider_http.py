@@ -15,8 +15,9 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -418,7 +419,7 @@ def test_registry_and_profile_errors(server: WireServer) -> None:
     profile = load(env={"VOXPIPE_LLM__PROFILES__P__PROVIDER": "http",
                         "VOXPIPE_LLM__PROFILES__P__URL": server.url("/x")}).profile("p")
     assert isinstance(create_provider(profile), HttpProvider)
-    with pytest.raises(ValueError, match="^profile 'p': provider http needs url"):
+    with pytest.raises(ValueError, match=r"^profile 'p': provider http needs url"):
         create_provider({**profile, "url": ""})
     with pytest.raises(ValueError, match=r"key llm.profiles.p.wire = 'grpc' is not allowed; "
                                          r"expected one of: openai-sse, ndjson"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from array import array
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.audio import AudioFormat
 from services.tts.engines import create_engine
@@ -38,7 +40,7 @@ def crossings(pcm: bytes) -> float:
     """Sign changes per sample: a higher voice (a female variant such as +f3) changes sign more often,
     which the length alone does not show (+f3 says the same words in about the same time)."""
     samples = array("h", pcm)
-    return sum(1 for a, b in zip(samples, samples[1:]) if (a < 0) != (b < 0)) / max(len(samples), 1)
+    return sum(1 for a, b in itertools.pairwise(samples) if (a < 0) != (b < 0)) / max(len(samples), 1)
 
 
 @pytest.mark.parametrize("text", [RU, EN, "Скажи hello по-английски, пожалуйста."], ids=["ru", "en", "mixed"])
@@ -167,5 +169,5 @@ def test_out_of_range_options_are_refused(option):
 
 
 def test_unknown_engine_lists_the_allowed_names():
-    with pytest.raises(ValueError, match="allowed: .*espeak"):
+    with pytest.raises(ValueError, match=r"allowed: .*espeak"):
         create_engine("festival", {})

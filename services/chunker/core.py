@@ -25,7 +25,6 @@ from typing import Any
 
 from ..tags import DEFAULT_TAGS, FENCE_OPEN, LOOKAHEAD, VOID, TagStripper, closes_fence
 
-
 # --- policy -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -333,7 +332,7 @@ class _SpeechCleaner:
         if fence:
             self._fence = fence.group(1)
             return fence.end(), self._code_text
-        return _BLOCK_MARKERS.match(text).end(), ""
+        return _always(_BLOCK_MARKERS.match(text)).end(), ""
 
     def _code_line_start(self, text: str, at_end: bool) -> _Step | None:
         newline = text.find("\n")
@@ -381,7 +380,7 @@ class _SpeechCleaner:
                 return 2, ""
             return 1, ""
         if char in "*_`~#|":
-            return self._markup(_MARKUP_RUN.match(text).end(), text, at_end)
+            return self._markup(_always(_MARKUP_RUN.match(text)).end(), text, at_end)
         if char in "-=":
             return self._markup(len(text) - len(text.lstrip(char)), text, at_end)
         if char == "<":
@@ -390,7 +389,7 @@ class _SpeechCleaner:
         if emoji:
             return emoji.end(), ""
         limit = self._marks[0][0] - self._consumed if self._marks else len(text)
-        plain = _PLAIN_RUN.match(text, 0, limit)
+        plain = _always(_PLAIN_RUN.match(text, 0, limit))
         return plain.end(), plain.group()
 
     def _html_tag(self, text: str, at_end: bool) -> _Step | None:
@@ -398,7 +397,7 @@ class _SpeechCleaner:
         A lone opening such as the <y> of x<y>z is text, shown and so spoken: a paired one
         was a tag, gone before this stage."""
         tag = _HTML_TAG.match(text)
-        line_break = bool(tag) and tag.group().lower().startswith("<br")
+        line_break = tag is not None and tag.group().lower().startswith("<br")
         if tag and tag.end() == len(text) and not at_end and not line_break:
             return None   # what replaces it depends on the next character
         if tag:
@@ -457,6 +456,13 @@ _NON_TERMINAL = frozenset("""
 _UNITS = frozenset("г. гг. в. вв. см. тыс. млн. млрд. мин. сек. ч. руб. коп.".split())
 # Dotted abbreviations that may end a sentence ("и т.д. Потом").
 _TERMINAL_DOTTED = frozenset("т.д. т.п. и.т.д. и.т.п. н.э. a.m. p.m.".split())
+
+
+def _always(match: re.Match[str] | None) -> re.Match[str]:
+    """A match of a pattern that matches wherever it is asked (it can match the empty string, or
+    is asked only where its first character stands)."""
+    assert match is not None, "the pattern always matches here"
+    return match
 
 
 @dataclass(frozen=True)
@@ -538,6 +544,8 @@ class _Splitter:
 
     def _good_cut(self, gap: _Gap) -> bool:
         p = self._policy
+        if gap.strength is None:
+            return False
         if self._index == 0:
             return ((gap.strength >= COMMA and gap.length >= p.min_first_chars)
                     or (gap.strength >= WORD and gap.words >= p.max_first_words))
@@ -549,7 +557,7 @@ class _Splitter:
         is the one thing ever cut inside."""
         if fits:
             return max(fits, key=lambda gap: (gap.length >= self._policy.min_chars, gap.strength, gap.length))
-        first = _TOKEN.search(self._text, self._start)
+        first = _always(_TOKEN.search(self._text, self._start))
         return _Gap(first.start() + self._policy.max_chars, self._policy.max_chars, 1, WORD, False)
 
     def _gaps(self, at_end: bool) -> tuple[list[_Gap], int]:

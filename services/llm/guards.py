@@ -32,7 +32,7 @@ class GuardPolicy:
     user_turn_prefixes: tuple[str, ...] = ()
 
     @classmethod
-    def from_profile(cls, profile: Mapping[str, Any]) -> "GuardPolicy":
+    def from_profile(cls, profile: Mapping[str, Any]) -> GuardPolicy:
         return cls(stop_strings=tuple(s for s in profile["stop_strings"] if s),
                    max_chars=profile["max_reply_chars"], max_sentences=profile["max_reply_sentences"],
                    repeat_ngram=profile["repeat_ngram"], repeat_count=profile["repeat_count"],

@@ -28,7 +28,7 @@ class RetryPolicy:
     backoff_max_s: float = 8.0
 
     @classmethod
-    def from_profile(cls, profile: Mapping[str, Any]) -> "RetryPolicy":
+    def from_profile(cls, profile: Mapping[str, Any]) -> RetryPolicy:
         return cls(profile["retries"], profile["backoff_s"], profile["backoff_max_s"])
 
 

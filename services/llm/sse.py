@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 

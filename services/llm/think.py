@@ -21,7 +21,8 @@ class ThinkSplitter:
 
     def push(self, text: str) -> Delta:
         self._pending += text
-        reply, reasoning = [], []
+        reply: list[str] = []
+        reasoning: list[str] = []
         while True:
             tag = CLOSE if self._inside else OPEN
             index = self._pending.find(tag)

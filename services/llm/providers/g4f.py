@@ -126,7 +126,7 @@ class G4fProvider:
             patch["use_stream_timeout"] = False  # g4f's async client reads it, but sync-only providers lack it
         return type(found.__name__, (found,), patch) if patch else found
 
-    def open(self, request: ChatRequest, api_key: str) -> "G4fGeneration":
+    def open(self, request: ChatRequest, api_key: str) -> G4fGeneration:
         return G4fGeneration(self, request, api_key)
 
     def arguments(self, request: ChatRequest) -> dict[str, Any]:
@@ -144,7 +144,7 @@ class G4fProvider:
         arguments.update({key: value for key, value in optional.items() if value is not None})
         if self._provider_class is not None and issubclass(self._provider_class, self._template):
             # OpenaiTemplate forwards only some keywords; the rest reach the server through extra_body.
-            body = {key: value for key, value in (("presence_penalty", params.presence_penalty),
+            body: dict[str, Any] = {key: value for key, value in (("presence_penalty", params.presence_penalty),
                                                   ("top_k", params.top_k)) if value is not None}
             if params.reasoning_budget is not None:
                 body["reasoning"] = {"max_tokens": params.reasoning_budget}
@@ -326,7 +326,7 @@ def _transport_code(exc: BaseException) -> str:
     try:
         import aiohttp
     except ImportError:  # pragma: no cover - g4f requires aiohttp
-        aiohttp = None
+        aiohttp = None  # type: ignore[assignment]
     import requests
 
     if aiohttp is not None and isinstance(exc, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):

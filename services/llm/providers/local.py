@@ -68,7 +68,7 @@ class LocalProvider:
                                 chat_format=self.chat_format, verbose=False)
         self.model_name = Path(path).name if self.model_path else BUNDLED_MODEL
 
-    def open(self, request: ChatRequest, api_key: str = "") -> "LocalGeneration":
+    def open(self, request: ChatRequest, api_key: str = "") -> LocalGeneration:
         if self._llama is None:
             self.load()
         return LocalGeneration(self, request)

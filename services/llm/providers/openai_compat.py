@@ -54,7 +54,7 @@ class OpenAIProvider:
     def load(self) -> None:
         """Nothing to load; keys are read per request so a rotated secret takes effect."""
 
-    def open(self, request: ChatRequest, api_key: str) -> "OpenAIGeneration":
+    def open(self, request: ChatRequest, api_key: str) -> OpenAIGeneration:
         return OpenAIGeneration(self, request, api_key, self._client(api_key))
 
     def _client(self, key: str) -> openai.OpenAI:

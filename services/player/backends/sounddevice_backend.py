@@ -29,7 +29,7 @@ def plays_silence() -> bool:
     cannot open, so importing sounddevice proves nothing)."""
     asked = threading.Event()
 
-    def callback(outdata, frames, time, status) -> None:
+    def callback(outdata: Any, frames: int, time: Any, status: Any) -> None:
         outdata[:] = bytes(len(outdata))
         asked.set()
 
@@ -131,13 +131,14 @@ class SounddeviceBackend:
                 stream.stop()
             stream.close()
 
-    def _callback(self, outdata, frames, time, status) -> None:
+    def _callback(self, outdata: Any, frames: int, time: Any, status: Any) -> None:
         """PortAudio's thread: hand over queued audio, fill the rest with silence."""
         with self._queued:
             count = min(len(self._queue), len(outdata))
             outdata[:count] = self._queue[:count]
             del self._queue[:count]
-            self._reply.played_ms += self._reply.format.duration_ms(count)
+            if self._reply.format is not None:
+                self._reply.played_ms += self._reply.format.duration_ms(count)
             self._queued.notify_all()
         if count < len(outdata):
             outdata[count:] = self._silence * (len(outdata) - count)

@@ -48,8 +48,8 @@ class WavBackend:
         with self._lock:
             self._finish()
             self._path = self.wav_dir / f"{_safe_name(session)}-{_safe_name(reply_id)}.wav"
-            self._file = open(self._path, "wb")
-            self._wave = wave.open(self._file, "wb")
+            self._file = open(self._path, "wb")  # noqa: SIM115 - open across frames, closed in _finish
+            self._wave = wave.open(self._file, "wb")  # noqa: SIM115 - closed in _finish
             self._wave.setnchannels(fmt.channels)
             self._wave.setsampwidth(fmt.sample_width)
             self._wave.setframerate(fmt.rate)
@@ -59,7 +59,7 @@ class WavBackend:
 
     def write(self, frame: PcmFrame) -> None:
         with self._lock:
-            if self._reply.wants(frame):
+            if self._reply.wants(frame) and self._wave is not None and self._file is not None:
                 self._wave.writeframes(frame.pcm)
                 self._file.flush()
                 self._reply.played_ms += frame.duration_ms
@@ -84,6 +84,7 @@ class WavBackend:
     def _finish(self) -> None:
         if self._wave is not None:
             self._wave.close()  # does not close a file it did not open
+        if self._file is not None:
             self._file.close()
         self._wave = self._file = self._path = None
         self._reply.end()

@@ -27,8 +27,8 @@ import logging
 import re
 import textwrap
 import threading
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from services.audio import AudioFormat, PcmFrame
@@ -131,8 +131,9 @@ class CoquiEngine:
                 return
             language = self.language_for(text)
             if self.streaming:
-                yield from self._stream(text, language, self._xtts_speaker(voice) if voice else self._voice,
-                                        should_stop)
+                conditioning = self._xtts_speaker(voice) if voice else self._voice
+                assert language is not None and conditioning is not None, "XTTS has a language and a voice"
+                yield from self._stream(text, language, conditioning, should_stop)
             else:
                 yield from self._whole(text, language, voice, should_stop)
 

@@ -162,7 +162,7 @@ class _Espeak:
             outcome = exc
         chunks.put(outcome)
 
-    def _on_audio(self, wav, numsamples: int, _events) -> int:
+    def _on_audio(self, wav: Any, numsamples: int, _events: Any) -> int:
         """espeak's callback: hand PCM to the current stream; returning 1 aborts synthesis."""
         if wav and numsamples > 0 and self._sink is not None:
             self._sink(ctypes.string_at(wav, numsamples * 2))

@@ -175,7 +175,7 @@ class OpenAISpeechEngine:
             return "; the key's account needs credit or a payment method"
         return ""
 
-    def _frames(self, response, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
+    def _frames(self, response: Any, should_stop: Callable[[], bool]) -> Iterator[PcmFrame]:
         """Whole sample frames of at most max_frame_ms, from each read as it arrives."""
         content_type = response.headers.get("content-type", "")
         if content_type.startswith(("application/json", "text/")):
