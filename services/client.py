@@ -119,6 +119,7 @@ class Audio(Event):
     width: int
     last: bool
     final: bool
+    chars: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,6 +153,9 @@ class Playback(Event):
     final: bool
     path: str
     heard: float
+    heard_chars: int = 0
+    audio_ts: float = 0.0
+    audio_s: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +168,12 @@ class Done(Event):
     error: str
     guard: str
     metrics: Mapping[str, float]
+    tokens: int = 0
+    provider: str = ""
+    model: str = ""
+    finish_reason: str = ""
+    reasoning: str = ""
+    profile: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +184,7 @@ class Error(Event):
     code: str
     message: str
     stage: str = ""
+    ref_kind: str = ""
 
 
 AnyEvent = TextDelta | Chunk | Audio | Command | Reasoning | Playback | Done | Error
@@ -181,7 +192,7 @@ AnyEvent = TextDelta | Chunk | Audio | Command | Reasoning | Playback | Done | E
 
 def event_from(message: Message) -> AnyEvent | None:
     """The typed event for a bus message, or None for kinds that are not reply events."""
-    ids = {"session": message.session, "id": message.id}
+    ids: dict[str, Any] = {"session": message.session, "id": message.id}
     body = message.body
     kind = message.kind
     if kind == "text":
@@ -191,21 +202,17 @@ def event_from(message: Message) -> AnyEvent | None:
         chunk_marks = tuple(Mark(m["tag"], m["body"], m["chunk"], m["offset"]) for m in body["marks"])
         return Chunk(**ids, text=body["text"], index=body["index"], final=body["final"], marks=chunk_marks)
     if kind == "audio":
-        return Audio(**ids, chunk=body["chunk"], frame=body["frame"], pcm=body["pcm"], rate=body["rate"],
-                     channels=body["channels"], width=body["width"], last=body["last"], final=body["final"])
+        return Audio(**ids, **body)
     if kind == "command":
-        return Command(**ids, name=body["name"], args=tuple(body["args"]), accepted=body["accepted"],
-                       reason=body["reason"], chunk=body["chunk"], offset=body["offset"])
+        return Command(**ids, **{**body, "args": tuple(body["args"])})
     if kind == "reasoning":
-        return Reasoning(**ids, text=body["text"])
+        return Reasoning(**ids, **body)
     if kind == "playback":
-        return Playback(**ids, event=body["event"], chunk=body["chunk"], final=body["final"], path=body["path"],
-                        heard=float(body["heard"]))
+        return Playback(**ids, **{**body, "heard": float(body["heard"])})
     if kind == "llm.done":
-        return Done(**ids, status=body["status"], text=body["text"], error=body["error"], guard=body["guard"],
-                    metrics=dict(body["metrics"]))
+        return Done(**ids, **{**body, "metrics": dict(body["metrics"])})
     if kind == "error":
-        return Error(**ids, code=body["code"], message=body["message"], stage=body["stage"])
+        return Error(**ids, **body)
     return None
 
 
