@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.llm.core import build_messages, trim_history
 from services.llm.guards import GuardPolicy, ReplyGuard
-from services.llm.providers.base import Image, ProviderError
-from services.llm.retry import KeyRing, RetryPolicy, next_step
+from services.llm.providers.base import Image, ProviderError, status_code
+from services.llm.retry import RetryPolicy, next_step
 from services.llm.think import ThinkSplitter
+from services.secrets import KeyRing
+from services.tags import held_back
 
 
 def run_guard(policy: GuardPolicy, pieces: list[str]) -> tuple[str, str | None]:
@@ -20,7 +23,7 @@ def run_guard(policy: GuardPolicy, pieces: list[str]) -> tuple[str, str | None]:
 
 def splits(text: str, cuts: list[int]) -> list[str]:
     points = sorted({min(cut, len(text)) for cut in cuts})
-    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)])]
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)], strict=True)]
 
 
 # --- guards -------------------------------------------------------------------------------------
@@ -92,6 +95,21 @@ def test_a_lone_angle_bracket_stays_text() -> None:
     assert run_think(["a <", "b and <thin"]) == ("a <b and <thin", "")
 
 
+@pytest.mark.parametrize("text, markers, fold_case, held", [
+    ("Go ST", ("STOP",), False, 2),
+    ("Go STOP", ("STOP",), False, 0),             # a whole marker is the caller's to act on, not held
+    ("a <thi", ("<think>",), False, 4),
+    ("a <THI", ("<think>",), False, 0),
+    ("a </THI", ("</think>",), True, 5),
+    ("x\nUs", ("\nUser:", "STOP"), False, 3),
+    ("S", ("\nUser:", "STOP"), False, 1),
+    ("", ("STOP",), False, 0),
+])
+def test_held_back_is_the_longest_end_that_may_grow_into_a_marker(text, markers, fold_case, held) -> None:
+    """The one helper the chunker's tag stripper, <think> routing and the guards all hold text back with."""
+    assert held_back(text, markers, fold_case=fold_case) == held
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet="ab<>/thinkx", max_size=50), st.lists(st.integers(0, 50), max_size=8))
 def test_think_routing_does_not_depend_on_token_boundaries(text: str, cuts: list[int]) -> None:
@@ -132,6 +150,24 @@ def test_a_retry_after_beyond_a_minute_gives_up() -> None:
     assert next_step(ProviderError("x", code="rate_limited", status=429, retry_after=3600), 0, 0, POLICY, 0) is None
 
 
+@pytest.mark.parametrize("status, code, retryable, rotates", [
+    (400, "bad_request", False, False),
+    (401, "auth", False, True),
+    (402, "billing", False, True),     # the key is good, its account has no credit: another key may have some
+    (403, "auth", False, True),
+    (404, "bad_request", False, False),
+    (422, "bad_request", False, False),
+    (429, "rate_limited", True, True),
+    (500, "server", True, False),
+    (503, "server", True, False),
+])
+def test_one_table_reads_every_http_status(status: int, code: str, retryable: bool, rotates: bool) -> None:
+    """services/llm/providers/base.py is the one reading of a refusal: gemini, http, openai, g4f and
+    openai-speech all take their codes from it."""
+    error = ProviderError("x", code=status_code(status), status=status)
+    assert (error.code, error.retryable, error.rotates_key) == (code, retryable, rotates)
+
+
 def test_key_ring_sticks_to_the_key_that_works() -> None:
     ring = KeyRing(["a", "b"])
     ring.rotate()
@@ -157,3 +193,54 @@ def test_history_budget_drops_the_oldest_turns() -> None:
                {"role": "user", "content": "z" * 40}]
     assert trim_history(history, 25) == history[1:]
     assert trim_history(history, 0) == history
+
+
+# --- the provider request -------------------------------------------------------------------------
+
+def ask(context: dict | None = None, budget: int = 0, **profile: object):
+    """chat_request for a request "look" with one image, history's `context`, and the profile's keys."""
+    from services import protocol
+    from services.config import PROFILE_DEFAULTS
+    from services.llm.core import chat_request
+
+    def make(kind: str, **body: object) -> protocol.Message:
+        return protocol.make(kind, session="s", id="r", seq=0, ts=0.0, src="t", **body)
+
+    request = make("request", text="look", images=[{"data": b"\x89PNG", "mime": "image/png"}],
+                   **({"stream": profile.pop("request_stream")} if "request_stream" in profile else {}))
+    settings = {"name": "p", **PROFILE_DEFAULTS, "provider": "openai", **profile}
+    return chat_request(settings, request, make("context", **context) if context is not None else None,
+                        "Be kind.", budget)
+
+
+def test_the_provider_request_carries_persona_memory_history_within_budget_and_images() -> None:
+    context = {"messages": [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "yes"}],
+               "memory": "1|5|likes tea", "variables": {"mood": 0.5}}
+    chat = ask(context, budget=5)
+    assert chat.messages[0]["role"] == "system" and chat.messages[0]["content"].startswith("Be kind.\n\nYour memories")
+    assert chat.messages[0]["content"].endswith("1|5|likes tea\n\nYour current state: mood 0.5.")
+    assert [m["role"] for m in chat.messages] == ["system", "assistant", "user"]  # the old turn is over budget
+    assert chat.messages[-1]["images"] == [Image(b"\x89PNG", "image/png")] and chat.has_images
+    assert chat.prompt == "" and chat.stream
+    assert ask().messages == [{"role": "system", "content": "Be kind."},
+                              {"role": "user", "content": "look", "images": [Image(b"\x89PNG", "image/png")]}]
+
+
+def test_the_provider_request_maps_the_profile_and_the_requests_stream_choice() -> None:
+    chat = ask(max_tokens=50, temperature=0.2, top_p=0.0, top_k=0, presence_penalty=0.0, stop=["##"],
+               reasoning_budget=-1, connect_timeout_s=2.0, first_token_timeout_s=3.0, idle_timeout_s=4.0)
+    params = chat.params
+    assert (params.max_tokens, params.temperature, params.top_p, params.top_k, params.presence_penalty, params.stop,
+            params.reasoning_budget) == (50, 0.2, None, None, None, ("##",), None)  # 0 and -1: not sent
+    assert (chat.timeouts.connect, chat.timeouts.first_token, chat.timeouts.idle) == (2.0, 3.0, 4.0)
+    chat = ask(top_p=0.9, top_k=40, presence_penalty=0.5, reasoning_budget=0)
+    assert (chat.params.top_p, chat.params.top_k, chat.params.presence_penalty, chat.params.reasoning_budget) == (
+        0.9, 40, 0.5, 0)
+    assert not ask(stream=False).stream and ask(stream=False, request_stream=True).stream
+    assert not ask(request_stream=False).stream
+
+
+def test_a_base_model_gets_the_dialogue_as_plain_text_ending_at_a_line_break() -> None:
+    chat = ask(prompt_style="dialogue", assistant_name="Mita", stop=["##"])
+    assert chat.prompt.startswith("Be kind.\n") and chat.prompt.endswith("\nUser: look\nMita:")
+    assert chat.params.stop == ("##", "\n") and chat.messages[-1]["content"] == "look"

@@ -9,7 +9,8 @@ import itertools
 import json
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -364,5 +365,6 @@ def test_persona_file_and_replying_without_a_history_stage(tmp_path) -> None:
             session.close()
             log = "".join(daemon.log)
         assert done["status"] == "ok" and done["text"] == "Hi!"
-        assert wire.records[0].json["messages"][0] == {"role": "system", "content": "You are Mita, a cheerful companion."}
+        assert wire.records[0].json["messages"][0] == {"role": "system",
+                                                       "content": "You are Mita, a cheerful companion."}
         assert "history did not answer within 300 ms" in log

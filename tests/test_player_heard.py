@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -59,9 +59,9 @@ def daemon(request, llm: str, tmp_path_factory) -> Iterator[Daemon]:
     backend = request.param
     settings = {**openai_settings(llm), "player": {"backend": backend}}
     if backend in ("sounddevice", "simpleaudio"):
-        with PacedFifo(tmp_path_factory.mktemp(backend), 22050 * 2) as device:  # espeak-ng: 22.05 kHz, 16-bit mono
-            with Daemon({**settings, "tts": {"engine": "espeak"}},
-                        env={**KEY, "ALSA_CONFIG_PATH": str(device.conf)}) as running:
+        with PacedFifo(tmp_path_factory.mktemp(backend), 22050 * 2) as device, \
+                Daemon({**settings, "tts": {"engine": "espeak"}},  # espeak-ng: 22.05 kHz, 16-bit mono
+                       env={**KEY, "ALSA_CONFIG_PATH": str(device.conf)}) as running:
                 yield running
     else:
         # fake_openai starts any fake server module; the speech server takes its pace where the chat one takes a delay

@@ -8,14 +8,15 @@ import subprocess
 import tempfile
 import time
 import wave
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+
 from services.audio import AudioFormat
 from services.player.convert import Converter
-from services.player.stage import SPEECH_MS_PER_CHAR
+from services.player.core import SPEECH_MS_PER_CHAR
 from services.protocol import Message
 from tests.fakes.alsa_fifo import PacedFifo
 from tests.harness import PYTHON, ROOT, base_env, connect, start_stage, stop_process, wait_ready
@@ -128,13 +129,13 @@ def test_a_cut_reports_the_chunk_that_was_sounding_not_the_last_one_started(tmp_
     playing), so chunk 0 is `finished` and chunk 1 `started` while chunk 0 still sounds: a cancel
     then stops the reply inside chunk 0, and the stopped event says so, so history drops chunk 1
     and cuts chunk 0."""
-    with PacedFifo(tmp_path, FMT.rate * FMT.block_align) as device:
-        with player(backend, ALSA_CONFIG_PATH=str(device.conf)) as p:
-            p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(5)], chars=50)  # 1 s
-            p.send_chunk("r1", 1, [tone(200, level=n + 1) for n in range(5)], chars=50, final=True)
-            events = [p.next_event() for _ in range(3)]
-            p.client.publish("cancel", "s1", "r1")
-            stopped = p.next_event()
+    with PacedFifo(tmp_path, FMT.rate * FMT.block_align) as device, \
+            player(backend, ALSA_CONFIG_PATH=str(device.conf)) as p:
+        p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(5)], chars=50)  # 1 s
+        p.send_chunk("r1", 1, [tone(200, level=n + 1) for n in range(5)], chars=50, final=True)
+        events = [p.next_event() for _ in range(3)]
+        p.client.publish("cancel", "s1", "r1")
+        stopped = p.next_event()
     assert summary(events) == [("r1", "started", 0, 0.0, 0, False), ("r1", "finished", 0, 1.0, 50, False),
                                ("r1", "started", 1, 0.0, 0, False)]
     assert (stopped["event"], stopped["chunk"], stopped["final"]) == ("stopped", 0, True)
@@ -200,22 +201,22 @@ sys.exit(code)
 
 
 def test_cancel_mid_chunk_silences_sounddevice_and_reports_the_part_heard(tmp_path):
-    with PacedFifo(tmp_path, FMT.rate * FMT.block_align) as device:
-        with player("sounddevice", [PYTHON, "-c", INSTRUMENTED_PLAYER], ALSA_CONFIG_PATH=str(device.conf)) as p:
-            p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(10)], chars=40)  # 2 s
-            p.send_chunk("r1", 1, [tone(200)], final=True)
-            assert p.next_event()["event"] == "started"
-            time.sleep(0.6)
-            cancelled = time.monotonic()
-            p.client.publish("cancel", "s1", "")
-            stopped = p.next_event()
-            reported = time.monotonic()
-            # 1 s in one final chunk: the writer is blocked on the last frame when the cancel comes
-            p.send_chunk("r2", 0, [tone(200, level=n + 1) for n in range(5)], final=True)
-            assert summary([p.next_event()])[0][:2] == ("r2", "started")
-            time.sleep(0.4)
-            p.client.publish("cancel", "s1", "r2")
-            assert summary([p.next_event()])[0][:2] == ("r2", "stopped")
+    with PacedFifo(tmp_path, FMT.rate * FMT.block_align) as device, \
+            player("sounddevice", [PYTHON, "-c", INSTRUMENTED_PLAYER], ALSA_CONFIG_PATH=str(device.conf)) as p:
+        p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(10)], chars=40)  # 2 s
+        p.send_chunk("r1", 1, [tone(200)], final=True)
+        assert p.next_event()["event"] == "started"
+        time.sleep(0.6)
+        cancelled = time.monotonic()
+        p.client.publish("cancel", "s1", "")
+        stopped = p.next_event()
+        reported = time.monotonic()
+        # 1 s in one final chunk: the writer is blocked on the last frame when the cancel comes
+        p.send_chunk("r2", 0, [tone(200, level=n + 1) for n in range(5)], final=True)
+        assert summary([p.next_event()])[0][:2] == ("r2", "started")
+        time.sleep(0.4)
+        p.client.publish("cancel", "s1", "r2")
+        assert summary([p.next_event()])[0][:2] == ("r2", "stopped")
     marks = json.loads(p.output.strip().splitlines()[-1])
     stop_called, stop_returned = marks["stops"][0]
     assert (stopped["event"], stopped["chunk"], stopped["final"]) == ("stopped", 0, True)

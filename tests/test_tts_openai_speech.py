@@ -7,9 +7,9 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -211,7 +211,7 @@ def test_unreachable_server_and_timeout_are_clear_errors(server, engine_for):
     with pytest.raises(SpeechError, match="cannot reach"):
         list(engine.synthesize("Hello.", NEVER))
     server.enqueue(Script(stall=5))
-    with pytest.raises(SpeechError, match="did not answer within 0.3 s"):
+    with pytest.raises(SpeechError, match=r"did not answer within 0\.3 s"):
         list(engine_for(timeout_s=0.3).synthesize("Hello.", NEVER))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import msgpack
 import pytest
@@ -194,10 +194,10 @@ def test_a_shard_remembers_only_its_own_sessions_voices_and_at_most_4096(tmp_pat
         stage._dispatch(protocol.make("request", session=session, id="plain", seq=0, ts=0, src="t", text="Hi"))
     own = [(session, "r") for session in sessions if shard.owns(session)]
     assert 4096 < len(own) < len(sessions)
-    assert list(stage.voices) == own[-4096:]   # the newest, never another shard's, never an empty voice
+    assert list(stage.queue.voices) == own[-4096:]   # the newest, never another shard's, never an empty voice
     assert stage.bus.counters["foreign"] == 2 * (len(sessions) - len(own))
     session = own[-1][0]
     stage._dispatch(protocol.make("cancel", session=session, id="r", seq=0, ts=0, src="t"))
-    assert (session, "r") not in stage.voices and len(stage.voices) == 4095
+    assert (session, "r") not in stage.queue.voices and len(stage.queue.voices) == 4095
     assert stage.bus.counters["failures"] == 0
     stage.engine.close()

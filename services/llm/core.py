@@ -1,12 +1,16 @@
-"""The llm stage's pure core: prompt assembly and reply bookkeeping (time is passed in)."""
+"""The llm stage's pure core: prompt assembly and reply bookkeeping (time is passed in).
+
+The jobs themselves (busy policy, attempts, retries, the watchdog, the journal) are in jobs.py.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from .providers.base import Image
-
+from ..protocol import Message
+from .providers.base import ChatRequest, Image, Params, Timeouts
 
 CHARS_PER_TOKEN = 4
 """A rough token estimate for history budgets; exact counts would need each vendor's tokenizer."""
@@ -119,6 +123,33 @@ def render_dialogue(system_prompt: str, history: Iterable[Mapping[str, str]], us
             lines.append(f"{USER_LABEL if role == 'user' else name}: {_one_line(content)}")
     lines.append(f"{name}:")
     return "\n".join(lines), ("\n",)
+
+
+def profile_timeouts(profile: Mapping[str, Any]) -> Timeouts:
+    return Timeouts(profile["connect_timeout_s"], profile["first_token_timeout_s"], profile["idle_timeout_s"])
+
+
+def chat_request(profile: Mapping[str, Any], request: Message, context: Message | None, persona: str,
+                 history_token_budget: int) -> ChatRequest:
+    """What to ask the profile's provider: the persona with history's memory and variables, the
+    history within its budget, the user message and its images, in the profile's prompt style.
+    `context` is history's answer, None when it did not come."""
+    stream = profile["stream"] if request["stream"] is None else request["stream"]
+    images = [Image(image["data"], image["mime"]) for image in request["images"]]
+    history = trim_history(context["messages"] if context else [], history_token_budget)
+    system = render_persona(persona, context["memory"] if context else "", context["variables"] if context else None)
+    params = Params(
+        max_tokens=profile["max_tokens"], temperature=profile["temperature"],
+        top_p=profile["top_p"] or None, top_k=profile["top_k"] or None,
+        presence_penalty=profile["presence_penalty"] or None, stop=tuple(profile["stop"]),
+        reasoning_budget=None if profile["reasoning_budget"] < 0 else profile["reasoning_budget"])
+    timeouts = profile_timeouts(profile)
+    messages = build_messages(system, history, request["text"], images)
+    if resolve_prompt_style(profile) == "chat":
+        return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts)
+    prompt, stops = render_dialogue(system, history, request["text"], profile["assistant_name"])
+    params = replace(params, stop=(*params.stop, *stops))
+    return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts, prompt=prompt)
 
 
 @dataclass

@@ -11,11 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..secrets import KeyRing
 from .providers.base import ProviderError
-
-# KeyRing lives with the other secrets (services/secrets.py); the llm stage still imports it from here.
-__all__ = ["KeyRing", "MAX_RETRY_AFTER_S", "RetryPolicy", "Step", "next_step"]
 
 MAX_RETRY_AFTER_S = 60.0
 """A Retry-After longer than this is not waited for: the user would rather hear the error."""

@@ -11,24 +11,23 @@ spoken or the reply is cancelled, and at most the 4096 newest. Like chunks, requ
 another shard owns never reach `handle`, so each shard keeps only its own sessions' voices. A
 reply with no remembered voice speaks in the configured one; so does a reply whose voice the
 engine refuses, after one `unknown_voice` error.
+
+The queue, the cancels, the voices and the frame numbering are the core's (core.py); this shell
+runs the engine and publishes.
 """
 
 from __future__ import annotations
 
-import collections
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
-from ..audio import AudioFormat, PcmFrame
+from ..audio import PcmFrame
 from ..protocol import Message
 from ..runtime import Stage
+from .core import FrameNumbers, SpeechQueue
 from .engines import create_engine
 from .engines.base import VoiceError
 from .normalize import spell_numbers
-
-_CANCELLED_MEMORY = 4096
-_VOICE_MEMORY = 4096
-SILENT_FORMAT = AudioFormat(rate=22050, channels=1, sample_width=2)
 
 
 class TtsStage(Stage):
@@ -40,10 +39,7 @@ class TtsStage(Stage):
         tts = self.config["tts"]
         self.engine = create_engine(tts["engine"], tts.get(tts["engine"], {}))
         self.normalize = tuple(tts.get(tts["engine"], {}).get("normalize_numbers", ()))
-        self.queue: collections.deque[Message] = collections.deque()
-        self.cancelled: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
-        self.known: dict[str, set[str]] = collections.defaultdict(set)
-        self.voices: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+        self.queue = SpeechQueue()
         self.wake = threading.Condition()
         self.stopping = False
 
@@ -54,72 +50,47 @@ class TtsStage(Stage):
     def handle(self, message: Message) -> None:
         with self.wake:
             if message.kind == "request":
-                self._remember_voice(message)
+                self.queue.request(message)
                 return
             if message.kind == "chunk":
-                self.known[message.session].add(message.id)
-                self.queue.append(message)
+                self.queue.chunk(message)
             else:
-                self._cancel(message.session, message.id)
+                self.queue.cancel(message.session, message.id)
             self.wake.notify()
 
-    def _remember_voice(self, request: Message) -> None:
-        """Only requests that choose a voice take memory, and the oldest go first past _VOICE_MEMORY."""
-        if request["voice"]:
-            self.voices[(request.session, request.id)] = request["voice"]
-            while len(self.voices) > _VOICE_MEMORY:
-                self.voices.popitem(last=False)
-
-    def _cancel(self, session: str, id: str) -> None:
-        """Drop queued chunks of the session (or one reply) and stop the current synthesis."""
-        ids = {id} if id else self.known.pop(session, set())
-        for reply in ids:
-            self.cancelled[(session, reply)] = None
-            self.voices.pop((session, reply), None)
-        while len(self.cancelled) > _CANCELLED_MEMORY:
-            self.cancelled.popitem(last=False)
-        self.queue = collections.deque(chunk for chunk in self.queue if not self._is_cancelled(chunk))
-
-    def _is_cancelled(self, message: Message) -> bool:
-        return (message.session, message.id) in self.cancelled
+    def _is_cancelled(self, chunk: Message) -> bool:
+        with self.wake:
+            return self.queue.is_cancelled(chunk)
 
     def _work(self) -> None:
         while True:
             with self.wake:
-                while not self.queue and not self.stopping:
+                while not self.queue.chunks and not self.stopping:
                     self.wake.wait()
                 if self.stopping:
                     return
-                chunk = self.queue.popleft()
+                chunk = self.queue.chunks.popleft()
             if not self._is_cancelled(chunk):
                 self._speak(chunk)
 
     def _speak(self, chunk: Message) -> None:
-        frames = self._frames(chunk)
-        previous: PcmFrame | None = None
-        number = 0
-        for frame in frames:
+        """Publish the chunk's frames as the engine makes them, stopping at once on a cancel."""
+        numbers = FrameNumbers(chunk)
+        for frame in self._frames(chunk):
             if self._is_cancelled(chunk):
                 return
-            if previous is not None:
-                self._publish(chunk, number, previous, last=False)
-                number += 1
-            previous = frame
+            if (body := numbers.push(frame)) is not None:
+                self.bus.publish("audio", chunk.session, chunk.id, **body)
         if self._is_cancelled(chunk):
             return
-        self._publish(chunk, number, previous, last=True)
-        if chunk["final"]:
-            with self.wake:  # forget finished replies, and sessions with none left, so memory stays flat
-                replies = self.known.get(chunk.session, set())
-                replies.discard(chunk.id)
-                if not replies:
-                    self.known.pop(chunk.session, None)
-                self.voices.pop((chunk.session, chunk.id), None)
+        self.bus.publish("audio", chunk.session, chunk.id, **numbers.finish())
+        with self.wake:
+            self.queue.spoken(chunk)
 
     def _frames(self, chunk: Message) -> Iterator[PcmFrame]:
         """The engine's frames, in the reply's voice; a failure is reported and ends the chunk early."""
         with self.wake:
-            voice = self.voices.get((chunk.session, chunk.id), "")
+            voice = self.queue.voice(chunk)
         try:
             text = spell_numbers(chunk["text"], self.normalize) if self.normalize else chunk["text"]
 
@@ -141,17 +112,9 @@ class TtsStage(Stage):
     def _refuse_voice(self, chunk: Message, voice: str, exc: VoiceError) -> None:
         """Report the refused voice once per reply: its later chunks go straight to the configured voice."""
         with self.wake:
-            self.voices.pop((chunk.session, chunk.id), None)
+            self.queue.refuse_voice(chunk)
         self.bus.report("unknown_voice", f"voice {voice!r} cannot be used, so the configured voice speaks: {exc}",
                         chunk.session, chunk.id, "request")
-
-    def _publish(self, chunk: Message, number: int, frame: PcmFrame | None, last: bool) -> None:
-        """Send one frame; a chunk with no audio still sends an empty `last` frame."""
-        frame = frame or PcmFrame(b"", SILENT_FORMAT)
-        self.bus.publish("audio", chunk.session, chunk.id, chunk=chunk["index"], frame=number,
-                         rate=frame.format.rate, channels=frame.format.channels,
-                         width=frame.format.sample_width, pcm=frame.pcm, last=last, final=chunk["final"],
-                         chars=len(chunk["text"]))
 
     def shutdown(self) -> None:
         with self.wake:
