@@ -1,6 +1,6 @@
 """The voxpipe client library: ask the daemon something and follow the reply as typed events.
 
-    from services.client import connect
+    from voxpipe import connect
 
     with connect() as vp:                             # finds the bus like the CLI does
         for event in vp.ask("Hello!", session="me"):  # a Reply: an iterator of events

@@ -127,8 +127,8 @@ def bus(config: Config) -> Check:
 # --- native code, in child processes --------------------------------------------------------
 
 def _probe(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m services.doctor PROBE ARGS` in a child, where a crash cannot take us down."""
-    return subprocess.run([sys.executable, "-m", "services.doctor", *args], capture_output=True, text=True,
+    """Run `python -m voxpipe.doctor PROBE ARGS` in a child, where a crash cannot take us down."""
+    return subprocess.run([sys.executable, "-m", "voxpipe.doctor", *args], capture_output=True, text=True,
                           timeout=PROBE_TIMEOUT_S, cwd=Path(__file__).resolve().parent.parent)
 
 
@@ -279,7 +279,7 @@ def cpu() -> Iterator[Check]:
         yield Check(OK, "llama.cpp", f"{build}; with repack = 'auto': {llama_runtime.repack_reason('auto', flags)}")
 
 
-# --- the probes (run as `python -m services.doctor --probe-...` in a child) ------------------
+# --- the probes (run as `python -m voxpipe.doctor --probe-...` in a child) ------------------
 
 def _probe_espeak() -> None:
     from .tts.engines.espeak import EspeakEngine

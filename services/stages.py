@@ -6,12 +6,12 @@ from .plugins import load_class
 from .runtime import Stage
 
 STAGES = {
-    "bus": "services.bus_stage:BusStage",
-    "llm": "services.llm.stage:LlmStage",
-    "chunker": "services.chunker.stage:ChunkerStage",
-    "tts": "services.tts.stage:TtsStage",
-    "player": "services.player.stage:PlayerStage",
-    "history": "services.history.stage:HistoryStage",
+    "bus": "voxpipe.bus_stage:BusStage",
+    "llm": "voxpipe.llm.stage:LlmStage",
+    "chunker": "voxpipe.chunker.stage:ChunkerStage",
+    "tts": "voxpipe.tts.stage:TtsStage",
+    "player": "voxpipe.player.stage:PlayerStage",
+    "history": "voxpipe.history.stage:HistoryStage",
 }
 
 

@@ -278,7 +278,7 @@ def held_back(text: str, markers: Iterable[str], fold_case: bool = False) -> int
 
 _MEANINGS = {"c": "command", "a": "animation", "m": "movement", "f": "face effect", "v": "effect",
              "music": "music", "hint": "hint", "clothes": "clothes", "interaction": "interaction"}
-"""What the default allowlist's one-letter tags stand for (services.history.commands)."""
+"""What the default allowlist's one-letter tags stand for (voxpipe.history.commands)."""
 _VARIABLES = ("attitude", "boredom", "stress")
 
 

@@ -135,7 +135,7 @@ class Daemon:
                               timeout=timeout)
 
     def config(self) -> Any:
-        from services.config import load
+        from voxpipe.config import load
         return load(self.config_path, env={})
 
     def stop(self) -> int:
@@ -188,9 +188,9 @@ def start_stage(name: str, runtime: Path, **env: str) -> subprocess.Popen[str]:
 
 def connect(runtime: Path, name: str, *kinds: str) -> Any:
     """A bus Connection subscribed to `kinds` (all sessions), opened with the hello handshake."""
-    from services import protocol
-    from services.config import load
-    from services.runtime import Connection, endpoints_for
+    from voxpipe import protocol
+    from voxpipe.config import load
+    from voxpipe.runtime import Connection, endpoints_for
     config = load(env={"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), "XDG_CONFIG_HOME": str(runtime)})
     client = Connection(name, endpoints_for(config), [protocol.subscription(kind) for kind in kinds])
     client.open(timeout=30)

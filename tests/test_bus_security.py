@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from services import protocol
-from services.config import load
-from services.runtime import BusUnavailable, Connection, endpoints_for
 from tests.harness import PYTHON, ROOT, base_env, start_stage, stop_process
+from voxpipe import protocol
+from voxpipe.config import load
+from voxpipe.runtime import BusUnavailable, Connection, endpoints_for
 
 
 @pytest.fixture()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from services import protocol
-from services.runtime import Connection, endpoints_for
 from tests.harness import ROOT, Daemon, fake_openai, openai_settings
 from tests.terminal import CTRL_C, CTRL_D, ENTER, Terminal
+from voxpipe import protocol
+from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 PROMPT = r"you> "

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
-from services.tags import FORMATTING, VOID
+from voxpipe.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
+from voxpipe.tags import FORMATTING, VOID
 
 DEFAULT = ChunkerPolicy()
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from services import protocol
-from services.cli import build_parser
-from services.runtime import Connection, endpoints_for
 from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, openai_settings, write_toml
 from tests.terminal import CTRL_C, CTRL_D, ENTER, Terminal
+from voxpipe import protocol
+from voxpipe.cli import build_parser
+from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 PROMPT = r"you> "

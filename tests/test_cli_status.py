@@ -13,8 +13,8 @@ from typing import ClassVar
 
 import pytest
 
-from services import cli, protocol
-from services.protocol import Message
+from voxpipe import cli, protocol
+from voxpipe.protocol import Message
 
 
 def heartbeat(src: str, **body: object) -> Message:

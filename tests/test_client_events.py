@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from services import protocol
-from services.client import REPLY_KINDS, Audio, Chunk, Command, Done, Error, Playback, Reasoning, TextDelta, event_from
+from voxpipe import protocol
+from voxpipe.client import REPLY_KINDS, Audio, Chunk, Command, Done, Error, Playback, Reasoning, TextDelta, event_from
 
 EVENTS = (TextDelta, Chunk, Audio, Command, Reasoning, Playback, Done, Error)
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from services import protocol
-from services.runtime import Connection, endpoints_for
 from tests.fakes.openai_server import reply_for
 from tests.harness import ROOT, Daemon, fake_openai, openai_settings
 from tests.screenshot import screenshot
+from voxpipe import protocol
+from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 SESSION = "gui1"

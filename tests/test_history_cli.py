@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services import protocol
-from services.history.store import HistoryStore
-from services.protocol import Message
-from services.runtime import Connection, endpoints_for
 from tests.fakes.wire_server import WireServer, sse_script
 from tests.harness import Daemon
+from voxpipe import protocol
+from voxpipe.history.store import HistoryStore
+from voxpipe.protocol import Message
+from voxpipe.runtime import Connection, endpoints_for
 
 QUESTION = "What is in this picture?"
 KEY = {"WIRE_KEY": "sk-test-history"}

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from services import protocol
-from services.history.store import HistoryStore
-from services.llm.core import build_messages, render_dialogue
-from services.protocol import Message
-from services.runtime import Connection, endpoints_for
 from tests.harness import Daemon, connect, fake_openai, openai_settings, start_stage, stop_process, wait_ready
+from voxpipe import protocol
+from voxpipe.history.store import HistoryStore
+from voxpipe.llm.core import build_messages, render_dialogue
+from voxpipe.protocol import Message
+from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 TAGGED = ("Привет <e>smile</e> и <c>Подойти к игроку</c>. Запомни <+memory>high|Игрок любит кошек</memory> "

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.config import load
-from services.llm.core import DIALOGUE_EXAMPLES, render_dialogue, render_persona, resolve_prompt_style
-from services.llm.llama_runtime import AMX_FLAGS, LLAMA_FLAGS, cpu_flags, machine_flags, repack_reason, repack_weights
+from voxpipe.config import load
+from voxpipe.llm.core import DIALOGUE_EXAMPLES, render_dialogue, render_persona, resolve_prompt_style
+from voxpipe.llm.llama_runtime import AMX_FLAGS, LLAMA_FLAGS, cpu_flags, machine_flags, repack_reason, repack_weights
 
 CPUINFO = Path(__file__).parent / "cpuinfo"
 

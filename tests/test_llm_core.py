@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.llm.core import build_messages, trim_history
-from services.llm.guards import GuardPolicy, ReplyGuard
-from services.llm.providers.base import Image, ProviderError, status_code
-from services.llm.retry import RetryPolicy, next_step
-from services.llm.think import ThinkSplitter
-from services.secrets import KeyRing
-from services.tags import held_back
+from voxpipe.llm.core import build_messages, trim_history
+from voxpipe.llm.guards import GuardPolicy, ReplyGuard
+from voxpipe.llm.providers.base import Image, ProviderError, status_code
+from voxpipe.llm.retry import RetryPolicy, next_step
+from voxpipe.llm.think import ThinkSplitter
+from voxpipe.secrets import KeyRing
+from voxpipe.tags import held_back
 
 
 def run_guard(policy: GuardPolicy, pieces: list[str]) -> tuple[str, str | None]:
@@ -199,9 +199,9 @@ def test_history_budget_drops_the_oldest_turns() -> None:
 
 def ask(context: dict | None = None, budget: int = 0, **profile: object):
     """chat_request for a request "look" with one image, history's `context`, and the profile's keys."""
-    from services import protocol
-    from services.config import PROFILE_DEFAULTS
-    from services.llm.core import chat_request
+    from voxpipe import protocol
+    from voxpipe.config import PROFILE_DEFAULTS
+    from voxpipe.llm.core import chat_request
 
     def make(kind: str, **body: object) -> protocol.Message:
         return protocol.make(kind, session="s", id="r", seq=0, ts=0.0, src="t", **body)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services import protocol
-from services.config import PROFILE_DEFAULTS, ConfigError
-from services.llm.jobs import (
+from voxpipe import protocol
+from voxpipe.config import PROFILE_DEFAULTS, ConfigError
+from voxpipe.llm.jobs import (
     CANCEL_GRACE_S,
     Close,
     Done,
@@ -27,9 +27,9 @@ from services.llm.jobs import (
     Settings,
     Start,
 )
-from services.llm.providers.base import Delta, Outcome, ProviderError
-from services.protocol import Message
-from services.secrets import KeyRing
+from voxpipe.llm.providers.base import Delta, Outcome, ProviderError
+from voxpipe.protocol import Message
+from voxpipe.secrets import KeyRing
 
 S = "s1"
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from services import protocol
-from services.protocol import Message
-from services.runtime import Connection, endpoints_for
 from tests.fakes.wire_server import Script, WireServer, json_script, sse_script
 from tests.harness import Daemon, fake_openai
+from voxpipe import protocol
+from voxpipe.protocol import Message
+from voxpipe.runtime import Connection, endpoints_for
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 RESERVE = "sk-test-RESERVE-fedcba9876543210"

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services import protocol
-from services.audio import AudioFormat
-from services.player.core import (
+from voxpipe import protocol
+from voxpipe.audio import AudioFormat
+from voxpipe.player.core import (
     ENDED_MEMORY,
     SPEECH_MS_PER_CHAR,
     Playlist,
@@ -18,7 +18,7 @@ from services.player.core import (
     audio_format,
     playback,
 )
-from services.protocol import Message
+from voxpipe.protocol import Message
 
 FMT = AudioFormat(1000, 1, 2)
 """One sample a millisecond: a frame of `ms` milliseconds is `ms` samples."""

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from services import protocol
-from services.chunker.core import Chunker, ChunkerPolicy
-from services.history.stage import ReplyTrack, _heard_text
-from services.protocol import Message
-from services.runtime import Connection, endpoints_for
 from tests.fakes.alsa_fifo import PacedFifo
 from tests.fakes.openai_server import pieces, reply_for
 from tests.harness import Daemon, fake_openai, openai_settings
+from voxpipe import protocol
+from voxpipe.chunker.core import Chunker, ChunkerPolicy
+from voxpipe.history.stage import ReplyTrack, _heard_text
+from voxpipe.protocol import Message
+from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 TOKEN_DELAY_S = 0.12

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services import protocol
-from services.protocol import ProtocolError
+from voxpipe import protocol
+from voxpipe.protocol import ProtocolError
 
 ENVELOPE = {"session": "s1", "id": "r1", "seq": 3, "ts": 1764500000.25, "src": "test"}
 

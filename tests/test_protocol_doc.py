@@ -9,7 +9,7 @@
 - the sessionless kinds, the contents list and the section numbering are right;
 - every kind has one example, and every example is valid.
 
-What the code says is read from `services.protocol` (its `Field` specs, through `spec_of` below)
+What the code says is read from `voxpipe.protocol` (its `Field` specs, through `spec_of` below)
 and, for codes, counters and who publishes what, from the sources by an AST walk, never by grep:
 a kind is published by a call named `publish` or `Publish` (llm's effect record) whose first
 argument is a literal kind; an error code is the literal first argument of a `report`/`Report` call,
@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from services import protocol
 from tests.harness import ROOT
+from voxpipe import protocol
 
 DOC = ROOT / "docs" / "protocol.md"
 SERVICES = ROOT / "services"

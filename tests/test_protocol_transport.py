@@ -20,9 +20,9 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from services import protocol
-from services.bus import Broker, Endpoints
-from services.runtime import Connection
+from voxpipe import protocol
+from voxpipe.bus import Broker, Endpoints
+from voxpipe.runtime import Connection
 
 
 @pytest.fixture

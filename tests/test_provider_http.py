@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from services.config import load
-from services.llm.providers import create_provider
-from services.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
-from services.llm.providers.http import HttpProvider
-from services.llm.providers.http_transport import error_text, merged, parse_retry_after
 from tests.fakes.wire_server import Reader, Script, WireServer, json_script, ndjson_script, sse_script
+from voxpipe.config import load
+from voxpipe.llm.providers import create_provider
+from voxpipe.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
+from voxpipe.llm.providers.http import HttpProvider
+from voxpipe.llm.providers.http_transport import error_text, merged, parse_retry_after
 
 KEY = "sk-test-0123456789abcdef"
 CANCEL_BOUND_S = 0.1

@@ -14,7 +14,6 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from services.shard import Shard, shard_of
 from tests.harness import (
     PYTHON,
     ROOT,
@@ -26,6 +25,7 @@ from tests.harness import (
     start_stage,
     stop_process,
 )
+from voxpipe.shard import Shard, shard_of
 
 
 @pytest.fixture()

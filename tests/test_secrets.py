@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from services import protocol
-from services.config import ConfigError
-from services.runtime import Connection, endpoints_for
-from services.secrets import read_key, scrub
 from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, write_toml
+from voxpipe import protocol
+from voxpipe.config import ConfigError
+from voxpipe.runtime import Connection, endpoints_for
+from voxpipe.secrets import read_key, scrub
 
 PRIMARY = "sk-voxpipe-file-primary-5f2c9e0d71ab4438"
 """Refused by the fake server (it takes only `test-key`), so the reply rotates to the reserve."""

@@ -219,8 +219,8 @@ def test_run_is_the_only_sender_under_its_unit(supervised_run: tuple[int, list])
 WEDGE_STAGE = """
 import sys, time
 from pathlib import Path
-from services.config import load
-from services.runtime import Stage
+from voxpipe.config import load
+from voxpipe.runtime import Stage
 
 class Wedge(Stage):
     name = "wedge"

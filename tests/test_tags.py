@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.tags import (
+from voxpipe.tags import (
     CLOSING,
     CLOSING_START,
     DEFAULT_TAGS,

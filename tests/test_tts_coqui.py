@@ -22,10 +22,10 @@ import pytest
 pytest.importorskip("TTS")
 pytestmark = pytest.mark.native  # a torch crash fails one test (tests/native_isolation.py)
 
-from services.audio import AudioFormat  # noqa: E402
-from services.tts.engines import create_engine  # noqa: E402
-from services.tts.engines.coqui import CoquiEngine, _split  # noqa: E402
 from tests.harness import connect, start_stage, stop_process  # noqa: E402
+from voxpipe.audio import AudioFormat  # noqa: E402
+from voxpipe.tts.engines import create_engine  # noqa: E402
+from voxpipe.tts.engines.coqui import CoquiEngine, _split  # noqa: E402
 
 VITS_RATE = 16000
 XTTS_RATE = 24000
@@ -251,7 +251,7 @@ def test_missing_coqui_says_how_to_install(monkeypatch, vits_files):
 
 
 def test_config_accepts_coqui_and_checks_its_keys(vits_files):
-    from services.config import ConfigError, load
+    from voxpipe.config import ConfigError, load
 
     env = {"VOXPIPE_TTS__ENGINE": "coqui", "VOXPIPE_TTS__COQUI__MODEL_PATH": str(vits_files[0]),
            "VOXPIPE_TTS__COQUI__MAX_FRAME_MS": "100", "XDG_CONFIG_HOME": "/nonexistent"}

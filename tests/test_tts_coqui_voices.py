@@ -11,9 +11,9 @@ import pytest
 pytest.importorskip("TTS")
 pytestmark = pytest.mark.native  # a torch crash fails one test (tests/native_isolation.py)
 
-from services.tts.engines.base import VoiceError  # noqa: E402
-from services.tts.engines.coqui import CoquiEngine  # noqa: E402
 from tests.test_tts_coqui import EN, NEVER, build_tiny_vits, build_tiny_xtts, tiny_xtts  # noqa: E402
+from voxpipe.tts.engines.base import VoiceError  # noqa: E402
+from voxpipe.tts.engines.coqui import CoquiEngine  # noqa: E402
 
 
 def spoken(engine: CoquiEngine, voice: str) -> bytes:

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services import protocol
-from services.audio import AudioFormat, PcmFrame
-from services.protocol import Message
-from services.tts.core import CANCELLED_MEMORY, SILENT_FORMAT, VOICE_MEMORY, FrameNumbers, SpeechQueue
+from voxpipe import protocol
+from voxpipe.audio import AudioFormat, PcmFrame
+from voxpipe.protocol import Message
+from voxpipe.tts.core import CANCELLED_MEMORY, SILENT_FORMAT, VOICE_MEMORY, FrameNumbers, SpeechQueue
 
 FMT = AudioFormat(22050, 1, 2)
 

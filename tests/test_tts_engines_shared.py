@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.config import load
-from services.tts.normalize import language_of, spell_numbers
+from voxpipe.config import load
+from voxpipe.tts.normalize import language_of, spell_numbers
 
 
 def test_numbers_are_spelled_in_the_chunks_language_only_when_configured() -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from services.audio import AudioFormat
-from services.tts.engines import create_engine
-from services.tts.engines.base import VoiceError
-from services.tts.engines.openai_speech import OpenAISpeechEngine, SpeechError
 from tests.fakes.wire_server import Script, WireServer, json_script
 from tests.harness import connect, start_stage, stop_process, wait_ready
+from voxpipe.audio import AudioFormat
+from voxpipe.tts.engines import create_engine
+from voxpipe.tts.engines.base import VoiceError
+from voxpipe.tts.engines.openai_speech import OpenAISpeechEngine, SpeechError
 
 NEVER = lambda: False  # noqa: E731
 PCM24 = AudioFormat(rate=24000, channels=1, sample_width=2)

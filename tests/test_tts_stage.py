@@ -11,13 +11,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from services import protocol
-from services.config import load
-from services.protocol import Message
-from services.shard import Shard
-from services.tts.stage import TtsStage
 from tests.harness import connect, start_stage, stop_process, wait_ready
 from tests.test_tts_espeak import EN, RU, crossings, same_speech
+from voxpipe import protocol
+from voxpipe.config import load
+from voxpipe.protocol import Message
+from voxpipe.shard import Shard
+from voxpipe.tts.stage import TtsStage
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ was split into deltas (a stall flush in `tick` is the one deliberate exception):
 
 1. `_TagStripper` removes tags, `<name>…</name>` pairs (reported as marks, for history to
    accept or refuse), the markup of formatting such as `<b>` (its text stays), and `<think>`
-   blocks (services.tags); what is left is the display text, so what is shown and what is
+   blocks (voxpipe.tags); what is left is the display text, so what is shown and what is
    spoken never disagree about a tag.
 2. `_SpeechCleaner` turns display text into speakable text: markdown symbols, fenced
    code, emoji and link URLs go; link text stays.
@@ -222,7 +222,7 @@ _Placed = tuple[int, str, str]
 
 
 class _TagStripper:
-    """Removes tags, formatting markup and `<think>` blocks (services.tags, which history shares,
+    """Removes tags, formatting markup and `<think>` blocks (voxpipe.tags, which history shares,
     so the chunker hides exactly the tags history reports), handing each tag on as a mark."""
 
     def __init__(self, tags: tuple[str, ...], lookahead: int) -> None:

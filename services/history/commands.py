@@ -3,7 +3,7 @@
 Model output is untrusted input: a command is accepted only when its tag is on
 the allowlist and every argument passes its rule; anything else is refused with
 a reason the front-end can show.  A per-reply cap stops a model that spams
-commands.  What is a tag at all is the chunker's call (services.tags): history
+commands.  What is a tag at all is the chunker's call (voxpipe.tags): history
 finds the tags with the same stripper, so it refuses only what the chunker hid
 and never a `<b>` the user reads, a `<br>`, an `x<y>z` or tag-like code.
 Pure: no I/O.

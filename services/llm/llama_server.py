@@ -1,6 +1,6 @@
 """llama-cpp-python's OpenAI-compatible server, made safe for this CPU.
 
-    python -m services.llm.llama_server [--repack auto|on|off] --model M.gguf [llama_cpp.server options]
+    python -m voxpipe.llm.llama_server [--repack auto|on|off] --model M.gguf [llama_cpp.server options]
 
 Runs `llama_cpp.server` unchanged, after the two things `llama_runtime` does for the in-process
 model: load the best CPU backend of a portable build, and turn weight repacking off on CPUs with

@@ -12,7 +12,7 @@ from __future__ import annotations
 from array import array
 from math import gcd
 
-from services.audio import AudioFormat
+from ..audio import AudioFormat
 
 _FLIP_SIGN = bytes(value ^ 0x80 for value in range(256))
 """Maps unsigned 8-bit samples to signed ones and back."""

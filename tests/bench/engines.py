@@ -22,13 +22,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from services import protocol
-from services.runtime import Connection, endpoints_for
-from services.tts.engines import create_engine
 from tests.bench import fake_llm
 from tests.bench.stats import median
 from tests.fakes.wire_server import Script, WireServer
 from tests.harness import Daemon, openai_settings
+from voxpipe import protocol
+from voxpipe.runtime import Connection, endpoints_for
+from voxpipe.tts.engines import create_engine
 
 SENTENCES = (
     "Привет! Сегодня в Москве солнечно, а вечером обещают небольшой дождь и лёгкий ветер.",

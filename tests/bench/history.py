@@ -11,9 +11,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.history.store import HistoryStore
 from tests.bench.stats import percentile
 from tests.harness import connect, start_stage, stop_process, wait_ready
+from voxpipe.history.store import HistoryStore
 
 STORED = 10_000
 

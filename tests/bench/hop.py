@@ -22,9 +22,9 @@ from pathlib import Path
 
 import zmq
 
-from services import protocol
-from services.bus import Endpoints
 from tests.harness import PYTHON, ROOT, base_env
+from voxpipe import protocol
+from voxpipe.bus import Endpoints
 
 PATHS = ("broker", "direct")
 SUBSCRIBE = protocol.subscription("token")

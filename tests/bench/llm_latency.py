@@ -13,10 +13,10 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from services import protocol
-from services.runtime import Connection, endpoints_for
 from tests.bench.stats import percentile
 from tests.harness import Daemon
+from voxpipe import protocol
+from voxpipe.runtime import Connection, endpoints_for
 
 TOKENS_PER_REPLY = 1000
 TOKEN_INTERVAL_S = 0.001

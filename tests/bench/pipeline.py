@@ -11,10 +11,10 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from services import protocol
-from services.protocol import Message
-from services.runtime import Connection, endpoints_for
 from tests.harness import Daemon
+from voxpipe import protocol
+from voxpipe.protocol import Message
+from voxpipe.runtime import Connection, endpoints_for
 
 MILESTONES = ("text", "chunk", "audio", "playback.first", "llm.done", "playback")
 """What a reply passes; `playback.first` is its first playback event (`started`), `playback` its final one."""

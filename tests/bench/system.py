@@ -16,11 +16,11 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from services import protocol
-from services.runtime import Connection, endpoints_for
 from tests.bench.pipeline import Client, Sample, time_reply
 from tests.bench.stats import median, percentile
 from tests.harness import Daemon, fake_openai, openai_settings
+from voxpipe import protocol
+from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 LOCAL_PROFILE = {"llm": {"profile": "local", "profiles": {"local": {"provider": "local", "temperature": 0.0}}}}

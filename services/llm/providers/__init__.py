@@ -21,7 +21,7 @@ MODEL = Setting("", text(), "the model, by the name the server knows it")
 EXTRA = Setting({}, table(), "request-body fields, laid over what voxpipe sends (nested tables merge key by key)")
 
 PROVIDERS = {
-    "local": Plugin("services.llm.providers.local:LocalProvider", {
+    "local": Plugin("voxpipe.llm.providers.local:LocalProvider", {
         "model_path": Setting("", text(), "a .gguf model file; empty: the bundled Gemma 3 270M (the local extra)"),
         "n_threads": Setting(0, count(0, 1024), "llama.cpp threads; 0: one per CPU core"),
         "n_ctx": Setting(2048, count(128, 1_048_576), "the context window, in tokens"),
@@ -29,18 +29,18 @@ PROVIDERS = {
         "repack": Setting("auto", choice("auto", "on", "off"),
                           "llama.cpp weight repacking; auto: on, except on CPUs with AMX (see llama_runtime)"),
     }),
-    "openai": Plugin("services.llm.providers.openai_compat:OpenAIProvider",
+    "openai": Plugin("voxpipe.llm.providers.openai_compat:OpenAIProvider",
                      {"base_url": BASE_URL, "model": MODEL, "extra": EXTRA}),
-    "gemini": Plugin("services.llm.providers.gemini:GeminiProvider",
+    "gemini": Plugin("voxpipe.llm.providers.gemini:GeminiProvider",
                      {"base_url": BASE_URL, "model": MODEL, "extra": EXTRA}),
-    "http": Plugin("services.llm.providers.http:HttpProvider", {
+    "http": Plugin("voxpipe.llm.providers.http:HttpProvider", {
         "url": Setting("", text(), "the full endpoint, http://host:port/path"),
         "wire": Setting("openai-sse", choice("openai-sse", "ndjson"),
                         "the endpoint's format: OpenAI chat completions with SSE, or Ollama's /api/chat NDJSON"),
         "model": MODEL,
         "extra": EXTRA,
     }),
-    "g4f": Plugin("services.llm.providers.g4f:G4fProvider", {"base_url": BASE_URL, "model": MODEL, "extra": EXTRA}),
+    "g4f": Plugin("voxpipe.llm.providers.g4f:G4fProvider", {"base_url": BASE_URL, "model": MODEL, "extra": EXTRA}),
 }
 
 

@@ -7,20 +7,20 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from services.config import Setting, text
-from services.plugins import Plugin, build
+from ...config import Setting, text
+from ...plugins import Plugin, build
 
 if TYPE_CHECKING:
-    from services.player.backends.base import PlayerBackend
+    from .base import PlayerBackend
 
 BACKENDS = {
-    "simpleaudio": Plugin("services.player.backends.simpleaudio_backend:SimpleaudioBackend"),
-    "sounddevice": Plugin("services.player.backends.sounddevice_backend:SounddeviceBackend"),
-    "wav": Plugin("services.player.backends.wav:WavBackend", {
+    "simpleaudio": Plugin("voxpipe.player.backends.simpleaudio_backend:SimpleaudioBackend"),
+    "sounddevice": Plugin("voxpipe.player.backends.sounddevice_backend:SounddeviceBackend"),
+    "wav": Plugin("voxpipe.player.backends.wav:WavBackend", {
         "wav_dir": Setting("", text(), "where the wav backend writes a file per reply; empty: a new private "
                                        "temporary directory each time the player starts"),
     }),
-    "null": Plugin("services.player.backends.null:NullBackend"),
+    "null": Plugin("voxpipe.player.backends.null:NullBackend"),
 }
 
 

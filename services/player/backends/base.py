@@ -6,7 +6,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from services.audio import AudioFormat, PcmFrame
+from ...audio import AudioFormat, PcmFrame
 
 
 class PlayerBackend(Protocol):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from services.audio import AudioFormat, PcmFrame
-from services.player.backends.base import ReplyState
+from ...audio import AudioFormat, PcmFrame
+from .base import ReplyState
 
 
 class NullBackend:

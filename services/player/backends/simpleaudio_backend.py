@@ -19,8 +19,8 @@ from typing import Any
 import simpleaudio
 from simpleaudio._simpleaudio import SimpleaudioError
 
-from services.audio import AudioFormat, PcmFrame
-from services.player.backends.base import ReplyState
+from ...audio import AudioFormat, PcmFrame
+from .base import ReplyState
 
 _POLL_S = 0.002
 _PROBE_TIMEOUT_S = 1.0

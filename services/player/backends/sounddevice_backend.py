@@ -16,8 +16,8 @@ from typing import Any
 
 import sounddevice
 
-from services.audio import AudioFormat, PcmFrame
-from services.player.backends.base import ReplyState
+from ...audio import AudioFormat, PcmFrame
+from .base import ReplyState
 
 QUEUE_MS = 300
 _DTYPES = {1: "uint8", 2: "int16", 3: "int24", 4: "int32"}

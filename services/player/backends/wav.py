@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from services.audio import AudioFormat, PcmFrame
-from services.player.backends import backend_settings
-from services.player.backends.base import ReplyState
+from ...audio import AudioFormat, PcmFrame
+from . import backend_settings
+from .base import ReplyState
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from services.config import Setting, choice, count, key_settings, languages, real, text
-from services.plugins import Plugin, build
+from ...config import Setting, choice, count, key_settings, languages, real, text
+from ...plugins import Plugin, build
 
 if TYPE_CHECKING:
-    from services.tts.engines.base import TtsEngine
+    from .base import TtsEngine
 
 
 def _numbers(default: list[str]) -> Setting:
@@ -22,7 +22,7 @@ def _numbers(default: list[str]) -> Setting:
 MAX_FRAME_MS = Setting(200, count(10, 1000), "the longest audio frame sent, in ms")
 
 ENGINES = {
-    "espeak": Plugin("services.tts.engines.espeak:EspeakEngine", {
+    "espeak": Plugin("voxpipe.tts.engines.espeak:EspeakEngine", {
         "voice": Setting("auto", text(), "a voice espeak-ng lists, optionally with +variant (en, en-us, ru, en+f3); "
                                          "auto: ru for Cyrillic text, else en"),
         "rate": Setting(175, count(80, 500), "words per minute"),
@@ -31,7 +31,7 @@ ENGINES = {
         "max_frame_ms": MAX_FRAME_MS,
         "normalize_numbers": _numbers([]),
     }),
-    "coqui": Plugin("services.tts.engines.coqui:CoquiEngine", {
+    "coqui": Plugin("voxpipe.tts.engines.coqui:CoquiEngine", {
         "model_name": Setting("", text(), "a Coqui model name, downloaded on first start; this or model_path"),
         "model_path": Setting("", text(), "a local checkpoint (for XTTS, its directory); this or model_name"),
         "config_path": Setting("", text(), "the checkpoint's config.json; empty: the one beside it"),
@@ -43,7 +43,7 @@ ENGINES = {
         "max_frame_ms": MAX_FRAME_MS,
         "normalize_numbers": _numbers(["ru", "en"]),
     }),
-    "openai-speech": Plugin("services.tts.engines.openai_speech:OpenAISpeechEngine", {
+    "openai-speech": Plugin("voxpipe.tts.engines.openai_speech:OpenAISpeechEngine", {
         "base_url": Setting("https://api.openai.com/v1", text(), "an OpenAI-compatible /v1/audio/speech server"),
         "model": Setting("tts-1", text(), "the speech model"),
         "voice": Setting("alloy", text(), "the server's voice"),
@@ -56,7 +56,7 @@ ENGINES = {
         "max_frame_ms": MAX_FRAME_MS,
         "normalize_numbers": _numbers([]),
     }),
-    "null": Plugin("services.tts.engines.null:NullEngine", {
+    "null": Plugin("voxpipe.tts.engines.null:NullEngine", {
         "frame_ms": Setting(10, count(1, 200), "the silence sent per chunk, in ms"),
         "normalize_numbers": _numbers([]),
     }),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
-from services.audio import PcmFrame
+from ...audio import PcmFrame
 
 
 class VoiceError(ValueError):

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from services.audio import AudioFormat, PcmFrame
-from services.tts.engines import engine_settings
-from services.tts.engines.base import VoiceError
+from ...audio import AudioFormat, PcmFrame
+from . import engine_settings
+from .base import VoiceError
 
 _INSTALL_HINT = "pip install 'voxpipe[coqui]' — see README for the torch recipe"
 _CYRILLIC = re.compile("[\u0400-\u04ff]")

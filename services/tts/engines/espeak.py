@@ -22,9 +22,9 @@ from typing import Any
 
 import espeakng_loader
 
-from services.audio import AudioFormat, PcmFrame
-from services.tts.engines import engine_settings
-from services.tts.engines.base import VoiceError
+from ...audio import AudioFormat, PcmFrame
+from . import engine_settings
+from .base import VoiceError
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INITIALIZE_DONT_EXIT = 0x8000  # without it, missing data makes espeak call exit()

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from services.audio import AudioFormat, PcmFrame
-from services.tts.engines import engine_settings
+from ...audio import AudioFormat, PcmFrame
+from . import engine_settings
 
 
 class NullEngine:

@@ -26,11 +26,11 @@ from typing import Any
 
 import openai
 
-from services.audio import AudioFormat, PcmFrame
-from services.llm.providers.base import ROTATING_CODES, status_code
-from services.secrets import KeyRing, read_key, scrub
-from services.tts.engines import engine_settings
-from services.tts.engines.base import VoiceError
+from ...audio import AudioFormat, PcmFrame
+from ...llm.providers.base import ROTATING_CODES, status_code
+from ...secrets import KeyRing, read_key, scrub
+from . import engine_settings
+from .base import VoiceError
 
 _STREAMED_SIZES = (0, 0xFFFFFFFF)
 _MAX_HEADER = 64 * 1024
