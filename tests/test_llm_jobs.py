@@ -151,8 +151,21 @@ def test_a_session_cancel_drops_its_queue_and_a_reply_cancel_keeps_it() -> None:
     core.request(message("request", "r2", text="2"), 1.0)
     core.cancel(S, "r1", "test", 1.5)
     assert [m.id for m in core.waiting[S]] == ["r2"]
-    core.cancel(S, "", "test", 1.6)
+    effects = core.cancel(S, "", "test", 1.6)
     assert S not in core.waiting
+    ends = [e for e in effects if getattr(e, "kind", "") == "llm.done"]
+    assert [(e.id, e.body["status"], e.body["text"]) for e in ends] == [("r2", "interrupted", "")]
+
+
+def test_a_cancel_naming_a_queued_request_ends_only_that_one() -> None:
+    core = jobs("queue", history_limit=0)
+    running(core)
+    for number in (2, 3):
+        core.request(message("request", f"r{number}", text=str(number)), 1.0)
+    effects = core.cancel(S, "r2", "test", 1.5)
+    assert [(e.id, e.body["status"]) for e in effects if getattr(e, "kind", "") == "llm.done"] == [
+        ("r2", "interrupted")]
+    assert [m.id for m in core.waiting[S]] == ["r3"] and not core.jobs[S].cancelled
 
 
 @pytest.mark.parametrize("named", ["", "other"])

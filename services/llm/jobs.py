@@ -355,20 +355,37 @@ class Jobs:
         return self._start(job, context)
 
     def cancel(self, session: str, id: str, reason: str, now: float) -> list[Effect]:
-        """Cancel the session's job if it is `id` (empty: whichever it is, and drop the queued ones).
+        """Cancel the session's job if it is `id` (empty: whichever it is, and the queued ones too;
+        a queued request named by `id` is dropped from the queue).
 
         A job still waiting for context starts anyway, so that its worker ends it; a running call is
         closed, and if it does not stop within CANCEL_GRACE_S the watchdog ends the job itself."""
-        if not id:
-            self.waiting.pop(session, None)
+        dropped = self._drop_waiting(session, id, now)
         job = self.jobs.get(session)
         if job is None or (id and job.request.id != id):
-            return []
+            return dropped
         job.cancelled_at = now
         effects: list[Effect] = [Close(job.generation)] if job.generation is not None else []
         if not job.started:
             effects += self._start(job, None)
-        return [*effects, Log(logging.INFO, "cancelled %s/%s: %s", (session, job.request.id, reason))]
+        return [*dropped, *effects, Log(logging.INFO, "cancelled %s/%s: %s", (session, job.request.id, reason))]
+
+    def _drop_waiting(self, session: str, id: str, now: float) -> list[Effect]:
+        """Queued requests (llm.on_busy = queue) a cancel names, or all of the session's for an empty
+        id: each still gets its one llm.done, interrupted with no text, so no front-end waits on it."""
+        queue = self.waiting.get(session)
+        if not queue:
+            return []
+        dropped = [request for request in queue if not id or request.id == id]
+        kept = deque(request for request in queue if request not in dropped)
+        if kept:
+            self.waiting[session] = kept
+        else:
+            del self.waiting[session]
+        return [Publish("llm.done", request.session, request.id,
+                        {**Reply(request.session, request.id, now).done_fields("interrupted", now),
+                         "profile": request["profile"] or self.settings.profile})
+                for request in dropped]
 
     def stop(self, now: float) -> list[Effect]:
         """The stage is stopping: cancel every job, so that each still ends with its llm.done."""
