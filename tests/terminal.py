@@ -19,7 +19,13 @@ CTRL_C, CTRL_D, ENTER = "\x03", "\x04", "\r"
 
 
 def _controlling_terminal() -> None:
-    """In the child, after setsid: make the pty (fd 0) the controlling terminal, so ^C is SIGINT."""
+    """In the child, after setsid: make the pty (fd 0) the controlling terminal, so ^C is SIGINT.
+
+    SIGINT and SIGQUIT go back to their defaults, as in a program started from a person's shell:
+    a test run launched in the background (`make test &`, some CI runners) ignores them, the
+    child would inherit that, and ^C would then do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
