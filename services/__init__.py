@@ -23,6 +23,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from . import client
+        from .frontends import client
         return getattr(client, name)
     raise AttributeError(f"module 'voxpipe' has no attribute {name!r}")

@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import protocol
-from .bus import BusError, Endpoints
+from .runtime.broker import BusError, Endpoints
 from .config import Config, ConfigError, load
-from .llm.providers.base import ProviderError
+from .stages.llm.providers.base import ProviderError
 from .protocol import Message
-from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
-from .shard import Shard
+from .runtime.stage import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from .runtime.shard import Shard
 
 if TYPE_CHECKING:  # the client library is imported only by the commands that use it
-    from .client import Done, Error, Playback
+    from .frontends.client import Done, Error, Playback
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = command("stats", "p50/p95 time to first token, audio and playback of recent replies")
     stats.add_argument("--last", type=_positive, default=200, help="how many recent replies")
 
-    from .history.cli import add_arguments as history_arguments
+    from .stages.history.cli import add_arguments as history_arguments
     history_arguments(command("history", "list, show, export, import or clear stored sessions"))
 
     command("chunk", 'split JSON lines {"delta": ...} on stdin into speakable chunks')
@@ -147,7 +147,7 @@ def _config_everywhere(parser: argparse.ArgumentParser, top: bool = False) -> No
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "doctor":  # reports a broken config as one of its checks
-        from . import doctor
+        from .ops import doctor
         return doctor.run(args.config)
     try:
         config = load(args.config)
@@ -169,18 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from .supervisor import Supervisor
+    from .ops.supervisor import Supervisor
     return Supervisor(config).run()
 
 
 def cmd_stage(args: argparse.Namespace, config: Config) -> int:
-    from .stages import stage_class
+    from .runtime.registry import stage_class
     return stage_class(args.name)(config, Shard.parse(args.shard)).run()
 
 
 def cmd_say(args: argparse.Namespace, config: Config) -> int:
     """Send one request and follow it until its audio has played (or it fails); Ctrl-C cancels it everywhere."""
-    from .client import Error, Playback, TextDelta, VoxpipeTimeout, connect
+    from .frontends.client import Error, Playback, TextDelta, VoxpipeTimeout, connect
     text = " ".join(args.text).strip()
     if not text:
         raise ConfigError("say needs a message: voxpipe say 'What is the capital of France?'")
@@ -233,13 +233,13 @@ def _say_outcome(crashed: Error | None, done: Done | None, played: Playback | No
 
 
 def cmd_chat(args: argparse.Namespace, config: Config) -> int:
-    from .chat import run
+    from .frontends.chat import run
     return run(config, session=args.session, profile=args.profile, stream=False if args.no_stream else None,
                timeout=args.timeout)
 
 
 def cmd_gui(args: argparse.Namespace, config: Config) -> int:
-    from .gui import run
+    from .frontends.gui import run
     return run(config, session=args.session, profile=args.profile, timeout=args.timeout, dump=args.dump)
 
 
@@ -340,20 +340,20 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_keys(args: argparse.Namespace, config: Config) -> int:
-    from .keys import command
+    from .runtime.curve import command
     return command(args, config)
 
 
 def cmd_chunk(args: argparse.Namespace, config: Config) -> int:
-    from .chunker.cli import run
-    from .chunker.core import ChunkerPolicy
+    from .stages.chunker.cli import run
+    from .stages.chunker.core import ChunkerPolicy
     return run(sys.stdin, sys.stdout, ChunkerPolicy.from_mapping(config["chunker"]))
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:
-    from .history.stage import default_db_path
-    from .history.store import HistoryStore
-    from .stats import table
+    from .stages.history.stage import default_db_path
+    from .stages.history.store import HistoryStore
+    from .ops.stats import table
     store = HistoryStore(default_db_path(config["history"]["db_path"]))
     try:
         timelines = store.recent_metrics(args.last)
@@ -367,7 +367,7 @@ def cmd_stats(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_history(args: argparse.Namespace, config: Config) -> int:
-    from .history.cli import run
+    from .stages.history.cli import run
     return run(args, config)
 
 

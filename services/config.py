@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 ENV_PREFIX = "VOXPIPE_"
 STAGES = ("llm", "chunker", "tts", "player", "history")
-"""The stages `voxpipe run` can start. Their classes are registered in services/stages.py, which
+"""The stages `voxpipe run` can start. Their classes are registered in services/runtime/registry.py, which
 imports the bus runtime, too heavy for every config load; tests/test_plugins.py keeps the two equal."""
 
 
@@ -268,9 +268,9 @@ class FullSchema(NamedTuple):
 def full_schema() -> FullSchema:
     """Read from the registries on first use: they declare their keys with this module's rules, so
     they import it, and cannot be imported at its top."""
-    from .llm.providers import PROVIDERS
-    from .player.backends import BACKENDS
-    from .tts.engines import ENGINES
+    from .stages.llm.providers import PROVIDERS
+    from .stages.player.backends import BACKENDS
+    from .stages.tts.engines import ENGINES
 
     provider_keys = _merged(PROVIDERS)
     backend_keys = _merged(BACKENDS)
@@ -430,14 +430,14 @@ def _validate(data: Any, schema: Any, path: tuple[str, ...], origins: dict[tuple
 
 def _validate_chunker(data: Any, path: tuple[str, ...], origins: dict[tuple[str, ...], str],
                       fallback: str) -> None:
-    """The chunker's keys live with its policy (services/chunker/core.py); check them there. An empty
+    """The chunker's keys live with its policy (services/stages/chunker/core.py); check them there. An empty
     table is the policy's defaults, valid by construction, so the chunker (slow to import, for its
     patterns) is imported only to check keys that were set."""
     if not isinstance(data, dict):
         raise ConfigError(f"{_where(path, origins, fallback)}: key chunker must be a table")
     if not data:
         return
-    from .chunker.core import ChunkerPolicy
+    from .stages.chunker.core import ChunkerPolicy
 
     try:
         ChunkerPolicy.from_mapping(data)

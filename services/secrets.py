@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .keys import check_private_file
+from .runtime.curve import check_private_file
 
 
 def read_key(settings: Mapping[str, Any], env: Mapping[str, str] = os.environ, table: str = "") -> list[str]:

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from voxpipe.chunker.cli import run
-from voxpipe.chunker.core import ChunkerPolicy
+from voxpipe.stages.chunker.cli import run
+from voxpipe.stages.chunker.core import ChunkerPolicy
 
 
 def chunk_cli(*lines: object, policy: ChunkerPolicy = ChunkerPolicy()) -> tuple[int, list[dict], str]:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from voxpipe.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
-from voxpipe.tags import FORMATTING, VOID
+from voxpipe.stages.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
+from voxpipe.stages.tags import FORMATTING, VOID
 
 DEFAULT = ChunkerPolicy()
 

@@ -11,7 +11,7 @@ import pytest
 from tests.fakes.openai_server import reply_for
 from tests.harness import Daemon, fake_openai, openai_settings, start_stage, stop_process
 from tests.harness import connect as bus_connect
-from voxpipe.client import Audio, Chunk, Done, Error, Mark, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect
+from voxpipe.frontends.client import Audio, Chunk, Done, Error, Mark, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 

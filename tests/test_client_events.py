@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from voxpipe import protocol
-from voxpipe.client import REPLY_KINDS, Audio, Chunk, Command, Done, Error, Playback, Reasoning, TextDelta, event_from
+from voxpipe.frontends.client import REPLY_KINDS, Audio, Chunk, Command, Done, Error, Playback, Reasoning, TextDelta, event_from
 
 EVENTS = (TextDelta, Chunk, Audio, Command, Reasoning, Playback, Done, Error)
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from voxpipe.chunker.core import Chunker, ChunkerPolicy
-from voxpipe.history.commands import Allowlist, load_allowlist, memory_ids, parse_reply
+from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
+from voxpipe.stages.history.commands import Allowlist, load_allowlist, memory_ids, parse_reply
 
 
 def parse(text: str, limit: int = 30):

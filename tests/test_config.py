@@ -92,7 +92,7 @@ def test_cli_exits_2_with_one_clear_line_on_bad_config(tmp_path: Path) -> None:
 
 
 def test_example_config_is_valid_and_documents_every_key() -> None:
-    from voxpipe.chunker.core import ChunkerPolicy
+    from voxpipe.stages.chunker.core import ChunkerPolicy
     example = ROOT / "deploy" / "voxpipe.example.toml"
     config = load(example, env={})
     text = example.read_text()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.harness import PYTHON, ROOT, Daemon, base_env, write_toml
-from voxpipe.llm.llama_runtime import AMX_FLAGS, machine_flags
+from voxpipe.stages.llm.llama_runtime import AMX_FLAGS, machine_flags
 
 pytestmark = pytest.mark.native  # it loads llama.cpp (in its own child); a crash fails one test
 

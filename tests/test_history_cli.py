@@ -14,7 +14,7 @@ from typing import Any
 from tests.fakes.wire_server import WireServer, sse_script
 from tests.harness import Daemon
 from voxpipe import protocol
-from voxpipe.history.store import HistoryStore
+from voxpipe.stages.history.store import HistoryStore
 from voxpipe.protocol import Message
 from voxpipe.runtime import Connection, endpoints_for
 

@@ -16,8 +16,8 @@ import pytest
 
 from tests.harness import Daemon, connect, fake_openai, openai_settings, start_stage, stop_process, wait_ready
 from voxpipe import protocol
-from voxpipe.history.store import HistoryStore
-from voxpipe.llm.core import build_messages, render_dialogue
+from voxpipe.stages.history.store import HistoryStore
+from voxpipe.stages.llm.core import build_messages, render_dialogue
 from voxpipe.protocol import Message
 from voxpipe.runtime import Connection, endpoints_for
 

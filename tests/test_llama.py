@@ -20,7 +20,7 @@ pytestmark = pytest.mark.native  # a llama.cpp crash fails one test (tests/nativ
 
 @pytest.fixture(scope="module")
 def gguf() -> str:
-    from voxpipe.llm.providers.local import bundled_model_path
+    from voxpipe.stages.llm.providers.local import bundled_model_path
     return bundled_model_path()
 
 
@@ -40,7 +40,7 @@ def llama_server(gguf: str, llama_server_log: Path):
     port = free_port()
     log = llama_server_log
     process = subprocess.Popen(
-        [PYTHON, "-m", "voxpipe.llm.llama_server", "--model", gguf, "--chat_format", "gemma", "--n_threads", "2",
+        [PYTHON, "-m", "voxpipe.stages.llm.llama_server", "--model", gguf, "--chat_format", "gemma", "--n_threads", "2",
          "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT, env=base_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
@@ -144,8 +144,8 @@ def test_repetition_guard_stops_the_looping_base_model(gguf: str) -> None:
 def test_the_local_model_answers_a_request_the_same_way_every_time(gguf: str) -> None:
     """No state leaks between calls (llama.cpp's prompt cache would change the numerics)."""
     from voxpipe.config import load
-    from voxpipe.llm.providers.base import ChatRequest, Params
-    from voxpipe.llm.providers.local import LocalProvider
+    from voxpipe.stages.llm.providers.base import ChatRequest, Params
+    from voxpipe.stages.llm.providers.local import LocalProvider
     provider = LocalProvider(load(env={}).profile("local"))
     provider.load()
     messages = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -175,7 +175,7 @@ def test_the_bundled_model_answers_on_topic_in_one_turn_with_history(gguf: str) 
 def test_the_server_wrapper_turns_repacking_off_on_amx_and_loads_the_best_cpu_backend(
         llama_server: str, llama_server_log: Path) -> None:
     """The server the README tells users to run: it answered the tests above, so it did not crash here."""
-    from voxpipe.llm.llama_runtime import AMX_FLAGS, cpu_variants, machine_flags
+    from voxpipe.stages.llm.llama_runtime import AMX_FLAGS, cpu_variants, machine_flags
     text = llama_server_log.read_text()
     assert f"weight repacking {'off' if machine_flags() & AMX_FLAGS else 'on'}" in text
     if cpu_variants():
@@ -185,9 +185,9 @@ def test_the_server_wrapper_turns_repacking_off_on_amx_and_loads_the_best_cpu_ba
 def test_repacking_forced_on_is_the_only_way_to_the_amx_crash() -> None:
     """On an AMX CPU, repack = "on" dies in llama.cpp (in a child here); "auto" and "off" answer.
     Elsewhere all three answer. Which case applies is this machine's."""
-    from voxpipe.llm.llama_runtime import AMX_FLAGS, machine_flags
-    code = ("import sys\nfrom voxpipe.llm import llama_runtime\nfrom llama_cpp import Llama\n"
-            "from voxpipe.llm.providers.local import bundled_model_path\n"
+    from voxpipe.stages.llm.llama_runtime import AMX_FLAGS, machine_flags
+    code = ("import sys\nfrom voxpipe.stages.llm import llama_runtime\nfrom llama_cpp import Llama\n"
+            "from voxpipe.stages.llm.providers.local import bundled_model_path\n"
             "flags = llama_runtime.machine_flags()\n"
             "with llama_runtime.model_params(repack=llama_runtime.repack_weights(sys.argv[1], flags)):\n"
             "    llm = Llama(model_path=bundled_model_path(), n_ctx=256, n_threads=2, verbose=False)\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from voxpipe.config import load
-from voxpipe.llm.core import DIALOGUE_EXAMPLES, render_dialogue, render_persona, resolve_prompt_style
-from voxpipe.llm.llama_runtime import AMX_FLAGS, LLAMA_FLAGS, cpu_flags, machine_flags, repack_reason, repack_weights
+from voxpipe.stages.llm.core import DIALOGUE_EXAMPLES, render_dialogue, render_persona, resolve_prompt_style
+from voxpipe.stages.llm.llama_runtime import AMX_FLAGS, LLAMA_FLAGS, cpu_flags, machine_flags, repack_reason, repack_weights
 
 CPUINFO = Path(__file__).parent / "cpuinfo"
 

@@ -6,13 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxpipe.llm.core import build_messages, trim_history
-from voxpipe.llm.guards import GuardPolicy, ReplyGuard
-from voxpipe.llm.providers.base import Image, ProviderError, status_code
-from voxpipe.llm.retry import RetryPolicy, next_step
-from voxpipe.llm.think import ThinkSplitter
+from voxpipe.stages.llm.core import build_messages, trim_history
+from voxpipe.stages.llm.guards import GuardPolicy, ReplyGuard
+from voxpipe.stages.llm.providers.base import Image, ProviderError, status_code
+from voxpipe.stages.llm.retry import RetryPolicy, next_step
+from voxpipe.stages.llm.think import ThinkSplitter
 from voxpipe.secrets import KeyRing
-from voxpipe.tags import held_back
+from voxpipe.stages.tags import held_back
 
 
 def run_guard(policy: GuardPolicy, pieces: list[str]) -> tuple[str, str | None]:
@@ -162,7 +162,7 @@ def test_a_retry_after_beyond_a_minute_gives_up() -> None:
     (503, "server", True, False),
 ])
 def test_one_table_reads_every_http_status(status: int, code: str, retryable: bool, rotates: bool) -> None:
-    """services/llm/providers/base.py is the one reading of a refusal: gemini, http, openai, g4f and
+    """services/stages/llm/providers/base.py is the one reading of a refusal: gemini, http, openai, g4f and
     openai-speech all take their codes from it."""
     error = ProviderError("x", code=status_code(status), status=status)
     assert (error.code, error.retryable, error.rotates_key) == (code, retryable, rotates)
@@ -201,7 +201,7 @@ def ask(context: dict | None = None, budget: int = 0, **profile: object):
     """chat_request for a request "look" with one image, history's `context`, and the profile's keys."""
     from voxpipe import protocol
     from voxpipe.config import PROFILE_DEFAULTS
-    from voxpipe.llm.core import chat_request
+    from voxpipe.stages.llm.core import chat_request
 
     def make(kind: str, **body: object) -> protocol.Message:
         return protocol.make(kind, session="s", id="r", seq=0, ts=0.0, src="t", **body)

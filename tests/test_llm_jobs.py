@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from voxpipe import protocol
 from voxpipe.config import PROFILE_DEFAULTS, ConfigError
-from voxpipe.llm.jobs import (
+from voxpipe.stages.llm.jobs import (
     CANCEL_GRACE_S,
     Close,
     Done,
@@ -27,7 +27,7 @@ from voxpipe.llm.jobs import (
     Settings,
     Start,
 )
-from voxpipe.llm.providers.base import Delta, Outcome, ProviderError
+from voxpipe.stages.llm.providers.base import Delta, Outcome, ProviderError
 from voxpipe.protocol import Message
 from voxpipe.secrets import KeyRing
 

@@ -20,7 +20,7 @@ def test_import_voxpipe_and_connect_from_anywhere(tmp_path) -> None:
     """Outside the checkout, as a user's program runs: the public names, and no `services` package."""
     code = ("import importlib.util, voxpipe\n"
             "from voxpipe import connect, TextDelta\n"
-            "assert callable(connect) and voxpipe.Client.__module__ == 'voxpipe.client'\n"
+            "assert callable(connect) and voxpipe.Client.__module__ == 'voxpipe.frontends.client'\n"
             "assert importlib.util.find_spec('services') is None\n")
     result = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.alsa_fifo import PacedFifo
-from voxpipe.audio import AudioFormat, PcmFrame
-from voxpipe.player.backends import create_backend
-from voxpipe.player.backends.simpleaudio_backend import SimpleaudioBackend
+from voxpipe.stages.audio import AudioFormat, PcmFrame
+from voxpipe.stages.player.backends import create_backend
+from voxpipe.stages.player.backends.simpleaudio_backend import SimpleaudioBackend
 
 REPO = Path(__file__).resolve().parent.parent
 ALSA_NULL = REPO / "tests" / "alsa_null.conf"
@@ -152,7 +152,7 @@ def test_auto_falls_back_to_wav_when_no_device_plays(tmp_path):
     conf.write_text("</usr/share/alsa/alsa.conf>\npcm.!default { type hw card 99 }\n")
     result = run_with_alsa(conf, f"""
         import json
-        from voxpipe.player.backends import create_backend
+        from voxpipe.stages.player.backends import create_backend
         print(json.dumps(create_backend("auto", {{"wav_dir": {str(tmp_path)!r}}}).name))
     """)
     assert result == "wav"
@@ -163,8 +163,8 @@ def test_auto_falls_back_to_wav_when_no_device_plays(tmp_path):
 # Plays tone_frames(), each after an empty frame, through the backend named NAME.
 PLAY_FRAMES = """
     import json
-    from voxpipe.player.backends import create_backend
-    from voxpipe.audio import PcmFrame
+    from voxpipe.stages.player.backends import create_backend
+    from voxpipe.stages.audio import PcmFrame
     from tests.test_player_backends import FMT, tone_frames
     backend = create_backend(NAME, {})
     backend.begin("s", "r", FMT)
@@ -228,8 +228,8 @@ def test_simpleaudio_stop_from_another_thread_releases_a_blocked_write(fifo_devi
     conf, fifo = fifo_device
     result = run_with_alsa(conf, f"""
         import json, os, threading, time
-        from voxpipe.audio import AudioFormat, PcmFrame
-        from voxpipe.player.backends import create_backend
+        from voxpipe.stages.audio import AudioFormat, PcmFrame
+        from voxpipe.stages.player.backends import create_backend
         reader = os.open({str(fifo)!r}, os.O_RDONLY | os.O_NONBLOCK)  # never read: the device hangs
         fmt = AudioFormat(22050, 1, 2)
         backend = create_backend("simpleaudio", {{}})
@@ -280,8 +280,8 @@ def test_sounddevice_plays_every_frame_in_order_without_gaps(paced_device):
 # Writes 3 s of audio from a thread (the queue holds 300 ms, so the writer blocks), then stops.
 STOP_WHILE_WRITING = """
     import json, os, threading, time
-    from voxpipe.audio import PcmFrame
-    from voxpipe.player.backends import create_backend
+    from voxpipe.stages.audio import PcmFrame
+    from voxpipe.stages.player.backends import create_backend
     from tests.test_player_backends import FMT
     backend = create_backend("sounddevice", {})
     sounded = []  # when callbacks that handed the device non-silent samples began

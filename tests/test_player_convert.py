@@ -9,8 +9,8 @@ from array import array
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxpipe.audio import AudioFormat
-from voxpipe.player.convert import Converter
+from voxpipe.stages.audio import AudioFormat
+from voxpipe.stages.player.convert import Converter
 
 RATES = st.sampled_from([8000, 11025, 16000, 22050, 24000, 44100, 48000]) | st.integers(1000, 96000)
 WIDTHS = st.integers(1, 4)

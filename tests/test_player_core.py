@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from voxpipe import protocol
-from voxpipe.audio import AudioFormat
-from voxpipe.player.core import (
+from voxpipe.stages.audio import AudioFormat
+from voxpipe.stages.player.core import (
     ENDED_MEMORY,
     SPEECH_MS_PER_CHAR,
     Playlist,

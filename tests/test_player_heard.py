@@ -21,8 +21,8 @@ from tests.fakes.alsa_fifo import PacedFifo
 from tests.fakes.openai_server import pieces, reply_for
 from tests.harness import Daemon, fake_openai, openai_settings
 from voxpipe import protocol
-from voxpipe.chunker.core import Chunker, ChunkerPolicy
-from voxpipe.history.stage import ReplyTrack, _heard_text
+from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
+from voxpipe.stages.history.stage import ReplyTrack, _heard_text
 from voxpipe.protocol import Message
 from voxpipe.runtime import Connection, endpoints_for
 

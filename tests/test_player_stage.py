@@ -16,9 +16,9 @@ import pytest
 
 from tests.fakes.alsa_fifo import PacedFifo
 from tests.harness import PYTHON, ROOT, base_env, connect, start_stage, stop_process, wait_ready
-from voxpipe.audio import AudioFormat
-from voxpipe.player.convert import Converter
-from voxpipe.player.core import SPEECH_MS_PER_CHAR
+from voxpipe.stages.audio import AudioFormat
+from voxpipe.stages.player.convert import Converter
+from voxpipe.stages.player.core import SPEECH_MS_PER_CHAR
 from voxpipe.protocol import Message
 
 FMT = AudioFormat(22050, 1, 2)
@@ -180,7 +180,7 @@ def test_simpleaudio_gets_audio_resampled_to_a_rate_it_plays(tmp_path):
 INSTRUMENTED_PLAYER = """
 import json, sys, time
 from voxpipe.cli import main
-from voxpipe.player.backends.sounddevice_backend import SounddeviceBackend as Backend
+from voxpipe.stages.player.backends.sounddevice_backend import SounddeviceBackend as Backend
 marks = {"stops": [], "sound_after_stop": 0, "period_ms": 0.0}
 play, stop = Backend._callback, Backend.stop
 def callback(self, outdata, frames, at, status):

@@ -16,10 +16,10 @@ import pytest
 
 from tests.harness import PYTHON, ROOT
 from voxpipe.config import STAGES, ConfigError, full_schema, load
-from voxpipe.llm.providers import PROVIDERS
-from voxpipe.player.backends import BACKENDS, create_backend
+from voxpipe.stages.llm.providers import PROVIDERS
+from voxpipe.stages.player.backends import BACKENDS, create_backend
 from voxpipe.plugins import load_class
-from voxpipe.tts.engines import ENGINES, create_engine
+from voxpipe.stages.tts.engines import ENGINES, create_engine
 
 EXAMPLE = ROOT / "deploy" / "voxpipe.example.toml"
 REGISTRIES = {"provider": PROVIDERS, "tts engine": ENGINES, "player backend": BACKENDS}
@@ -44,8 +44,8 @@ def test_config_allows_exactly_the_registered_names() -> None:
 
 
 def test_config_stages_are_the_registered_stages() -> None:
-    """services/stages.py imports the bus runtime, so config keeps its own list; it must not drift."""
-    from voxpipe.stages import STAGES as REGISTERED
+    """services/runtime/registry.py imports the bus runtime, so config keeps its own list; it must not drift."""
+    from voxpipe.runtime.registry import STAGES as REGISTERED
     assert set(STAGES) == set(REGISTERED) - {"bus"}
 
 
@@ -55,7 +55,7 @@ def test_every_registered_class_carries_its_registry_name(kind: str, name: str) 
 
 
 def test_the_http_wires_are_the_declared_ones() -> None:
-    from voxpipe.llm.providers.http import WIRES
+    from voxpipe.stages.llm.providers.http import WIRES
     assert PROVIDERS["http"].settings["wire"].rule.describe == f"one of: {', '.join(WIRES)}"
 
 
@@ -136,7 +136,7 @@ def test_loading_the_config_imports_no_plugin_and_no_heavy_library() -> None:
     """Every process loads the config, `voxpipe say` included: the registries are read, never a plugin module."""
     script = (f"import sys; from voxpipe.config import load; load({str(EXAMPLE)!r}, env={{}}); "
               f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} "
-              f"or m.startswith(('voxpipe.llm.providers.', 'voxpipe.tts.engines.', 'voxpipe.player.backends.'))))")
+              f"or m.startswith(('voxpipe.stages.llm.providers.', 'voxpipe.stages.tts.engines.', 'voxpipe.stages.player.backends.'))))")
     result = subprocess.run([PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -42,7 +42,7 @@ STAGES = ("llm", "history", "chunker", "tts", "player")
 """The stage packages: services/<name>/stage.py holds the stage class and its `kinds`."""
 PROCESSES = (*STAGES, "bus", "launcher")
 ENVELOPE_KINDS = ("hello", "heartbeat", "error")
-"""Kinds every participant publishes through the runtime (services/runtime.py), not its own code."""
+"""Kinds every participant publishes through the runtime (services/runtime/stage.py), not its own code."""
 
 
 # --- the document ---------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from voxpipe import protocol
-from voxpipe.bus import Broker, Endpoints
+from voxpipe.runtime.broker import Broker, Endpoints
 from voxpipe.runtime import Connection
 
 

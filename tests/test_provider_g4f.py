@@ -33,9 +33,9 @@ from g4f.providers.response import FinishReason, Reasoning, Usage
 from tests.fakes.openai_server import pieces, reply_for
 from tests.fakes.wire_server import Reader, Script, WireServer, json_script, sse_script
 from tests.harness import Daemon
-from voxpipe.llm.providers import create_provider
-from voxpipe.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
-from voxpipe.llm.providers.g4f import NOT_INSTALLED, G4fProvider
+from voxpipe.stages.llm.providers import create_provider
+from voxpipe.stages.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
+from voxpipe.stages.llm.providers.g4f import NOT_INSTALLED, G4fProvider
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from tests.fakes.wire_server import Reader, Script, WireServer, json_script, sse_script
-from voxpipe.llm.providers import create_provider
-from voxpipe.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError
-from voxpipe.llm.providers.gemini import GeminiProvider
+from voxpipe.stages.llm.providers import create_provider
+from voxpipe.stages.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError
+from voxpipe.stages.llm.providers.gemini import GeminiProvider
 
 KEY = "AIzaSy-test-0123456789"
 MODEL = "gemini-test"

@@ -23,10 +23,10 @@ import pytest
 
 from tests.fakes.wire_server import Reader, Script, WireServer, json_script, ndjson_script, sse_script
 from voxpipe.config import load
-from voxpipe.llm.providers import create_provider
-from voxpipe.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
-from voxpipe.llm.providers.http import HttpProvider
-from voxpipe.llm.providers.http_transport import error_text, merged, parse_retry_after
+from voxpipe.stages.llm.providers import create_provider
+from voxpipe.stages.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
+from voxpipe.stages.llm.providers.http import HttpProvider
+from voxpipe.stages.llm.providers.http_transport import error_text, merged, parse_retry_after
 
 KEY = "sk-test-0123456789abcdef"
 CANCEL_BOUND_S = 0.1

@@ -25,7 +25,7 @@ from tests.harness import (
     start_stage,
     stop_process,
 )
-from voxpipe.shard import Shard, shard_of
+from voxpipe.runtime.shard import Shard, shard_of
 
 
 @pytest.fixture()

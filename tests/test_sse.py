@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxpipe.llm.sse import Event, LineSplitter, SSEParser, events, lines
+from voxpipe.stages.llm.sse import Event, LineSplitter, SSEParser, events, lines
 
 
 def parse(*pieces: bytes | str) -> list[Event]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from voxpipe.tags import (
+from voxpipe.stages.tags import (
     CLOSING,
     CLOSING_START,
     DEFAULT_TAGS,

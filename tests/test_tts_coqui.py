@@ -23,9 +23,9 @@ pytest.importorskip("TTS")
 pytestmark = pytest.mark.native  # a torch crash fails one test (tests/native_isolation.py)
 
 from tests.harness import connect, start_stage, stop_process  # noqa: E402
-from voxpipe.audio import AudioFormat  # noqa: E402
-from voxpipe.tts.engines import create_engine  # noqa: E402
-from voxpipe.tts.engines.coqui import CoquiEngine, _split  # noqa: E402
+from voxpipe.stages.audio import AudioFormat  # noqa: E402
+from voxpipe.stages.tts.engines import create_engine  # noqa: E402
+from voxpipe.stages.tts.engines.coqui import CoquiEngine, _split  # noqa: E402
 
 VITS_RATE = 16000
 XTTS_RATE = 24000

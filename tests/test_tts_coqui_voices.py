@@ -12,8 +12,8 @@ pytest.importorskip("TTS")
 pytestmark = pytest.mark.native  # a torch crash fails one test (tests/native_isolation.py)
 
 from tests.test_tts_coqui import EN, NEVER, build_tiny_vits, build_tiny_xtts, tiny_xtts  # noqa: E402
-from voxpipe.tts.engines.base import VoiceError  # noqa: E402
-from voxpipe.tts.engines.coqui import CoquiEngine  # noqa: E402
+from voxpipe.stages.tts.engines.base import VoiceError  # noqa: E402
+from voxpipe.stages.tts.engines.coqui import CoquiEngine  # noqa: E402
 
 
 def spoken(engine: CoquiEngine, voice: str) -> bytes:

@@ -9,9 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from voxpipe import protocol
-from voxpipe.audio import AudioFormat, PcmFrame
+from voxpipe.stages.audio import AudioFormat, PcmFrame
 from voxpipe.protocol import Message
-from voxpipe.tts.core import CANCELLED_MEMORY, SILENT_FORMAT, VOICE_MEMORY, FrameNumbers, SpeechQueue
+from voxpipe.stages.tts.core import CANCELLED_MEMORY, SILENT_FORMAT, VOICE_MEMORY, FrameNumbers, SpeechQueue
 
 FMT = AudioFormat(22050, 1, 2)
 

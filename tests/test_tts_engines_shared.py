@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from voxpipe.config import load
-from voxpipe.tts.normalize import language_of, spell_numbers
+from voxpipe.stages.tts.normalize import language_of, spell_numbers
 
 
 def test_numbers_are_spelled_in_the_chunks_language_only_when_configured() -> None:

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxpipe.audio import AudioFormat
-from voxpipe.tts.engines import create_engine
-from voxpipe.tts.engines.base import VoiceError
-from voxpipe.tts.engines.espeak import EspeakEngine
+from voxpipe.stages.audio import AudioFormat
+from voxpipe.stages.tts.engines import create_engine
+from voxpipe.stages.tts.engines.base import VoiceError
+from voxpipe.stages.tts.engines.espeak import EspeakEngine
 
 RU = "Привет! Сегодня хорошая погода, и мы идём гулять в парк."
 EN = "Hello there! The weather is fine today, so we are going for a walk."

@@ -15,10 +15,10 @@ import pytest
 
 from tests.fakes.wire_server import Script, WireServer, json_script
 from tests.harness import connect, start_stage, stop_process, wait_ready
-from voxpipe.audio import AudioFormat
-from voxpipe.tts.engines import create_engine
-from voxpipe.tts.engines.base import VoiceError
-from voxpipe.tts.engines.openai_speech import OpenAISpeechEngine, SpeechError
+from voxpipe.stages.audio import AudioFormat
+from voxpipe.stages.tts.engines import create_engine
+from voxpipe.stages.tts.engines.base import VoiceError
+from voxpipe.stages.tts.engines.openai_speech import OpenAISpeechEngine, SpeechError
 
 NEVER = lambda: False  # noqa: E731
 PCM24 = AudioFormat(rate=24000, channels=1, sample_width=2)

@@ -16,8 +16,8 @@ from tests.test_tts_espeak import EN, RU, crossings, same_speech
 from voxpipe import protocol
 from voxpipe.config import load
 from voxpipe.protocol import Message
-from voxpipe.shard import Shard
-from voxpipe.tts.stage import TtsStage
+from voxpipe.runtime.shard import Shard
+from voxpipe.stages.tts.stage import TtsStage
 
 
 @pytest.fixture()

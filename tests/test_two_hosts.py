@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.harness import PYTHON, ROOT, base_env, write_toml
-from voxpipe.shard import shard_of
+from voxpipe.runtime.shard import shard_of
 
 HOST_A, HOST_B = "10.77.0.1", "10.77.0.2"
 PORT = 7600

@@ -5,7 +5,7 @@ Usage: python -m tests.bench.chunking [--quick]
 Every reply of `tests/bench/corpus/replies.jsonl` is streamed in token-like pieces
 (seeded, deterministic) through three splitters, side by side:
 
-- **voxpipe**: `voxpipe.chunker.core.Chunker` with its default policy, fed the raw reply;
+- **voxpipe**: `voxpipe.stages.chunker.core.Chunker` with its default policy, fed the raw reply;
 - **s2s raw**: stream2sentence fed the same raw pieces, which is how RealtimeTTS is used
   behind an LLM (it strips links and emoji, nothing else);
 - **s2s clean**: stream2sentence fed the reference speakable text of each piece, as if an
@@ -36,7 +36,7 @@ import emoji
 
 from tests.bench.corpus.speakable import Cleaned, clean
 from tests.bench.stats import median, percentile
-from voxpipe.chunker.core import Chunker, ChunkerPolicy
+from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
 
 CORPUS = Path(__file__).parent / "corpus" / "replies.jsonl"
 HEADING = "## Chunking: voxpipe vs stream2sentence"

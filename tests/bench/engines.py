@@ -28,7 +28,7 @@ from tests.fakes.wire_server import Script, WireServer
 from tests.harness import Daemon, openai_settings
 from voxpipe import protocol
 from voxpipe.runtime import Connection, endpoints_for
-from voxpipe.tts.engines import create_engine
+from voxpipe.stages.tts.engines import create_engine
 
 SENTENCES = (
     "Привет! Сегодня в Москве солнечно, а вечером обещают небольшой дождь и лёгкий ветер.",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tests.bench.stats import percentile
 from tests.harness import connect, start_stage, stop_process, wait_ready
-from voxpipe.history.store import HistoryStore
+from voxpipe.stages.history.store import HistoryStore
 
 STORED = 10_000
 

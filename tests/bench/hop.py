@@ -24,7 +24,7 @@ import zmq
 
 from tests.harness import PYTHON, ROOT, base_env
 from voxpipe import protocol
-from voxpipe.bus import Endpoints
+from voxpipe.runtime.broker import Endpoints
 
 PATHS = ("broker", "direct")
 SUBSCRIBE = protocol.subscription("token")

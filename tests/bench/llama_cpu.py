@@ -26,8 +26,8 @@ TOKENS = 96
 
 CHILD = r"""
 import json, os, sys, time
-from voxpipe.llm import llama_runtime
-from voxpipe.llm.providers.local import bundled_model_path
+from voxpipe.stages.llm import llama_runtime
+from voxpipe.stages.llm.providers.local import bundled_model_path
 from llama_cpp import Llama
 repack = sys.argv[1] == "on"
 with llama_runtime.model_params(repack=repack):
@@ -71,7 +71,7 @@ def measure(repack: str, build_dir: Path | None) -> dict[str, object]:
 
 
 def run(quick: bool = False) -> str:
-    from voxpipe.llm.llama_runtime import AMX_FLAGS, machine_flags, repack_reason
+    from voxpipe.stages.llm.llama_runtime import AMX_FLAGS, machine_flags, repack_reason
     flags = machine_flags()
     native = ensure_native_build()
     builds = {"portable (make install)": None, **({"native (-march=native)": native} if native else {})}

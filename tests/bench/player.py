@@ -30,8 +30,8 @@ GAP_FRAMES = 30  # of 100 ms each
 # the silence sounddevice's callback inserted between the first and the last sample, in ms.
 GAP_SCRIPT = """
     import json
-    from voxpipe.audio import AudioFormat, PcmFrame
-    from voxpipe.player.backends import create_backend
+    from voxpipe.stages.audio import AudioFormat, PcmFrame
+    from voxpipe.stages.player.backends import create_backend
     fmt = AudioFormat(22050, 1, 2)
     backend = create_backend(NAME, {})
     output = bytearray()

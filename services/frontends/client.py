@@ -1,0 +1,460 @@
+"""The voxpipe client library: ask the daemon something and follow the reply as typed events.
+
+    from voxpipe import connect
+
+    with connect() as vp:                             # finds the bus like the CLI does
+        for event in vp.ask("Hello!", session="me"):  # a Reply: an iterator of events
+            if event.kind == "text":
+                print(event.delta, end="", flush=True)
+
+`connect(config=None, ...)` resolves the config like the `voxpipe` CLI (`config` is a path, a
+loaded Config or None for $VOXPIPE_CONFIG / ~/.config/voxpipe/config.toml) and confirms its
+subscriptions with the bus's hello handshake before returning, so nothing of a reply is lost.
+With no bus it raises `VoxpipeError` at once.
+
+`Client.ask(text, session=None, *, stream=True, profile="", wait_audio=True, timeout=60.0)`
+publishes one request and returns a `Reply`. Iterating it yields the reply's events in arrival
+order and stops when the reply is complete:
+
+- after `Done` (`llm.done`) and the final `TextDelta`;
+- with `wait_audio=True` (the default), also after the final `Playback`, i.e. once the
+  reply has been spoken; with `wait_audio=False` it ends as soon as the text is complete;
+- at once after a `Done` with status `interrupted`, and without waiting for audio after a
+  `Done` with status `error` (the protocol does not promise a final playback then);
+- after an `Error` with code `stage_crashed` for llm, chunker, tts or player: the reply is lost;
+- after `cancel()` of the reply's session or id: iteration stops without further events.
+
+If nothing of the reply arrives for `timeout` seconds, iteration raises `VoxpipeTimeout`.
+Events a client does not subscribe to (see `kinds`) are not waited for.
+
+Threads: use a Client from one thread (each thread that follows replies opens its own
+Client). The one exception is `cancel()`, which only publishes and may be called from any
+thread, so a UI thread can stop a reply that a worker thread is following.
+
+A Client follows one reply at a time: a new `ask()` ends the iteration of the previous reply.
+Subscriptions are per session; asking in a session the client has not subscribed to yet
+reconnects once with the larger set of subscriptions (one more handshake, ~50 ms).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .. import protocol
+from ..stages.chunker.core import Mark, TextMark
+from ..config import Config, load
+from ..protocol import Message
+from ..runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
+
+__all__ = [
+    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Event", "TextDelta", "TextMark", "Chunk", "Mark",
+    "Audio", "Command", "Reasoning", "Playback", "Done", "Error", "REPLY_KINDS", "REPLY_STAGES",
+]
+
+REPLY_KINDS = ("text", "chunk", "audio", "command", "reasoning", "llm.done", "playback", "error")
+"""What a Client subscribes to by default: every kind a reply produces for front-ends."""
+REPLY_STAGES = ("llm", "chunker", "tts", "player")
+"""Stages a reply passes through: if one crashes, an in-flight reply cannot complete."""
+DEFAULT_TIMEOUT = 60.0
+_POLL_S = 0.1
+"""How often a waiting Reply looks whether another thread cancelled it."""
+
+
+class VoxpipeTimeout(VoxpipeError):
+    """Nothing of a reply arrived within the timeout."""
+
+
+# --- events -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """One event of a reply: `kind` names it, `session` and `id` say which reply it belongs to."""
+
+    kind: ClassVar[str] = ""
+    session: str
+    id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextDelta(Event):
+    """The next piece of display text (command tags removed); `final` on the reply's last one.
+
+    `marks` are the command tags met in this piece, each at its `offset` in `delta`."""
+
+    kind: ClassVar[str] = "text"
+    delta: str
+    final: bool
+    marks: tuple[TextMark, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk(Event):
+    """A speakable phrase, with the command tags met in it as `marks`."""
+
+    kind: ClassVar[str] = "chunk"
+    text: str
+    index: int
+    final: bool
+    marks: tuple[Mark, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Audio(Event):
+    """A frame of PCM for chunk `chunk`: `width`-byte signed samples, native byte order."""
+
+    kind: ClassVar[str] = "audio"
+    chunk: int
+    frame: int
+    pcm: bytes = field(repr=False)
+    rate: int
+    channels: int
+    width: int
+    last: bool
+    final: bool
+    chars: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Command(Event):
+    """A command of the reply, checked against the allowlist; `accepted=False` says why in `reason`."""
+
+    kind: ClassVar[str] = "command"
+    name: str
+    args: tuple[str, ...]
+    accepted: bool
+    reason: str
+    chunk: int
+    offset: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reasoning(Event):
+    """A piece of the model's reasoning: never shown as reply text, never spoken."""
+
+    kind: ClassVar[str] = "reasoning"
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Playback(Event):
+    """`started`, `finished` or `stopped` for a chunk; `final` on the reply's last playback event."""
+
+    kind: ClassVar[str] = "playback"
+    event: str
+    chunk: int
+    final: bool
+    path: str
+    heard: float
+    heard_chars: int = 0
+    audio_ts: float = 0.0
+    audio_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Done(Event):
+    """The LLM finished: `status` is `ok`, `error` (see `error`) or `interrupted`."""
+
+    kind: ClassVar[str] = "llm.done"
+    status: str
+    text: str
+    error: str
+    guard: str
+    metrics: Mapping[str, float]
+    tokens: int = 0
+    provider: str = ""
+    model: str = ""
+    finish_reason: str = ""
+    reasoning: str = ""
+    profile: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error(Event):
+    """An error about the reply (or `stage_crashed`, sessionless, naming the crashed `stage`)."""
+
+    kind: ClassVar[str] = "error"
+    code: str
+    message: str
+    stage: str = ""
+    ref_kind: str = ""
+
+
+AnyEvent = TextDelta | Chunk | Audio | Command | Reasoning | Playback | Done | Error
+
+
+def event_from(message: Message) -> AnyEvent | None:
+    """The typed event for a bus message, or None for kinds that are not reply events."""
+    ids: dict[str, Any] = {"session": message.session, "id": message.id}
+    body = message.body
+    kind = message.kind
+    if kind == "text":
+        text_marks = tuple(TextMark(m["tag"], m["body"], m["offset"]) for m in body["marks"])
+        return TextDelta(**ids, delta=body["delta"], final=body["final"], marks=text_marks)
+    if kind == "chunk":
+        chunk_marks = tuple(Mark(m["tag"], m["body"], m["chunk"], m["offset"]) for m in body["marks"])
+        return Chunk(**ids, text=body["text"], index=body["index"], final=body["final"], marks=chunk_marks)
+    if kind == "audio":
+        return Audio(**ids, **body)
+    if kind == "command":
+        return Command(**ids, **{**body, "args": tuple(body["args"])})
+    if kind == "reasoning":
+        return Reasoning(**ids, **body)
+    if kind == "playback":
+        return Playback(**ids, **{**body, "heard": float(body["heard"])})
+    if kind == "llm.done":
+        return Done(**ids, **{**body, "metrics": dict(body["metrics"])})
+    if kind == "error":
+        return Error(**ids, **body)
+    return None
+
+
+# --- a reply ------------------------------------------------------------------------------
+
+class Reply:
+    """The events of one request, in arrival order. Iterate it once (see the module docstring).
+
+    `id` and `session` name the request; `text` is the display text received so far; `done`
+    is the `Done` event once it arrived; `complete` tells whether the reply ended normally.
+    """
+
+    def __init__(self, client: Client, session: str, id: str, *, wait_text: bool, wait_audio: bool,
+                 timeout: float) -> None:
+        self.session = session
+        self.id = id
+        self.text = ""
+        self.done: Done | None = None
+        self.crashed: Error | None = None
+        self.cancelled = False
+        self._client = client
+        self._timeout = timeout
+        self._text_final = not wait_text
+        self._audio_final = not wait_audio
+        self._ended = False
+
+    def __iter__(self) -> Iterator[AnyEvent]:
+        return self
+
+    def __next__(self) -> AnyEvent:
+        deadline = time.monotonic() + self._timeout
+        while True:
+            if self._ended or self.cancelled:
+                self._ended = True
+                raise StopIteration
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise VoxpipeTimeout(self._timeout_message())
+            message = self._client._receive(min(remaining, _POLL_S))
+            if message is None:
+                continue
+            event = self._accept(message)
+            if event is not None:
+                self._ended = self.complete or self.crashed is not None
+                return event
+
+    @property
+    def complete(self) -> bool:
+        """True once the reply has ended as described for `Client.ask`."""
+        done = self.done
+        if done is None:
+            return False
+        if done.status == "interrupted":
+            return True
+        return self._text_final and (self._audio_final or done.status != "ok")
+
+    def _accept(self, message: Message) -> AnyEvent | None:
+        if message.kind == "error" and message["code"] == "stage_crashed" and message["stage"] in REPLY_STAGES:
+            self.crashed = event_from(message)  # type: ignore[assignment]
+            return self.crashed
+        if message.id != self.id or message.session != self.session:
+            return None
+        event = event_from(message)
+        if isinstance(event, TextDelta):
+            self.text += event.delta
+            self._text_final = self._text_final or event.final
+        elif isinstance(event, Done):
+            self.done = event
+        elif isinstance(event, Playback) and event.final:
+            self._audio_final = True
+        return event
+
+    def _timeout_message(self) -> str:
+        waiting = "the audio" if self.done is not None and self._text_final else "the reply"
+        return (f"no progress on {waiting} for {self._timeout:g} s (request {self.id} in session "
+                f"{self.session!r}); check that every stage runs: `voxpipe status`")
+
+
+# --- the client ---------------------------------------------------------------------------
+
+class Client:
+    """A confirmed connection to the bus; see the module docstring for the rules."""
+
+    def __init__(self, config: Config, *, session: str = "default", kinds: Iterable[str] = REPLY_KINDS,
+                 name: str = "client", timeout: float = 10.0) -> None:
+        self.config = config
+        self.session = _check_session(session)
+        self.kinds = tuple(dict.fromkeys(kinds))
+        unknown = [kind for kind in self.kinds if kind not in protocol.KINDS]
+        if unknown:
+            raise ValueError(f"unknown message kind(s) {', '.join(unknown)}; known: {', '.join(REPLY_KINDS)}")
+        self.name = name
+        self._open_timeout = timeout
+        self._endpoints = endpoints_for(config)
+        self._sessions: list[str] = [self.session]
+        self._lock = threading.RLock()
+        self._connection: Connection | None = None
+        self._reply: Reply | None = None
+        self._last_session = self.session
+        self._open()
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def _subscriptions(self) -> list[bytes]:
+        prefixes = [protocol.subscription(kind, session) for session in self._sessions for kind in self.kinds]
+        if "error" in self.kinds:
+            prefixes.append(protocol.subscription("error", ""))  # stage-wide: stage_crashed
+        return prefixes
+
+    def _open(self) -> None:
+        src = f"{self.name}.{os.getpid()}.{secrets.token_hex(3)}"
+        connection = Connection(src, self._endpoints, self._subscriptions())
+        try:
+            connection.require_bus()
+            connection.open(timeout=self._open_timeout)
+        except BusUnavailable as exc:
+            raise VoxpipeError(str(exc)) from None
+        with self._lock:
+            old, self._connection = self._connection, connection
+        if old is not None:
+            old.close()
+
+    def reachable(self, stage: str = "", timeout: float = 1.0) -> bool:
+        """Whether a broker answers a hello handshake now (on a fresh connection, within `timeout`),
+        and, if `stage` names one, whether that stage's ready heartbeat comes within `timeout` too."""
+        subscriptions = [protocol.subscription("heartbeat")] if stage else []
+        probe = Connection(f"{self.name}.probe.{secrets.token_hex(3)}", self._endpoints, subscriptions)
+        try:
+            probe.require_bus()
+            probe.open(timeout=timeout)
+            deadline = time.monotonic() + timeout
+            while stage:
+                beat = probe.receive(max(0.0, deadline - time.monotonic()))
+                if beat is None:
+                    return False
+                if beat.src.split("@")[0] == stage and beat["state"] == "ready":
+                    break
+            return True
+        except VoxpipeError:  # BusUnavailable included
+            return False
+        finally:
+            probe.close()
+
+    def reconnect(self) -> None:
+        """Connect again with a fresh handshake, e.g. after the broker restarted."""
+        self._open()
+
+    def close(self) -> None:
+        with self._lock:
+            connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def src(self) -> str:
+        """The name this client publishes under (unique per connection)."""
+        return self._require().src
+
+    def _require(self) -> Connection:
+        connection = self._connection
+        if connection is None:
+            raise VoxpipeError("the client is closed")
+        return connection
+
+    # --- asking ------------------------------------------------------------------------
+
+    def ask(self, text: str, session: str | None = None, *, stream: bool | None = True, profile: str = "",
+            wait_audio: bool = True, timeout: float = DEFAULT_TIMEOUT,
+            images: Iterable[tuple[str, bytes]] = (), voice: str = "") -> Reply:
+        """Publish a request and return its Reply (an iterator of events).
+
+        `stream`: True/False asks the provider for a streamed/whole reply; None uses the
+        profile's setting. `profile`: the LLM profile ("" = llm.profile). `images`:
+        (mime, bytes) pairs for vision models. `voice`: the TTS voice that speaks this reply,
+        in the engine's naming ("" = the configured voice; an unknown one gets an `unknown_voice`
+        error and the configured voice). `wait_audio`: also wait until the reply has been
+        spoken (the final Playback). `timeout`: seconds without any event of this reply
+        before iteration raises VoxpipeTimeout.
+        """
+        if "llm.done" not in self.kinds:
+            raise VoxpipeError("ask() follows a reply until its llm.done; connect with 'llm.done' among the kinds")
+        session = _check_session(self.session if session is None else session)
+        if session not in self._sessions:
+            self._sessions.append(session)
+            self._open()  # subscriptions are confirmed only by a handshake
+        if self._reply is not None:
+            self._reply._ended = True
+        request_id = uuid.uuid4().hex[:16]
+        reply = Reply(self, session, request_id, wait_text="text" in self.kinds,
+                      wait_audio=wait_audio and "playback" in self.kinds, timeout=timeout)
+        self._reply = reply
+        self._last_session = session
+        body: dict[str, Any] = {"text": text, "profile": profile, "stream": stream, "voice": voice}
+        pictures = [{"mime": mime, "data": bytes(data)} for mime, data in images]
+        if pictures:
+            body["images"] = pictures
+        self._publish("request", session, request_id, **body)
+        return reply
+
+    def cancel(self, session: str | None = None, id: str | None = None, reason: str = "") -> None:
+        """Stop a reply everywhere (LLM, TTS, player): every reply of `session` unless `id` names one.
+
+        `session` defaults to the session of the last ask(). Safe to call from any thread.
+        """
+        session = _check_session(self._last_session if session is None else session)
+        reply = self._reply
+        if reply is not None and reply.session == session and (not id or id == reply.id):
+            reply.cancelled = True
+        self._publish("cancel", session, id or "", reason=reason or f"cancelled by {self.name}")
+
+    def _publish(self, kind: str, session: str, id: str, **body: Any) -> None:
+        with self._lock:
+            try:
+                self._require().publish(kind, session, id, **body)
+            except BusUnavailable as exc:
+                raise VoxpipeError(str(exc)) from None
+
+    def _receive(self, timeout: float) -> Message | None:
+        return self._require().receive(timeout)
+
+
+def connect(config: Config | str | os.PathLike[str] | None = None, *, session: str = "default",
+            kinds: Iterable[str] = REPLY_KINDS, name: str = "client", timeout: float = 10.0) -> Client:
+    """Open a Client: `config` is a path, a loaded Config or None (found like the CLI does).
+
+    `session` is the default session of ask() and cancel(); `kinds` what to subscribe to
+    (() makes a publish-only client); `name` goes into the `src` of what it publishes;
+    `timeout` bounds the handshake. Raises VoxpipeError when no bus answers, ConfigError
+    for a bad config.
+    """
+    if not isinstance(config, Config):
+        config = load(Path(config) if config is not None else None)
+    return Client(config, session=session, kinds=kinds, name=name, timeout=timeout)
+
+
+def _check_session(session: str) -> str:
+    if not session or not protocol.SESSION_PATTERN.fullmatch(session):
+        raise ValueError(f"session {session!r} is not valid: use 1-64 of A-Z a-z 0-9 _ . : @ -")
+    return session

@@ -1,0 +1,2 @@
+"""Running voxpipe: the supervisor behind `voxpipe run`, `voxpipe doctor`, `voxpipe stats` and the
+Prometheus endpoint."""

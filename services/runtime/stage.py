@@ -1,0 +1,161 @@
+"""The stage loop every stage process runs, and how a stage declares what it handles.
+
+A stage subclasses `Stage`, names itself, and marks one method per kind it consumes with
+`@handles(Kind)`; the method takes the typed `Message[Kind]`. The runtime subscribes to exactly
+those kinds, skips sessions another shard owns, turns a handler's exception into an `internal`
+error event, and runs the heartbeats, sd_notify and a clean stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
+
+import zmq
+
+from .. import protocol
+from ..config import Config
+from ..protocol import Body, ErrorCode, Heartbeat, Message, ProtocolError
+from . import sdnotify
+from .connection import BusUnavailable, Connection, endpoints_for
+from .shard import Shard
+
+Handler = TypeVar("Handler", bound=Callable[..., None])
+
+
+def handles(*kinds: type[Body]) -> Callable[[Handler], Handler]:
+    """Declare a Stage method the handler of these kinds: `@handles(Token)` on
+    `def on_token(self, message: Message[Token])`. The stage subscribes to what its handlers take."""
+    def declare(method: Handler) -> Handler:
+        method.__dict__["handles"] = tuple(kind.kind for kind in kinds)
+        return method
+    return declare
+
+
+class Stage:
+    """Base of every stage process: subscribe, dispatch, heartbeat, notify systemd, stop cleanly.
+
+    Subclasses set `name`, declare their handlers with `@handles`, and override the hooks; the
+    hooks and handlers run on the main thread, and worker threads may call `self.bus.publish`.
+    """
+
+    name = "stage"
+    handlers: ClassVar[dict[str, str]] = {}
+    """Kind -> the name of the method that handles it, collected from the `@handles` marks."""
+    sharded = False
+    heartbeat_interval = 1.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.handlers = {kind: name for klass in reversed(cls.__mro__) for name, value in vars(klass).items()
+                        for kind in getattr(value, "handles", ())}
+
+    @classmethod
+    def kinds(cls) -> tuple[str, ...]:
+        """The kinds this stage consumes (heartbeats aside, which every participant reads)."""
+        return tuple(cls.handlers)
+
+    def __init__(self, config: Config, shard: Shard = Shard()) -> None:
+        self.config = config
+        self.shard = shard
+        self.src = self.name if shard.count == 1 else f"{self.name}@{shard.index}"
+        self.log = logging.getLogger(f"voxpipe.{self.src}")
+        subscriptions = [protocol.subscription(kind) for kind in (*self.kinds(), "heartbeat")]
+        self.bus = Connection(self.src, endpoints_for(config), subscriptions)
+        self._stop = threading.Event()
+        self._started_at = time.monotonic()
+
+    # --- hooks ----------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load what the stage needs before it connects (models, databases)."""
+
+    def started(self) -> None:
+        """Connected and about to report ready: start worker threads here."""
+
+    def tick(self, now: float) -> None:
+        """Periodic work on the main thread; `now` is time.monotonic()."""
+
+    def next_tick(self) -> float | None:
+        """The monotonic time tick() next has work, or None."""
+        return None
+
+    def shutdown(self) -> None:
+        """Stop workers and release resources; the bus is still open."""
+
+    # --- the loop -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT or request_stop(); returns the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: self._stop.set())
+        self.prepare()
+        self.bus.open()
+        try:
+            self.started()
+            sdnotify.notify("READY=1")
+            self._heartbeat("ready")
+            self.log.info("ready (shard %s)", self.shard)
+            self._loop()
+        finally:
+            sdnotify.notify("STOPPING=1")
+            self._heartbeat("stopping")
+            self.shutdown()
+            self.bus.close()
+        return 0
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.heartbeat_interval
+        while not self._stop.is_set():
+            now = time.monotonic()
+            wake = min(next_beat, self.next_tick() or next_beat, now + 0.2)
+            message = self.bus.receive(max(0.0, wake - now))
+            if message is not None:
+                self._dispatch(message)
+            now = time.monotonic()
+            due = self.next_tick()
+            if due is not None and due <= now:
+                self._guarded(self.tick, now)
+            if now >= next_beat:
+                self._heartbeat("ready")
+                sdnotify.notify("WATCHDOG=1")
+                next_beat = now + self.heartbeat_interval
+
+    def _dispatch(self, message: Message[Body]) -> None:
+        handler = self.handlers.get(message.kind)
+        if handler is None:
+            return
+        if self.sharded and message.session and not self.shard.owns(message.session):
+            self.bus.counters["foreign"] += 1
+            return
+        self._guarded(getattr(self, handler), message)
+
+    def _guarded(self, hook: Any, argument: Any) -> None:
+        """Run a hook; a failure becomes an error event and a counter, never a crash."""
+        try:
+            hook(argument)
+        except Exception as exc:  # the stage must survive any one bad message
+            self.log.exception("%s failed", getattr(hook, "__name__", "hook"))
+            session = getattr(argument, "session", "")
+            id = getattr(argument, "id", "")
+            self.bus.counters["failures"] += 1
+            self.bus.report(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", session, id,
+                            getattr(argument, "kind", ""))
+
+    def _heartbeat(self, state: str) -> None:
+        counters = dict(self.bus.counters)
+        try:
+            self.bus.publish("", "", Heartbeat(pid=os.getpid(), uptime=time.monotonic() - self._started_at,
+                                               state=state, shard=str(self.shard), counters=counters,
+                                               streams=self.bus.take_recent_streams()))
+        except (zmq.ZMQError, BusUnavailable, ProtocolError) as exc:
+            self.log.error("heartbeat not sent: %s", exc)

@@ -1,0 +1,462 @@
+"""The llm stage's job core: every request from arrival to its one llm.done, as pure decisions.
+
+The shell feeds it what happens (a request, history's context, a cancel, a watchdog tick, an
+attempt's opening, deltas and end) with the time it happened, and carries out the effects it
+returns: messages to publish, errors to report, lines to log, a job to start on a worker, a
+generation to close.  It reads no clock and touches no socket or thread, so every timeout, retry
+path, cancel and busy policy can be driven at chosen instants in-process.
+
+It is not thread-safe: the shell makes every call, and carries out its effects, under one lock.
+That lock is also what keeps a reply's tokens ahead of its llm.done: a delta is routed only while
+the job has not ended, and the job ends under the same lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...config import ConfigError
+from ...protocol import Message
+from ...secrets import KeyRing
+from .core import Reply, profile_timeouts
+from .guards import GuardPolicy, ReplyGuard
+from .providers.base import Delta, Generation, ProviderError, Timeouts
+from .retry import RetryPolicy, next_step
+from .think import ThinkSplitter
+
+JOURNAL_SIZE = 2000
+"""Finished replies kept for replay, so a restarted history stage can catch up on what it missed."""
+CANCEL_GRACE_S = 0.1
+"""A call that has not stopped this long after a cancel is abandoned: llm.done goes out anyway."""
+BARGE_IN = "barge-in: a new request arrived"
+FAILURES = (ProviderError, ConfigError, ValueError)
+"""What a reply can fail with and say why in words; anything else is a bug, logged with its traceback."""
+
+
+# --- effects: what the shell carries out, in order ---------------------------------------------
+
+@dataclass(frozen=True)
+class Publish:
+    kind: str
+    session: str
+    id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Report:
+    """An error event, logged and counted (Connection.report)."""
+
+    code: str
+    text: str
+    session: str
+    id: str
+    ref_kind: str
+
+
+@dataclass(frozen=True)
+class Log:
+    """A line for the stage's log, as logging's format and arguments."""
+
+    level: int
+    text: str
+    args: tuple[Any, ...] = ()
+
+    @property
+    def message(self) -> str:
+        return self.text % self.args
+
+
+@dataclass(frozen=True)
+class Start:
+    """Run the job's generation on a worker, with history's context (None: without)."""
+
+    job: Job
+    context: Message | None
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close a generation: the server stops generating, and a worker blocked on it wakes."""
+
+    generation: Generation
+
+
+@dataclass(frozen=True)
+class Done:
+    """Publish the reply's llm.done, then journal it with the ts it went out with."""
+
+    request: Message
+    body: dict[str, Any]
+
+
+Effect = Publish | Report | Log | Start | Close | Done
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Try again after `delay` seconds (the key ring has already moved on when the key was refused)."""
+
+    delay: float
+    log: Log
+
+
+# --- one job -------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Job:
+    """A request from arrival to llm.done: the worker's attempts and the watchdog both act on it."""
+
+    request: Message
+    profile: str
+    """The profile llm.done names: the request's, else the default one."""
+    deadline: float
+    """When to stop waiting for history's context and go ahead without it."""
+    reply: Reply
+    started: bool = False
+    cancelled_at: float | None = None
+    ended: bool = False
+    # from the profile, once the worker has it
+    provider: str = ""
+    api_key_env: str = ""
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    guard: ReplyGuard = field(default_factory=lambda: ReplyGuard(GuardPolicy()))
+    splitter: ThinkSplitter = field(default_factory=ThinkSplitter)
+    reasoning: list[str] = field(default_factory=list)
+    # the attempts
+    generation: Generation | None = None
+    attempt_started: float = 0.0
+    last_delta: float = 0.0
+    committed: bool = False
+    """A token (or reasoning) came: from here on nothing is retried, since that would repeat speech."""
+    timed_out: str = ""
+    """"first_token" or "idle" once the watchdog closed the current attempt."""
+    retries: int = 0
+    rotations: int = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancelled_at is not None
+
+    @property
+    def fired(self) -> str | None:
+        """The guard that stopped the reply, if one did."""
+        return self.guard.fired
+
+    @property
+    def attempt_over(self) -> bool:
+        """Cancelled, closed by the watchdog or stopped by a guard: no further delta is read."""
+        return self.cancelled or bool(self.timed_out) or self.fired is not None
+
+    def configure(self, profile: Mapping[str, Any]) -> None:
+        """Take what the profile sets for this reply; done first, so even a provider that cannot
+        load is named in llm.done."""
+        self.provider = profile["provider"]
+        self.api_key_env = profile.get("api_key_env", "")
+        self.guard = ReplyGuard(GuardPolicy.from_profile(profile))
+        self.timeouts = profile_timeouts(profile)
+        self.policy = RetryPolicy.from_profile(profile)
+
+    # --- the watchdog ------------------------------------------------------------------------
+
+    def due(self) -> float | None:
+        """When the watchdog next has to act on this job, if ever."""
+        if self.cancelled_at is not None:
+            return self.cancelled_at + CANCEL_GRACE_S
+        if not self.started:
+            return self.deadline
+        if self.generation is not None and not self.timed_out:
+            if self.committed:
+                return self.last_delta + self.timeouts.idle
+            return self.attempt_started + self.timeouts.first_token
+        return None
+
+    def timeout_error(self) -> ProviderError | None:
+        """The error a watchdog close stands for."""
+        if self.timed_out == "first_token":
+            return ProviderError(f"no first token within {self.timeouts.first_token:g} s", code="timeout")
+        if self.timed_out == "idle":
+            return ProviderError(f"no token for {self.timeouts.idle:g} s; the reply was cut off", code="timeout")
+        return None
+
+    # --- the worker's attempts ---------------------------------------------------------------
+
+    def begin_attempt(self, now: float) -> bool:
+        """An attempt starts now; False when the job was cancelled, so none does."""
+        if self.cancelled:
+            return False
+        self.timed_out = ""
+        self.attempt_started = now
+        return True
+
+    def opened(self, generation: Generation) -> list[Effect]:
+        """The attempt's call is open; if a cancel came while it was opening, it is closed at once."""
+        self.generation = generation
+        return [Close(generation)] if self.cancelled else []
+
+    def arrived(self, delta: Delta, now: float) -> list[Effect]:
+        """A delta of the open call: its first text or reasoning commits the reply; a guard that fires
+        closes the call.  Ignored once the attempt is over."""
+        if self.attempt_over or not (delta.text or delta.reasoning):
+            return []
+        self.committed = True
+        self.last_delta = now
+        effects = self._route(self.splitter.push(delta.text), delta.reasoning, now)
+        if self.fired and self.generation is not None:
+            effects.append(Close(self.generation))
+        return effects
+
+    def after_attempt(self, error: Exception | None, ring: KeyRing, jitter: float) -> Retry | Exception | None:
+        """How the reply goes on after an attempt that ended with `error` (None: the call ended):
+        a Retry; an exception that ends the reply; or None, the reply ends as it stands.
+
+        A watchdog close stands for a timeout.  A provider error (a timeout among them) before the
+        first token is retried, to the next key at once when the key was refused, else after a
+        backoff; after the first token never.  `jitter` in [0, 1) spreads the backoffs of clients.
+        """
+        if not isinstance(error, ProviderError):
+            timeout = self.timeout_error()
+            if error is not None:  # a provider bug: a watchdog close still means a timeout, not retried
+                return timeout or (None if self.cancelled else error)
+            if timeout is None or self.fired:
+                return None
+            error = timeout
+        if self.cancelled:
+            return None
+        if self.committed:
+            return error
+        step = next_step(error, self.retries, len(ring.keys) - 1 - self.rotations, self.policy, jitter)
+        if step is None:
+            return error
+        if step.rotate:
+            self.rotations += 1
+            ring.rotate()
+            return Retry(step.delay, Log(logging.WARNING, "key %d of profile %s refused (%s); trying the next key",
+                                         (ring.index, self.profile, error.code)))
+        self.retries += 1
+        return Retry(step.delay, Log(logging.WARNING, "attempt %d failed (%s); retrying in %.2f s",
+                                     (self.retries, error, step.delay)))
+
+    def end(self, now: float) -> list[Effect]:
+        """The attempts are over: release what the think splitter and the guard held back."""
+        return self._route(self.splitter.finish(), "", now, end=True)
+
+    def ending(self, error: Exception | None) -> tuple[str, str]:
+        """llm.done's status and error text for a worker that ended with `error` (None: it ran through)."""
+        if error is None or (isinstance(error, ProviderError) and self.cancelled):
+            return ("interrupted" if self.cancelled else "ok"), ""
+        if isinstance(error, ProviderError):
+            hint = (f"; check the key in ${self.api_key_env} (or reserve_key_envs)"
+                    if error.code == "auth" and self.api_key_env else "")
+            return "error", f"{error}{hint}"
+        return "error", str(error) if isinstance(error, FAILURES) else f"{type(error).__name__}: {error}"
+
+    def _route(self, split: Delta, provider_reasoning: str, now: float, end: bool = False) -> list[Effect]:
+        """Reasoning apart, and reply text only as far as the guard releases it; nothing once the
+        job has ended or was cancelled."""
+        text = self.guard.push(split.text) + (self.guard.finish() if end else "")
+        if self.ended or self.cancelled:
+            return []
+        effects: list[Effect] = []
+        for part in (provider_reasoning, split.reasoning):
+            if part:
+                self.reasoning.append(part)
+                effects.append(Publish("reasoning", self.request.session, self.request.id, {"text": part}))
+        if text:
+            self.reply.add(text, now)
+            effects.append(Publish("token", self.request.session, self.request.id, {"text": text}))
+        return effects
+
+
+# --- every session's jobs --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """The [llm] keys the job core follows."""
+
+    profile: str = "local"
+    on_busy: str = "cancel"
+    history_limit: int = 20
+    context_timeout_ms: int = 500
+
+    @classmethod
+    def from_config(cls, llm: Mapping[str, Any]) -> Settings:
+        return cls(llm["profile"], llm["on_busy"], llm["history_limit"], llm["context_timeout_ms"])
+
+
+Entry = tuple[Message, dict[str, Any], float]
+
+
+class Journal:
+    """The newest finished replies with the ts their llm.done went out with, so that a history stage
+    that restarted can ask for what it missed (replay.query) and learn whether that is complete."""
+
+    def __init__(self, size: int = JOURNAL_SIZE) -> None:
+        self.size = size
+        self.entries: deque[Entry] = deque()
+        self.dropped_until = 0.0
+
+    def add(self, request: Message, done: dict[str, Any], ts: float) -> None:
+        self.entries.append((request, done, ts))
+        if len(self.entries) > self.size:
+            self.dropped_until = self.entries.popleft()[2]
+
+    def replay(self, query: Message) -> list[Publish]:
+        """A replay of each reply newer than `since`, then replay.done saying whether none was dropped."""
+        since = query["since"]
+        entries = [entry for entry in self.entries if entry[2] > since]
+        replays = [Publish("replay", request.session, request.id,
+                           {"request_text": request["text"], "request_ts": request.ts, "done_ts": done_ts, **done})
+                   for request, done, done_ts in entries]
+        return [*replays, Publish("replay.done", "", query.id, {
+            "since": since, "count": len(entries), "complete": self.dropped_until <= since,
+            "oldest": self.entries[0][2] if self.entries else 0.0})]
+
+
+class Jobs:
+    """The job of each session, the requests queued behind it (llm.on_busy = queue), and the journal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.jobs: dict[str, Job] = {}
+        self.waiting: dict[str, deque[Message]] = {}
+        self.journal = Journal()
+
+    def request(self, request: Message, now: float) -> list[Effect]:
+        """Begin a request; while its session is still answering, llm.on_busy decides: queue it,
+        reject it, or cancel the old reply (barge-in)."""
+        busy = self.jobs.get(request.session)
+        if busy is None:
+            return self._begin(request, now)
+        if self.settings.on_busy == "queue":
+            self.waiting.setdefault(request.session, deque()).append(request)
+            return []
+        if self.settings.on_busy == "reject":
+            done = Reply(request.session, request.id, now).done_fields(
+                "error", now, error="session busy: the previous reply is still being generated")
+            return [Report("busy", f"session {request.session} is still answering {busy.request.id}; "
+                           f"llm.on_busy = reject", request.session, request.id, "request"),
+                    Publish("llm.done", request.session, request.id,
+                            {**done, "profile": request["profile"] or self.settings.profile})]
+        # Barge-in: every stage drops the old reply, not just this one.
+        return [Publish("cancel", request.session, busy.request.id, {"reason": BARGE_IN}),
+                *self.cancel(request.session, busy.request.id, BARGE_IN, now), *self._begin(request, now)]
+
+    def context(self, context: Message) -> list[Effect]:
+        """History's answer starts the job it was asked for, unless the job went ahead without it."""
+        job = self.jobs.get(context.session)
+        if job is None or job.request.id != context.id or job.started:
+            return []
+        return self._start(job, context)
+
+    def cancel(self, session: str, id: str, reason: str, now: float) -> list[Effect]:
+        """Cancel the session's job if it is `id` (empty: whichever it is, and the queued ones too;
+        a queued request named by `id` is dropped from the queue).
+
+        A job still waiting for context starts anyway, so that its worker ends it; a running call is
+        closed, and if it does not stop within CANCEL_GRACE_S the watchdog ends the job itself."""
+        dropped = self._drop_waiting(session, id, now)
+        job = self.jobs.get(session)
+        if job is None or (id and job.request.id != id):
+            return dropped
+        job.cancelled_at = now
+        effects: list[Effect] = [Close(job.generation)] if job.generation is not None else []
+        if not job.started:
+            effects += self._start(job, None)
+        return [*dropped, *effects, Log(logging.INFO, "cancelled %s/%s: %s", (session, job.request.id, reason))]
+
+    def _drop_waiting(self, session: str, id: str, now: float) -> list[Effect]:
+        """Queued requests (llm.on_busy = queue) a cancel names, or all of the session's for an empty
+        id: each still gets its one llm.done, interrupted with no text, so no front-end waits on it."""
+        queue = self.waiting.get(session)
+        if not queue:
+            return []
+        dropped = [request for request in queue if not id or request.id == id]
+        kept = deque(request for request in queue if request not in dropped)
+        if kept:
+            self.waiting[session] = kept
+        else:
+            del self.waiting[session]
+        return [Publish("llm.done", request.session, request.id,
+                        {**Reply(request.session, request.id, now).done_fields("interrupted", now),
+                         "profile": request["profile"] or self.settings.profile})
+                for request in dropped]
+
+    def stop(self, now: float) -> list[Effect]:
+        """The stage is stopping: cancel every job, so that each still ends with its llm.done."""
+        return [effect for session in list(self.jobs) for effect in self.cancel(session, "", "stage stopping", now)]
+
+    def next_tick(self) -> float | None:
+        return min((due for job in self.jobs.values() if (due := job.due()) is not None), default=None)
+
+    def tick(self, now: float) -> list[Effect]:
+        """The watchdog: end a cancelled job whose call did not stop, go ahead without a late
+        context, close a call that missed its first-token or idle deadline."""
+        effects: list[Effect] = []
+        for job in list(self.jobs.values()):
+            due = job.due()
+            if due is None or due > now:
+                continue
+            if job.cancelled:
+                effects += self.finish(job, "interrupted", "", now)
+            elif not job.started:
+                effects.append(Log(logging.WARNING, "history did not answer within %d ms for %s/%s; replying "
+                                   "without history", (self.settings.context_timeout_ms, job.request.session,
+                                                       job.request.id)))
+                effects += self._start(job, None)
+            elif job.generation is not None:
+                job.timed_out = "idle" if job.committed else "first_token"
+                effects.append(Close(job.generation))
+        return effects
+
+    def finish(self, job: Job, status: str, error: str, now: float) -> list[Effect]:
+        """The job's one llm.done (from its worker, or from the watchdog after a cancel), then the
+        session's next queued request.  The session is idle before llm.done goes out, so a request
+        sent on seeing it is not taken for a busy one."""
+        if job.ended:
+            return []
+        job.ended = True
+        request = job.request
+        if self.jobs.get(request.session) is job:
+            del self.jobs[request.session]
+        waiting = self.waiting.get(request.session)
+        queued = waiting.popleft() if waiting else None
+        if waiting is not None and not waiting:
+            del self.waiting[request.session]  # no empty queue left behind per session
+        outcome = job.generation.outcome if job.generation is not None else None
+        guard = job.fired
+        done = job.reply.done_fields(
+            status, now, error=error, provider=job.provider, model=outcome.model if outcome else "",
+            finish_reason="guard" if guard else (outcome.finish_reason if outcome else ""),
+            usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning))
+        done["profile"] = job.profile
+        ttft = f"{done['metrics']['ttft_ms']:.0f}" if "ttft_ms" in done["metrics"] else "-"
+        effects: list[Effect] = [
+            *([Report("provider_error", error, request.session, request.id, "request")] if error else []),
+            Done(request, done),
+            Log(logging.INFO, "%s/%s: %s after %d tokens, first token %s ms%s",
+                (request.session, request.id, status, done["tokens"], ttft, f", stopped by {guard}" if guard else ""))]
+        return effects + (self._begin(queued, now) if queued is not None else [])
+
+    def _begin(self, request: Message, now: float) -> list[Effect]:
+        """Register the job, then ask history for context, or start at once when none is wanted."""
+        profile = request["profile"] or self.settings.profile
+        job = Job(request, profile, deadline=now + self.settings.context_timeout_ms / 1000,
+                  reply=Reply(request.session, request.id, started=now))
+        self.jobs[request.session] = job
+        effects: list[Effect] = [Log(logging.INFO, "%s/%s: request (profile %s)",
+                                     (request.session, request.id, profile))]
+        if self.settings.history_limit == 0:
+            return effects + self._start(job, None)
+        return [*effects, Publish("context.query", request.session, request.id,
+                                  {"limit": self.settings.history_limit})]
+
+    @staticmethod
+    def _start(job: Job, context: Message | None) -> list[Effect]:
+        job.started = True
+        return [Start(job, context)]

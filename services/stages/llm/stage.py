@@ -1,0 +1,167 @@
+"""The llm stage shell: requests in; tokens, reasoning and llm.done out.
+
+The decisions are the job core's (jobs.py): the busy policy, the wait for history's context, cancel,
+the watchdog's deadlines, retries and key rotation, routing and the journal.  This shell feeds it
+the bus messages, the provider's deltas and the time, and carries out what it returns.  Each reply
+runs on a worker thread, so a slow provider never delays another session; the main loop ticks the
+watchdog.  Every call into the core, and its effects, happen under one lock.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ...config import ConfigError
+from ...protocol import Message
+from ...runtime import Stage
+from ...secrets import KeyRing, read_key
+from .core import chat_request
+from .jobs import FAILURES, Close, Done, Effect, Job, Jobs, Log, Publish, Report, Retry, Settings, Start
+from .providers import create_provider
+from .providers.base import ChatRequest, Provider, ProviderError
+
+
+class LlmStage(Stage):
+    name = "llm"
+    kinds = ("request", "cancel", "context", "replay.query")
+
+    def prepare(self) -> None:
+        llm = self.config["llm"]
+        self.persona = self._persona(llm)
+        self.providers: dict[str, Provider] = {}
+        self.keyrings: dict[str, KeyRing] = {}
+        self.provider_lock = threading.Lock()
+        self._provider(llm["profile"]).load()
+        self.pool = ThreadPoolExecutor(max_workers=llm["workers"], thread_name_prefix="llm")
+        self.lock = threading.Condition()
+        """Held for every call into the core; a worker waiting out a retry delay waits on it for a cancel."""
+        self.core = Jobs(Settings.from_config(llm))
+
+    @staticmethod
+    def _persona(llm: dict[str, Any]) -> str:
+        """The system prompt: llm.persona_file when set, else llm.system_prompt."""
+        if not llm["persona_file"]:
+            return llm["system_prompt"]
+        try:
+            return Path(llm["persona_file"]).expanduser().read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"key llm.persona_file = {llm['persona_file']!r} cannot be read: "
+                              f"{exc.strerror}") from None
+
+    def _provider(self, name: str) -> Provider:
+        profile = self.config.profile(name)
+        with self.provider_lock:
+            if profile["name"] not in self.providers:
+                self.providers[profile["name"]] = create_provider(profile)
+                self.keyrings[profile["name"]] = KeyRing(read_key(profile))
+            return self.providers[profile["name"]]
+
+    # --- the main thread ------------------------------------------------------------------------
+
+    def handle(self, message: Message) -> None:
+        now = time.monotonic()
+        if message.kind == "replay.query":
+            with self.lock:
+                replay = self.core.journal.replay(message)
+            self._apply(replay)  # outside the lock: a long replay must not hold up the replies being generated
+            return
+        with self.lock:
+            if message.kind == "request":
+                self._apply(self.core.request(message, now))
+            elif message.kind == "cancel":
+                self._apply(self.core.cancel(message.session, message.id, message["reason"] or "cancelled", now))
+            else:
+                self._apply(self.core.context(message))
+            self.lock.notify_all()  # a cancel (a barge-in's too) ends a worker's retry delay at once
+
+    def next_tick(self) -> float | None:
+        with self.lock:
+            return self.core.next_tick()
+
+    def tick(self, now: float) -> None:
+        with self.lock:
+            self._apply(self.core.tick(now))
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self._apply(self.core.stop(time.monotonic()))
+            self.lock.notify_all()
+        self.pool.shutdown(wait=True, cancel_futures=False)
+
+    def _apply(self, effects: Iterable[Effect]) -> None:
+        """Carry out the core's effects in order (under the lock, but for a replay's publishes)."""
+        for effect in effects:
+            match effect:
+                case Publish(kind, session, id, body):
+                    self.bus.publish(kind, session, id, **body)
+                case Report(code, text, session, id, ref_kind):
+                    self.bus.report(code, text, session, id, ref_kind)
+                case Log(level, text, args):
+                    self.log.log(level, text, *args)
+                case Start(job, context):
+                    self.pool.submit(self._run, job, context)
+                case Close(generation):
+                    generation.close()
+                case Done(request, body):
+                    sent = self.bus.publish("llm.done", request.session, request.id, **body)
+                    self.core.journal.add(request, body, sent.ts)
+
+    # --- a worker thread ------------------------------------------------------------------------
+
+    def _run(self, job: Job, context: Message | None) -> None:
+        """Generate one reply and end it with llm.done (unless the watchdog already did)."""
+        failure: Exception | None = None
+        try:
+            profile = self.config.profile(job.request["profile"])
+            with self.lock:
+                job.configure(profile)
+            provider = self._provider(profile["name"])
+            chat = chat_request(profile, job.request, context, self.persona,
+                                self.config["llm"]["history_token_budget"])
+            if chat.has_images and not provider.accepts_images:
+                raise ProviderError(f"provider {profile['provider']} (profile {profile['name']}) does not accept "
+                                    f"images; send them to a vision-capable profile", code="unsupported")
+            self._attempts(job, provider, chat, self.keyrings[profile["name"]])
+            with self.lock:
+                self._apply(job.end(time.monotonic()))
+        except Exception as exc:  # a provider bug must still end the reply
+            if not isinstance(exc, FAILURES):
+                self.log.exception("provider failed")
+            failure = exc
+        with self.lock:
+            self._apply(self.core.finish(job, *job.ending(failure), time.monotonic()))
+
+    def _attempts(self, job: Job, provider: Provider, chat: ChatRequest, ring: KeyRing) -> None:
+        """Call the provider until an attempt ends the reply; the core decides on each retry."""
+        while True:
+            with self.lock:
+                if not job.begin_attempt(time.monotonic()):
+                    return
+            error: Exception | None = None
+            try:
+                generation = provider.open(chat, ring.current)
+                with self.lock:
+                    self._apply(job.opened(generation))
+                for delta in generation:
+                    with self.lock:
+                        self._apply(job.arrived(delta, time.monotonic()))
+                        if job.attempt_over:
+                            break
+            except Exception as exc:  # what any failure means is the core's decision
+                error = exc
+            with self.lock:
+                step = job.after_attempt(error, ring, random.random())
+                if isinstance(step, Retry):
+                    self._apply([step.log])
+                    if self.lock.wait_for(lambda: job.cancelled, step.delay):
+                        return
+                    continue
+            if step is not None:
+                raise step
+            return
