@@ -3,12 +3,13 @@
     import voxpipe
 
     with voxpipe.connect() as vp:                     # or: from voxpipe import connect
-        for event in vp.ask("Hello!", session="me"):
-            ...
+        for event in vp.ask("Hello!", session="me"):  # protocol Messages with typed bodies
+            if isinstance(event.body, voxpipe.Text):
+                print(event.body.delta, end="", flush=True)
 
 The source folder is `services/`; it installs as the package `voxpipe`. The client library's
-names are loaded on first use, so importing one module of the package (a stage, the config)
-does not import the client.
+names (with the protocol types it hands out, the same classes as in `voxpipe.protocol`) are loaded
+on first use, so importing one module of the package (a stage, the config) does not import the client.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Event", "TextDelta", "TextMark", "Chunk", "Mark",
-    "Audio", "Command", "Reasoning", "Playback", "Done", "Error", "REPLY_KINDS", "REPLY_STAGES",
+    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Message", "Text", "TextMark", "Chunk", "Mark",
+    "Audio", "Command", "Reasoning", "Playback", "LlmDone", "Error", "ErrorCode", "REPLY_TYPES", "REPLY_KINDS",
+    "REPLY_STAGES",
 ]
 
 

@@ -11,18 +11,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import protocol
-from .runtime.broker import BusError, Endpoints
 from .config import Config, ConfigError, load
-from .stages.llm.providers.base import ProviderError
-from .protocol import Message
-from .runtime.stage import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from .protocol import Body, Error, ErrorCode, Heartbeat, LlmDone, Message, Playback, Text
+from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from .runtime.broker import BusError, Endpoints
 from .runtime.shard import Shard
-
-if TYPE_CHECKING:  # the client library is imported only by the commands that use it
-    from .frontends.client import Done, Error, Playback
+from .stages.llm.providers.base import ProviderError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
@@ -180,7 +177,7 @@ def cmd_stage(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_say(args: argparse.Namespace, config: Config) -> int:
     """Send one request and follow it until its audio has played (or it fails); Ctrl-C cancels it everywhere."""
-    from .frontends.client import Error, Playback, TextDelta, VoxpipeTimeout, connect
+    from .frontends.client import VoxpipeTimeout, connect  # the client library only for the commands that use it
     text = " ".join(args.text).strip()
     if not text:
         raise ConfigError("say needs a message: voxpipe say 'What is the capital of France?'")
@@ -193,15 +190,16 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
         shown: set[str] = set()
         try:
             for event in reply:
-                if isinstance(event, TextDelta):
-                    end = "\n" if event.final and (reply.text or event.delta) else ""
-                    sys.stdout.write(event.delta + end)
-                    sys.stdout.flush()
-                elif isinstance(event, Error) and event.code != "stage_crashed":
-                    shown.add(event.message)
-                    print(f"voxpipe: {event.code}: {event.message}", file=sys.stderr)
-                elif isinstance(event, Playback) and event.final:
-                    played = event
+                match event.body:
+                    case Text(delta=delta, final=final):
+                        end = "\n" if final and (reply.text or delta) else ""
+                        sys.stdout.write(delta + end)
+                        sys.stdout.flush()
+                    case Error(code=code, message=message) if code != ErrorCode.STAGE_CRASHED:
+                        shown.add(message)
+                        print(f"voxpipe: {code}: {message}", file=sys.stderr)
+                    case Playback(final=True) as playback:
+                        played = playback
         except KeyboardInterrupt:
             client.cancel(args.session, reply.id, reason="interrupted in voxpipe say")
             print(("\n" if reply.text and not reply.text.endswith("\n") else "") + "[interrupted]", flush=True)
@@ -209,10 +207,11 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
         except VoxpipeTimeout as exc:
             print(f"\nvoxpipe: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    return _say_outcome(reply.crashed, reply.done, played, shown)
+    return _say_outcome(reply.crashed.body if reply.crashed else None, reply.done.body if reply.done else None,
+                        played, shown)
 
 
-def _say_outcome(crashed: Error | None, done: Done | None, played: Playback | None, shown: set[str]) -> int:
+def _say_outcome(crashed: Error | None, done: LlmDone | None, played: Playback | None, shown: set[str]) -> int:
     """The exit code of `say`, with one line on stderr for whatever went wrong (never twice)."""
     if crashed is not None:
         print(f"voxpipe: {crashed.message}; this reply is lost, ask again", file=sys.stderr)
@@ -279,7 +278,7 @@ def describe_frame(frame: bytes) -> str:
     except protocol.ProtocolError as exc:
         return f"INVALID {frame[:40]!r}: {exc}"
     stamp = time.strftime("%H:%M:%S", time.localtime(message.ts)) + f".{int(message.ts * 1000) % 1000:03d}"
-    body = " ".join(f"{key}={_short(value)}" for key, value in message.body.items())
+    body = " ".join(f"{key}={_short(value)}" for key, value in message.body.to_wire().items())
     return f"{stamp} {message.kind:<13} {message.session or '-'} {message.id or '-'} #{message.seq} " \
            f"{message.src} {body}"
 
@@ -287,6 +286,8 @@ def describe_frame(frame: bytes) -> str:
 def _short(value: Any) -> str:
     if isinstance(value, bytes):
         return f"<{len(value)} bytes>"
+    if isinstance(value, tuple):
+        value = list(value)  # shown as it travels: a msgpack array
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -296,7 +297,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     client = Connection("status", endpoints_for(config), [protocol.subscription("heartbeat")])
     client.require_bus()
     client.open(timeout=3.0)
-    beats: dict[str, Message] = {}
+    beats: dict[str, Message[Body]] = {}
     deadline = time.monotonic() + 1.5
     try:
         while time.monotonic() < deadline:
@@ -309,13 +310,10 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         print("voxpipe: the bus is up but no stage sent a heartbeat", file=sys.stderr)
         return EXIT_FAILURE
 
-    def field(beat: Message, name: str) -> Any:
+    def field(beat: Message[Body], name: str) -> Any:
         """A heartbeat field as the protocol defines it: an optional one that is missing or nil is its default."""
-        rule = protocol.KINDS["heartbeat"][name]
-        try:
-            value = beat[name]
-        except (KeyError, TypeError):
-            value = None
+        rule = Heartbeat.spec[name]
+        value = getattr(beat.body, name, None)
         return rule.default if value is None and not rule.required else value
 
     def shown(value: Any, spec: str = "") -> str:
@@ -351,9 +349,9 @@ def cmd_chunk(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_stats(args: argparse.Namespace, config: Config) -> int:
+    from .ops.stats import table
     from .stages.history.stage import default_db_path
     from .stages.history.store import HistoryStore
-    from .ops.stats import table
     store = HistoryStore(default_db_path(config["history"]["db_path"]))
     try:
         timelines = store.recent_metrics(args.last)

@@ -89,9 +89,9 @@ def round_trip(sender: Connection, receiver: Connection, text: str) -> None:
     """The receiver gets what the sender publishes (retrying until the subscription is live)."""
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        sender.publish("request", "sec", "r1", text=text)
+        sender.publish("sec", "r1", protocol.Request(text=text))
         message = receiver.receive(0.2)
-        if message is not None and message.kind == "request" and message["text"] == text:
+        if message is not None and isinstance(message.body, protocol.Request) and message.body.text == text:
             return
     raise AssertionError(f"{text!r} never arrived")
 
@@ -161,7 +161,7 @@ def test_curve_with_authorised_key_works_and_tap_sees_it(home: Path) -> None:
         line = ""
         deadline = time.monotonic() + 20
         while "tapped over curve" not in line and time.monotonic() < deadline:
-            sender.publish("request", "sec", "r2", text="tapped over curve")
+            sender.publish("sec", "r2", protocol.Request(text="tapped over curve"))
             line = tap.stdout.readline() if selector.select(0.3) else ""
         tap.kill()
         tap.communicate()
@@ -207,10 +207,10 @@ def test_unknown_key_receives_nothing_and_cannot_publish(home: Path) -> None:
         watched: list[str] = []
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
-            insider.publish("request", "sec", "inside", text="for members only")
+            insider.publish("sec", "inside", protocol.Request(text="for members only"))
             for injector in injectors:
-                injector.send(protocol.encode(protocol.make("request", session="sec", id="outside", seq=0,
-                                                            ts=time.time(), src="stranger", text="injected")))
+                injector.send(protocol.encode(protocol.Message(protocol.Request(text="injected"), "sec", "outside", 0,
+                                                               time.time(), "stranger")))
             for listener in listeners:
                 while listener.poll(0):
                     heard.append(listener.recv())

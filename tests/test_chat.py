@@ -79,7 +79,7 @@ def test_ctrl_c_interrupts_a_reply_everywhere_and_then_quits() -> None:
             while done is None and time.monotonic() < deadline:
                 done = watcher.receive(1.0)
             assert done is not None, "no llm.done after the interrupt"
-            assert done["status"] == "interrupted", done.body
+            assert done.body.status == "interrupted", done.body
             assert "here." not in term.screen[start:], "the reply kept streaming after Ctrl-C"
 
             term.press(CTRL_C)  # at the prompt: quit

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from voxpipe.stages.chunker.core import Chunk, Chunker, ChunkerPolicy, Mark
+from voxpipe.protocol import Chunk, Mark, TextMark
+from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
 from voxpipe.stages.tags import FORMATTING, VOID
 
 DEFAULT = ChunkerPolicy()
@@ -281,17 +282,26 @@ def test_tags_are_marks_never_speech_even_split_across_deltas():
     display, chunks = run(["<e>sm", "ile</e>Привет! Как <", "c>Подойти к игроку</", "c>дела?"])
     assert display == "Привет! Как дела?"
     assert [c.text for c in chunks] == ["Привет! Как дела?"]
-    assert chunks[0].marks == (Mark("e", "smile", 0, 0), Mark("c", "Подойти к игроку", 0, 12))
+    assert chunks[0].marks == (Mark(tag="e", body="smile", chunk=0, offset=0),
+                               Mark(tag="c", body="Подойти к игроку", chunk=0, offset=12))
+
+
+def test_display_marks_point_into_the_display_delta_they_came_with():
+    chunker = Chunker()
+    outputs = [chunker.feed(delta, 0.0) for delta in ["<e>sm", "ile</e>Привет! Как <", "c>Подойти</c>дела?"]]
+    assert [out.display for out in outputs] == ["", "Привет! Как ", "дела?"]
+    assert [out.display_marks for out in outputs] == [
+        (), (TextMark(tag="e", body="smile", offset=0),), (TextMark(tag="c", body="Подойти", offset=0),)]
 
 
 def test_marks_point_into_the_chunk_being_assembled():
     policy = ChunkerPolicy(min_first_chars=1, min_chars=1)
     _, chunks = run("Привет!<e>smile</e> Как дела? Отлично.<p>1,-2,0</p>", policy)
     assert [c.text for c in chunks] == ["Привет!", "Как дела?", "Отлично."]
-    assert chunks[1].marks == (Mark("e", "smile", 1, 0),)
-    assert chunks[2].marks == (Mark("p", "1,-2,0", 2, 8),) and chunks[2].final
+    assert chunks[1].marks == (Mark(tag="e", body="smile", chunk=1, offset=0),)
+    assert chunks[2].marks == (Mark(tag="p", body="1,-2,0", chunk=2, offset=8),) and chunks[2].final
     _, chunks = run("Hello there, my <E>wink</E>friend.")
-    assert chunks[1].marks == (Mark("e", "wink", 1, 3),) and chunks[1].text[3:] == "friend."
+    assert chunks[1].marks == (Mark(tag="e", body="wink", chunk=1, offset=3),) and chunks[1].text[3:] == "friend."
 
 
 # --- what counts as a tag -------------------------------------------------------------------
@@ -381,7 +391,7 @@ def test_an_unknown_tag_split_anywhere_is_neither_shown_nor_spoken(reply):
 
 def test_the_mark_of_an_unknown_tag_points_where_it_stood():
     _, chunks = run("Echo: <bogus>x</bogus>. Done.")
-    assert chunks[0].marks == (Mark("bogus", "x", 0, 6),)
+    assert chunks[0].marks == (Mark(tag="bogus", body="x", chunk=0, offset=6),)
 
 
 def test_tag_like_code_stays_code():
@@ -511,8 +521,9 @@ def test_empty_deltas_do_not_postpone_a_stall_flush_and_zero_disables_it():
 
 
 def test_finish_always_ends_with_exactly_one_final_chunk():
-    assert run("") == ("", [Chunk("", 0, True, ())])
-    assert run("<e>smile</e>") == ("", [Chunk("", 0, True, (Mark("e", "smile", 0, 0),))])
+    assert run("") == ("", [Chunk(text="", index=0, final=True, marks=())])
+    smile = Mark(tag="e", body="smile", chunk=0, offset=0)
+    assert run("<e>smile</e>") == ("", [Chunk(text="", index=0, final=True, marks=(smile,))])
     chunker = Chunker()
     chunker.finish(0.0)
     with pytest.raises(RuntimeError):

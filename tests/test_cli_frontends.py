@@ -55,7 +55,7 @@ def test_ctrl_c_in_say_cancels_the_reply_everywhere_and_exits_130() -> None:
         finally:
             term.close()
         done = wait_for(watcher, "llm.done")
-        assert done["status"] == "interrupted" and len(done["text"]) < len("Echo: " + LONG)
+        assert done.body.status == "interrupted" and len(done.body.text) < len("Echo: " + LONG)
         watcher.close()
 
 
@@ -247,13 +247,13 @@ def test_chat_shows_a_waiting_mark_and_cuts_and_sends_the_chosen_voice() -> None
                 term.expect("…", after=at)  # shown until the whole reply arrives
                 term.expect(r"Echo: wait for it\..*\[cut: stop_string\]", after=at)
                 term.expect(PROMPT, after=at)
-                assert wait_for(watcher, "request")["voice"] == ""
+                assert wait_for(watcher, "request").body.voice == ""
                 term.type("/voice ru")
                 term.press(ENTER)
                 term.expect(r"\[voice: ru\]")
                 term.type("privet")
                 term.press(ENTER)
-                assert wait_for(watcher, "request")["voice"] == "ru"
+                assert wait_for(watcher, "request").body.voice == "ru"
                 term.expect(r"Echo: privet\..*" + PROMPT)
                 term.press(CTRL_D)
                 assert term.wait(30) == 0, term.screen

@@ -14,12 +14,13 @@ from typing import ClassVar
 import pytest
 
 from voxpipe import cli, protocol
-from voxpipe.protocol import Message
+from voxpipe.protocol import Heartbeat, Message
 
 
-def heartbeat(src: str, **body: object) -> Message:
-    """A heartbeat as a Message, with exactly the given body: no defaults filled in, nothing checked."""
-    return Message(kind="heartbeat", session="", id="", seq=0, ts=1.0, src=src, body=dict(body))
+def heartbeat(src: str, **fields: object) -> Message[Heartbeat]:
+    """A heartbeat as a Message, with exactly the given fields: no defaults filled in, nothing checked
+    (the body is filled in the way `wire.validate` fills in one it has checked)."""
+    return Message(Heartbeat.from_checked(dict(fields)), "", "", 0, 1.0, src)
 
 
 class FakeConnection:
@@ -55,8 +56,9 @@ def status(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], 
 
 
 def test_status_shows_a_full_heartbeat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    beat = protocol.make("heartbeat", session="", id="", seq=3, ts=1.0, src="llm", pid=42, uptime=61.4,
-                         state="ready", shard="0/1", counters={"received": 5, "published": 7}, streams={})
+    beat = Message(Heartbeat(pid=42, uptime=61.4, state="ready", shard="0/1", counters={"received": 5, "published": 7},
+                             streams={}), "", "", 3, 1.0, "llm")
+    protocol.encode(beat)  # a heartbeat as valid as a stage sends
     code, out = status(monkeypatch, capsys, beat)
     assert code == cli.EXIT_OK
     assert out.splitlines()[1].split() == ["llm", "42", "ready", "61s", "0/1", "published=7", "received=5"]

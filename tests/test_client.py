@@ -11,7 +11,20 @@ import pytest
 from tests.fakes.openai_server import reply_for
 from tests.harness import Daemon, fake_openai, openai_settings, start_stage, stop_process
 from tests.harness import connect as bus_connect
-from voxpipe.frontends.client import Audio, Chunk, Done, Error, Mark, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect
+from voxpipe.frontends.client import (
+    Audio,
+    Chunk,
+    Error,
+    ErrorCode,
+    LlmDone,
+    Mark,
+    Message,
+    Playback,
+    Text,
+    VoxpipeError,
+    VoxpipeTimeout,
+    connect,
+)
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 
@@ -30,20 +43,21 @@ def test_ask_yields_typed_events_until_the_reply_is_spoken(daemon: Daemon) -> No
     with connect(daemon.config_path, session="lib1") as vp:
         reply = vp.ask("Hello library")
         events = list(reply)
+    assert all(isinstance(event, Message) for event in events)
     assert {event.session for event in events} == {"lib1"} and {event.id for event in events} == {reply.id}
-    text = "".join(event.delta for event in events if isinstance(event, TextDelta))
-    assert text == reply.text == spoken(reply_for("Hello library"))
-    assert [event.final for event in events if isinstance(event, TextDelta)][-1]
-    marks = [mark for event in events if isinstance(event, Chunk) for mark in event.marks]
+    texts = [event.body for event in events if isinstance(event.body, Text)]
+    assert "".join(text.delta for text in texts) == reply.text == spoken(reply_for("Hello library"))
+    assert texts[-1].final
+    marks = [mark for event in events if isinstance(event.body, Chunk) for mark in event.body.marks]
     assert [(mark.tag, mark.body) for mark in marks] == [("e", "smile")] and isinstance(marks[0], Mark)
-    audio = [event for event in events if isinstance(event, Audio)]
-    assert audio and audio[0].rate > 0 and audio[0].width == 2 and any(event.last for event in audio)
-    done = [event for event in events if isinstance(event, Done)]
-    assert len(done) == 1 and done[0].status == "ok" and done[0].text == reply_for("Hello library")
-    assert "total_ms" in done[0].metrics and reply.done == done[0]
-    last = events[-1]
+    audio = [event.body for event in events if isinstance(event.body, Audio)]
+    assert audio and audio[0].rate > 0 and audio[0].width == 2 and any(frame.last for frame in audio)
+    done = [event for event in events if isinstance(event.body, LlmDone)]
+    assert len(done) == 1 and done[0].body.status == "ok" and done[0].body.text == reply_for("Hello library")
+    assert "total_ms" in done[0].body.metrics and reply.done == done[0]
+    last = events[-1].body
     assert isinstance(last, Playback) and last.final and last.event == "finished"
-    assert reply.complete and events[0].kind and all(event.kind for event in events)
+    assert reply.complete and events[0].kind and all(event.kind == event.body.kind for event in events)
 
 
 def test_whole_reply_without_waiting_for_audio_and_a_second_session(daemon: Daemon) -> None:
@@ -70,14 +84,14 @@ def test_each_reply_can_choose_its_voice(daemon: Daemon) -> None:
             unknown_events = list(unknown)
         sent = {}
         while len(sent) < 2 and (message := watcher.receive(5.0)) is not None:
-            sent[message.id] = message["voice"]
+            sent[message.id] = message.body.voice
     finally:
         watcher.close()
     assert sent == {chosen.id: "en+f3", unknown.id: "xx-nope"}
-    assert chosen.complete and not [event for event in chosen_events if isinstance(event, Error)]
-    errors = [event for event in unknown_events if isinstance(event, Error)]
-    assert [error.code for error in errors] == ["unknown_voice"] and "'xx-nope'" in errors[0].message
-    assert unknown.complete and any(isinstance(event, Audio) and event.pcm for event in unknown_events)
+    assert chosen.complete and not [event for event in chosen_events if isinstance(event.body, Error)]
+    errors = [event.body for event in unknown_events if isinstance(event.body, Error)]
+    assert [error.code for error in errors] == [ErrorCode.UNKNOWN_VOICE] and "'xx-nope'" in errors[0].message
+    assert unknown.complete and any(isinstance(event.body, Audio) and event.body.pcm for event in unknown_events)
 
 
 def test_cancel_from_another_thread_stops_the_reply_everywhere(daemon: Daemon) -> None:
@@ -111,7 +125,7 @@ def test_cancel_from_another_thread_stops_the_reply_everywhere(daemon: Daemon) -
                 done = message
                 break
         assert done is not None, "no llm.done for the cancelled reply"
-        assert done["status"] == "interrupted", (done.body, seen)
+        assert done.body.status == "interrupted", (done.body, seen)
     finally:
         watcher.close()
 

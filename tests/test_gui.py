@@ -159,7 +159,7 @@ def follow(watcher: Connection, seen: set[str], timeout: float = 60.0) -> tuple[
             seen.add(reply_id)
         if message is not None and message.id == reply_id:
             messages.append(message)
-            if message.kind == "chunk" and message["final"]:
+            if message.kind == "chunk" and message.body.final:
                 return reply_id, messages
     raise AssertionError(f"no final chunk for {reply_id}")
 
@@ -202,7 +202,7 @@ def test_gui_streams_a_reply_shows_the_emotion_and_stops(display: str, tmp_path:
             assert partial["busy"] and full.startswith(partial["reply"]) and len(partial["reply"]) < len(full), \
                 partial["reply"]
             shutil.copy(gui.screenshot(tmp_path / "voxpipe-gui-streaming.png"), "/tmp/voxpipe-gui-streaming.png")
-            assert wait_done(watcher, first)["status"] == "ok"
+            assert wait_done(watcher, first).body.status == "ok"
             state = gui.wait(lambda state: state["replies"] >= 1 and "smile" in state["emotion"],
                              "the first reply and its emotion", ask=True)
             assert state["reply"] == full
@@ -219,7 +219,7 @@ def test_gui_streams_a_reply_shows_the_emotion_and_stops(display: str, tmp_path:
             gui.xdotool("key", "Return")
             second = next_reply(watcher, seen)
             gui.click("stop")
-            assert wait_done(watcher, second)["status"] == "interrupted"
+            assert wait_done(watcher, second).body.status == "interrupted"
             state = gui.wait(lambda state: state["replies"] >= 2, "the stopped reply to end")
             assert state["transcript"].rstrip().endswith("[stopped]")
             assert not state["busy"]
@@ -256,11 +256,11 @@ def test_gui_hides_a_refused_tag_says_a_cut_reads_commands_in_words_and_fits_420
             state = gui.wait(lambda state: state["replies"] >= 1 and "attitude" in state["command"]
                              and "smile" in state["emotion"] and "refused" in state["transcript"],
                              "the reply and its commands", ask=True)
-            shown = "".join(m["delta"] for m in messages if m.kind == "text")
-            spoken = " ".join(m["text"] for m in messages if m.kind == "chunk")
+            shown = "".join(m.body.delta for m in messages if m.kind == "text")
+            spoken = " ".join(m.body.text for m in messages if m.kind == "chunk")
             assert shown == state["reply"] == "Echo:  and  please. Done  here."
             assert spoken == "Echo: and please. Done here."
-            assert [mark["tag"] for m in messages if m.kind == "chunk" for mark in m["marks"]] == ["bogus", "p", "e"]
+            assert [mark.tag for m in messages if m.kind == "chunk" for mark in m.body.marks] == ["bogus", "p", "e"]
             answer = state["transcript"].split("voxpipe: ", 1)[1]
             text, refused = answer.split("\n")[:2]
             assert text == shown and "x" not in text and "bogus" not in text
@@ -272,7 +272,7 @@ def test_gui_hides_a_refused_tag_says_a_cut_reads_commands_in_words_and_fits_420
             # 2. a reply that repeats itself is cut by the guard, and the window says so
             gui.type("one two three four five six seven eight " * 3)
             gui.xdotool("key", "Return")
-            assert wait_done(watcher, next_reply(watcher, seen))["guard"] == "repetition"
+            assert wait_done(watcher, next_reply(watcher, seen)).body.guard == "repetition"
             state = gui.wait(lambda state: state["replies"] >= 2, "the cut reply to end")
             assert state["transcript"].rstrip().endswith("eight\n[cut: repetition]")
 

@@ -14,9 +14,9 @@ from typing import Any
 from tests.fakes.wire_server import WireServer, sse_script
 from tests.harness import Daemon
 from voxpipe import protocol
-from voxpipe.stages.history.store import HistoryStore
-from voxpipe.protocol import Message
+from voxpipe.protocol import Body, LlmDone, Message, Request
 from voxpipe.runtime import Connection, endpoints_for
+from voxpipe.stages.history.store import HistoryStore
 
 QUESTION = "What is in this picture?"
 KEY = {"WIRE_KEY": "sk-test-history"}
@@ -58,13 +58,13 @@ class Asker:
         self.client = Connection("test-history", endpoints_for(daemon.config()),
                                  [protocol.subscription(kind, session) for kind in ("token", "llm.done")])
         self.client.open()
-        self.seen: list[Message] = []
+        self.seen: list[Message[Body]] = []
 
     def ask(self, request_id: str, text: str, profile: str) -> str:
-        self.client.publish("request", self.session, request_id, text=text, profile=profile)
+        self.client.publish(self.session, request_id, Request(text=text, profile=profile))
         return request_id
 
-    def wait(self, request_id: str, kind: str, timeout: float = 30.0) -> Message:
+    def wait(self, request_id: str, kind: str, timeout: float = 30.0) -> Message[Body]:
         deadline = time.monotonic() + timeout
         while True:
             found = next((m for m in self.seen if m.id == request_id and m.kind == kind), None)
@@ -75,6 +75,12 @@ class Asker:
             if message is not None:
                 self.seen.append(message)
 
+    def done(self, request_id: str) -> LlmDone:
+        """The request's llm.done."""
+        done = self.wait(request_id, "llm.done").body
+        assert isinstance(done, LlmDone)
+        return done
+
 
 def test_failed_and_interrupted_exchanges_in_the_next_prompt_and_in_history_show() -> None:
     with WireServer() as wire:
@@ -83,21 +89,21 @@ def test_failed_and_interrupted_exchanges_in_the_next_prompt_and_in_history_show
             "refused": profile(f"http://127.0.0.1:{dead_port()}/v1")}}}
         with Daemon(settings, env=KEY) as daemon:
             asker = Asker(daemon, "pic")
-            errors = [asker.wait(asker.ask(f"fail{n}", QUESTION, "refused"), "llm.done") for n in range(2)]
-            assert [done["status"] for done in errors] == ["error", "error"]
+            errors = [asker.done(asker.ask(f"fail{n}", QUESTION, "refused")) for n in range(2)]
+            assert [done.status for done in errors] == ["error", "error"]
 
             wire.enqueue(stream("It is ", "a cat."))
-            assert asker.wait(asker.ask("ok", QUESTION, "wire"), "llm.done")["status"] == "ok"
+            assert asker.done(asker.ask("ok", QUESTION, "wire")).status == "ok"
             assert turns(wire.records[0]) == [("user", QUESTION)], "the failed attempts reached the model"
 
             wire.enqueue(stream(*[f"word{n} " for n in range(100)], delay=0.05), stream("Sure."))
             asker.wait(asker.ask("third", "Third", "wire"), "token")
             asker.ask("barge", "barge in", "wire")
-            assert asker.wait("third", "llm.done")["status"] == "interrupted"
-            assert asker.wait("barge", "llm.done")["status"] == "ok"
+            assert asker.done("third").status == "interrupted"
+            assert asker.done("barge").status == "ok"
 
             wire.enqueue(stream("Fine."))
-            assert asker.wait(asker.ask("after", "After", "wire2"), "llm.done")["status"] == "ok"
+            assert asker.done(asker.ask("after", "After", "wire2")).status == "ok"
             asker.client.close()
             sent = turns(wire.records[3])
             assert sum(content.count(QUESTION) for _, content in sent) == 1
@@ -114,9 +120,9 @@ def test_failed_and_interrupted_exchanges_in_the_next_prompt_and_in_history_show
                 time.sleep(0.2)
     assert shown.returncode == 0, shown.stderr
     lines = [line for line in without_stamps(shown.stdout) if not line.startswith("    ")]
-    assert all("cannot reach" in done["error"] for done in errors)
-    assert lines[:6] == [f"user: {QUESTION}", f"assistant (error: {errors[0]['error']})",
-                         f"user: {QUESTION}", f"assistant (error: {errors[1]['error']})",
+    assert all("cannot reach" in done.error for done in errors)
+    assert lines[:6] == [f"user: {QUESTION}", f"assistant (error: {errors[0].error})",
+                         f"user: {QUESTION}", f"assistant (error: {errors[1].error})",
                          f"user: {QUESTION}", "assistant: It is a cat."]
     assert lines[6] == "user: Third" and lines[7].startswith("assistant (interrupted)")
     assert lines[8:] == ["user: barge in", "assistant: Sure.", "user: After", "assistant: Fine."]

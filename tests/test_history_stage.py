@@ -16,10 +16,24 @@ import pytest
 
 from tests.harness import Daemon, connect, fake_openai, openai_settings, start_stage, stop_process, wait_ready
 from voxpipe import protocol
+from voxpipe.protocol import (
+    ChatMessage,
+    Chunk,
+    Command,
+    Context,
+    ContextQuery,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    HistorySaved,
+    LlmDone,
+    Message,
+    Playback,
+    Request,
+)
+from voxpipe.runtime import Connection, endpoints_for
 from voxpipe.stages.history.store import HistoryStore
 from voxpipe.stages.llm.core import build_messages, render_dialogue
-from voxpipe.protocol import Message
-from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 TAGGED = ("Привет <e>smile</e> и <c>Подойти к игроку</c>. Запомни <+memory>high|Игрок любит кошек</memory> "
@@ -43,8 +57,8 @@ def follow(client: Connection, request_id: str, until, timeout: float = 30.0) ->
 
 
 def commands_of(messages: list[Message]) -> list[tuple[Any, ...]]:
-    return [(m["name"], tuple(m["args"]), m["accepted"], m["chunk"], m["offset"]) for m in messages
-            if m.kind == "command"]
+    return [(m.body.name, m.body.args, m.body.accepted, m.body.chunk, m.body.offset) for m in messages
+            if isinstance(m.body, Command)]
 
 
 def test_commands_in_a_streamed_reply_are_published_placed_and_applied(server: str) -> None:
@@ -55,7 +69,7 @@ def test_commands_in_a_streamed_reply_are_published_placed_and_applied(server: s
         results = {}
         for mode in (True, False):
             session, request_id = f"cmd-{mode}", f"r-{mode}"
-            client.publish("request", session, request_id, text=TAGGED, stream=mode)
+            client.publish(session, request_id, Request(text=TAGGED, stream=mode))
             messages = follow(client, request_id, lambda got: len([m for m in got if m.kind == "command"]) >= 7)
             results[mode] = commands_of(messages)
         # the fake server's reply is "Echo: <the message>. Done <e>smile</e> here."
@@ -67,11 +81,12 @@ def test_commands_in_a_streamed_reply_are_published_placed_and_applied(server: s
         assert all(chunk >= 0 and offset >= 0 for _, _, _, chunk, offset in reply)
         assert results[True] == results[False], "streaming on and off must give the same command events"
 
-        client.publish("context.query", "cmd-True", "probe", limit=10)
-        context = follow(client, "probe", lambda got: any(m.kind == "context" for m in got))[-1]
+        client.publish("cmd-True", "probe", ContextQuery(limit=10))
+        context = follow(client, "probe", lambda got: any(m.kind == "context" for m in got))[-1].body
         client.close()
-        assert "[high] Игрок любит кошек" in context["memory"]
-        assert context["variables"] == {"attitude": 54.0, "boredom": 48.0, "stress": 50.0}  # two replies: 2*(+2,-1)
+        assert isinstance(context, Context)
+        assert "[high] Игрок любит кошек" in context.memory
+        assert context.variables == {"attitude": 54.0, "boredom": 48.0, "stress": 50.0}  # two replies: 2*(+2,-1)
         with sqlite3.connect(daemon.db_path) as db:
             stored = db.execute("SELECT session, content FROM messages WHERE role='assistant' ORDER BY session")
             texts = dict(stored.fetchall())
@@ -89,16 +104,16 @@ def test_an_interrupted_reply_is_stored_with_what_was_heard_and_the_next_context
         history = start_stage("history", runtime, VOXPIPE_HISTORY__DB_PATH=str(db))
         wait_ready(runtime, "history")
         client = connect(runtime, "front", "history.saved", "context")
-        client.publish("request", "talk", "q1", text="Tell me a story.")
+        client.publish("talk", "q1", Request(text="Tell me a story."))
         follow(client, "q1", lambda got: any(m.kind == "history.saved" for m in got))
         reply = "Once upon a time there was a cat. It lived in a tall tower by the sea."
-        client.publish("llm.done", "talk", "q1", status="ok", text=reply, tokens=1)
+        client.publish("talk", "q1", LlmDone(status="ok", text=reply, tokens=1))
         follow(client, "q1", lambda got: len([m for m in got if m.kind == "history.saved"]) >= 1)
         first, second = "Once upon a time there was a cat.", "It lived in a tall tower by the sea."
-        client.publish("chunk", "talk", "q1", text=first, index=0, final=False)
-        client.publish("chunk", "talk", "q1", text=second, index=1, final=True)
-        client.publish("playback", "talk", "q1", event="finished", chunk=0, heard=1.0, heard_chars=len(first))
-        client.publish("playback", "talk", "q1", event="stopped", chunk=1, heard=0.3, heard_chars=11, final=True)
+        client.publish("talk", "q1", Chunk(text=first, index=0, final=False))
+        client.publish("talk", "q1", Chunk(text=second, index=1, final=True))
+        client.publish("talk", "q1", Playback(event="finished", chunk=0, heard=1.0, heard_chars=len(first)))
+        client.publish("talk", "q1", Playback(event="stopped", chunk=1, heard=0.3, heard_chars=11, final=True))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with sqlite3.connect(db) as database:
@@ -108,11 +123,12 @@ def test_an_interrupted_reply_is_stored_with_what_was_heard_and_the_next_context
                 break
             time.sleep(0.1)
         assert (spoken, interrupted, content) == (f"{first} It lived in", 1, reply)
-        client.publish("context.query", "talk", "q2", limit=10)
-        context = follow(client, "q2", lambda got: any(m.kind == "context" for m in got))[-1]
+        client.publish("talk", "q2", ContextQuery(limit=10))
+        context = follow(client, "q2", lambda got: any(m.kind == "context" for m in got))[-1].body
         client.close()
-        assert context["messages"] == [{"role": "user", "content": "Tell me a story."},
-                                       {"role": "assistant", "content": f"{first} It lived in"}]
+        assert isinstance(context, Context)
+        assert context.messages == (ChatMessage(role="user", content="Tell me a story."),
+                                    ChatMessage(role="assistant", content=f"{first} It lived in"))
         assert stop_process(history)[0] == 0
     finally:
         stop_process(bus)
@@ -123,11 +139,11 @@ def test_kill_history_under_load_then_it_catches_up(server: str) -> None:
         client = Connection("load", endpoints_for(daemon.config()), [
             protocol.subscription(kind) for kind in ("history.saved", "llm.done", "error", "heartbeat")])
         client.open()
-        history_pid = next(m for m in iter(lambda: client.receive(2), None) if m.kind == "heartbeat"
-                           and m.src == "history")["pid"]
+        history_pid = next(m.body.pid for m in iter(lambda: client.receive(2), None)
+                           if isinstance(m.body, Heartbeat) and m.src == "history")
         ids = [f"load-{n}" for n in range(100)]
         for number, request_id in enumerate(ids):
-            client.publish("request", f"s{number}", request_id, text=f"question {number}")
+            client.publish(f"s{number}", request_id, Request(text=f"question {number}"))
         saved, done, gaps, killed = set(), set(), [], False
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(done) < 100:
@@ -139,18 +155,18 @@ def test_kill_history_under_load_then_it_catches_up(server: str) -> None:
                 if len(done) == 30 and not killed:
                     os.kill(history_pid, signal.SIGKILL)
                     killed = True
-            elif message.kind == "history.saved" and message["role"] == "assistant":
+            elif isinstance(message.body, HistorySaved) and message.body.role == "assistant":
                 saved.add(message.id)
-            elif message.kind == "error" and message["code"] == "history_gap":
+            elif isinstance(message.body, Error) and message.body.code == ErrorCode.HISTORY_GAP:
                 gaps.append(message)
         assert killed and len(done) == 100
         stored: set[str] = set()
         deadline = time.monotonic() + 60   # the restarted stage catches up: poll until it has
         while time.monotonic() < deadline and stored != set(ids) and not gaps:
             message = client.receive(0.5)
-            if message is not None and message.kind == "history.saved" and message["role"] == "assistant":
+            if message is not None and isinstance(message.body, HistorySaved) and message.body.role == "assistant":
                 saved.add(message.id)
-            elif message is not None and message.kind == "error" and message["code"] == "history_gap":
+            elif message is not None and isinstance(message.body, Error) and message.body.code == ErrorCode.HISTORY_GAP:
                 gaps.append(message)
             with sqlite3.connect(daemon.db_path) as db:
                 stored = {row[0] for row in db.execute("SELECT request_id FROM messages WHERE role='assistant'")}
@@ -217,11 +233,10 @@ def test_the_next_prompt_leaves_out_failed_exchanges_and_never_repeats_a_turn(tm
         exchange("cut", "Again?", "", status="interrupted", interrupted=True)
         exchange("cut2", "Again?")
         context = store.context("s", 20, exclude_request="cut2")
-        assert context == [{"role": "user", "content": question}, {"role": "assistant", "content": "A cat."},
-                           {"role": "user", "content": "Third"}, {"role": "assistant", "content": "Once"},
-                           {"role": "user", "content": "barge in"}, {"role": "assistant", "content": "Sure."},
-                           {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "It went"},
-                           {"role": "user", "content": "Again?"}]
+        assert [(turn.role, turn.content) for turn in context] == [
+            ("user", question), ("assistant", "A cat."), ("user", "Third"), ("assistant", "Once"),
+            ("user", "barge in"), ("assistant", "Sure."), ("user", "And then?"), ("assistant", "It went"),
+            ("user", "Again?")]
         assert store.context("s", 3, exclude_request="cut2") == context[-3:]
     finally:
         store.close()
@@ -229,5 +244,6 @@ def test_the_next_prompt_leaves_out_failed_exchanges_and_never_repeats_a_turn(tm
     assert messages[-2:] == [{"role": "assistant", "content": "It went"}, {"role": "user", "content": "Again?"}]
     prompt, _ = render_dialogue("", context, "Again?", "Mita")
     assert prompt.split("\n")[-3:] == ["Mita: It went", "User: Again?", "Mita:"]
-    assert build_messages("", [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}], "hi") == [
+    repeated = [ChatMessage(role="user", content="hi"), ChatMessage(role="user", content="again")]
+    assert build_messages("", repeated, "hi") == [
         {"role": "user", "content": "hi\nagain\nhi"}], "only a repeat of the turn just before is left out"

@@ -101,6 +101,7 @@ def test_embedded_local_model_streaming_and_not(gguf: str, style: str) -> None:
 
 def test_cancel_closes_the_llama_cpp_stream(llama_server: str) -> None:
     from voxpipe import protocol
+    from voxpipe.protocol import Cancel, Request
     from voxpipe.runtime import Connection, endpoints_for
     settings = {"llm": {"profile": "llamacpp", "profiles": {"llamacpp": {
         "provider": "openai", "base_url": llama_server, "model": "gemma", "api_key_env": "",
@@ -109,36 +110,39 @@ def test_cancel_closes_the_llama_cpp_stream(llama_server: str) -> None:
         client = Connection("canceller", endpoints_for(daemon.config()),
                             [protocol.subscription(kind, "c") for kind in ("token", "llm.done")])
         client.open()
-        client.publish("request", "c", "r1", text="Write a very long story about the sea.")
+        client.publish("c", "r1", Request(text="Write a very long story about the sea."))
         first = client.receive(60)
         assert first is not None and first.kind == "token"
-        client.publish("cancel", "c", "r1", reason="test")
+        client.publish("c", "r1", Cancel(reason="test"))
         started = time.monotonic()
         while True:
             message = client.receive(10)
             assert message is not None, "no llm.done after cancel"
             if message.kind == "llm.done":
                 break
-        assert message["status"] == "interrupted"
+        assert message.body.status == "interrupted"
         assert time.monotonic() - started < 5
-        assert message["text"].startswith(first["text"])
+        assert message.body.text.startswith(first.body.text)
         client.close()
 
 
 def test_repetition_guard_stops_the_looping_base_model(gguf: str) -> None:
     from voxpipe import protocol
+    from voxpipe.protocol import Request
     from voxpipe.runtime import Connection, endpoints_for
     settings = {"llm": {"profiles": {"local": {"provider": "local", "max_tokens": 400, "temperature": 0.0,
                                                "prompt_style": "chat", "repeat_ngram": 6, "repeat_count": 3}}}}
     with Daemon(settings) as daemon:
         client = Connection("looper", endpoints_for(daemon.config()), [protocol.subscription("llm.done", "loop")])
         client.open()
-        client.publish("request", "loop", "r1", text="Tell me a short fact about the Moon.")
-        done = client.receive(120)
+        client.publish("loop", "r1", Request(text="Tell me a short fact about the Moon."))
+        message = client.receive(120)
         client.close()
-    assert done is not None and done["status"] == "ok"
-    assert done["guard"] == "repetition" and done["finish_reason"] == "guard"
-    assert done["tokens"] < 400
+    assert message is not None
+    done = message.body
+    assert done.status == "ok"
+    assert done.guard == "repetition" and done.finish_reason == "guard"
+    assert done.tokens < 400
 
 
 def test_the_local_model_answers_a_request_the_same_way_every_time(gguf: str) -> None:

@@ -6,12 +6,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from voxpipe.protocol import ChatMessage
+from voxpipe.secrets import KeyRing
 from voxpipe.stages.llm.core import build_messages, trim_history
 from voxpipe.stages.llm.guards import GuardPolicy, ReplyGuard
 from voxpipe.stages.llm.providers.base import Image, ProviderError, status_code
 from voxpipe.stages.llm.retry import RetryPolicy, next_step
 from voxpipe.stages.llm.think import ThinkSplitter
-from voxpipe.secrets import KeyRing
 from voxpipe.stages.tags import held_back
 
 
@@ -179,8 +180,8 @@ def test_key_ring_sticks_to_the_key_that_works() -> None:
 
 def test_prompt_is_persona_history_user_with_images_and_merged_turns() -> None:
     image = Image(b"\x89PNG", "image/png")
-    history = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
-               {"role": "assistant", "content": "hello"}]
+    history = [ChatMessage(role="user", content="hi"), ChatMessage(role="user", content="again"),
+               ChatMessage(role="assistant", content="hello")]
     messages = build_messages("Be kind.", history, "look", [image])
     assert messages == [{"role": "system", "content": "Be kind."},
                         {"role": "user", "content": "hi\nagain"},
@@ -189,8 +190,8 @@ def test_prompt_is_persona_history_user_with_images_and_merged_turns() -> None:
 
 
 def test_history_budget_drops_the_oldest_turns() -> None:
-    history = [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "y" * 40},
-               {"role": "user", "content": "z" * 40}]
+    history = [ChatMessage(role="user", content="x" * 40), ChatMessage(role="assistant", content="y" * 40),
+               ChatMessage(role="user", content="z" * 40)]
     assert trim_history(history, 25) == history[1:]
     assert trim_history(history, 0) == history
 
@@ -203,18 +204,19 @@ def ask(context: dict | None = None, budget: int = 0, **profile: object):
     from voxpipe.config import PROFILE_DEFAULTS
     from voxpipe.stages.llm.core import chat_request
 
-    def make(kind: str, **body: object) -> protocol.Message:
-        return protocol.make(kind, session="s", id="r", seq=0, ts=0.0, src="t", **body)
+    def wire(body: protocol.Body) -> protocol.Body:
+        """The body as a stage receives it: through the wire."""
+        return protocol.decode(protocol.encode(protocol.Message(body, "s", "r"))).body
 
-    request = make("request", text="look", images=[{"data": b"\x89PNG", "mime": "image/png"}],
-                   **({"stream": profile.pop("request_stream")} if "request_stream" in profile else {}))
+    request = wire(protocol.Request(text="look", images=(protocol.Image(mime="image/png", data=b"\x89PNG"),),
+                                    stream=profile.pop("request_stream", None)))
     settings = {"name": "p", **PROFILE_DEFAULTS, "provider": "openai", **profile}
-    return chat_request(settings, request, make("context", **context) if context is not None else None,
+    return chat_request(settings, request, wire(protocol.Context(**context)) if context is not None else None,
                         "Be kind.", budget)
 
 
 def test_the_provider_request_carries_persona_memory_history_within_budget_and_images() -> None:
-    context = {"messages": [{"role": "user", "content": "x" * 40}, {"role": "assistant", "content": "yes"}],
+    context = {"messages": (ChatMessage(role="user", content="x" * 40), ChatMessage(role="assistant", content="yes")),
                "memory": "1|5|likes tea", "variables": {"mood": 0.5}}
     chat = ask(context, budget=5)
     assert chat.messages[0]["role"] == "system" and chat.messages[0]["content"].startswith("Be kind.\n\nYour memories")

@@ -12,6 +12,20 @@ from hypothesis import strategies as st
 
 from voxpipe import protocol
 from voxpipe.config import PROFILE_DEFAULTS, ConfigError
+from voxpipe.protocol import (
+    Body,
+    Context,
+    ErrorCode,
+    LlmDone,
+    Message,
+    Reasoning,
+    Replay,
+    ReplayDone,
+    ReplayQuery,
+    Request,
+    Token,
+)
+from voxpipe.secrets import KeyRing
 from voxpipe.stages.llm.jobs import (
     CANCEL_GRACE_S,
     Close,
@@ -28,14 +42,20 @@ from voxpipe.stages.llm.jobs import (
     Start,
 )
 from voxpipe.stages.llm.providers.base import Delta, Outcome, ProviderError
-from voxpipe.protocol import Message
-from voxpipe.secrets import KeyRing
 
 S = "s1"
 
 
-def message(kind: str, id: str = "r1", session: str = S, ts: float = 1000.0, **body: Any) -> Message:
-    return protocol.make(kind, session=session, id=id, seq=0, ts=ts, src="test", **body)
+def message(body: Body, id: str = "r1", session: str = S, ts: float = 1000.0) -> Message[Any]:
+    return Message(body, session, id, 0, ts, "test")
+
+
+def request(id: str = "r1", session: str = S, ts: float = 1000.0, **fields: Any) -> Message[Request]:
+    return message(Request(**{"text": "hi", **fields}), id, session, ts)
+
+
+def context(id: str = "r1", session: str = S) -> Message[Context]:
+    return message(Context(messages=()), id, session)
 
 
 def profile(**overrides: Any) -> dict[str, Any]:
@@ -57,11 +77,12 @@ class Call:
 def describe(effect: Effect) -> str:
     """One line per effect, for tables of expected effects."""
     match effect:
-        case Publish("token" | "reasoning" as kind, session, id, body):
-            return f"{kind} {session}/{id} {body['text']!r}"
-        case Publish(kind, session, id, body):
-            return f"{kind} {session}/{id} {body}"
+        case Publish(session, id, Token(text=text) | Reasoning(text=text)):
+            return f"{effect.kind} {session}/{id} {text!r}"
+        case Publish(session, id, body):
+            return f"{effect.kind} {session}/{id} {body.to_wire()}"
         case Report(code, _, session, id, ref_kind):
+            assert isinstance(code, ErrorCode)
             return f"report {code} {session}/{id} {ref_kind}"
         case Log(level, _, _):
             return f"log {level} {effect.message}"
@@ -70,7 +91,7 @@ def describe(effect: Effect) -> str:
         case Close():
             return "close"
         case Done(request, body):
-            return f"done {request.session}/{request.id} {body['status']}"
+            return f"done {request.session}/{request.id} {body.status}"
     raise AssertionError(effect)
 
 
@@ -78,7 +99,7 @@ def kinds(effects: list[Effect]) -> list[str]:
     return [describe(effect).split(" ")[0] for effect in effects]
 
 
-def dones(effects: list[Effect]) -> list[dict[str, Any]]:
+def dones(effects: list[Effect]) -> list[LlmDone]:
     return [effect.body for effect in effects if isinstance(effect, Done)]
 
 
@@ -88,8 +109,8 @@ def jobs(on_busy: str = "cancel", history_limit: int = 20, context_timeout_ms: i
 
 def running(core: Jobs, id: str = "r1", now: float = 0.0, **config: Any) -> tuple[Job, Call]:
     """A job whose worker has started and opened its call at `now`."""
-    core.request(message("request", id, text="hi"), now)
-    core.context(message("context", id, messages=[]))
+    core.request(request(id), now)
+    core.context(context(id))
     job = core.jobs[S]
     job.configure(profile(**config))
     call = Call()
@@ -105,10 +126,10 @@ def worker_end(core: Jobs, job: Job, error: Exception | None, now: float) -> lis
 # --- requests and the busy policies ----------------------------------------------------------------
 
 def test_a_request_asks_history_for_context_or_starts_at_once_without_history() -> None:
-    assert [describe(e) for e in jobs().request(message("request", text="hi"), 0.0)] == [
+    assert [describe(e) for e in jobs().request(request(text="hi"), 0.0)] == [
         "log 20 s1/r1: request (profile p)", "context.query s1/r1 {'limit': 20}"]
     core = jobs(history_limit=0)
-    effects = core.request(message("request", text="hi", profile="other"), 0.0)
+    effects = core.request(request(text="hi", profile="other"), 0.0)
     assert [describe(e) for e in effects] == ["log 20 s1/r1: request (profile other)", "start r1"]
     assert core.jobs[S].started and core.jobs[S].profile == "other"
 
@@ -119,9 +140,9 @@ def test_barge_in_cancels_the_old_reply_everywhere_and_begins_the_new_one(starte
     if started:
         old, _ = running(core)
     else:
-        core.request(message("request", text="hi"), 0.0)
+        core.request(request(text="hi"), 0.0)
         old = core.jobs[S]
-    effects = core.request(message("request", "r2", text="again"), 2.0)
+    effects = core.request(request("r2", text="again"), 2.0)
     assert [describe(e) for e in effects] == [
         "cancel s1/r1 {'reason': 'barge-in: a new request arrived'}",
         *(["close"] if started else ["start r1"]),  # a job still waiting for context starts, so its worker ends it
@@ -133,8 +154,8 @@ def test_barge_in_cancels_the_old_reply_everywhere_and_begins_the_new_one(starte
 def test_queue_keeps_requests_in_order_behind_the_running_reply() -> None:
     core = jobs("queue", history_limit=0)
     first, _ = running(core)
-    assert core.request(message("request", "r2", text="2"), 1.0) == []
-    assert core.request(message("request", "r3", text="3"), 1.0) == []
+    assert core.request(request("r2", text="2"), 1.0) == []
+    assert core.request(request("r3", text="3"), 1.0) == []
     assert [describe(e) for e in worker_end(core, first, None, 2.0)] == [
         "done s1/r1 ok", "log 20 s1/r1: ok after 0 tokens, first token - ms", "log 20 s1/r2: request (profile p)",
         "start r2"]
@@ -148,22 +169,22 @@ def test_queue_keeps_requests_in_order_behind_the_running_reply() -> None:
 def test_a_session_cancel_drops_its_queue_and_a_reply_cancel_keeps_it() -> None:
     core = jobs("queue", history_limit=0)
     running(core)
-    core.request(message("request", "r2", text="2"), 1.0)
+    core.request(request("r2", text="2"), 1.0)
     core.cancel(S, "r1", "test", 1.5)
     assert [m.id for m in core.waiting[S]] == ["r2"]
     effects = core.cancel(S, "", "test", 1.6)
     assert S not in core.waiting
     ends = [e for e in effects if getattr(e, "kind", "") == "llm.done"]
-    assert [(e.id, e.body["status"], e.body["text"]) for e in ends] == [("r2", "interrupted", "")]
+    assert [(e.id, e.body.status, e.body.text) for e in ends] == [("r2", "interrupted", "")]
 
 
 def test_a_cancel_naming_a_queued_request_ends_only_that_one() -> None:
     core = jobs("queue", history_limit=0)
     running(core)
     for number in (2, 3):
-        core.request(message("request", f"r{number}", text=str(number)), 1.0)
+        core.request(request(f"r{number}", text=str(number)), 1.0)
     effects = core.cancel(S, "r2", "test", 1.5)
-    assert [(e.id, e.body["status"]) for e in effects if getattr(e, "kind", "") == "llm.done"] == [
+    assert [(e.id, e.body.status) for e in effects if getattr(e, "kind", "") == "llm.done"] == [
         ("r2", "interrupted")]
     assert [m.id for m in core.waiting[S]] == ["r3"] and not core.jobs[S].cancelled
 
@@ -172,14 +193,14 @@ def test_a_cancel_naming_a_queued_request_ends_only_that_one() -> None:
 def test_reject_answers_busy_with_an_error_and_leaves_the_running_reply(named: str) -> None:
     core = jobs("reject")
     first, _ = running(core)
-    effects = core.request(message("request", "r2", text="again", profile=named), 5.0)
+    effects = core.request(request("r2", text="again", profile=named), 5.0)
     assert kinds(effects) == ["report", "llm.done"]
     assert effects[0].text == "session s1 is still answering r1; llm.on_busy = reject"
     body = effects[1].body
-    assert (body["status"], body["error"], body["profile"], body["text"], body["tokens"]) == (
+    assert (body.status, body.error, body.profile, body.text, body.tokens) == (
         "error", "session busy: the previous reply is still being generated", named or "p", "", 0)
-    assert body["metrics"] == {"total_ms": 0.0}
-    protocol.make("llm.done", session=S, id="r2", seq=0, ts=0, src="t", **body)  # a valid message
+    assert body.metrics == {"total_ms": 0.0}
+    protocol.encode(Message(body, S, "r2"))  # a valid message
     assert core.jobs[S] is first and not first.cancelled
 
 
@@ -187,23 +208,23 @@ def test_reject_answers_busy_with_an_error_and_leaves_the_running_reply(named: s
 
 def test_context_starts_only_the_job_it_was_asked_for_and_only_once() -> None:
     core = jobs()
-    core.request(message("request", text="hi"), 0.0)
-    context = message("context", messages=[])
-    assert core.context(message("context", "other", messages=[])) == []
-    assert core.context(message("context", session="s2", messages=[])) == []
-    assert [describe(e) for e in core.context(context)] == ["start r1 with context"]
-    assert core.context(context) == []
+    core.request(request(text="hi"), 0.0)
+    answer = context()
+    assert core.context(context("other")) == []
+    assert core.context(context(session="s2")) == []
+    assert [describe(e) for e in core.context(answer)] == ["start r1 with context"]
+    assert core.context(answer) == []
 
 
 def test_without_an_answer_from_history_the_job_goes_ahead_at_the_deadline() -> None:
     core = jobs(context_timeout_ms=300)
-    core.request(message("request", text="hi"), 10.0)
+    core.request(request(text="hi"), 10.0)
     assert core.next_tick() == pytest.approx(10.3)
     assert core.tick(10.29) == []
     assert [describe(e) for e in core.tick(core.next_tick())] == [
         "log 30 history did not answer within 300 ms for s1/r1; replying without history", "start r1"]
     assert core.next_tick() is None  # started, no call open yet: nothing to watch
-    assert core.context(message("context", messages=[])) == []  # too late
+    assert core.context(context()) == []  # too late
 
 
 # --- the watchdog: every timeout -------------------------------------------------------------------
@@ -234,7 +255,7 @@ def test_a_stall_after_the_first_token_is_an_idle_timeout_that_ends_the_reply() 
     error = job.after_attempt(None, KeyRing(["k"]), 0.0)
     assert isinstance(error, ProviderError) and str(error) == "no token for 1 s; the reply was cut off"
     done = dones(worker_end(core, job, error, 2.0))[0]
-    assert (done["status"], done["text"], done["error"]) == ("error", "partial more", str(error))
+    assert (done.status, done.text, done.error) == ("error", "partial more", str(error))
 
 
 def test_a_cancelled_call_that_does_not_stop_is_abandoned_after_the_grace() -> None:
@@ -247,14 +268,14 @@ def test_a_cancelled_call_that_does_not_stop_is_abandoned_after_the_grace() -> N
     effects = core.tick(1.0 + CANCEL_GRACE_S)
     assert [describe(e) for e in effects] == ["done s1/r1 interrupted",
                                               "log 20 s1/r1: interrupted after 1 tokens, first token 200 ms"]
-    assert dones(effects)[0]["text"] == "Hello" and S not in core.jobs
+    assert dones(effects)[0].text == "Hello" and S not in core.jobs
     assert worker_end(core, job, None, 5.0) == []  # the worker, unstuck at last, sends nothing more
 
 
 def test_the_watchdog_wakes_at_the_earliest_deadline_of_all_sessions() -> None:
     core = jobs(context_timeout_ms=2000)
-    core.request(message("request", session="a", text="hi"), 0.0)
-    core.request(message("request", session="b", text="hi"), 1.0)
+    core.request(request(session="a", text="hi"), 0.0)
+    core.request(request(session="b", text="hi"), 1.0)
     core.cancel("b", "", "test", 1.5)
     assert core.next_tick() == pytest.approx(1.5 + CANCEL_GRACE_S)
     assert [describe(e) for e in core.tick(1.7)][-2:] == ["done b/r1 interrupted",
@@ -378,7 +399,7 @@ def test_retries_and_rotations_stay_within_the_policy_and_the_ring(codes: list[s
 
 def test_cancel_while_waiting_for_context_starts_the_job_so_its_worker_ends_it() -> None:
     core = jobs()
-    core.request(message("request", text="hi"), 0.0)
+    core.request(request(text="hi"), 0.0)
     assert [describe(e) for e in core.cancel(S, "", "", 0.1)] == ["start r1", "log 20 cancelled s1/r1: "]
     job = core.jobs[S]
     job.configure(profile())
@@ -386,12 +407,12 @@ def test_cancel_while_waiting_for_context_starts_the_job_so_its_worker_ends_it()
     effects = worker_end(core, job, None, 0.3)
     assert [describe(e) for e in effects] == ["done s1/r1 interrupted",
                                               "log 20 s1/r1: interrupted after 0 tokens, first token - ms"]
-    assert dones(effects)[0]["text"] == ""
+    assert dones(effects)[0].text == ""
 
 
 def test_cancel_while_the_call_is_opening_closes_it_as_soon_as_it_is_open() -> None:
     core = jobs(history_limit=0)
-    core.request(message("request", text="hi"), 0.0)
+    core.request(request(text="hi"), 0.0)
     job = core.jobs[S]
     assert job.begin_attempt(0.0)
     assert [describe(e) for e in core.cancel(S, "r1", "test", 0.1)] == ["log 20 cancelled s1/r1: test"]  # no call yet
@@ -406,7 +427,7 @@ def test_cancel_before_the_first_token_ends_with_no_text() -> None:
     assert job.arrived(Delta("too late"), 0.6) == [] and job.attempt_over and not job.committed
     assert job.after_attempt(None, KeyRing(["k"]), 0.0) is None
     done = dones(worker_end(core, job, None, 0.7))[0]
-    assert (done["status"], done["text"], done["tokens"], done["error"]) == ("interrupted", "", 0, "")
+    assert (done.status, done.text, done.tokens, done.error) == ("interrupted", "", 0, "")
 
 
 def test_cancel_after_the_first_token_keeps_the_partial_text_and_publishes_nothing_more() -> None:
@@ -419,7 +440,7 @@ def test_cancel_after_the_first_token_keeps_the_partial_text_and_publishes_nothi
     effects = worker_end(core, job, failure("connect"), 0.5)
     assert [describe(e) for e in effects] == ["done s1/r1 interrupted",
                                               "log 20 s1/r1: interrupted after 1 tokens, first token 200 ms"]
-    assert (dones(effects)[0]["text"], dones(effects)[0]["error"]) == ("One ", "")
+    assert (dones(effects)[0].text, dones(effects)[0].error) == ("One ", "")
 
 
 def test_a_cancel_for_another_reply_or_session_changes_nothing() -> None:
@@ -432,7 +453,7 @@ def test_a_cancel_for_another_reply_or_session_changes_nothing() -> None:
 def test_stopping_cancels_every_session() -> None:
     core = jobs()
     running(core)
-    core.request(message("request", session="s2", text="hi"), 0.0)
+    core.request(request(session="s2", text="hi"), 0.0)
     assert [describe(e) for e in core.stop(1.0)] == [
         "close", "log 20 cancelled s1/r1: stage stopping", "start r1", "log 20 cancelled s2/r1: stage stopping"]
 
@@ -460,7 +481,7 @@ def test_a_guard_stop_closes_the_call_and_ends_the_reply_as_it_stands() -> None:
     assert job.after_attempt(None, KeyRing(["k"]), 0.0) is None
     effects = worker_end(core, job, None, 0.3)
     done = dones(effects)[0]
-    assert (done["status"], done["text"], done["guard"], done["finish_reason"]) == ("ok", "Fine. ", "stop_string",
+    assert (done.status, done.text, done.guard, done.finish_reason) == ("ok", "Fine. ", "stop_string",
                                                                                    "guard")
     assert effects[-1].message == "s1/r1: ok after 1 tokens, first token 100 ms, stopped by stop_string"
 
@@ -471,24 +492,24 @@ def test_llm_done_carries_the_outcome_the_metrics_and_the_profile() -> None:
     job.arrived(Delta("a"), 10.25)
     job.arrived(Delta("b"), 10.75)
     done = dones(worker_end(core, job, None, 11.0))[0]
-    assert {key: done[key] for key in ("status", "text", "tokens", "provider", "model", "finish_reason", "profile",
-                                       "reasoning", "guard", "error")} == {
+    assert {key: getattr(done, key) for key in ("status", "text", "tokens", "provider", "model", "finish_reason",
+                                                "profile", "reasoning", "guard", "error")} == {
         "status": "ok", "text": "ab", "tokens": 2, "provider": "openai", "model": "m1", "finish_reason": "stop",
         "profile": "p", "reasoning": "", "guard": "", "error": ""}
-    assert done["metrics"] == {"total_ms": 1000.0, "ttft_ms": 250.0, "tokens_per_s": pytest.approx(1 / 0.75),
-                               "usage_total_tokens": 5}
-    protocol.make("llm.done", session=S, id="r1", seq=0, ts=0, src="t", **done)  # a valid message
+    assert done.metrics == {"total_ms": 1000.0, "ttft_ms": 250.0, "tokens_per_s": pytest.approx(1 / 0.75),
+                            "usage_total_tokens": 5}
+    protocol.encode(Message(done, S, "r1"))  # a valid message
 
 
 def test_a_job_that_never_opened_a_call_reports_no_outcome() -> None:
     core = jobs(history_limit=0)
-    core.request(message("request", text="hi", profile="missing"), 0.0)
+    core.request(request(text="hi", profile="missing"), 0.0)
     job = core.jobs[S]
     effects = core.finish(job, *job.ending(ConfigError("unknown profile 'missing'")), 0.5)
     assert [describe(e) for e in effects] == ["report provider_error s1/r1 request", "done s1/r1 error",
                                               "log 20 s1/r1: error after 0 tokens, first token - ms"]
     done = dones(effects)[0]
-    assert (done["provider"], done["model"], done["finish_reason"], done["profile"]) == ("", "", "", "missing")
+    assert (done.provider, done.model, done.finish_reason, done.profile) == ("", "", "", "missing")
 
 
 @pytest.mark.parametrize(("error", "cancelled", "key_env", "expected"), [
@@ -516,27 +537,29 @@ def test_a_long_error_is_cut_to_what_the_protocol_allows() -> None:
     core = jobs()
     job, _ = running(core)
     done = dones(core.finish(job, "error", "x" * 5000, 1.0))[0]
-    assert len(done["error"]) == 2000
+    assert len(done.error) == 2000
 
 
 # --- the replay journal ------------------------------------------------------------------------------
 
 def test_replay_resends_the_replies_newer_than_since_and_says_whether_any_was_dropped() -> None:
     journal = Journal(size=3)
-    assert [describe(e) for e in journal.replay(message("replay.query", "q", session="", since=0.0))] == [
+    assert [describe(e) for e in journal.replay(message(ReplayQuery(since=0.0), "q", session=""))] == [
         "replay.done /q {'since': 0.0, 'count': 0, 'complete': True, 'oldest': 0.0}"]
     for n in range(1, 5):
-        request = message("request", f"r{n}", ts=float(n), text=f"question {n}")
-        journal.add(request, {"status": "ok", "text": f"answer {n}"}, 10.0 + n)
-    effects = journal.replay(message("replay.query", "q", session="", since=12.5))
+        asked = request(f"r{n}", ts=float(n), text=f"question {n}")
+        journal.add(asked, LlmDone(status="ok", text=f"answer {n}", tokens=n), 10.0 + n)
+    effects = journal.replay(message(ReplayQuery(since=12.5), "q", session=""))
     assert [e.body for e in effects] == [
-        {"request_text": "question 3", "request_ts": 3.0, "done_ts": 13.0, "status": "ok", "text": "answer 3"},
-        {"request_text": "question 4", "request_ts": 4.0, "done_ts": 14.0, "status": "ok", "text": "answer 4"},
-        {"since": 12.5, "count": 2, "complete": True, "oldest": 12.0}]
+        Replay(request_text="question 3", request_ts=3.0, done_ts=13.0, status="ok", text="answer 3", tokens=3),
+        Replay(request_text="question 4", request_ts=4.0, done_ts=14.0, status="ok", text="answer 4", tokens=4),
+        ReplayDone(since=12.5, count=2, complete=True, oldest=12.0)]
     assert [e.id for e in effects] == ["r3", "r4", "q"]
-    assert journal.replay(message("replay.query", "q", session="", since=10.5))[-1].body == {
-        "since": 10.5, "count": 3, "complete": False, "oldest": 12.0}  # r1 (11.0) was dropped
-    assert journal.replay(message("replay.query", "q", session="", since=11.0))[-1].body["complete"]
+    for replay in effects[:-1]:
+        protocol.encode(Message(replay.body, S, replay.id))  # a valid message
+    assert journal.replay(message(ReplayQuery(since=10.5), "q", session=""))[-1].body == ReplayDone(
+        since=10.5, count=3, complete=False, oldest=12.0)  # r1 (11.0) was dropped
+    assert journal.replay(message(ReplayQuery(since=11.0), "q", session=""))[-1].body.complete
 
 
 def test_settings_come_from_the_llm_section() -> None:
@@ -560,7 +583,7 @@ def test_any_course_of_events_ends_in_one_llm_done_that_follows_all_its_tokens(s
     """The worker as the shell runs it, against a call that yields, fails or ends (a closed call only
     stops at the next "end" or "fail"), with the watchdog ticking and a cancel at any point."""
     core = jobs(history_limit=0)
-    core.request(message("request", text="hi"), 0.0)
+    core.request(request(text="hi"), 0.0)
     job = core.jobs[S]
     job.configure(profile(stop_strings=["<END>"]))
     ring = KeyRing(["k0", "k1"])
@@ -568,7 +591,7 @@ def test_any_course_of_events_ends_in_one_llm_done_that_follows_all_its_tokens(s
     state: dict[str, Any] = {"now": 0.0, "call": None, "retried_after_a_token": False}
 
     def tokens() -> str:
-        return "".join(e.body["text"] for e in effects if isinstance(e, Publish) and e.kind == "token")
+        return "".join(e.body.text for e in effects if isinstance(e, Publish) and e.kind == "token")
 
     def attempt() -> None:
         if not job.begin_attempt(state["now"]):
@@ -614,6 +637,6 @@ def test_any_course_of_events_ends_in_one_llm_done_that_follows_all_its_tokens(s
     after = effects[effects.index(done[0]):]
     assert not [e for e in after if isinstance(e, Publish) and e.kind in ("token", "reasoning")]
     body = done[0].body
-    assert body["text"] == tokens() and "<END>" not in body["text"]
-    assert (body["status"] == "interrupted") == job.cancelled
+    assert body.text == tokens() and "<END>" not in body.text
+    assert (body.status == "interrupted") == job.cancelled
     assert not state["retried_after_a_token"]

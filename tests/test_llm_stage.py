@@ -17,7 +17,7 @@ import pytest
 from tests.fakes.wire_server import Script, WireServer, json_script, sse_script
 from tests.harness import Daemon, fake_openai
 from voxpipe import protocol
-from voxpipe.protocol import Message
+from voxpipe.protocol import Cancel, Image, LlmDone, Message, Request
 from voxpipe.runtime import Connection, endpoints_for
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
@@ -94,17 +94,18 @@ class Session:
         self.client = Connection(f"test-{self.name}", endpoints_for(daemon.config()),
                                  [protocol.subscription(kind, self.name) for kind in self.KINDS])
         self.client.open()
-        self.messages: list[Message] = []
+        self.messages: list[Message[Any]] = []
 
     def ask(self, text: str = "hi", **fields: Any) -> str:
         request_id = f"r{next(_ids)}"
-        self.client.publish("request", self.name, request_id, text=text, **fields)
+        self.client.publish(self.name, request_id, Request(text=text, **fields))
         return request_id
 
-    def until_done(self, request_id: str, timeout: float = 20.0) -> Message:
+    def until_done(self, request_id: str, timeout: float = 20.0) -> LlmDone:
+        """The request's llm.done."""
         for message in self.messages:
             if message.kind == "llm.done" and message.id == request_id:
-                return message
+                return message.body
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.client.receive(0.5)
@@ -112,13 +113,13 @@ class Session:
                 continue
             self.messages.append(message)
             if message.kind == "llm.done" and message.id == request_id:
-                return message
+                return message.body
         raise AssertionError(f"no llm.done for {request_id} within {timeout} s: {self.messages}")
 
     def tokens(self, request_id: str) -> list[str]:
-        return [m["text"] for m in self.messages if m.kind == "token" and m.id == request_id]
+        return [m.body.text for m in self.messages if m.kind == "token" and m.id == request_id]
 
-    def of(self, kind: str, request_id: str) -> list[Message]:
+    def of(self, kind: str, request_id: str) -> list[Message[Any]]:
         return [m for m in self.messages if m.kind == kind and m.id == request_id]
 
     def close(self) -> None:
@@ -141,9 +142,9 @@ def test_usage_chunk_keepalives_crlf_and_null_content(server: WireServer, sessio
     server.enqueue(Script(writes=writes))
     request = session.ask()
     done = session.until_done(request)
-    assert done["status"] == "ok" and done["text"] == "Hello." and session.tokens(request) == ["Hel", "lo."]
-    assert done["finish_reason"] == "stop" and done["metrics"]["usage_total_tokens"] == 5
-    assert done["tokens"] == 2 and "ttft_ms" in done["metrics"]
+    assert done.status == "ok" and done.text == "Hello." and session.tokens(request) == ["Hel", "lo."]
+    assert done.finish_reason == "stop" and done.metrics["usage_total_tokens"] == 5
+    assert done.tokens == 2 and "ttft_ms" in done.metrics
 
 
 def test_reasoning_content_and_think_tags_never_reach_the_reply(server: WireServer, session: Session) -> None:
@@ -151,9 +152,9 @@ def test_reasoning_content_and_think_tags_never_reach_the_reply(server: WireServ
                                chunk("ink>Answer"), chunk("!"), chunk(finish="stop"), "[DONE]"]))
     request = session.ask()
     done = session.until_done(request)
-    assert done["text"] == "Answer!" and "".join(session.tokens(request)) == "Answer!"
-    assert "".join(m["text"] for m in session.of("reasoning", request)) == "Let me think. inline plan"
-    assert done["reasoning"] == "Let me think. inline plan"
+    assert done.text == "Answer!" and "".join(session.tokens(request)) == "Answer!"
+    assert "".join(m.body.text for m in session.of("reasoning", request)) == "Let me think. inline plan"
+    assert done.reasoning == "Let me think. inline plan"
 
 
 def test_disconnect_mid_stream_ends_in_error_keeping_the_partial_text(server: WireServer, session: Session) -> None:
@@ -161,10 +162,10 @@ def test_disconnect_mid_stream_ends_in_error_keeping_the_partial_text(server: Wi
     before = len(server.records)
     request = session.ask()
     done = session.until_done(request)
-    assert done["status"] == "error" and done["text"] == "one two " and done["tokens"] == 2
+    assert done.status == "error" and done.text == "one two " and done.tokens == 2
     assert session.tokens(request) == ["one ", "two "]  # no duplicate: no silent retry after a token
     assert len(server.records) == before + 1
-    assert any(m["code"] == "provider_error" for m in session.of("error", request))
+    assert any(m.body.code == "provider_error" for m in session.of("error", request))
 
 
 def test_stall_before_the_first_byte_is_retried(server: WireServer, session: Session) -> None:
@@ -172,7 +173,7 @@ def test_stall_before_the_first_byte_is_retried(server: WireServer, session: Ses
     before = len(server.records)
     request = session.ask()
     done = session.until_done(request, timeout=30)
-    assert done["status"] == "ok" and done["text"] == "late but fine."
+    assert done.status == "ok" and done.text == "late but fine."
     assert len(server.records) == before + 2
 
 
@@ -181,7 +182,7 @@ def test_stall_mid_stream_is_an_idle_timeout(server: WireServer, session: Sessio
     request = session.ask()
     started = time.monotonic()
     done = session.until_done(request)
-    assert done["status"] == "error" and done["text"] == "partial" and "no token for 1 s" in done["error"]
+    assert done.status == "error" and done.text == "partial" and "no token for 1 s" in done.error
     assert time.monotonic() - started < 8
 
 
@@ -193,7 +194,7 @@ def test_429_with_retry_after_then_success(server: WireServer, daemon: Daemon) -
         before = len(server.records)
         request = session.ask()
         done = session.until_done(request)
-        assert done["status"] == "ok" and done["text"] == "ok."
+        assert done.status == "ok" and done.text == "ok."
         records = server.records[before:]
         assert len(records) == 3
         # the first 429 rotates to the reserve key at once; the second waits for Retry-After
@@ -207,15 +208,15 @@ def test_429_with_retry_after_then_success(server: WireServer, daemon: Daemon) -
 def test_500_then_success(server: WireServer, session: Session) -> None:
     server.enqueue(json_script({"error": {"message": "boom"}}, status=500), stream("fine."))
     request = session.ask()
-    assert session.until_done(request)["text"] == "fine."
+    assert session.until_done(request).text == "fine."
 
 
 def test_malformed_event_is_a_protocol_error(server: WireServer, session: Session) -> None:
     server.enqueue(sse_script([chunk("good "), "{not json"]))
     request = session.ask()
     done = session.until_done(request)
-    assert done["status"] == "error" and done["text"] == "good "
-    assert "malformed" in done["error"]
+    assert done.status == "error" and done.text == "good "
+    assert "malformed" in done.error
 
 
 def test_wrong_content_type_is_a_protocol_error(server: WireServer, session: Session) -> None:
@@ -223,13 +224,13 @@ def test_wrong_content_type_is_a_protocol_error(server: WireServer, session: Ses
     server.enqueue(html)
     request = session.ask()
     done = session.until_done(request)
-    assert done["status"] == "error" and "text/html" in done["error"]
+    assert done.status == "error" and "text/html" in done.error
 
 
 def test_connection_refused_gives_up_with_a_clear_error(session: Session) -> None:
     request = session.ask(profile="refused")
     done = session.until_done(request)
-    assert done["status"] == "error" and "cannot reach" in done["error"]
+    assert done.status == "error" and "cannot reach" in done.error
 
 
 def test_cancel_reaches_the_server_within_100_ms(server: WireServer, session: Session) -> None:
@@ -241,33 +242,33 @@ def test_cancel_reaches_the_server_within_100_ms(server: WireServer, session: Se
         message = session.client.receive(5)
         assert message is not None
         session.messages.append(message)
-    session.client.publish("cancel", session.name, request, reason="test")
+    session.client.publish(session.name, request, Cancel(reason="test"))
     cancelled = time.monotonic()
     assert record.hung_up.wait(2)
     assert record.hung_up_at - cancelled < 0.1
     done = session.until_done(request)
-    assert done["status"] == "interrupted" and done["text"] and "w399" not in done["text"]
+    assert done.status == "interrupted" and done.text and "w399" not in done.text
 
 
 def test_stop_string_guard_keeps_the_text_before_it(server: WireServer, session: Session) -> None:
     server.enqueue(stream("Fine.", " <EN", "D> leaked"))
     request = session.ask()
     done = session.until_done(request)
-    assert done["text"] == "Fine. " and done["guard"] == "stop_string" and done["finish_reason"] == "guard"
+    assert done.text == "Fine. " and done.guard == "stop_string" and done.finish_reason == "guard"
     assert "".join(session.tokens(request)) == "Fine. "
 
 
 def test_images_go_to_vision_providers_and_are_refused_elsewhere(server: WireServer, session: Session) -> None:
     server.enqueue(stream("A cat."))
-    image = {"mime": "image/png", "data": b"\x89PNG\r\n\x1a\n"}
+    image = Image(mime="image/png", data=b"\x89PNG\r\n\x1a\n")
     before = len(server.records)
-    request = session.ask("what is this?", images=[image])
-    assert session.until_done(request)["text"] == "A cat."
+    request = session.ask("what is this?", images=(image,))
+    assert session.until_done(request).text == "A cat."
     content = server.records[before].json["messages"][-1]["content"]
     assert content[1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
-    refused = session.ask("and this?", profile="local", images=[image])
+    refused = session.ask("and this?", profile="local", images=(image,))
     done = session.until_done(refused)
-    assert done["status"] == "error" and "does not accept images" in done["error"]
+    assert done.status == "error" and "does not accept images" in done.error
 
 
 def test_a_slow_session_never_delays_another(server: WireServer, daemon: Daemon) -> None:
@@ -280,8 +281,8 @@ def test_a_slow_session_never_delays_another(server: WireServer, daemon: Daemon)
         server.enqueue(stream("fast."))
         started = time.monotonic()
         fast_done = fast.until_done(fast.ask())
-        assert fast_done["text"] == "fast." and time.monotonic() - started < 1.0
-        assert slow.until_done(slow_request)["status"] == "ok"
+        assert fast_done.text == "fast." and time.monotonic() - started < 1.0
+        assert slow.until_done(slow_request).status == "ok"
     finally:
         slow.close()
         fast.close()
@@ -296,7 +297,7 @@ def test_the_key_never_reaches_logs_or_the_bus(server: WireServer, daemon: Daemo
         refusal = json_script({"error": {"message": f"Incorrect API key provided: {SECRET}"}}, status=401)
         server.enqueue(refusal, refusal)
         done = session.until_done(session.ask())
-        assert done["status"] == "error" and "401" in done["error"] and "$WIRE_KEY" in done["error"]
+        assert done.status == "error" and "401" in done.error and "$WIRE_KEY" in done.error
         frames = []
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
@@ -324,11 +325,11 @@ def test_on_busy_queue_and_reject(policy: str) -> None:
             done_first = session.until_done(first)
             done_second = session.until_done(second)
             session.close()
-    assert done_first["status"] == "ok" and done_first["text"] == "first reply."
+    assert done_first.status == "ok" and done_first.text == "first reply."
     if policy == "queue":
-        assert done_second["status"] == "ok" and done_second["text"] == "second."
+        assert done_second.status == "ok" and done_second.text == "second."
     else:
-        assert done_second["status"] == "error" and "busy" in done_second["error"]
+        assert done_second.status == "error" and "busy" in done_second.error
 
 
 def test_streaming_on_and_off_give_the_same_chunks_and_history() -> None:
@@ -341,11 +342,11 @@ def test_streaming_on_and_off_give_the_same_chunks_and_history() -> None:
             request = session.ask("Tell me. Something longer, with clauses, and more.", stream=stream_mode)
             done = session.until_done(request)
             deadline = time.monotonic() + 10
-            while not any(m.kind == "chunk" and m["final"] for m in session.messages) and time.monotonic() < deadline:
+            while not any(m.kind == "chunk" and m.body.final for m in session.messages) and time.monotonic() < deadline:
                 if (message := session.client.receive(0.5)) is not None:
                     session.messages.append(message)
-            results[stream_mode] = (done["text"], [m["text"] for m in session.of("chunk", request)],
-                                    "".join(m["delta"] for m in session.of("text", request)))
+            results[stream_mode] = (done.text, [m.body.text for m in session.of("chunk", request)],
+                                    "".join(m.body.delta for m in session.of("text", request)))
             session.close()
     assert results[True] == results[False]
     assert len(results[True][1]) >= 2
@@ -364,7 +365,7 @@ def test_persona_file_and_replying_without_a_history_stage(tmp_path) -> None:
             done = session.until_done(session.ask("hello"))
             session.close()
             log = "".join(daemon.log)
-        assert done["status"] == "ok" and done["text"] == "Hi!"
+        assert done.status == "ok" and done.text == "Hi!"
         assert wire.records[0].json["messages"][0] == {"role": "system",
                                                        "content": "You are Mita, a cheerful companion."}
         assert "history did not answer within 300 ms" in log

@@ -18,6 +18,7 @@ import pytest
 from tests.fakes.openai_server import reply_for
 from tests.harness import ROOT, Daemon, fake_openai, openai_settings
 from voxpipe import protocol
+from voxpipe.protocol import Request
 from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
@@ -99,7 +100,7 @@ def test_thousand_replies_over_twenty_sessions_lose_nothing(server: str) -> None
             asked[request_id] = text
             pending[session] = request_id
             sent[session] += 1
-            client.publish("request", session, request_id, text=text)
+            client.publish(session, request_id, Request(text=text))
 
         for session in sessions:
             ask(session)
@@ -113,13 +114,13 @@ def test_thousand_replies_over_twenty_sessions_lose_nothing(server: str) -> None
                 errors.append(message)
             elif message.kind == "text":
                 assert asked[message.id].startswith(message.session)
-                display[message.id].append(message["delta"])
+                display[message.id].append(message.body.delta)
             elif message.kind == "llm.done" and sent[message.session] < per_session:
                 ask(message.session)
-            elif message.kind == "playback" and message["final"]:
-                assert message["event"] == "finished"
+            elif message.kind == "playback" and message.body.final:
+                assert message.body.event == "finished"
                 finished.add(message.id)
-            elif message.kind == "history.saved" and message["role"] == "assistant":
+            elif message.kind == "history.saved" and message.body.role == "assistant":
                 saved.add(message.id)
         client.close()
         assert len(finished) == total, f"only {len(finished)} of {total} replies finished playing"
@@ -142,10 +143,10 @@ def test_a_client_that_publishes_right_after_connecting_loses_nothing(daemon: Da
         client = Connection(f"joiner{attempt}", endpoints_for(daemon.config()),
                             [protocol.subscription("llm.done", session)])
         client.open()
-        client.publish("request", session, "r1", text="quick")
+        client.publish(session, "r1", Request(text="quick"))
         done = client.receive(20.0)
         client.close()
-        assert done is not None and done.kind == "llm.done" and done["text"] == reply_for("quick")
+        assert done is not None and done.kind == "llm.done" and done.body.text == reply_for("quick")
 
 
 def heartbeats(daemon: Daemon, seconds: float = 1.6) -> dict[str, protocol.Message]:
@@ -183,14 +184,14 @@ def test_bad_input_is_counted_by_every_stage_which_keeps_running(daemon: Daemon)
     beats = heartbeats(daemon)
     expected = {"llm": 4, "chunker": 4, "tts": 3, "player": 3, "history": 4}
     for stage, count in expected.items():
-        assert beats[stage]["counters"].get("invalid", 0) >= count, (stage, beats[stage]["counters"])
-        assert beats[stage]["state"] == "ready"
+        assert beats[stage].body.counters.get("invalid", 0) >= count, (stage, beats[stage].body.counters)
+        assert beats[stage].body.state == "ready"
     result = daemon.say("still alive?")
     assert result.returncode == 0, result.stderr
 
 
 def stage_pid(daemon: Daemon, stage: str) -> int:
-    return heartbeats(daemon)[stage]["pid"]
+    return heartbeats(daemon)[stage].body.pid
 
 
 @pytest.mark.parametrize("victim", ["llm", "history", "bus"])
@@ -207,7 +208,7 @@ def test_killed_stage_is_restarted_and_nothing_hangs(victim: str) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             beats = heartbeats(daemon, 1.2)
-            if victim in beats and beats[victim]["pid"] != old_pid and beats[victim]["state"] == "ready":
+            if victim in beats and beats[victim].body.pid != old_pid and beats[victim].body.state == "ready":
                 break
         else:
             pytest.fail(f"{victim} was not restarted:\n{''.join(daemon.log)}")
@@ -218,7 +219,7 @@ def test_killed_stage_is_restarted_and_nothing_hangs(victim: str) -> None:
 
 
 def test_sigterm_stops_everything_and_exits_0(daemon: Daemon) -> None:
-    pids = [beat["pid"] for beat in heartbeats(daemon).values()]
+    pids = [beat.body.pid for beat in heartbeats(daemon).values()]
     assert len(pids) == 6
     started = time.monotonic()
     assert daemon.stop() == 0

@@ -8,43 +8,41 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from voxpipe import protocol
+from voxpipe.protocol import Audio, Message, Playback
+from voxpipe.runtime.replies import MEMORY
 from voxpipe.stages.audio import AudioFormat
-from voxpipe.stages.player.core import (
-    ENDED_MEMORY,
-    SPEECH_MS_PER_CHAR,
-    Playlist,
-    Timeline,
-    Wait,
-    audio_format,
-    playback,
-)
-from voxpipe.protocol import Message
+from voxpipe.stages.player.core import SPEECH_MS_PER_CHAR, Playlist, Timeline, Wait, audio_format, playback
 
 FMT = AudioFormat(1000, 1, 2)
 """One sample a millisecond: a frame of `ms` milliseconds is `ms` samples."""
 
 
+def sound(chunk: int, ms: int, last: bool = False, final: bool = False, chars: int = 10,
+          pcm: bytes | None = None) -> Audio:
+    """An audio body of `ms` milliseconds."""
+    return Audio(chunk=chunk, frame=0, rate=FMT.rate, channels=1, width=2, pcm=b"\x01\x00" * ms if pcm is None else pcm,
+                 last=last, final=final, chars=chars)
+
+
 def audio(chunk: int, ms: int, last: bool = False, final: bool = False, chars: int = 10, id: str = "r1",
-          session: str = "s1", pcm: bytes | None = None) -> Message:
-    return protocol.make("audio", session=session, id=id, seq=0, ts=5.0, src="t", chunk=chunk, frame=0,
-                         rate=FMT.rate, channels=1, width=2, pcm=b"\x01\x00" * ms if pcm is None else pcm,
-                         last=last, final=final, chars=chars)
+          session: str = "s1", pcm: bytes | None = None) -> Message[Audio]:
+    return Message(sound(chunk, ms, last, final, chars, pcm), session, id, ts=5.0, src="t")
 
 
-def written(*frames: Message) -> Timeline:
+def written(*frames: Audio) -> Timeline:
     """A timeline of these frames, written as the shell writes them."""
     timeline = Timeline()
     for frame in frames:
         timeline.frame(frame)
-        timeline.wrote(audio_format(frame).duration_ms(len(frame["pcm"])))
-        if frame["last"]:
+        timeline.wrote(audio_format(frame).duration_ms(len(frame.pcm)))
+        if frame.last:
             timeline.chunk_ended()
     return timeline
 
 
 # --- the heard fraction -------------------------------------------------------------------------------
 
-WHOLE = (audio(0, 600, chars=30), audio(0, 400, last=True, chars=30), audio(1, 1000, last=True, chars=50))
+WHOLE = (sound(0, 600, chars=30), sound(0, 400, last=True, chars=30), sound(1, 1000, last=True, chars=50))
 
 
 @pytest.mark.parametrize(("frames", "played", "waiting", "expected"), [
@@ -53,31 +51,30 @@ WHOLE = (audio(0, 600, chars=30), audio(0, 400, last=True, chars=30), audio(1, 1
     pytest.param(WHOLE, 250.0, (), (0, 0.25), id="inside a whole chunk"),
     pytest.param(WHOLE, 1500.0, (), (1, 0.5), id="inside the next chunk"),
     pytest.param(WHOLE, 2000.0, (), (1, 1.0), id="played to the end"),
-    pytest.param((*WHOLE[:2], audio(1, 200, chars=50)), 800.0, (), (0, 0.8),
+    pytest.param((*WHOLE[:2], sound(1, 200, chars=50)), 800.0, (), (0, 0.8),
                  id="finished and started run ahead of the sound: the cut is in the chunk sounding"),
-    pytest.param((audio(0, 200, chars=12),), 100.0, (audio(0, 300, last=True, chars=12),), (0, 0.2),
+    pytest.param((sound(0, 200, chars=12),), 100.0, (sound(0, 300, last=True, chars=12),), (0, 0.2),
                  id="the last frame came but was not written: the chunk's length is known"),
-    pytest.param((audio(0, 200, chars=12),), 100.0, (audio(0, 300, chars=12), audio(1, 500, last=True)),
+    pytest.param((sound(0, 200, chars=12),), 100.0, (sound(0, 300, chars=12), sound(1, 500, last=True)),
                  (0, 100 / (12 * SPEECH_MS_PER_CHAR)), id="no last frame: at least the text at the usual rate"),
-    pytest.param((audio(0, 200, chars=2),), 100.0, (audio(0, 300, chars=2),), (0, 0.2),
+    pytest.param((sound(0, 200, chars=2),), 100.0, (sound(0, 300, chars=2),), (0, 0.2),
                  id="no last frame, but more audio came than the text would take"),
-    pytest.param((audio(0, 400, last=True, chars=10), audio(1, 200, chars=20)), 600.0, (), (1, 0.25),
+    pytest.param((sound(0, 400, last=True, chars=10), sound(1, 200, chars=20)), 600.0, (), (1, 0.25),
                  id="no last frame: the text at the rate of the reply's whole chunks (40 ms a character)"),
-    pytest.param((audio(0, 200, last=True), audio(1, 0, last=True, pcm=b"")), 200.5, (), (1, 1.0),
+    pytest.param((sound(0, 200, last=True), sound(1, 0, last=True, pcm=b"")), 200.5, (), (1, 1.0),
                  id="a chunk without audio, played past"),
-    pytest.param((audio(0, 1000, last=True),), 1200.0, (), (0, 1.0), id="never more than the whole chunk"),
+    pytest.param((sound(0, 1000, last=True),), 1200.0, (), (0, 1.0), id="never more than the whole chunk"),
 ])
-def test_where_a_cut_falls(frames: tuple[Message, ...], played: float, waiting: tuple[Message, ...],
+def test_where_a_cut_falls(frames: tuple[Audio, ...], played: float, waiting: tuple[Audio, ...],
                            expected: tuple[int | None, float]) -> None:
     span, heard = written(*frames).cut(played, waiting)
     assert (span.chunk if span else None, heard) == (expected[0], pytest.approx(expected[1]))
 
 
 def test_the_stopped_event_names_the_sounding_chunk_and_the_characters_heard() -> None:
-    timeline = written(*WHOLE[:2], audio(1, 200, chars=50))
-    assert timeline.stopped(800.0, [], "/tmp/r.wav", 0.8) == {
-        "event": "stopped", "chunk": 0, "path": "/tmp/r.wav", "final": True, "heard": 0.8, "heard_chars": 24,
-        "audio_ts": 0.0, "audio_s": 0.8}
+    timeline = written(*WHOLE[:2], sound(1, 200, chars=50))
+    assert timeline.stopped(800.0, [], "/tmp/r.wav", 0.8) == Playback(
+        event="stopped", chunk=0, path="/tmp/r.wav", final=True, heard=0.8, heard_chars=24, audio_ts=0.0, audio_s=0.8)
     assert Timeline().stopped(0.0, [], None, 0.0) == playback("stopped", -1)
 
 
@@ -88,10 +85,10 @@ spans = st.lists(st.tuples(st.integers(0, 400), st.integers(0, 60), st.booleans(
 def test_heard_is_a_fraction_that_only_grows_as_more_plays(chunks: list[tuple[int, int, bool]], first: float,
                                                          second: float, queued: int, queued_last: bool) -> None:
     """Whole chunks but the last one, which may still lack its last frame; a frame of it may be waiting."""
-    frames = [audio(index, ms, last=index < len(chunks) - 1 or done, chars=chars)
+    frames = [sound(index, ms, last=index < len(chunks) - 1 or done, chars=chars)
               for index, (ms, chars, done) in enumerate(chunks)]
     timeline = written(*frames)
-    waiting = [audio(len(chunks) - 1, queued, last=queued_last, chars=chunks[-1][1])]
+    waiting = [sound(len(chunks) - 1, queued, last=queued_last, chars=chunks[-1][1])]
     (early_span, early), (late_span, late) = (timeline.cut(played, waiting) for played in sorted((first, second)))
     assert 0.0 <= early <= 1.0 and 0.0 <= late <= 1.0
     assert early_span is not None and late_span is not None and early_span.chunk <= late_span.chunk
@@ -101,21 +98,20 @@ def test_heard_is_a_fraction_that_only_grows_as_more_plays(chunks: list[tuple[in
 
 def test_a_chunk_starts_at_its_first_frame_and_ends_at_its_last() -> None:
     timeline = Timeline()
-    assert timeline.frame(audio(0, 100)) and not timeline.frame(audio(0, 100))
+    assert timeline.frame(sound(0, 100)) and not timeline.frame(sound(0, 100))
     timeline.wrote(250.0)
     timeline.chunk_ended()
-    assert timeline.frame(audio(2, 100))  # chunk 1's frames were lost: chunk 2 starts anyway
+    assert timeline.frame(sound(2, 100))  # chunk 1's frames were lost: chunk 2 starts anyway
     assert [(s.chunk, s.start_ms, s.end_ms) for s in timeline.spans] == [(0, 0.0, 250.0), (2, 250.0, None)]
 
 
 def test_playback_bodies() -> None:
-    assert playback("started", 3, audio_ts=5.0) == {
-        "event": "started", "chunk": 3, "path": "", "final": False, "heard": 0.0, "heard_chars": 0, "audio_ts": 5.0,
-        "audio_s": 0.0}
+    assert playback("started", 3, audio_ts=5.0) == Playback(
+        event="started", chunk=3, path="", final=False, heard=0.0, heard_chars=0, audio_ts=5.0, audio_s=0.0)
     finished = playback("finished", 1, "/x.wav", final=True, heard=1.0, chars=7, audio_s=1.5)
-    assert (finished["final"], finished["heard_chars"], finished["path"]) == (True, 7, "/x.wav")
-    assert playback("stopped", 0, heard=0.5, chars=5)["final"]  # a stop ends the reply
-    protocol.make("playback", session="s", id="r", seq=0, ts=0.0, src="t", **finished)  # a valid message
+    assert (finished.final, finished.heard_chars, finished.path) == (True, 7, "/x.wav")
+    assert playback("stopped", 0, heard=0.5, chars=5).final  # a stop ends the reply
+    protocol.encode(Message(finished, "s", "r", src="t"))  # a valid message
 
 
 # --- the playlist ---------------------------------------------------------------------------------------
@@ -193,9 +189,9 @@ def test_stopping_cuts_the_playing_reply_once_its_frames_run_out() -> None:
 
 def test_ended_replies_are_remembered_up_to_the_limit() -> None:
     playlist = Playlist()
-    for n in range(ENDED_MEMORY + 1):
+    for n in range(MEMORY + 1):
         playlist.cancel("s1", f"r{n}")
-    assert len(playlist.ended) == ENDED_MEMORY
+    assert len(playlist.replies.ended) == MEMORY
     playlist.audio(audio(0, 10, id="r0"))  # forgotten: its frames play again
     playlist.audio(audio(0, 10, id="r1"))
     assert list(playlist.replies) == [("s1", "r0")]

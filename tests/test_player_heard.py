@@ -21,10 +21,10 @@ from tests.fakes.alsa_fifo import PacedFifo
 from tests.fakes.openai_server import pieces, reply_for
 from tests.harness import Daemon, fake_openai, openai_settings
 from voxpipe import protocol
+from voxpipe.protocol import Cancel, Message, Request
+from voxpipe.runtime import Connection, endpoints_for
 from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
 from voxpipe.stages.history.stage import ReplyTrack, _heard_text
-from voxpipe.protocol import Message
-from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 TOKEN_DELAY_S = 0.12
@@ -96,15 +96,16 @@ class Watch:
         raise AssertionError(f"no {what} within {timeout} s; seen: {[m.kind for _, m in self.seen]}")
 
     def audio_ms(self, chunk: int) -> float:
-        return sum(len(m["pcm"]) / (m["channels"] * m["width"]) * 1000 / m["rate"] for _, m in self.seen
-                   if m.kind == "audio" and m["chunk"] == chunk)
+        return sum(len(m.body.pcm) / (m.body.channels * m.body.width) * 1000 / m.body.rate for _, m in self.seen
+                   if m.kind == "audio" and m.body.chunk == chunk)
 
     def started_before(self, moment: float) -> list[int]:
-        return [m["chunk"] for at, m in self.seen if at < moment and m.kind == "playback" and m["event"] == "started"]
+        return [m.body.chunk for at, m in self.seen
+                if at < moment and m.kind == "playback" and m.body.event == "started"]
 
 
 def playback(event: str, chunk: int) -> Callable[[Message], bool]:
-    return lambda m: m.kind == "playback" and m["event"] == event and m["chunk"] == chunk
+    return lambda m: m.kind == "playback" and m.body.event == event and m.body.chunk == chunk
 
 
 def stored(db: Path, session: str, settled: Callable[[str], bool], timeout: float = 10.0) -> tuple[str, int, str]:
@@ -126,7 +127,7 @@ def stored(db: Path, session: str, settled: Callable[[str], bool], timeout: floa
 def test_an_interrupted_reply_is_stored_with_what_was_heard(daemon: Daemon, point: str) -> None:
     session = f"{point}-{daemon.config()['player']['backend']}"
     watch = Watch(daemon, session)
-    watch.client.publish("request", session, "r1", text=QUESTION)
+    watch.client.publish(session, "r1", Request(text=QUESTION))
     if point == "before":  # the reply is being written and shown; none of it is synthesised yet
         watch.until("text", lambda m: m.kind == "text")
     elif point == "between":  # chunk 0 has played out; chunk 1 is still being written
@@ -136,10 +137,10 @@ def test_an_interrupted_reply_is_stored_with_what_was_heard(daemon: Daemon, poin
         started = watch.until("chunk 1 started", playback("started", 1))
         time.sleep(max(0.0, started + INTO_CHUNK_S - time.monotonic()))
     cancelled = time.monotonic()
-    watch.client.publish("cancel", session, "", reason="test")
+    watch.client.publish(session, "", Cancel(reason="test"))
     watch.until("llm.done", lambda m: m.kind == "llm.done", timeout=15)
     if point != "before":
-        watch.until("final playback", lambda m: m.kind == "playback" and m["final"], timeout=5)  # bounds a hang
+        watch.until("final playback", lambda m: m.kind == "playback" and m.body.final, timeout=5)  # bounds a hang
     watch.client.close()
     settled = {"before": lambda text: text == "", "between": lambda text: text == FIRST,
                "mid": lambda text: text.startswith(FIRST + " ")}[point]
@@ -185,10 +186,10 @@ def test_a_reply_cancelled_while_its_first_audio_is_still_being_synthesised_is_s
     with fake_openai() as fast, Daemon({**openai_settings(fast), "tts": tts, "player": {"backend": "null"}},
                                        env=KEY) as running:
         watch = Watch(running, "synth")
-        watch.client.publish("request", "synth", "r1", text="Say something.")
-        watch.until("llm.done", lambda m: m.kind == "llm.done" and m["status"] == "ok")
+        watch.client.publish("synth", "r1", Request(text="Say something."))
+        watch.until("llm.done", lambda m: m.kind == "llm.done" and m.body.status == "ok")
         time.sleep(0.5)  # history has stored the reply; tts is still waiting on the voice
-        watch.client.publish("cancel", "synth", "", reason="test")
+        watch.client.publish("synth", "", Cancel(reason="test"))
         spoken, interrupted, status = stored(running.db_path, "synth", lambda text: text == "")
         watch.client.close()
     silent.close()

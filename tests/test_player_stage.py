@@ -16,10 +16,10 @@ import pytest
 
 from tests.fakes.alsa_fifo import PacedFifo
 from tests.harness import PYTHON, ROOT, base_env, connect, start_stage, stop_process, wait_ready
+from voxpipe.protocol import Audio, Cancel, Message
 from voxpipe.stages.audio import AudioFormat
 from voxpipe.stages.player.convert import Converter
 from voxpipe.stages.player.core import SPEECH_MS_PER_CHAR
-from voxpipe.protocol import Message
 
 FMT = AudioFormat(22050, 1, 2)
 
@@ -40,15 +40,16 @@ class Player:
     def send_chunk(self, reply: str, chunk: int, frames: list[bytes], fmt: AudioFormat = FMT, chars: int = 20,
                    last: bool = True, final: bool = False, session: str = "s1") -> None:
         for number, pcm in enumerate(frames):
-            self.client.publish("audio", session, reply, chunk=chunk, frame=number, rate=fmt.rate,
-                                channels=fmt.channels, width=fmt.sample_width, pcm=pcm,
-                                last=last and number == len(frames) - 1, final=final, chars=chars)
+            self.client.publish(session, reply, Audio(chunk=chunk, frame=number, rate=fmt.rate, channels=fmt.channels,
+                                                      width=fmt.sample_width, pcm=pcm,
+                                                      last=last and number == len(frames) - 1, final=final,
+                                                      chars=chars))
 
     def events(self, count: int = 1, timeout: float = 20.0) -> list[Message]:
         """Playback events until `count` final ones came."""
         events: list[Message] = []
         deadline = time.monotonic() + timeout
-        while sum(event["final"] for event in events) < count:
+        while sum(event.body.final for event in events) < count:
             message = self.client.receive(max(0.0, deadline - time.monotonic()))
             assert message is not None, f"only these playback events came: {summary(events)}"
             if message.kind == "playback":
@@ -64,7 +65,7 @@ class Player:
 
 
 def summary(events: list[Message]) -> list[tuple]:
-    return [(e.id, e["event"], e["chunk"], e["heard"], e["heard_chars"], e["final"]) for e in events]
+    return [(e.id, e.body.event, e.body.chunk, e.body.heard, e.body.heard_chars, e.body.final) for e in events]
 
 
 @contextmanager
@@ -99,15 +100,15 @@ def test_events_carry_what_was_heard(tmp_path):
         first = p.events()
         started = p.next_event()  # r2 is playing, not waiting
         time.sleep(0.2)  # `started` goes out just before its frame is written (null: at once)
-        p.client.publish("cancel", "s1", "r2")
+        p.client.publish("s1", "r2", Cancel())
         stopped = p.next_event()
     assert summary(first) == [("r1", "started", 0, 0.0, 0, False), ("r1", "finished", 0, 1.0, 30, False),
                               ("r1", "started", 1, 0.0, 0, False), ("r1", "finished", 1, 1.0, 7, True)]
     heard = 100 / (12 * SPEECH_MS_PER_CHAR)
     assert summary([started, stopped]) == [("r2", "started", 0, 0.0, 0, False),
                                            ("r2", "stopped", 0, heard, round(heard * 12), True)]
-    assert [round(event["audio_s"], 6) for event in (*first, started, stopped)] == [0, 0, 0, 0.3, 0, 0.1]
-    assert all(event["audio_ts"] > 0 for event in (*first, started) if event["event"] == "started")
+    assert [round(event.body.audio_s, 6) for event in (*first, started, stopped)] == [0, 0, 0, 0.3, 0, 0.1]
+    assert all(event.body.audio_ts > 0 for event in (*first, started) if event.body.event == "started")
 
 
 def test_a_chunk_cut_before_its_audio_all_came_is_measured_at_the_replys_speech_rate():
@@ -118,7 +119,7 @@ def test_a_chunk_cut_before_its_audio_all_came_is_measured_at_the_replys_speech_
         p.send_chunk("r1", 1, [tone(200)], chars=20, last=False)  # 800 ms at 40 ms per character
         events = [p.next_event() for _ in range(3)]
         time.sleep(0.2)
-        p.client.publish("cancel", "s1", "r1")
+        p.client.publish("s1", "r1", Cancel())
         events.append(p.next_event())
     assert summary(events)[2:] == [("r1", "started", 1, 0.0, 0, False), ("r1", "stopped", 1, 0.25, 5, True)]
 
@@ -134,13 +135,13 @@ def test_a_cut_reports_the_chunk_that_was_sounding_not_the_last_one_started(tmp_
         p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(5)], chars=50)  # 1 s
         p.send_chunk("r1", 1, [tone(200, level=n + 1) for n in range(5)], chars=50, final=True)
         events = [p.next_event() for _ in range(3)]
-        p.client.publish("cancel", "s1", "r1")
+        p.client.publish("s1", "r1", Cancel())
         stopped = p.next_event()
     assert summary(events) == [("r1", "started", 0, 0.0, 0, False), ("r1", "finished", 0, 1.0, 50, False),
                                ("r1", "started", 1, 0.0, 0, False)]
-    assert (stopped["event"], stopped["chunk"], stopped["final"]) == ("stopped", 0, True)
-    assert 0 < stopped["heard"] < 1 and stopped["heard_chars"] == round(stopped["heard"] * 50)
-    assert stopped["audio_s"] == pytest.approx(stopped["heard"] * 1.0, abs=0.01)  # chunk 0 is the first second
+    assert (stopped.body.event, stopped.body.chunk, stopped.body.final) == ("stopped", 0, True)
+    assert 0 < stopped.body.heard < 1 and stopped.body.heard_chars == round(stopped.body.heard * 50)
+    assert stopped.body.audio_s == pytest.approx(stopped.body.heard * 1.0, abs=0.01)  # chunk 0 is the first second
 
 
 def test_wav_is_in_the_first_frames_format_when_the_engine_changes_format(tmp_path):
@@ -150,8 +151,8 @@ def test_wav_is_in_the_first_frames_format_when_the_engine_changes_format(tmp_pa
         p.send_chunk("r1", 0, [tone(200), tone(100)])
         p.send_chunk("r1", 1, [tone(200, fallback), tone(100, fallback)], fmt=fallback, final=True)
         events = p.events()
-    path = events[-1]["path"]
-    assert (events[-1]["event"], path) == ("finished", str(tmp_path / "s1-r1.wav"))
+    path = events[-1].body.path
+    assert (events[-1].body.event, path) == ("finished", str(tmp_path / "s1-r1.wav"))
     with wave.open(path, "rb") as wav:
         assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (22050, 1, 2)
         assert wav.getnframes() == 6615 + 6615  # 300 ms at 22.05 kHz, twice: exact after resampling
@@ -166,7 +167,7 @@ def test_simpleaudio_gets_audio_resampled_to_a_rate_it_plays(tmp_path):
     with PacedFifo(tmp_path, 10**9) as device:  # read at once: this test is about content
         with player("simpleaudio", ALSA_CONFIG_PATH=str(device.conf)) as p:
             p.send_chunk("r1", 0, frames, fmt=low, final=True)
-            assert p.events()[-1]["event"] == "finished"
+            assert p.events()[-1].body.event == "finished"
         deadline = time.monotonic() + 10
         while len(device.heard) < len(expected) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -205,23 +206,23 @@ def test_cancel_mid_chunk_silences_sounddevice_and_reports_the_part_heard(tmp_pa
             player("sounddevice", [PYTHON, "-c", INSTRUMENTED_PLAYER], ALSA_CONFIG_PATH=str(device.conf)) as p:
         p.send_chunk("r1", 0, [tone(200, level=n + 1) for n in range(10)], chars=40)  # 2 s
         p.send_chunk("r1", 1, [tone(200)], final=True)
-        assert p.next_event()["event"] == "started"
+        assert p.next_event().body.event == "started"
         time.sleep(0.6)
         cancelled = time.monotonic()
-        p.client.publish("cancel", "s1", "")
+        p.client.publish("s1", "", Cancel())
         stopped = p.next_event()
         reported = time.monotonic()
         # 1 s in one final chunk: the writer is blocked on the last frame when the cancel comes
         p.send_chunk("r2", 0, [tone(200, level=n + 1) for n in range(5)], final=True)
         assert summary([p.next_event()])[0][:2] == ("r2", "started")
         time.sleep(0.4)
-        p.client.publish("cancel", "s1", "r2")
+        p.client.publish("s1", "r2", Cancel())
         assert summary([p.next_event()])[0][:2] == ("r2", "stopped")
     marks = json.loads(p.output.strip().splitlines()[-1])
     stop_called, stop_returned = marks["stops"][0]
-    assert (stopped["event"], stopped["chunk"], stopped["final"]) == ("stopped", 0, True)
-    assert 0 < stopped["heard"] < 1  # of the whole chunk: its last frame had come
-    assert stopped["heard_chars"] == round(stopped["heard"] * 40)
+    assert (stopped.body.event, stopped.body.chunk, stopped.body.final) == ("stopped", 0, True)
+    assert 0 < stopped.body.heard < 1  # of the whole chunk: its last frame had come
+    assert stopped.body.heard_chars == round(stopped.body.heard * 40)
     assert cancelled < stop_called <= stop_returned < reported
     assert marks["sound_after_stop"] == 0
     assert reported - cancelled < 5  # a generous bound on a hang; the latency is a benchmark

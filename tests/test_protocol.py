@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from voxpipe import protocol
-from voxpipe.protocol import ProtocolError
+from voxpipe.protocol import Chunk, ErrorCode, Mark, Message, ProtocolError, Request, Token
 
 ENVELOPE = {"session": "s1", "id": "r1", "seq": 3, "ts": 1764500000.25, "src": "test"}
 
@@ -50,21 +50,50 @@ EXAMPLES = {
 }
 
 
+def message_of(kind: str, **fields: object) -> Message:
+    """The message a receiver gets for this payload map."""
+    return protocol.validate({"v": 1, "kind": kind, **ENVELOPE, **fields})
+
+
 def test_every_kind_has_an_example() -> None:
     assert set(EXAMPLES) == set(protocol.KINDS)
 
 
 @pytest.mark.parametrize("kind", sorted(EXAMPLES))
 def test_round_trip(kind: str) -> None:
-    message = protocol.make(kind, **ENVELOPE, **EXAMPLES[kind])
+    message = message_of(kind, **EXAMPLES[kind])
+    assert isinstance(message.body, protocol.KINDS[kind]) and message.kind == kind
     frame = protocol.encode(message)
     assert frame.startswith(f"{kind}/s1 ".encode())
     assert protocol.decode(frame) == message
 
 
+def test_a_body_built_by_keyword_is_the_body_a_receiver_gets() -> None:
+    """Publishers build the typed object; the frame it makes decodes to an equal one (nested maps as
+    records, lists as tuples)."""
+    body = Chunk(text="Hello.", index=0, final=True, marks=(Mark(tag="e", body="smile", chunk=0, offset=6),))
+    sent = Message(body, **ENVELOPE)
+    assert protocol.decode(protocol.encode(sent)) == sent == message_of("chunk", **EXAMPLES["chunk"])
+    assert sent.body.marks[0].tag == "e"
+
+
 def test_defaults_are_filled() -> None:
-    message = protocol.make("request", **ENVELOPE, text="hi")
-    assert message["profile"] == "" and message["stream"] is None and message["voice"] == ""
+    request = message_of("request", text="hi").body
+    assert isinstance(request, Request)
+    assert request.profile == "" and request.stream is None and request.voice == "" and request.images == ()
+    assert Request(text="hi") == request
+
+
+def test_a_bad_body_is_refused_at_the_sender_by_the_receivers_rules() -> None:
+    with pytest.raises(ProtocolError, match="token: field 'text' must be a string, got int"):
+        protocol.encode(Message(Token(text=5), **ENVELOPE))  # type: ignore[arg-type]
+
+
+def test_error_codes_travel_as_their_strings() -> None:
+    error = protocol.Error(code=ErrorCode.GAP, message="lost messages 3..4")
+    received = protocol.decode(protocol.encode(Message(error, **ENVELOPE))).body
+    assert isinstance(received, protocol.Error)
+    assert received.code == "gap" == ErrorCode.GAP and type(received.code) is str
 
 
 def frame_of(payload: object, topic: bytes = b"request/s1") -> bytes:
@@ -104,7 +133,7 @@ def test_rejections_name_the_reason(frame: bytes, reason: str) -> None:
 
 
 def test_subscription_prefix_never_matches_a_longer_session() -> None:
-    frame = protocol.encode(protocol.make("token", **{**ENVELOPE, "session": "s10"}, text="x"))
+    frame = protocol.encode(Message(Token(text="x"), **{**ENVELOPE, "session": "s10"}))
     assert not frame.startswith(protocol.subscription("token", "s1"))
     assert frame.startswith(protocol.subscription("token", "s10"))
     assert frame.startswith(protocol.subscription("token"))
@@ -138,7 +167,7 @@ def test_random_payloads_only_raise_protocol_error(kind: str, changes: dict) -> 
 
 
 def test_a_frame_no_stage_would_accept_is_refused_at_the_sender() -> None:
-    big = protocol.make("request", session="s", id="r", seq=0, ts=0.0, src="t",
-                        text="x", images=[{"mime": "image/png", "data": bytes(3 * 1024 * 1024)}] * 2)
+    image = protocol.Image(mime="image/png", data=bytes(3 * 1024 * 1024))
+    big = Message(Request(text="x", images=(image, image)), "s", "r", 0, 0.0, "t")
     with pytest.raises(protocol.ProtocolError, match="over the limit of 4194304; send less"):
         protocol.encode(big)

@@ -4,16 +4,17 @@
 - every field of every kind (and of the envelope, and of nested maps such as `marks[]`) has a table
   row with its type, required or default, and limit, and every row names a field;
 - every error code the code publishes is in the error-code table, and every code there is published;
+  every `ErrorCode` member is published somewhere;
 - every heartbeat counter the code counts is in the counter table, and the reverse;
 - the stage tables of §1 and §5 say what each process really subscribes to and publishes;
 - the sessionless kinds, the contents list and the section numbering are right;
 - every kind has one example, and every example is valid.
 
-What the code says is read from `voxpipe.protocol` (its `Field` specs, through `spec_of` below)
-and, for codes, counters and who publishes what, from the sources by an AST walk, never by grep:
-a kind is published by a call named `publish` or `Publish` (llm's effect record) whose first
-argument is a literal kind; an error code is the literal first argument of a `report`/`Report` call,
-or the literal `code=` of a `publish("error", ...)`; a counter is a literal `....counters["name"]`.
+What the code says is read from `voxpipe.protocol` (each kind class's `spec`, through `spec_of`
+below), what a stage consumes from its `@handles` declarations, and, for codes, counters and who
+publishes what, from the sources by an AST walk, never by grep: a kind is published where a module
+builds its object (`Chunk(...)`); an error code is the `ErrorCode.NAME` first argument of a
+`report`/`Report` call, or the `code=` of an `Error(...)`; a counter is a literal `....counters["name"]`.
 If the field specs change shape, only `spec_of`, `type_name`, `record_fields` and `limits` need to.
 """
 
@@ -33,13 +34,15 @@ import pytest
 
 from tests.harness import ROOT
 from voxpipe import protocol
+from voxpipe.protocol import ErrorCode
+from voxpipe.runtime.registry import stage_class
 
 DOC = ROOT / "docs" / "protocol.md"
 SERVICES = ROOT / "services"
 BIN = re.compile(r'"<bin (\d+) bytes>"')
 TICKED = re.compile(r"`([^`]+)`")
 STAGES = ("llm", "history", "chunker", "tts", "player")
-"""The stage packages: services/<name>/stage.py holds the stage class and its `kinds`."""
+"""The stage packages: services/stages/<name>/ holds the stage class and what it builds."""
 PROCESSES = (*STAGES, "bus", "launcher")
 ENVELOPE_KINDS = ("hello", "heartbeat", "error")
 """Kinds every participant publishes through the runtime (services/runtime/stage.py), not its own code."""
@@ -120,57 +123,57 @@ def slug(heading: str) -> str:
 # --- the code: field specs ------------------------------------------------------------------------
 
 def spec_of(check: Callable[[Any], str | None]) -> tuple[str, dict[str, Any]]:
-    """The maker of a field check (`_str`, `_int`, `_list`, ...) and the arguments it closed over."""
+    """The maker of a field check (`text`, `integer`, `list_of`, ...) and the arguments it closed over."""
     maker = check.__qualname__.split(".")[0]
     return maker, dict(inspect.getclosurevars(check).nonlocals)
 
 
 def type_name(check: Callable[[Any], str | None]) -> str:
     maker, args = spec_of(check)
-    simple = {"_str": "str", "_int": "int", "_number": "number", "_fraction": "number", "_bool": "bool",
-              "_optional_bool": "nil or bool", "_bytes": "bin", "_record": "map"}
+    simple = {"text": "str", "integer": "int", "number": "number", "fraction": "number", "boolean": "bool",
+              "optional_boolean": "nil or bool", "binary": "bin", "record": "map"}
     if maker in simple:
         return simple[maker]
-    if maker == "_list":
+    if maker == "list_of":
         return f"array of {type_name(args['item'])}"
-    if maker == "_counter_map":
+    if maker == "counter_map":
         return f"map str→{type_name(args['values'])}"
     raise AssertionError(f"a field check made by {maker} is new: teach type_name() and the doc its type")
 
 
 def record_fields(check: Callable[[Any], str | None]) -> dict[str, Callable[[Any], str | None]]:
-    """The fields of a nested map (a `_record`, or a `_list` of them); {} for other checks."""
+    """The fields of a nested map (a `record`, or a `list_of` them); {} for other checks."""
     maker, args = spec_of(check)
-    if maker == "_list":
+    if maker == "list_of":
         return record_fields(args["item"])
-    return dict(args["fields"]) if maker == "_record" else {}
+    return dict(args["fields"]) if maker == "record" else {}
 
 
 def counter_map_size() -> int:
     """The entry limit of a `map str→T`, as the check reports it."""
-    problem = protocol.KINDS["heartbeat"]["counters"].check({str(n): 0 for n in range(1 << 16)})
+    problem = protocol.KINDS["heartbeat"].spec["counters"].check({str(n): 0 for n in range(1 << 16)})
     return int(re.search(r"the limit is (\d+)", problem or "").group(1))
 
 
 def limits(check: Callable[[Any], str | None]) -> tuple[set[int], list[str]]:
     """The numbers and the `literals` a field's limit cell must show."""
     maker, args = spec_of(check)
-    if maker == "_str":
+    if maker == "text":
         if args["choices"]:
             return set(), [f"`{choice}`" for choice in args["choices"]]
         pattern = [f"`{args['pattern'].pattern}`"] if args["pattern"] is not None else []
         return {args["limit"]}, pattern
-    if maker == "_int":
+    if maker == "integer":
         low, high = args["low"], args["high"]
         return ({low} if low or high == 2**53 else set()) | ({high} if high != 2**53 else set()), []
-    if maker == "_fraction":
+    if maker == "fraction":
         return {0, 1}, []
-    if maker in ("_bytes",):
+    if maker in ("binary",):
         return {args["limit"]}, []
-    if maker == "_list":
+    if maker == "list_of":
         inner = limits(args["item"]) if not record_fields(args["item"]) else (set(), [])
         return {args["limit"]} | inner[0], inner[1]
-    if maker == "_counter_map":
+    if maker == "counter_map":
         values = limits(args["values"])
         return {counter_map_size()} | limits(args["key_check"])[0] | values[0], values[1]
     return set(), []
@@ -217,40 +220,55 @@ def assigned_strings(tree: ast.AST, name: str) -> set[str]:
     return found
 
 
+KIND_CLASSES = {cls.__name__: name for name, cls in protocol.KINDS.items()}
+"""The class of each kind by its name: building one (`Chunk(...)`) is how the code publishes a kind."""
+
+
 @cache
 def process_code(process: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(kinds it subscribes to, kinds it publishes), from its sources."""
+    """(kinds it subscribes to, kinds it publishes): the first from the stage's `@handles` declarations
+    (the launcher's from its `kinds = (...)`), the second from the kind objects its sources build."""
     if process == "launcher":
-        trees = sources(SERVICES / "supervisor.py")
+        trees = sources(SERVICES / "ops" / "supervisor.py")
         consumed: set[str] = set().union(*(assigned_strings(tree, "kinds") for _, tree in trees))
         published = {"hello"}
     else:
-        path = SERVICES / "bus_stage.py" if process == "bus" else SERVICES / process
-        trees = sources(path)
-        stage_file = path if process == "bus" else path / "stage.py"
-        consumed = assigned_strings(ast.parse(stage_file.read_text()), "kinds") | {"heartbeat"}
+        trees = sources(SERVICES / "runtime" / "broker_stage.py" if process == "bus" else SERVICES / "stages" / process)
+        consumed = {*stage_class(process).kinds(), "heartbeat"}
         published = set(ENVELOPE_KINDS)
     for _, tree in trees:
-        published |= {kind for call in calls(tree, "publish") if (kind := string_arg(call))}
+        published |= {KIND_CLASSES[name] for node in ast.walk(tree) if isinstance(node, ast.Call)
+                      and (name := getattr(node.func, "id", "")) in KIND_CLASSES}
         if calls(tree, "report"):
             published.add("error")
     return frozenset(consumed), frozenset(published)
 
 
+def error_code_of(node: ast.AST | None) -> str | None:
+    """The code of an `ErrorCode.NAME` expression."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ErrorCode":
+        return ErrorCode[node.attr].value
+    return None
+
+
 @lru_cache(maxsize=1)
 def error_codes() -> dict[str, frozenset[Path]]:
-    """Every error code the code publishes -> the files that publish it."""
+    """Every error code the code publishes -> the files that publish it: the `ErrorCode` first argument of
+    a `report`/`Report` call, or the `code=` of an `Error(...)` body."""
     found: dict[str, set[Path]] = {}
     for path, tree in sources(SERVICES):
         for call in calls(tree, "report"):
-            if (code := string_arg(call)) is not None:
+            if (code := error_code_of(call.args[0] if call.args else None)) is not None:
                 found.setdefault(code, set()).add(path)
-        for call in calls(tree, "publish"):
-            if string_arg(call) == "error":
-                for keyword in call.keywords:
-                    if keyword.arg == "code" and isinstance(keyword.value, ast.Constant):
-                        found.setdefault(keyword.value.value, set()).add(path)
+        for call in calls(tree, "error"):
+            for keyword in call.keywords:
+                if keyword.arg == "code" and (code := error_code_of(keyword.value)) is not None:
+                    found.setdefault(code, set()).add(path)
     return {code: frozenset(paths) for code, paths in found.items()}
+
+
+def test_every_error_code_in_the_enum_is_published() -> None:
+    assert set(error_codes()) == {code.value for code in ErrorCode}
 
 
 def counter_names() -> set[str]:
@@ -305,6 +323,7 @@ def check_row(where: str, row: list[str], check: Callable[[Any], str | None], re
         assert requirement != "required" and ticked(requirement), f"{where} has a default, the doc says " \
                                                                  f"{requirement!r}"
         shown = literal(requirement)
+        default = list(default) if isinstance(default, tuple) else default  # lists are tuples in the typed kinds
         assert shown == default and isinstance(shown, bool) == isinstance(default, bool), \
             f"{where}: the doc's default is {shown!r}, the code's {default!r}"
     expected_numbers, expected_literals = limits(check)
@@ -319,7 +338,7 @@ def test_every_kind_has_one_section_and_every_section_is_a_kind() -> None:
 @pytest.mark.parametrize("kind", sorted(protocol.KINDS))
 def test_every_field_is_documented_exactly(kind: str) -> None:
     documented = doc_fields(kind)
-    fields = code_fields(protocol.KINDS[kind])
+    fields = code_fields(protocol.KINDS[kind].spec)
     assert not set(fields) - set(documented), f"{kind}: fields missing from docs/protocol.md"
     assert not set(documented) - set(fields), f"{kind}: docs/protocol.md lists fields the code does not have"
     for name, (check, required, default) in fields.items():
@@ -353,7 +372,7 @@ def test_every_error_code_is_in_the_table_and_every_code_there_is_published() ->
     for code, paths in codes.items():
         for path in paths:
             part = path.relative_to(SERVICES).parts
-            publisher = {"runtime.py": "any", "supervisor.py": "launcher"}.get(part[0], part[0])
+            publisher = {"runtime": "any", "ops": "launcher"}.get(part[0]) or part[1]
             assert re.search(rf"\b{publisher}\b", rows[code][1]), \
                 f"{code} is published by {path.relative_to(ROOT)}: its 'from' cell should say {publisher}"
 
@@ -466,7 +485,7 @@ def test_every_kind_has_a_valid_example_in_the_protocol_doc() -> None:
     kinds = []
     for example in examples():
         message = protocol.validate(with_binary(example))
-        assert set(example) - {"v", "kind", "session", "id", "seq", "ts", "src"} == set(message.body), \
+        assert set(example) - {"v", "kind", "session", "id", "seq", "ts", "src"} == set(message.body.to_wire()), \
             f"{message.kind} example does not show exactly its fields"
         kinds.append(message.kind)
     assert sorted(kinds) == sorted(protocol.KINDS), "one example per kind"

@@ -21,8 +21,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from voxpipe import protocol
-from voxpipe.runtime.broker import Broker, Endpoints
 from voxpipe.runtime import Connection
+from voxpipe.runtime.broker import Broker, Endpoints
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def endpoints() -> Iterator[Endpoints]:
 
 
 def frame(kind: str, seq: int, **body: object) -> bytes:
-    return protocol.encode(protocol.make(kind, session="s1", id="r1", seq=seq, ts=time.time(), src="tx", **body))
+    return protocol.encode(protocol.Message(protocol.KINDS[kind](**body), "s1", "r1", seq, time.time(), "tx"))
 
 
 def received(connection: Connection, quiet: float = 0.3) -> list[protocol.Message]:
@@ -64,12 +64,12 @@ def test_each_part_of_a_multipart_message_is_handled_as_its_own_frame(endpoints:
     finally:
         sender.close()
         receiver.close()
-    tokens = [message["text"] for message in messages if message.kind == "token"]
+    tokens = [message.body.text for message in messages if message.kind == "token"]
     assert tokens == ["one", "two"], "whole frames sent as parts are each a message"
     errors = [message for message in messages if message.kind == "error"]
-    assert [error["code"] for error in errors] == ["invalid_message", "invalid_message"]
-    assert all("frame has no topic separator" in error["message"] for error in errors)
-    assert all((error.session, error.id, error["ref_kind"]) == ("", "", "") for error in errors)
+    assert [error.body.code for error in errors] == ["invalid_message", "invalid_message"]
+    assert all("frame has no topic separator" in error.body.message for error in errors)
+    assert all((error.session, error.id, error.body.ref_kind) == ("", "", "") for error in errors)
 
 
 def test_an_oversized_frame_cuts_the_sender_which_a_hello_with_the_same_token_reconfirms(
@@ -90,15 +90,15 @@ def test_an_oversized_frame_cuts_the_sender_which_a_hello_with_the_same_token_re
         monitor.close()
         # re-handshake (§3, steps 5 and 6): the same hello, whose subscription the cut left in place
         hello_topic = connection._hello.encode()
-        hello = protocol.encode(protocol.make("hello", session=hello_topic.decode().split("/", 1)[1], id="",
-                                              seq=0, ts=time.time(), src="tx"))
+        hello = protocol.encode(protocol.Message(protocol.Hello(), hello_topic.decode().split("/", 1)[1], "", 0,
+                                                 time.time(), "tx"))
         back = False
         while not back and time.monotonic() < deadline:
             connection._pub.send(hello)
             back = connection._sub.poll(20) and connection._sub.recv().startswith(hello_topic)
         assert back, "the hello came back after the reconnection"
         connection._drain_hellos()
-        connection.publish("token", "s1", "r1", text="after")
-        assert [message["text"] for message in received(connection) if message.kind == "token"] == ["after"]
+        connection.publish("s1", "r1", protocol.Token(text="after"))
+        assert [message.body.text for message in received(connection) if message.kind == "token"] == ["after"]
     finally:
         connection.close()

@@ -25,6 +25,7 @@ from tests.harness import (
     start_stage,
     stop_process,
 )
+from voxpipe.protocol import Error, ErrorCode, Request
 from voxpipe.runtime.shard import Shard, shard_of
 
 
@@ -103,8 +104,8 @@ def test_gaps_within_a_stream_and_at_its_tail_are_reported(runtime_dir: Path) ->
         deadline = time.monotonic() + 10
         while len(reports) < 2 and time.monotonic() < deadline:
             message = watcher.receive(1)
-            if message is not None and message.kind == "error" and message["code"] == "gap":
-                reports.append(message["message"])
+            if message is not None and isinstance(message.body, Error) and message.body.code == ErrorCode.GAP:
+                reports.append(message.body.message)
         assert reports == ["lost messages 2..3 of stream token/g/r1 from gappy",
                            "lost messages 5..6 of stream token/g/r1 from gappy"]
         sender.close()
@@ -125,7 +126,7 @@ def test_tap_prints_one_line_per_message(runtime_dir: Path) -> None:
         line = ""
         deadline = time.monotonic() + 20
         while "request" not in line and time.monotonic() < deadline:
-            sender.publish("request", "t1", "r9", text="visible in tap")
+            sender.publish("t1", "r9", Request(text="visible in tap"))
             line = _read_line(tap, 0.5)
         tap.kill()
         sender.close()

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import PYTHON, ROOT, Daemon, base_env, connect, start_stage, stop_process
+from voxpipe.protocol import Cancel
 
 UNIT_DIR = ROOT / "deploy" / "systemd"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -220,13 +221,14 @@ WEDGE_STAGE = """
 import sys, time
 from pathlib import Path
 from voxpipe.config import load
-from voxpipe.runtime import Stage
+from voxpipe.protocol import Cancel
+from voxpipe.runtime import Stage, handles
 
 class Wedge(Stage):
     name = "wedge"
-    kinds = ("cancel",)
 
-    def handle(self, message):
+    @handles(Cancel)
+    def on_cancel(self, message):
         # The main loop hangs here, as a stuck handler would, until the test releases it.
         flag = Path(sys.argv[1])
         (flag / "wedged").touch()
@@ -247,7 +249,7 @@ def test_a_wedged_main_loop_stops_the_watchdog_pings(listener: NotifyListener, t
     try:
         listener.wait_for(stage.pid, "WATCHDOG=1", after=listener.wait_for(stage.pid, "READY=1"))
         client = connect(runtime, "probe")
-        client.publish("cancel", "s1", "")
+        client.publish("s1", "", Cancel())
         deadline = time.monotonic() + 20
         while not (tmp_path / "wedged").exists():
             assert time.monotonic() < deadline and stage.poll() is None, "the stage never took the message"

@@ -23,6 +23,7 @@ pytest.importorskip("TTS")
 pytestmark = pytest.mark.native  # a torch crash fails one test (tests/native_isolation.py)
 
 from tests.harness import connect, start_stage, stop_process  # noqa: E402
+from voxpipe.protocol import Chunk  # noqa: E402
 from voxpipe.stages.audio import AudioFormat  # noqa: E402
 from voxpipe.stages.tts.engines import create_engine  # noqa: E402
 from voxpipe.stages.tts.engines.coqui import CoquiEngine, _split  # noqa: E402
@@ -357,11 +358,11 @@ def test_the_tts_stage_speaks_with_coqui(coqui_stage):
     replies = {"a": [RU, EN, ""], "b": ["Second session, one chunk."]}
     for session, texts in replies.items():
         for index, text in enumerate(texts):
-            client.publish("chunk", session, "r1", text=text, index=index, final=index == len(texts) - 1)
+            client.publish(session, "r1", Chunk(text=text, index=index, final=index == len(texts) - 1))
     messages = []
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and sum(1 for m in messages if m.kind == "audio" and m["final"]
-                                              and m["last"]) < len(replies):
+    while time.monotonic() < deadline and sum(1 for m in messages if m.kind == "audio" and m.body.final
+                                              and m.body.last) < len(replies):
         message = client.receive(0.5)
         if message is not None:
             messages.append(message)
@@ -369,15 +370,15 @@ def test_the_tts_stage_speaks_with_coqui(coqui_stage):
     assert not [m for m in messages if m.kind == "error"]
     for session, texts in replies.items():
         audio = [m for m in messages if m.kind == "audio" and m.session == session]
-        assert [(m["chunk"], m["frame"]) for m in audio] == sorted((m["chunk"], m["frame"]) for m in audio)
+        assert [(m.body.chunk, m.body.frame) for m in audio] == sorted((m.body.chunk, m.body.frame) for m in audio)
         for index, text in enumerate(texts):
-            frames = [m for m in audio if m["chunk"] == index]
-            assert [f["frame"] for f in frames] == list(range(len(frames)))
-            assert [f["last"] for f in frames] == [False] * (len(frames) - 1) + [True]   # exactly one last
-            assert all(len(f["pcm"]) <= VITS_RATE * 2 * 0.2 for f in frames)
-            spoken = [f for f in frames if f["pcm"]]
-            assert {(f["rate"], f["channels"], f["width"]) for f in spoken} <= {(VITS_RATE, 1, 2)}
+            frames = [m for m in audio if m.body.chunk == index]
+            assert [f.body.frame for f in frames] == list(range(len(frames)))
+            assert [f.body.last for f in frames] == [False] * (len(frames) - 1) + [True]   # exactly one last
+            assert all(len(f.body.pcm) <= VITS_RATE * 2 * 0.2 for f in frames)
+            spoken = [f for f in frames if f.body.pcm]
+            assert {(f.body.rate, f.body.channels, f.body.width) for f in spoken} <= {(VITS_RATE, 1, 2)}
             if text:
-                assert sum(len(f["pcm"]) for f in frames) > VITS_RATE * 2 * 0.3
+                assert sum(len(f.body.pcm) for f in frames) > VITS_RATE * 2 * 0.3
             else:
                 assert not spoken

@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from voxpipe import protocol
+from voxpipe.protocol import Audio, Chunk, Message, Request
+from voxpipe.runtime.replies import MEMORY
 from voxpipe.stages.audio import AudioFormat, PcmFrame
-from voxpipe.protocol import Message
-from voxpipe.stages.tts.core import CANCELLED_MEMORY, SILENT_FORMAT, VOICE_MEMORY, FrameNumbers, SpeechQueue
+from voxpipe.stages.tts.core import SILENT_FORMAT, FrameNumbers, SpeechQueue
 
 FMT = AudioFormat(22050, 1, 2)
 
 
-def chunk(session: str = "s1", id: str = "r1", index: int = 0, text: str = "Hello.", final: bool = False) -> Message:
-    return protocol.make("chunk", session=session, id=id, seq=0, ts=0.0, src="t", text=text, index=index, final=final)
+def chunk(session: str = "s1", id: str = "r1", index: int = 0, text: str = "Hello.",
+          final: bool = False) -> Message[Chunk]:
+    return Message(Chunk(text=text, index=index, final=final), session, id, src="t")
 
 
-def request(session: str = "s1", id: str = "r1", voice: str = "") -> Message:
-    return protocol.make("request", session=session, id=id, seq=0, ts=0.0, src="t", text="Hi", voice=voice)
+def request(session: str = "s1", id: str = "r1", voice: str = "") -> Message[Request]:
+    return Message(Request(text="Hi", voice=voice), session, id, src="t")
 
 
-def number(message: Message, frames: list[PcmFrame]) -> list[dict[str, Any]]:
+def number(message: Message[Chunk], frames: list[PcmFrame]) -> list[Audio]:
     """The audio bodies in the order the shell publishes them."""
-    numbers = FrameNumbers(message)
+    numbers = FrameNumbers(message.body)
     bodies = [body for frame in frames if (body := numbers.push(frame)) is not None]
     return [*bodies, numbers.finish()]
 
@@ -35,29 +35,29 @@ def number(message: Message, frames: list[PcmFrame]) -> list[dict[str, Any]]:
 
 def test_a_chunk_without_audio_still_ends_with_one_empty_last_frame() -> None:
     assert number(chunk(index=3, text="", final=True), []) == [
-        {"chunk": 3, "frame": 0, "rate": SILENT_FORMAT.rate, "channels": 1, "width": 2, "pcm": b"", "last": True,
-         "final": True, "chars": 0}]
+        Audio(chunk=3, frame=0, rate=SILENT_FORMAT.rate, channels=1, width=2, pcm=b"", last=True, final=True,
+              chars=0)]
 
 
 def test_a_frame_goes_out_only_once_the_next_one_came() -> None:
-    numbers = FrameNumbers(chunk(text="Hi there"))
+    numbers = FrameNumbers(chunk(text="Hi there").body)
     first, second = PcmFrame(b"\x01\x00", FMT), PcmFrame(b"\x02\x00" * 2, AudioFormat(24000, 2, 2))
     assert numbers.push(first) is None
-    assert numbers.push(second) == {"chunk": 0, "frame": 0, "rate": 22050, "channels": 1, "width": 2,
-                                    "pcm": b"\x01\x00", "last": False, "final": False, "chars": 8}
-    assert numbers.finish() == {"chunk": 0, "frame": 1, "rate": 24000, "channels": 2, "width": 2,
-                                "pcm": b"\x02\x00" * 2, "last": True, "final": False, "chars": 8}
+    assert numbers.push(second) == Audio(chunk=0, frame=0, rate=22050, channels=1, width=2, pcm=b"\x01\x00",
+                                         last=False, final=False, chars=8)
+    assert numbers.finish() == Audio(chunk=0, frame=1, rate=24000, channels=2, width=2, pcm=b"\x02\x00" * 2,
+                                     last=True, final=False, chars=8)
 
 
 @given(st.lists(st.binary(max_size=8).map(lambda pcm: pcm[:len(pcm) // 2 * 2]), max_size=20), st.booleans())
 def test_frames_are_numbered_in_order_and_exactly_one_is_last(pcms: list[bytes], final: bool) -> None:
     bodies = number(chunk(index=7, final=final), [PcmFrame(pcm, FMT) for pcm in pcms])
-    assert [body["frame"] for body in bodies] == list(range(max(len(pcms), 1)))
-    assert [body["last"] for body in bodies] == [False] * (len(bodies) - 1) + [True]
-    assert b"".join(body["pcm"] for body in bodies) == b"".join(pcms)
-    assert {(body["chunk"], body["final"], body["chars"]) for body in bodies} == {(7, final, 6)}
+    assert [body.frame for body in bodies] == list(range(max(len(pcms), 1)))
+    assert [body.last for body in bodies] == [False] * (len(bodies) - 1) + [True]
+    assert b"".join(body.pcm for body in bodies) == b"".join(pcms)
+    assert {(body.chunk, body.final, body.chars) for body in bodies} == {(7, final, 6)}
     for body in bodies:  # each is a valid audio message
-        protocol.make("audio", session="s", id="r", seq=0, ts=0.0, src="t", **body)
+        protocol.encode(Message(body, "s", "r", src="t"))
 
 
 # --- the queue --------------------------------------------------------------------------------------
@@ -97,10 +97,17 @@ def test_the_chunk_being_spoken_and_late_chunks_of_a_cancelled_reply_are_cancell
 
 def test_cancelled_replies_are_remembered_up_to_the_limit() -> None:
     queue = SpeechQueue()
-    for n in range(CANCELLED_MEMORY + 10):
+    for n in range(MEMORY + 10):
         queue.cancel("s", f"r{n}")
-    assert len(queue.cancelled) == CANCELLED_MEMORY
+    assert len(queue.replies.ended) == MEMORY
     assert not queue.is_cancelled(chunk("s", "r9")) and queue.is_cancelled(chunk("s", "r10"))
+
+
+def test_late_chunks_of_a_cancelled_reply_are_not_even_queued() -> None:
+    queue = SpeechQueue()
+    queue.cancel("s1", "r1")
+    queue.chunk(chunk())
+    assert not queue.chunks and not queue.replies
 
 
 # --- voices and memory ------------------------------------------------------------------------------
@@ -108,11 +115,11 @@ def test_cancelled_replies_are_remembered_up_to_the_limit() -> None:
 def test_only_chosen_voices_are_remembered_and_the_newest_win() -> None:
     queue = SpeechQueue()
     queue.request(request(id="plain"))
-    assert queue.voices == {} and queue.voice(chunk(id="plain")) == ""
-    for n in range(VOICE_MEMORY + 1):
+    assert not queue.replies and queue.voice(chunk(id="plain")) == ""
+    for n in range(MEMORY + 1):
         queue.request(request(id=f"r{n}", voice="en"))
-    assert len(queue.voices) == VOICE_MEMORY and ("s1", "r0") not in queue.voices
-    assert queue.voice(chunk(id=f"r{VOICE_MEMORY}")) == "en"
+    assert len(queue.replies) == MEMORY and ("s1", "r0") not in queue.replies
+    assert queue.voice(chunk(id=f"r{MEMORY}")) == "en"
 
 
 @pytest.mark.parametrize("end", ["cancel reply", "cancel session", "refused", "final chunk spoken"])
@@ -134,6 +141,17 @@ def test_a_sessions_bookkeeping_is_gone_once_its_last_reply_was_spoken() -> None
     for id in ("r1", "r2"):
         queue.chunk(chunk(id=id, final=True))
     queue.spoken(queue.chunks.popleft())
-    assert queue.known == {"s1": {"r2"}}
+    assert list(queue.replies) == [("s1", "r2")]
     queue.spoken(queue.chunks.popleft())
-    assert queue.known == {} and not queue.chunks
+    assert not queue.replies and not queue.chunks
+
+
+def test_a_session_cancel_ends_only_the_replies_it_saw_and_the_next_one_is_spoken() -> None:
+    queue = SpeechQueue()
+    queue.request(request(id="r1", voice="en"))
+    queue.chunk(chunk(id="r2"))
+    queue.cancel("s1", "")
+    assert not queue.replies and not queue.chunks
+    queue.request(request(id="r3", voice="ru"))
+    queue.chunk(chunk(id="r3"))
+    assert [m.id for m in queue.chunks] == ["r3"] and queue.voice(chunk(id="r3")) == "ru"

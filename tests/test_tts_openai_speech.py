@@ -15,6 +15,7 @@ import pytest
 
 from tests.fakes.wire_server import Script, WireServer, json_script
 from tests.harness import connect, start_stage, stop_process, wait_ready
+from voxpipe.protocol import Chunk, Request
 from voxpipe.stages.audio import AudioFormat
 from voxpipe.stages.tts.engines import create_engine
 from voxpipe.stages.tts.engines.base import VoiceError
@@ -260,16 +261,16 @@ def test_tts_stage_speaks_through_the_engine_from_config(server):
     server.route("/v1/audio/speech", audio_script((0, body[:9000]), (0.05, body[9000:])))
     with speech_stage(server) as runtime:
         client = connect(runtime, "test", "audio")
-        client.publish("chunk", "s1", "r1", text="Hello there.", index=0, final=True)
+        client.publish("s1", "r1", Chunk(text="Hello there.", index=0, final=True))
         frames = []
-        while not (frames and frames[-1]["last"]):
+        while not (frames and frames[-1].body.last):
             message = client.receive(20)
             assert message is not None, "no audio from the tts stage"
             if message.kind == "audio":
                 frames.append(message)
-        assert b"".join(frame["pcm"] for frame in frames) == body
-        assert {(f["rate"], f["channels"], f["width"], f["chars"]) for f in frames} == {(24000, 1, 2, 12)}
-        assert [frame["frame"] for frame in frames] == list(range(len(frames)))
+        assert b"".join(frame.body.pcm for frame in frames) == body
+        assert {(f.body.rate, f.body.channels, f.body.width, f.body.chars) for f in frames} == {(24000, 1, 2, 12)}
+        assert [frame.body.frame for frame in frames] == list(range(len(frames)))
         client.close()
 
 
@@ -280,20 +281,20 @@ def test_an_engine_error_in_one_chunk_does_not_stop_the_next(server):
                    audio_script((0, body)))
     with speech_stage(server) as runtime:
         client = connect(runtime, "test", "audio", "error")
-        client.publish("chunk", "f1", "r1", text="First sentence.", index=0, final=False)
-        client.publish("chunk", "f1", "r1", text="Second sentence.", index=1, final=True)
+        client.publish("f1", "r1", Chunk(text="First sentence.", index=0, final=False))
+        client.publish("f1", "r1", Chunk(text="Second sentence.", index=1, final=True))
         frames, errors = [], []
-        while not (frames and frames[-1]["last"] and frames[-1]["final"]):
+        while not (frames and frames[-1].body.last and frames[-1].body.final):
             message = client.receive(20)
             assert message is not None, "the tts stage stopped after the failed chunk"
             (frames if message.kind == "audio" else errors).append(message)
         client.close()
-        first = [f for f in frames if f["chunk"] == 0]
-        second = [f for f in frames if f["chunk"] == 1]
-        assert [(f["pcm"], f["last"]) for f in first] == [(b"", True)]
-        assert b"".join(f["pcm"] for f in second) == body
-        assert [(e["code"], e.id) for e in errors if e["code"] == "tts_failed"] == [("tts_failed", "r1")]
-        assert "500" in next(e["message"] for e in errors if e["code"] == "tts_failed")
+        first = [f for f in frames if f.body.chunk == 0]
+        second = [f for f in frames if f.body.chunk == 1]
+        assert [(f.body.pcm, f.body.last) for f in first] == [(b"", True)]
+        assert b"".join(f.body.pcm for f in second) == body
+        assert [(e.body.code, e.id) for e in errors if e.body.code == "tts_failed"] == [("tts_failed", "r1")]
+        assert "500" in next(e.body.message for e in errors if e.body.code == "tts_failed")
 
 
 def test_a_voice_the_server_refuses_is_reported_and_the_configured_voice_speaks(server):
@@ -301,15 +302,15 @@ def test_a_voice_the_server_refuses_is_reported_and_the_configured_voice_speaks(
     server.enqueue(json_script({"error": {"message": "Voice 'nope' not found"}}, status=400), audio_script((0, body)))
     with speech_stage(server) as runtime:
         client = connect(runtime, "test", "audio", "error")
-        client.publish("request", "v1", "r1", text="Say hello.", voice="nope")
-        client.publish("chunk", "v1", "r1", text="Hello.", index=0, final=True)
+        client.publish("v1", "r1", Request(text="Say hello.", voice="nope"))
+        client.publish("v1", "r1", Chunk(text="Hello.", index=0, final=True))
         frames, errors = [], []
-        while not (frames and frames[-1]["last"]):
+        while not (frames and frames[-1].body.last):
             message = client.receive(20)
             assert message is not None, "no audio from the tts stage"
             (frames if message.kind == "audio" else errors).append(message)
         client.close()
-    assert b"".join(frame["pcm"] for frame in frames) == body
-    assert [(e["code"], e.id) for e in errors] == [("unknown_voice", "r1")]
-    assert "'nope'" in errors[0]["message"] and "not found" in errors[0]["message"]
+    assert b"".join(frame.body.pcm for frame in frames) == body
+    assert [(e.body.code, e.id) for e in errors] == [("unknown_voice", "r1")]
+    assert "'nope'" in errors[0].body.message and "not found" in errors[0].body.message
     assert [record.json["voice"] for record in server.records] == ["nope", "alloy"]

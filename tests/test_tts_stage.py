@@ -13,9 +13,8 @@ import pytest
 
 from tests.harness import connect, start_stage, stop_process, wait_ready
 from tests.test_tts_espeak import EN, RU, crossings, same_speech
-from voxpipe import protocol
 from voxpipe.config import load
-from voxpipe.protocol import Message
+from voxpipe.protocol import Cancel, Chunk, Message, Request
 from voxpipe.runtime.shard import Shard
 from voxpipe.stages.tts.stage import TtsStage
 
@@ -49,19 +48,19 @@ def collect(client, until, timeout: float = 30.0) -> list[Message]:
 
 def send_chunks(client, session: str, texts: list[str], reply: str = "r1") -> None:
     for index, text in enumerate(texts):
-        client.publish("chunk", session, reply, text=text, index=index, final=index == len(texts) - 1)
+        client.publish(session, reply, Chunk(text=text, index=index, final=index == len(texts) - 1))
 
 
 def audio_by_chunk(messages: list[Message]) -> dict[int, list[Message]]:
     chunks: dict[int, list[Message]] = defaultdict(list)
     for message in messages:
         if message.kind == "audio":
-            chunks[message["chunk"]].append(message)
+            chunks[message.body.chunk].append(message)
     return chunks
 
 
 def finished(messages: list[Message], count: int = 1) -> bool:
-    return sum(1 for m in messages if m.kind == "audio" and m["last"] and m["final"]) >= count
+    return sum(1 for m in messages if m.kind == "audio" and m.body.last and m.body.final) >= count
 
 
 def test_russian_english_and_mixed_chunks_become_audio(tts: Path) -> None:
@@ -73,14 +72,14 @@ def test_russian_english_and_mixed_chunks_become_audio(tts: Path) -> None:
     chunks = audio_by_chunk(messages)
     assert sorted(chunks) == [0, 1, 2, 3]
     for index, frames in chunks.items():
-        assert [f["frame"] for f in frames] == list(range(len(frames)))
-        assert [f["last"] for f in frames] == [False] * (len(frames) - 1) + [True]
-        assert all(f["chars"] == len(texts[index]) for f in frames)
-        assert all(len(f["pcm"]) <= 22050 * 2 * 0.2 for f in frames)       # at most 200 ms each
-        assert {(f["rate"], f["channels"], f["width"]) for f in frames if f["pcm"]} <= {(22050, 1, 2)}
+        assert [f.body.frame for f in frames] == list(range(len(frames)))
+        assert [f.body.last for f in frames] == [False] * (len(frames) - 1) + [True]
+        assert all(f.body.chars == len(texts[index]) for f in frames)
+        assert all(len(f.body.pcm) <= 22050 * 2 * 0.2 for f in frames)       # at most 200 ms each
+        assert {(f.body.rate, f.body.channels, f.body.width) for f in frames if f.body.pcm} <= {(22050, 1, 2)}
     for index in (0, 1, 2):
-        assert sum(len(f["pcm"]) for f in chunks[index]) > 22050 * 2 * 0.5  # real speech, > 0.5 s
-    assert sum(len(f["pcm"]) for f in chunks[3]) == 0                      # an empty final chunk ends it
+        assert sum(len(f.body.pcm) for f in chunks[index]) > 22050 * 2 * 0.5  # real speech, > 0.5 s
+    assert sum(len(f.body.pcm) for f in chunks[3]) == 0                      # an empty final chunk ends it
     assert not [m for m in messages if m.kind == "error"]
 
 
@@ -89,13 +88,13 @@ def test_order_is_kept_under_twenty_concurrent_sessions(tts: Path) -> None:
     sessions = [f"s{n}" for n in range(20)]
     for index in range(3):                       # interleave: chunk 0 of all, then 1, then 2
         for session in sessions:
-            client.publish("chunk", session, "r", text=f"Sentence {index} for {session}.", index=index,
-                           final=index == 2)
+            client.publish(session, "r", Chunk(text=f"Sentence {index} for {session}.", index=index,
+                                               final=index == 2))
     messages = collect(client, lambda got: finished(got, 20), timeout=60)
     client.close()
     per_session: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for message in messages:
-        per_session[message.session].append((message["chunk"], message["frame"]))
+        per_session[message.session].append((message.body.chunk, message.body.frame))
     assert sorted(per_session) == sorted(sessions)
     for session, order in per_session.items():
         assert order == sorted(order), f"{session} audio out of order"
@@ -108,14 +107,14 @@ def test_cancel_mid_reply_stops_that_sessions_audio_only(tts: Path) -> None:
     send_chunks(client, "long", long_reply)
     send_chunks(client, "other", ["A short and independent reply."])
     first = collect(client, lambda got: any(m.session == "long" for m in got))
-    client.publish("cancel", "long", "", reason="barge-in")
+    client.publish("long", "", Cancel(reason="barge-in"))
     cancelled_at = time.monotonic()
     rest = collect(client, lambda got: finished([m for m in got if m.session == "other"]), timeout=30)
     late = collect(client, lambda got: False, timeout=1.0)
     client.close()
     long_audio = [m for m in first + rest + late if m.session == "long"]
-    assert not any(m["final"] for m in long_audio), "the cancelled reply was synthesised to the end"
-    assert len({m["chunk"] for m in long_audio}) < 5
+    assert not any(m.body.final for m in long_audio), "the cancelled reply was synthesised to the end"
+    assert len({m.body.chunk for m in long_audio}) < 5
     assert not [m for m in late if m.session == "long"], "audio kept coming after cancel"
     assert finished([m for m in rest if m.session == "other"])
     assert time.monotonic() - cancelled_at < 30
@@ -125,7 +124,7 @@ def pcm_by_reply(messages: list[Message]) -> dict[tuple[str, str], bytes]:
     spoken: dict[tuple[str, str], bytes] = defaultdict(bytes)
     for message in messages:
         if message.kind == "audio":
-            spoken[(message.session, message.id)] += message["pcm"]
+            spoken[(message.session, message.id)] += message.body.pcm
     return spoken
 
 
@@ -134,7 +133,7 @@ def test_each_reply_speaks_in_the_voice_of_its_request(tts: Path) -> None:
     replies = {("v1", "auto"): ("", RU), ("v1", "en"): ("en", RU),
                ("v2", "plain"): ("", EN), ("v2", "f3"): ("en+f3", EN)}
     for (session, reply), (voice, text) in replies.items():
-        client.publish("request", session, reply, text="Say something.", voice=voice)
+        client.publish(session, reply, Request(text="Say something.", voice=voice))
         send_chunks(client, session, [text], reply)
     messages = collect(client, lambda got: finished(got, len(replies)))
     client.close()
@@ -147,20 +146,20 @@ def test_each_reply_speaks_in_the_voice_of_its_request(tts: Path) -> None:
 def test_an_unknown_voice_is_reported_once_and_the_reply_speaks_in_the_configured_voice(tts: Path) -> None:
     client = connect(tts, "unknown-voice", "audio", "error")
     texts = ["Hello there, how are you?", EN]
-    client.publish("request", "u1", "bad", text="Say something.", voice="xx-nope")
+    client.publish("u1", "bad", Request(text="Say something.", voice="xx-nope"))
     send_chunks(client, "u1", texts, "bad")
     send_chunks(client, "u2", texts, "none")  # chunks without any request: the configured voice
     messages = collect(client, lambda got: finished(got, 2))
     client.close()
     errors = [m for m in messages if m.kind == "error"]
-    assert [(m["code"], m.session, m.id, m["ref_kind"], m.src) for m in errors] == \
+    assert [(m.body.code, m.session, m.id, m.body.ref_kind, m.src) for m in errors] == \
         [("unknown_voice", "u1", "bad", "request", "tts")]
-    text = errors[0]["message"]
+    text = errors[0].body.message
     assert text.startswith("voice 'xx-nope' cannot be used, so the configured voice speaks: ")
     assert "Languages: af, " in text and ", f3, " in text
     chunks = {session: audio_by_chunk([m for m in messages if m.session == session]) for session in ("u1", "u2")}
     for index in range(len(texts)):
-        bad, configured = (b"".join(f["pcm"] for f in chunks[session][index]) for session in ("u1", "u2"))
+        bad, configured = (b"".join(f.body.pcm for f in chunks[session][index]) for session in ("u1", "u2"))
         assert len(bad) > 22050 * 2 * 0.5 and same_speech(bad, configured)
 
 
@@ -173,11 +172,11 @@ def test_a_request_with_a_bad_voice_field_is_rejected_with_an_error(tts: Path) -
     send_chunks(client, "b1", [EN])
     messages = collect(client, finished)
     client.close()
-    rejected = [m["message"] for m in messages if m.kind == "error" and m["code"] == "invalid_message"]
+    rejected = [m.body.message for m in messages if m.kind == "error" and m.body.code == "invalid_message"]
     assert len(rejected) == 2
     assert "request: field 'voice' must be a string, got int" in rejected[0]
     assert "request: field 'voice' is 65 characters, the limit is 64" in rejected[1]
-    assert sum(len(m["pcm"]) for m in messages if m.kind == "audio") > 22050 * 2 * 0.5  # the stage goes on
+    assert sum(len(m.body.pcm) for m in messages if m.kind == "audio") > 22050 * 2 * 0.5  # the stage goes on
 
 
 def test_a_shard_remembers_only_its_own_sessions_voices_and_at_most_4096(tmp_path: Path) -> None:
@@ -189,15 +188,15 @@ def test_a_shard_remembers_only_its_own_sessions_voices_and_at_most_4096(tmp_pat
     stage.prepare()
     sessions = [f"s{n}" for n in range(10_000)]
     for session in sessions:
-        stage._dispatch(protocol.make("request", session=session, id="r", seq=0, ts=0, src="t", text="Hi",
-                                      voice="ru"))
-        stage._dispatch(protocol.make("request", session=session, id="plain", seq=0, ts=0, src="t", text="Hi"))
+        stage._dispatch(Message(Request(text="Hi", voice="ru"), session, "r", src="t"))
+        stage._dispatch(Message(Request(text="Hi"), session, "plain", src="t"))
     own = [(session, "r") for session in sessions if shard.owns(session)]
     assert 4096 < len(own) < len(sessions)
-    assert list(stage.queue.voices) == own[-4096:]   # the newest, never another shard's, never an empty voice
+    # the newest, never another shard's, never an empty voice
+    assert stage.queue.replies.items() == [(reply, "ru") for reply in own[-4096:]]
     assert stage.bus.counters["foreign"] == 2 * (len(sessions) - len(own))
     session = own[-1][0]
-    stage._dispatch(protocol.make("cancel", session=session, id="r", seq=0, ts=0, src="t"))
-    assert (session, "r") not in stage.queue.voices and len(stage.queue.voices) == 4095
+    stage._dispatch(Message(Cancel(), session, "r", src="t"))
+    assert (session, "r") not in stage.queue.replies and len(stage.queue.replies) == 4095
     assert stage.bus.counters["failures"] == 0
     stage.engine.close()

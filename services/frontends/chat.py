@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .. import protocol
-from .client import Client, Command, Done, Error, Playback, Reply, TextDelta, VoxpipeError, VoxpipeTimeout, connect
 from ..config import Config
+from ..protocol import Body, Command, Error, ErrorCode, LlmDone, Message, Playback, Text
+from .client import Client, Reply, VoxpipeError, VoxpipeTimeout, connect
 
 HISTORY_SHOWN = 20
 """How many of the session's last messages /history prints."""
@@ -201,34 +202,35 @@ class Chat:
         self.note(f"[gave up after {self.timeout:g} s: the daemon did not come back; start it with `voxpipe run`]")
         return False
 
-    def show(self, event: object) -> None:
+    def show(self, event: Message[Body]) -> None:
         """One event of the reply on the terminal."""
-        if isinstance(event, TextDelta):
-            # Each command tag shows where it stood in the text, as the text streams; a tag history
-            # will refuse (not on its allowlist) shows only as the refusal note, as it is never spoken.
-            position = 0
-            for mark in event.marks:
-                self.write(event.delta[position:mark.offset])
-                position = mark.offset
-                if mark.tag.lower() in self.commands:
-                    self.inline(f"[{mark.tag}: {mark.body}]")
-            self.write(event.delta[position:])
-        elif isinstance(event, Command) and not event.accepted:
-            self.note(f"[refused command {event.name}: {event.reason}]")
-        elif isinstance(event, Error):
-            self._errors_shown.add(event.message)
-            if event.code == "stage_crashed":
-                self.note(f"[{event.message}; this reply is lost, ask again]")
-            else:
-                self.note(f"[error {event.code}: {event.message}]")
-        elif isinstance(event, Done):
-            self._cut = event.guard  # said after the text, which may still be arriving (streaming off)
-            if event.status == "error" and event.error not in self._errors_shown:
-                self.note(f"[the reply failed: {event.error}]")  # unless its error event said it
-            elif event.status == "interrupted":
-                self.note("[interrupted]")
-        elif isinstance(event, Playback) and event.final and event.path:
-            self.note(f"[audio written to {event.path}]")
+        match event.body:
+            case Text(delta=delta, marks=marks):
+                # Each command tag shows where it stood in the text, as the text streams; a tag history
+                # will refuse (not on its allowlist) shows only as the refusal note, as it is never spoken.
+                position = 0
+                for mark in marks:
+                    self.write(delta[position:mark.offset])
+                    position = mark.offset
+                    if mark.tag.lower() in self.commands:
+                        self.inline(f"[{mark.tag}: {mark.body}]")
+                self.write(delta[position:])
+            case Command(accepted=False, name=name, reason=reason):
+                self.note(f"[refused command {name}: {reason}]")
+            case Error(code=code, message=message):
+                self._errors_shown.add(message)
+                if code == ErrorCode.STAGE_CRASHED:
+                    self.note(f"[{message}; this reply is lost, ask again]")
+                else:
+                    self.note(f"[error {code}: {message}]")
+            case LlmDone() as done:
+                self._cut = done.guard  # said after the text, which may still be arriving (streaming off)
+                if done.status == "error" and done.error not in self._errors_shown:
+                    self.note(f"[the reply failed: {done.error}]")  # unless its error event said it
+                elif done.status == "interrupted":
+                    self.note("[interrupted]")
+            case Playback(final=True, path=path) if path:
+                self.note(f"[audio written to {path}]")
 
     # --- slash commands -----------------------------------------------------------------
 

@@ -1,31 +1,41 @@
-"""The voxpipe client library: ask the daemon something and follow the reply as typed events.
+"""The voxpipe client library: ask the daemon something and follow the reply as typed messages.
 
-    from voxpipe import connect
+    from voxpipe import Text, connect
 
     with connect() as vp:                             # finds the bus like the CLI does
-        for event in vp.ask("Hello!", session="me"):  # a Reply: an iterator of events
-            if event.kind == "text":
-                print(event.delta, end="", flush=True)
+        for event in vp.ask("Hello!", session="me"):  # a Reply: an iterator of Messages
+            if isinstance(event.body, Text):
+                print(event.body.delta, end="", flush=True)
 
 `connect(config=None, ...)` resolves the config like the `voxpipe` CLI (`config` is a path, a
 loaded Config or None for $VOXPIPE_CONFIG / ~/.config/voxpipe/config.toml) and confirms its
 subscriptions with the bus's hello handshake before returning, so nothing of a reply is lost.
 With no bus it raises `VoxpipeError` at once.
 
+The events are the protocol's own messages (`voxpipe.protocol`), re-exported here: each is a
+`Message` with `kind`, `session`, `id` (and `seq`, `ts`, `src`) and a typed `body`, one of `Text`,
+`Chunk`, `Audio`, `Command`, `Reasoning`, `Playback`, `LlmDone` and `Error`, with every field of
+its wire kind (`docs/protocol.md` §5). Match on the body's class:
+
+    match event.body:
+        case Text(delta=delta): ...
+        case LlmDone(status="error", error=reason): ...
+
 `Client.ask(text, session=None, *, stream=True, profile="", wait_audio=True, timeout=60.0)`
-publishes one request and returns a `Reply`. Iterating it yields the reply's events in arrival
+publishes one request and returns a `Reply`. Iterating it yields the reply's messages in arrival
 order and stops when the reply is complete:
 
-- after `Done` (`llm.done`) and the final `TextDelta`;
+- after the `LlmDone` (`llm.done`) and the final `Text`;
 - with `wait_audio=True` (the default), also after the final `Playback`, i.e. once the
   reply has been spoken; with `wait_audio=False` it ends as soon as the text is complete;
-- at once after a `Done` with status `interrupted`, and without waiting for audio after a
-  `Done` with status `error` (the protocol does not promise a final playback then);
+- at once after an `LlmDone` with status `interrupted`, and without waiting for audio after an
+  `LlmDone` with status `error` (the protocol does not promise a final playback then);
 - after an `Error` with code `stage_crashed` for llm, chunker, tts or player: the reply is lost;
 - after `cancel()` of the reply's session or id: iteration stops without further events.
 
 If nothing of the reply arrives for `timeout` seconds, iteration raises `VoxpipeTimeout`.
-Events a client does not subscribe to (see `kinds`) are not waited for.
+Events a client does not subscribe to (see `kinds`) are not waited for; only the reply kinds
+(`REPLY_KINDS`) are yielded.
 
 Threads: use a Client from one thread (each thread that follows replies opens its own
 Client). The one exception is `cancel()`, which only publishes and may be called from any
@@ -43,24 +53,44 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import cast
 
 from .. import protocol
-from ..stages.chunker.core import Mark, TextMark
 from ..config import Config, load
-from ..protocol import Message
+from ..protocol import (
+    Audio,
+    Body,
+    Cancel,
+    Chunk,
+    Command,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Image,
+    LlmDone,
+    Mark,
+    Message,
+    Playback,
+    Reasoning,
+    Request,
+    Text,
+    TextMark,
+)
 from ..runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from ..runtime.replies import cancels
 
 __all__ = [
-    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Event", "TextDelta", "TextMark", "Chunk", "Mark",
-    "Audio", "Command", "Reasoning", "Playback", "Done", "Error", "REPLY_KINDS", "REPLY_STAGES",
+    "connect", "Client", "Reply", "VoxpipeError", "VoxpipeTimeout", "Message", "Text", "TextMark", "Chunk", "Mark",
+    "Audio", "Command", "Reasoning", "Playback", "LlmDone", "Error", "ErrorCode", "REPLY_TYPES", "REPLY_KINDS",
+    "REPLY_STAGES",
 ]
 
-REPLY_KINDS = ("text", "chunk", "audio", "command", "reasoning", "llm.done", "playback", "error")
-"""What a Client subscribes to by default: every kind a reply produces for front-ends."""
+REPLY_TYPES: tuple[type[Body], ...] = (Text, Chunk, Audio, Command, Reasoning, LlmDone, Playback, Error)
+"""The bodies of what a Reply yields: every kind a reply produces for front-ends."""
+REPLY_KINDS = tuple(body.kind for body in REPLY_TYPES)
+"""What a Client subscribes to by default (the wire names of REPLY_TYPES)."""
 REPLY_STAGES = ("llm", "chunker", "tts", "player")
 """Stages a reply passes through: if one crashes, an in-flight reply cannot complete."""
 DEFAULT_TIMEOUT = 60.0
@@ -72,157 +102,14 @@ class VoxpipeTimeout(VoxpipeError):
     """Nothing of a reply arrived within the timeout."""
 
 
-# --- events -------------------------------------------------------------------------------
-
-@dataclass(frozen=True, kw_only=True)
-class Event:
-    """One event of a reply: `kind` names it, `session` and `id` say which reply it belongs to."""
-
-    kind: ClassVar[str] = ""
-    session: str
-    id: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class TextDelta(Event):
-    """The next piece of display text (command tags removed); `final` on the reply's last one.
-
-    `marks` are the command tags met in this piece, each at its `offset` in `delta`."""
-
-    kind: ClassVar[str] = "text"
-    delta: str
-    final: bool
-    marks: tuple[TextMark, ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Chunk(Event):
-    """A speakable phrase, with the command tags met in it as `marks`."""
-
-    kind: ClassVar[str] = "chunk"
-    text: str
-    index: int
-    final: bool
-    marks: tuple[Mark, ...] = ()
-
-
-@dataclass(frozen=True, kw_only=True)
-class Audio(Event):
-    """A frame of PCM for chunk `chunk`: `width`-byte signed samples, native byte order."""
-
-    kind: ClassVar[str] = "audio"
-    chunk: int
-    frame: int
-    pcm: bytes = field(repr=False)
-    rate: int
-    channels: int
-    width: int
-    last: bool
-    final: bool
-    chars: int = 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class Command(Event):
-    """A command of the reply, checked against the allowlist; `accepted=False` says why in `reason`."""
-
-    kind: ClassVar[str] = "command"
-    name: str
-    args: tuple[str, ...]
-    accepted: bool
-    reason: str
-    chunk: int
-    offset: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class Reasoning(Event):
-    """A piece of the model's reasoning: never shown as reply text, never spoken."""
-
-    kind: ClassVar[str] = "reasoning"
-    text: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Playback(Event):
-    """`started`, `finished` or `stopped` for a chunk; `final` on the reply's last playback event."""
-
-    kind: ClassVar[str] = "playback"
-    event: str
-    chunk: int
-    final: bool
-    path: str
-    heard: float
-    heard_chars: int = 0
-    audio_ts: float = 0.0
-    audio_s: float = 0.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class Done(Event):
-    """The LLM finished: `status` is `ok`, `error` (see `error`) or `interrupted`."""
-
-    kind: ClassVar[str] = "llm.done"
-    status: str
-    text: str
-    error: str
-    guard: str
-    metrics: Mapping[str, float]
-    tokens: int = 0
-    provider: str = ""
-    model: str = ""
-    finish_reason: str = ""
-    reasoning: str = ""
-    profile: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Error(Event):
-    """An error about the reply (or `stage_crashed`, sessionless, naming the crashed `stage`)."""
-
-    kind: ClassVar[str] = "error"
-    code: str
-    message: str
-    stage: str = ""
-    ref_kind: str = ""
-
-
-AnyEvent = TextDelta | Chunk | Audio | Command | Reasoning | Playback | Done | Error
-
-
-def event_from(message: Message) -> AnyEvent | None:
-    """The typed event for a bus message, or None for kinds that are not reply events."""
-    ids: dict[str, Any] = {"session": message.session, "id": message.id}
-    body = message.body
-    kind = message.kind
-    if kind == "text":
-        text_marks = tuple(TextMark(m["tag"], m["body"], m["offset"]) for m in body["marks"])
-        return TextDelta(**ids, delta=body["delta"], final=body["final"], marks=text_marks)
-    if kind == "chunk":
-        chunk_marks = tuple(Mark(m["tag"], m["body"], m["chunk"], m["offset"]) for m in body["marks"])
-        return Chunk(**ids, text=body["text"], index=body["index"], final=body["final"], marks=chunk_marks)
-    if kind == "audio":
-        return Audio(**ids, **body)
-    if kind == "command":
-        return Command(**ids, **{**body, "args": tuple(body["args"])})
-    if kind == "reasoning":
-        return Reasoning(**ids, **body)
-    if kind == "playback":
-        return Playback(**ids, **{**body, "heard": float(body["heard"])})
-    if kind == "llm.done":
-        return Done(**ids, **{**body, "metrics": dict(body["metrics"])})
-    if kind == "error":
-        return Error(**ids, **body)
-    return None
-
-
 # --- a reply ------------------------------------------------------------------------------
 
 class Reply:
-    """The events of one request, in arrival order. Iterate it once (see the module docstring).
+    """The messages of one request, in arrival order. Iterate it once (see the module docstring).
 
     `id` and `session` name the request; `text` is the display text received so far; `done`
-    is the `Done` event once it arrived; `complete` tells whether the reply ended normally.
+    is the `llm.done` message once it arrived; `crashed` the `stage_crashed` error that lost the
+    reply; `complete` tells whether the reply ended normally.
     """
 
     def __init__(self, client: Client, session: str, id: str, *, wait_text: bool, wait_audio: bool,
@@ -230,8 +117,8 @@ class Reply:
         self.session = session
         self.id = id
         self.text = ""
-        self.done: Done | None = None
-        self.crashed: Error | None = None
+        self.done: Message[LlmDone] | None = None
+        self.crashed: Message[Error] | None = None
         self.cancelled = False
         self._client = client
         self._timeout = timeout
@@ -239,10 +126,10 @@ class Reply:
         self._audio_final = not wait_audio
         self._ended = False
 
-    def __iter__(self) -> Iterator[AnyEvent]:
+    def __iter__(self) -> Iterator[Message[Body]]:
         return self
 
-    def __next__(self) -> AnyEvent:
+    def __next__(self) -> Message[Body]:
         deadline = time.monotonic() + self._timeout
         while True:
             if self._ended or self.cancelled:
@@ -254,10 +141,9 @@ class Reply:
             message = self._client._receive(min(remaining, _POLL_S))
             if message is None:
                 continue
-            event = self._accept(message)
-            if event is not None:
+            if self._accept(message):
                 self._ended = self.complete or self.crashed is not None
-                return event
+                return message
 
     @property
     def complete(self) -> bool:
@@ -265,25 +151,28 @@ class Reply:
         done = self.done
         if done is None:
             return False
-        if done.status == "interrupted":
+        if done.body.status == "interrupted":
             return True
-        return self._text_final and (self._audio_final or done.status != "ok")
+        return self._text_final and (self._audio_final or done.body.status != "ok")
 
-    def _accept(self, message: Message) -> AnyEvent | None:
-        if message.kind == "error" and message["code"] == "stage_crashed" and message["stage"] in REPLY_STAGES:
-            self.crashed = event_from(message)  # type: ignore[assignment]
-            return self.crashed
+    def _accept(self, message: Message[Body]) -> bool:
+        """Whether the message is an event of this reply (noting what it says of the reply's end)."""
+        body = message.body
+        if message.kind not in REPLY_KINDS:
+            return False
+        if isinstance(body, Error) and body.code == ErrorCode.STAGE_CRASHED and body.stage in REPLY_STAGES:
+            self.crashed = cast(Message[Error], message)
+            return True
         if message.id != self.id or message.session != self.session:
-            return None
-        event = event_from(message)
-        if isinstance(event, TextDelta):
-            self.text += event.delta
-            self._text_final = self._text_final or event.final
-        elif isinstance(event, Done):
-            self.done = event
-        elif isinstance(event, Playback) and event.final:
+            return False
+        if isinstance(body, Text):
+            self.text += body.delta
+            self._text_final = self._text_final or body.final
+        elif isinstance(body, LlmDone):
+            self.done = cast(Message[LlmDone], message)
+        elif isinstance(body, Playback) and body.final:
             self._audio_final = True
-        return event
+        return True
 
     def _timeout_message(self) -> str:
         waiting = "the audio" if self.done is not None and self._text_final else "the reply"
@@ -348,7 +237,8 @@ class Client:
                 beat = probe.receive(max(0.0, deadline - time.monotonic()))
                 if beat is None:
                     return False
-                if beat.src.split("@")[0] == stage and beat["state"] == "ready":
+                if (beat.src.split("@")[0] == stage and isinstance(beat.body, Heartbeat)
+                        and beat.body.state == "ready"):
                     break
             return True
         except VoxpipeError:  # BusUnavailable included
@@ -388,7 +278,7 @@ class Client:
     def ask(self, text: str, session: str | None = None, *, stream: bool | None = True, profile: str = "",
             wait_audio: bool = True, timeout: float = DEFAULT_TIMEOUT,
             images: Iterable[tuple[str, bytes]] = (), voice: str = "") -> Reply:
-        """Publish a request and return its Reply (an iterator of events).
+        """Publish a request and return its Reply (an iterator of the reply's messages).
 
         `stream`: True/False asks the provider for a streamed/whole reply; None uses the
         profile's setting. `profile`: the LLM profile ("" = llm.profile). `images`:
@@ -411,11 +301,9 @@ class Client:
                       wait_audio=wait_audio and "playback" in self.kinds, timeout=timeout)
         self._reply = reply
         self._last_session = session
-        body: dict[str, Any] = {"text": text, "profile": profile, "stream": stream, "voice": voice}
-        pictures = [{"mime": mime, "data": bytes(data)} for mime, data in images]
-        if pictures:
-            body["images"] = pictures
-        self._publish("request", session, request_id, **body)
+        pictures = tuple(Image(mime=mime, data=bytes(data)) for mime, data in images)
+        self._publish(session, request_id, Request(text=text, profile=profile, stream=stream, images=pictures,
+                                                   voice=voice))
         return reply
 
     def cancel(self, session: str | None = None, id: str | None = None, reason: str = "") -> None:
@@ -425,18 +313,18 @@ class Client:
         """
         session = _check_session(self._last_session if session is None else session)
         reply = self._reply
-        if reply is not None and reply.session == session and (not id or id == reply.id):
+        if reply is not None and cancels((reply.session, reply.id), session, id or ""):
             reply.cancelled = True
-        self._publish("cancel", session, id or "", reason=reason or f"cancelled by {self.name}")
+        self._publish(session, id or "", Cancel(reason=reason or f"cancelled by {self.name}"))
 
-    def _publish(self, kind: str, session: str, id: str, **body: Any) -> None:
+    def _publish(self, session: str, id: str, body: Body) -> None:
         with self._lock:
             try:
-                self._require().publish(kind, session, id, **body)
+                self._require().publish(session, id, body)
             except BusUnavailable as exc:
                 raise VoxpipeError(str(exc)) from None
 
-    def _receive(self, timeout: float) -> Message | None:
+    def _receive(self, timeout: float) -> Message[Body] | None:
         return self._require().receive(timeout)
 
 

@@ -8,11 +8,11 @@ transcript, and its tag is in neither the text nor the speech (the chunker drops
 reply an early-stop guard cut ends with a note such as "[cut: repetition]".
 
 Threads: a worker thread follows replies with its own Client (connected before the window
-opens, so a missing bus fails at once, then used only by the worker) and puts every event into a
-`queue.Queue`; a second thread does the same with the session's `command` events, on a connection
-of its own (see CommandListener). The Tk main thread polls that queue with `after()` and is the
-only thread that touches Tk. The Tk thread never receives; it only calls `Client.cancel()`, the
-one Client method documented as safe from any thread.
+opens, so a missing bus fails at once, then used only by the worker) and puts every event (a
+protocol `Message`) into a `queue.Queue`; a second thread does the same with the session's
+`command` events, on a connection of its own (see CommandListener). The Tk main thread polls
+that queue with `after()` and is the only thread that touches Tk. The Tk thread never receives;
+it only calls `Client.cancel()`, the one Client method documented as safe from any thread.
 
 `--dump FILE` (a test and debug hook) writes the window's state as JSON to FILE once the
 window is up, after every reply, on SIGUSR1 and on exit: the transcript, the current reply,
@@ -35,10 +35,11 @@ from tkinter import ttk
 from typing import Any
 
 from .. import protocol
-from .client import Client, Command, Done, Error, Playback, TextDelta, VoxpipeError, VoxpipeTimeout, connect, event_from
 from ..config import Config
+from ..protocol import Command, Error, LlmDone, Playback, Text
 from ..runtime import Connection, endpoints_for
 from ..stages.tags import describe
+from .client import Client, VoxpipeError, VoxpipeTimeout, connect
 
 GUI_KINDS = ("text", "llm.done", "playback", "error")
 """No `chunk`: a chunk's marks are tags met, not judged, and showing them would show refused ones;
@@ -84,12 +85,12 @@ class Worker(threading.Thread):
         if reply.cancelled:
             outcome, detail = "stopped", ""
         elif reply.crashed is not None:
-            outcome, detail = "error", f"{reply.crashed.message}; this reply is lost, ask again"
-        elif reply.done is not None and reply.done.status != "ok":
-            outcome, detail = reply.done.status, reply.done.error
+            outcome, detail = "error", f"{reply.crashed.body.message}; this reply is lost, ask again"
+        elif reply.done is not None and reply.done.body.status != "ok":
+            outcome, detail = reply.done.body.status, reply.done.body.error
         else:
             outcome, detail = "done", ""
-        self.events.put(("end", reply.id, outcome, detail, reply.done.guard if reply.done is not None else ""))
+        self.events.put(("end", reply.id, outcome, detail, reply.done.body.guard if reply.done is not None else ""))
 
 
 class CommandListener(threading.Thread):
@@ -113,7 +114,7 @@ class CommandListener(threading.Thread):
             while not self.stopping.is_set():
                 message = self.connection.receive(0.2)
                 if message is not None:
-                    self.events.put(event_from(message))
+                    self.events.put(message)
         finally:
             self.connection.close()
 
@@ -313,30 +314,31 @@ class App:
             elif item[0] == "end":
                 self.finish(*item[1:])
             return
-        if isinstance(item, Command):
+        body = item.body
+        if isinstance(body, Command):
             if item.id and item.id in (self.current, self.finished):
-                self.take_command(item)
+                self.take_command(item.id, body)
             return
-        if item.id != self.current and not (isinstance(item, Error) and not item.id):
+        if item.id != self.current and not (isinstance(body, Error) and not item.id):
             return  # a reply the user has already moved on from
-        if isinstance(item, TextDelta):
-            self.reply_text += item.delta
-            self._append(item.delta)
-            if self.status.get() == "thinking…":
-                self.status.set("answering…")
-        elif isinstance(item, Playback):
-            if item.event == "started" and self.busy:
+        match body:
+            case Text(delta=delta):
+                self.reply_text += delta
+                self._append(delta)
+                if self.status.get() == "thinking…":
+                    self.status.set("answering…")
+            case Playback(event="started") if self.busy:
                 self.status.set("speaking…")
-        elif isinstance(item, Error):
-            self.errors_shown.add(item.message)
-            self._append(f"\n[{item.code}: {item.message}]", "note")
-        elif isinstance(item, Done) and item.status == "error" and item.error not in self.errors_shown:
-            self._append(f"\n[the reply failed: {item.error}]", "note")  # unless its error event said it
+            case Error(code=code, message=message):
+                self.errors_shown.add(message)
+                self._append(f"\n[{code}: {message}]", "note")
+            case LlmDone(status="error", error=error) if error not in self.errors_shown:
+                self._append(f"\n[the reply failed: {error}]", "note")  # unless its error event said it
 
-    def take_command(self, command: Command) -> None:
+    def take_command(self, reply_id: str, command: Command) -> None:
         """An accepted command shows in words above the text; a refused one only as a note."""
         if not command.accepted:
-            self._note(command.id, f"\n[refused command {command.name}: {command.reason}]")
+            self._note(reply_id, f"\n[refused command {command.name}: {command.reason}]")
         elif command.name.lower() in EMOTION_TAGS:
             self.emotion.set(f"emotion: {' '.join(command.args)}")
         else:

@@ -127,9 +127,12 @@ def bus(config: Config) -> Check:
 # --- native code, in child processes --------------------------------------------------------
 
 def _probe(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m voxpipe.ops.doctor PROBE ARGS` in a child, where a crash cannot take us down."""
+    """Run `python -m voxpipe.ops.doctor PROBE ARGS` in a child, where a crash cannot take us down.
+
+    It starts in the folder that holds voxpipe, never the package folder, whose secrets.py would
+    shadow the standard library's."""
     return subprocess.run([sys.executable, "-m", "voxpipe.ops.doctor", *args], capture_output=True, text=True,
-                          timeout=PROBE_TIMEOUT_S, cwd=Path(__file__).resolve().parent.parent)
+                          timeout=PROBE_TIMEOUT_S, cwd=Path(__file__).resolve().parents[2])
 
 
 def _signal_name(code: int) -> str:

@@ -11,7 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..protocol import Message
+from ..protocol import Body, Heartbeat, Message, Metrics
 from .stats import percentile
 
 STALE_S = 5.0
@@ -23,31 +23,33 @@ class Exposition:
     """The latest heartbeat per stage and recent reply timelines, rendered in the text format."""
 
     def __init__(self, window: int = 500) -> None:
-        self._beats: dict[str, tuple[float, Message]] = {}
+        self._beats: dict[str, tuple[float, Heartbeat]] = {}
         self._timelines: collections.deque[dict[str, float]] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def observe(self, message: Message, now: float) -> None:
+    def observe(self, message: Message[Body], now: float) -> None:
+        """Keep a heartbeat as its stage's latest, a `metrics` timeline among the recent ones."""
+        body = message.body
         with self._lock:
-            if message.kind == "heartbeat":
-                self._beats[message.src] = (now, message)
-            elif message.kind == "metrics":
-                self._timelines.append({key: float(message[key]) for key in LATENCIES})
+            if isinstance(body, Heartbeat):
+                self._beats[message.src] = (now, body)
+            elif isinstance(body, Metrics):
+                self._timelines.append({key: float(getattr(body, key)) for key in LATENCIES})
 
     def render(self, now: float) -> str:
         with self._lock:
             beats, timelines = dict(self._beats), list(self._timelines)
         lines = ["# HELP voxpipe_stage_up 1 while the stage sends heartbeats.", "# TYPE voxpipe_stage_up gauge"]
-        lines += [f'voxpipe_stage_up{{stage="{src}"}} {int(now - seen < STALE_S and beat["state"] == "ready")}'
+        lines += [f'voxpipe_stage_up{{stage="{src}"}} {int(now - seen < STALE_S and beat.state == "ready")}'
                   for src, (seen, beat) in sorted(beats.items())]
         lines += ["# HELP voxpipe_stage_uptime_seconds Seconds since the stage started.",
                   "# TYPE voxpipe_stage_uptime_seconds gauge"]
-        lines += [f'voxpipe_stage_uptime_seconds{{stage="{src}"}} {beat["uptime"]:.1f}'
+        lines += [f'voxpipe_stage_uptime_seconds{{stage="{src}"}} {beat.uptime:.1f}'
                   for src, (_, beat) in sorted(beats.items())]
         lines += ["# HELP voxpipe_stage_events_total A stage's counters: received, published, invalid, gaps, ...",
                   "# TYPE voxpipe_stage_events_total counter"]
         lines += [f'voxpipe_stage_events_total{{stage="{src}",counter="{name}"}} {value}'
-                  for src, (_, beat) in sorted(beats.items()) for name, value in sorted(beat["counters"].items())]
+                  for src, (_, beat) in sorted(beats.items()) for name, value in sorted(beat.counters.items())]
         lines += ["# HELP voxpipe_reply_latency_ms Recent replies: milliseconds from the request.",
                   "# TYPE voxpipe_reply_latency_ms summary"]
         for measure in LATENCIES:

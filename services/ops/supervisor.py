@@ -23,17 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import protocol
-from ..runtime import sdnotify
 from ..config import Config
-from .prometheus import Exposition, serve
-from ..runtime import BusUnavailable, Connection, endpoints_for
+from ..protocol import ErrorCode, Heartbeat
+from ..runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ..runtime.shard import Shard
+from .prometheus import Exposition, serve
 
 log = logging.getLogger("voxpipe.run")
 STOP_BUDGET_S = 5.0
 BACKOFF_START_S = 0.5
 BACKOFF_MAX_S = 10.0
 _PR_SET_PDEATHSIG = 1
+HOME = Path(__file__).resolve().parents[2]
+"""Where children start: the folder that holds voxpipe (the checkout, where launcher.py is), never
+the package folder itself, whose secrets.py and config.py would shadow the standard library's."""
 
 
 def _die_with_parent() -> None:
@@ -83,7 +86,7 @@ class Supervisor:
         env = {key: value for key, value in os.environ.items()
                if key not in ("NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC")}
         child.process = subprocess.Popen(self._command(child), preexec_fn=_die_with_parent,
-                                         cwd=Path(__file__).resolve().parent.parent, env=env)
+                                         cwd=HOME, env=env)
         child.restart_at = None
         self.ready.discard(child.src)
         log.info("started %s (pid %d)", child.src, child.process.pid)
@@ -162,7 +165,7 @@ class Supervisor:
         """Take heartbeats for 0.2 s, then restart dead children; False on a crash loop."""
         assert self.connection is not None
         message = self.connection.receive(0.2)
-        if message is not None and message.kind == "heartbeat" and message["state"] == "ready":
+        if message is not None and isinstance(message.body, Heartbeat) and message.body.state == "ready":
             self.ready.add(message.src)
         if message is not None and self.exposition is not None:
             self.exposition.observe(message, time.monotonic())
@@ -191,7 +194,7 @@ class Supervisor:
             return False
         delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (len(child.crashes) - 1))
         assert self.connection is not None
-        self.connection.report("stage_crashed", f"stage {child.src} exited with code {code}; "
+        self.connection.report(ErrorCode.STAGE_CRASHED, f"stage {child.src} exited with code {code}; "
                                f"restarting in {delay:.1f} s", stage=child.stage)
         child.restart_at = now + delay
         return True

@@ -10,12 +10,53 @@ documents exactly what is here. Everything is re-exported, so `from voxpipe.prot
 """
 
 from .errors import ErrorCode
-from .kinds import (DONE_STATUSES, KINDS, PLAYBACK_EVENTS, SESSION_PATTERN, Audio, Body, Cancel, ChatMessage, Chunk,
-                    Command, Context, ContextQuery, Error, Heartbeat, Hello, HistorySaved, Image, LlmDone, Mark,
-                    Metrics, Playback, Reasoning, Replay, ReplayDone, ReplayQuery, Request, Text, TextMark, Token)
-from .wire import (BROKER_MAX_BYTES, ENVELOPE, HIGH_WATER_MARK, MAX_MESSAGE_BYTES, PROTOCOL_VERSION,
-                   SESSIONLESS_KINDS, TOPIC_SEPARATOR, Message, ProtocolError, decode, encode, subscription, topic,
-                   validate)
+from .kinds import (
+                    DONE_STATUSES,
+                    KINDS,
+                    PLAYBACK_EVENTS,
+                    SESSION_PATTERN,
+                    Audio,
+                    Body,
+                    Cancel,
+                    ChatMessage,
+                    Chunk,
+                    Command,
+                    Context,
+                    ContextQuery,
+                    Error,
+                    Heartbeat,
+                    Hello,
+                    HistorySaved,
+                    Image,
+                    LlmDone,
+                    Mark,
+                    Metrics,
+                    Playback,
+                    Reasoning,
+                    Replay,
+                    ReplayDone,
+                    ReplayQuery,
+                    Request,
+                    Text,
+                    TextMark,
+                    Token,
+)
+from .wire import (
+                    BROKER_MAX_BYTES,
+                    ENVELOPE,
+                    HIGH_WATER_MARK,
+                    MAX_MESSAGE_BYTES,
+                    PROTOCOL_VERSION,
+                    SESSIONLESS_KINDS,
+                    TOPIC_SEPARATOR,
+                    Message,
+                    ProtocolError,
+                    decode,
+                    encode,
+                    subscription,
+                    topic,
+                    validate,
+)
 
 __all__ = [
     "Message", "Body", "ErrorCode", "ProtocolError", "encode", "decode", "validate", "topic", "subscription",

@@ -17,8 +17,19 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
-from .checks import (Check, Field, binary, boolean, counter_map, fraction, integer, list_of, number,
-                     optional_boolean, record)
+from .checks import (
+    Check,
+    Field,
+    binary,
+    boolean,
+    counter_map,
+    fraction,
+    integer,
+    list_of,
+    number,
+    optional_boolean,
+    record,
+)
 from .checks import text as string  # `text` is also a field name in the kinds below
 
 SHORT = 128

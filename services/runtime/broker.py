@@ -28,9 +28,9 @@ from typing import Any
 
 import zmq
 
-from . import curve
 from .. import protocol
 from ..config import Config, ConfigError
+from . import curve
 from .curve import CurveKeys
 
 log = logging.getLogger("voxpipe.bus")
@@ -112,7 +112,7 @@ def participant_endpoints(config: Config) -> Endpoints:
         raise ConfigError(f"{_source(config)}: bus.connect_host = {host!r} is off loopback and bus.curve is "
                           f"false; bus traffic would cross the network unencrypted and unauthenticated. "
                           f"Set bus.curve = true (keys: `voxpipe keys generate`)")
-    return Endpoints.tcp(host, bus["tcp_port"], keys.client_keys(bus) if bus["curve"] else None)
+    return Endpoints.tcp(host, bus["tcp_port"], curve.client_keys(bus) if bus["curve"] else None)
 
 
 def runtime_dir(configured: str = "", env: Mapping[str, str] = os.environ) -> Path:
@@ -169,10 +169,10 @@ class Broker:
                               f"\"127.0.0.1\"")
         if not bus["curve"]:
             return cls(directory, context, bind=Endpoints.tcp(host, bus["tcp_port"]))
-        authorized = keys.authorized_dir(bus)
-        if not keys.check_authorized_dir(authorized):
+        authorized = curve.authorized_dir(bus)
+        if not curve.check_authorized_dir(authorized):
             log.warning("no authorised client keys (*.key) in %s: no participant can connect", authorized)
-        return cls(directory, context, bind=Endpoints.tcp(host, bus["tcp_port"]), curve=keys.server_keys(bus),
+        return cls(directory, context, bind=Endpoints.tcp(host, bus["tcp_port"]), curve=curve.server_keys(bus),
                    authorized=authorized)
 
     def start(self) -> None:

@@ -224,8 +224,3 @@ class Connection:
 def endpoints_for(config: Config) -> Endpoints:
     """Where participants connect ([bus] transport, host, port) and with which CURVE keys."""
     return participant_endpoints(config)
-
-
-def endpoints_for(config: Config) -> Endpoints:
-    """Where participants connect ([bus] transport, host, port) and with which CURVE keys."""
-    return participant_endpoints(config)

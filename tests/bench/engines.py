@@ -27,6 +27,7 @@ from tests.bench.stats import median
 from tests.fakes.wire_server import Script, WireServer
 from tests.harness import Daemon, openai_settings
 from voxpipe import protocol
+from voxpipe.protocol import Request
 from voxpipe.runtime import Connection, endpoints_for
 from voxpipe.stages.tts.engines import create_engine
 
@@ -148,8 +149,8 @@ def intake(daemon: Daemon, replies: int, timeout: float = 60.0) -> list[dict[str
     try:
         for number in range(replies):
             request_id = uuid.uuid4().hex[:12]
-            client.publish("request", f"intake-{number}-{uuid.uuid4().hex[:6]}", request_id,
-                           text="Tell me about Paris.", stream=True)
+            client.publish(f"intake-{number}-{uuid.uuid4().hex[:6]}", request_id,
+                           Request(text="Tell me about Paris.", stream=True))
             texts: list[float] = []
             chunks: list[float] = []
             chars, done = 0, None
@@ -161,9 +162,9 @@ def intake(daemon: Daemon, replies: int, timeout: float = 60.0) -> list[dict[str
                 if message is None or message.id != request_id:
                     continue
                 now = time.monotonic()
-                if message.kind == "text" and message["delta"]:
+                if message.kind == "text" and message.body.delta:
                     texts.append(now)
-                    chars += len(message["delta"])
+                    chars += len(message.body.delta)
                 elif message.kind == "chunk":
                     chunks.append(now)
                 elif message.kind == "llm.done":

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.bench.stats import percentile
 from tests.harness import connect, start_stage, stop_process, wait_ready
+from voxpipe.protocol import ContextQuery
 from voxpipe.stages.history.store import HistoryStore
 
 STORED = 10_000
@@ -45,7 +46,7 @@ def query_latency(path: Path, queries: int) -> list[float]:
         samples = []
         for number in range(queries):
             sent = time.perf_counter()
-            client.publish("context.query", f"s{number % 100}", f"q{number}", limit=20)
+            client.publish(f"s{number % 100}", f"q{number}", ContextQuery(limit=20))
             while (reply := client.receive(10)) is not None and reply.id != f"q{number}":
                 pass
             if reply is None:

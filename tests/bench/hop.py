@@ -31,8 +31,7 @@ SUBSCRIBE = protocol.subscription("token")
 
 
 def frame(path: str, id: str, seq: int, text: str) -> bytes:
-    return protocol.encode(protocol.make("token", session=path, id=id, seq=seq, ts=time.time(),
-                                         src="bench.pub", text=text))
+    return protocol.encode(protocol.Message(protocol.Token(text=text), path, id, seq, time.time(), "bench.pub"))
 
 
 def codec_us(rounds: int = 5000) -> float:
@@ -99,7 +98,7 @@ def subscribe(run_dir: Path, direct: str) -> None:
             message = protocol.decode(sock.recv())
             now = time.monotonic_ns()
             if message.id == "hop":
-                samples[message.session].append((now - int(message["text"])) / 1000)
+                samples[message.session].append((now - int(message.body.text)) / 1000)
             elif message.id == "end":
                 ended.add(message.session)
             elif message.session not in probed:

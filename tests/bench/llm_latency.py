@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from tests.bench.stats import percentile
 from tests.harness import Daemon
 from voxpipe import protocol
+from voxpipe.protocol import Request, Token
 from voxpipe.runtime import Connection, endpoints_for
 
 TOKENS_PER_REPLY = 1000
@@ -60,15 +61,15 @@ def measure(replies: int) -> list[float]:
                                 [protocol.subscription(kind) for kind in ("token", "llm.done")])
             client.open()
             for number in range(replies):
-                client.publish("request", "bench", f"r{number}", text="go")
+                client.publish("bench", f"r{number}", Request(text="go"))
                 while True:
                     message = client.receive(30)
                     if message is None:
                         raise RuntimeError("the llm stage stopped answering")
                     now = time.monotonic_ns()
-                    if message.kind == "llm.done":
-                        break
-                    samples += [(now - int(part)) / 1000 for part in message["text"].split()]
+                    if not isinstance(message.body, Token):
+                        break  # llm.done
+                    samples += [(now - int(part)) / 1000 for part in message.body.text.split()]
             client.close()
     finally:
         server.shutdown()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tests.harness import Daemon
 from voxpipe import protocol
-from voxpipe.protocol import Message
+from voxpipe.protocol import Error, LlmDone, Message, Playback, Request, Text
 from voxpipe.runtime import Connection, endpoints_for
 
 MILESTONES = ("text", "chunk", "audio", "playback.first", "llm.done", "playback")
@@ -53,13 +53,13 @@ class Client:
         message = self.connection.receive(max(0.0, deadline - time.monotonic()))
         if message is None:
             raise BenchError("no message before the deadline")
-        if message.kind == "error":
-            self.errors[f"{message.src}: {message['code']}: {message['message'][:120]}"] += 1
+        if isinstance(message.body, Error):
+            self.errors[f"{message.src}: {message.body.code}: {message.body.message[:120]}"] += 1
         return message
 
     def ask(self, session: str, text: str, stream: bool | None = None, profile: str = "") -> str:
         request_id = uuid.uuid4().hex[:12]
-        self.connection.publish("request", session, request_id, text=text, stream=stream, profile=profile)
+        self.connection.publish(session, request_id, Request(text=text, stream=stream, profile=profile))
         return request_id
 
     def close(self) -> None:
@@ -79,20 +79,21 @@ def time_reply(client: Client, text: str, stream: bool, timeout: float, profile:
             raise BenchError(f"stream={stream}: no final playback within {timeout:g} s; "
                              f"reached {sample.ms}") from None
         elapsed = (time.monotonic() - start) * 1000
-        if message.id != request_id or message.kind == "error":
+        body = message.body
+        if message.id != request_id or isinstance(body, Error):
             continue
-        if message.kind == "llm.done":
-            if message["status"] != "ok":
-                raise BenchError(f"stream={stream}: llm.done {message['status']}: {message['error']}")
-            sample.text = message["text"]
-            sample.finish = message["finish_reason"] + (f" ({message['guard']})" if message["guard"] else "")
-        if message.kind == "text" and not message["delta"]:
+        if isinstance(body, LlmDone):
+            if body.status != "ok":
+                raise BenchError(f"stream={stream}: llm.done {body.status}: {body.error}")
+            sample.text = body.text
+            sample.finish = body.finish_reason + (f" ({body.guard})" if body.guard else "")
+        if isinstance(body, Text) and not body.delta:
             continue
-        if message.kind == "playback" and message["final"] and message["event"] != "finished":
-            raise BenchError(f"stream={stream}: playback {message['event']} after {sample.ms}")
-        if message.kind == "playback":
+        if isinstance(body, Playback):
+            if body.final and body.event != "finished":
+                raise BenchError(f"stream={stream}: playback {body.event} after {sample.ms}")
             sample.ms.setdefault("playback.first", elapsed)
-        if message.kind != "playback" or message["final"]:
+        if not isinstance(body, Playback) or body.final:
             sample.ms.setdefault(message.kind, elapsed)
     return sample
 
@@ -135,10 +136,11 @@ def throughput(client: Client, sessions: int, total: int, timeout: float) -> Thr
             message = client.receive(deadline)
         except BenchError:
             raise BenchError(f"only {len(latencies)} of {total} replies within {timeout:g} s") from None
-        if message.kind != "playback" or not message["final"] or message.id not in asked:
+        body = message.body
+        if not isinstance(body, Playback) or not body.final or message.id not in asked:
             continue
         session, sent = asked[message.id]
-        stopped += message["event"] != "finished"
+        stopped += body.event != "finished"
         latencies.append((time.monotonic() - sent) * 1000)
         if len(asked) < total:
             ask(session)

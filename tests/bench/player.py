@@ -23,6 +23,7 @@ from tests.bench.stats import median
 from tests.fakes.alsa_fifo import PacedFifo
 from tests.harness import PYTHON, ROOT
 from tests.test_player_stage import FMT, INSTRUMENTED_PLAYER, player, tone
+from voxpipe.protocol import Cancel
 
 GAP_FRAMES = 30  # of 100 ms each
 
@@ -71,11 +72,11 @@ def cancel_to_silence(replies: int) -> tuple[list[float], list[float], dict]:
           player("sounddevice", [PYTHON, "-c", INSTRUMENTED_PLAYER], ALSA_CONFIG_PATH=str(device.conf)) as p):
         for number in range(replies):
             p.send_chunk(f"r{number}", 0, [tone(200, level=n + 1) for n in range(5)], final=True)
-            assert p.next_event()["event"] == "started"
+            assert p.next_event().body.event == "started"
             time.sleep(0.3)
             sent.append(time.monotonic())
-            p.client.publish("cancel", "s1", f"r{number}")
-            assert p.next_event()["event"] == "stopped"
+            p.client.publish("s1", f"r{number}", Cancel())
+            assert p.next_event().body.event == "stopped"
             events.append(time.monotonic())
     marks = json.loads(p.output.strip().splitlines()[-1])
     stopped = [(returned - at) * 1000 for at, (_, returned) in zip(sent, marks["stops"], strict=False)]

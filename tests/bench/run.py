@@ -281,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 measured("14. llama.cpp on this CPU: weight repacking, portable and native builds",
                          module_section("llama_cpu", quick)),
                 measured("15. Prompt style for the bundled base model: dialogue vs chat template",
-                         module_section("prompt_style", quick))]
+                         module_section("prompt_style", quick)),
+                measured("16. Message cost: encode and decode per token and per audio frame, typed kinds vs "
+                         "the dict protocol", module_section("messages", quick))]
     command = "python -m tests.bench.run" + (" --quick" if args.quick else "")
     report = render(sections, command, started, load_before)
     REPORT.write_text(report)

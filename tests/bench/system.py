@@ -20,6 +20,7 @@ from tests.bench.pipeline import Client, Sample, time_reply
 from tests.bench.stats import median, percentile
 from tests.harness import Daemon, fake_openai, openai_settings
 from voxpipe import protocol
+from voxpipe.protocol import Heartbeat
 from voxpipe.runtime import Connection, endpoints_for
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
@@ -144,8 +145,8 @@ def stage_pids(daemon: Daemon, seconds: float = 2.5) -> dict[str, int]:
     try:
         while time.monotonic() < deadline:
             beat = client.receive(max(0.0, deadline - time.monotonic()))
-            if beat is not None:
-                pids[beat.src] = int(beat["pid"])
+            if beat is not None and isinstance(beat.body, Heartbeat):
+                pids[beat.src] = beat.body.pid
     finally:
         client.close()
     return pids

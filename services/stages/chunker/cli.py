@@ -22,7 +22,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from .core import Chunk, Chunker, ChunkerPolicy
+from ...protocol import Chunk
+from .core import Chunker, ChunkerPolicy
 
 USAGE_ERROR = 2
 _KEYS = ("delta", "end", "t")
@@ -127,4 +128,4 @@ class _Replies:
 
     def _write_chunks(self, chunks: Iterable[Chunk]) -> None:
         for chunk in chunks:
-            self.write(dataclasses.asdict(chunk))
+            self.write(chunk.to_wire())

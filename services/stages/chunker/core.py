@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ...protocol import Chunk, Mark, TextMark
 from ..tags import DEFAULT_TAGS, FENCE_OPEN, LOOKAHEAD, VOID, TagStripper, closes_fence
 
 # --- policy -------------------------------------------------------------------------------
@@ -113,37 +114,12 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 # --- results ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Mark:
-    """A command tag met in the reply, placed where it appeared among the chunks."""
-
-    tag: str
-    body: str
-    chunk: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A speakable piece of the reply; exactly one per reply has final=True, the last."""
-
-    text: str
-    index: int
-    final: bool
-    marks: tuple[Mark, ...]
-
-
-@dataclass(frozen=True)
-class TextMark:
-    """A command tag met in the display text: `offset` is where it stood in that display delta,
-    so a front-end can show it exactly there while the text streams (chunks come later)."""
-
-    tag: str
-    body: str
-    offset: int
-
-
-@dataclass(frozen=True)
 class ChunkerOutput:
+    """What one step of a reply released: display text, the chunks decided, and the command tags met
+    in that display text. Chunks and marks are the protocol's own records (a `Chunk` has exactly one
+    final=True per reply, the last; a `TextMark`'s offset is where the tag stood in this display
+    delta, so a front-end can show it exactly there while the text streams; chunks come later)."""
+
     display: str
     chunks: tuple[Chunk, ...]
     display_marks: tuple[TextMark, ...] = ()
@@ -200,7 +176,7 @@ class Chunker:
     def _push(self, delta: str, at_end: bool) -> ChunkerOutput:
         display, marks = self._tags.push(delta, at_end)
         start, self._display_length = self._display_length, self._display_length + len(display)
-        shown = tuple(TextMark(tag, body, position - start) for position, tag, body in marks)
+        shown = tuple(TextMark(tag=tag, body=body, offset=position - start) for position, tag, body in marks)
         speech, placed = self._speech.push(display, marks, at_end)
         self._splitter.push(speech, placed)
         if at_end:
@@ -644,10 +620,10 @@ class _Splitter:
         taken = len(self._marks) if final else sum(1 for pos, _, _ in self._marks if pos < end)
         marks, self._marks = self._marks[:taken], self._marks[taken:]
         text = " ".join(self._text[start:end].split())
-        placed = tuple(Mark(tag, body, index, _offset(self._text[start:pos], len(text)))
+        placed = tuple(Mark(tag=tag, body=body, chunk=index, offset=_offset(self._text[start:pos], len(text)))
                        for pos, tag, body in marks)
         self._start, self._index = end, index + 1
-        return Chunk(text, index, final, placed)
+        return Chunk(text=text, index=index, final=final, marks=placed)
 
 
 def _offset(before: str, limit: int) -> int:

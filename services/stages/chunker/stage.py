@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
-from ...protocol import Message
-from ...runtime import Stage
+from ...protocol import Cancel, ErrorCode, LlmDone, Message, Text, Token
+from ...runtime import Stage, handles
+from ...runtime.replies import Key, Replies
 from .core import Chunker, ChunkerOutput, ChunkerPolicy
-
-CANCELLED_MEMORY = 4096
-"""Cancelled replies remembered, so their late tokens and llm.done are not spoken."""
 
 
 @dataclass
@@ -25,56 +21,49 @@ class ReplyState:
 
 class ChunkerStage(Stage):
     name = "chunker"
-    kinds = ("token", "llm.done", "cancel")
     sharded = True
 
     def prepare(self) -> None:
         self.policy = ChunkerPolicy.from_mapping(self.config["chunker"])
-        self.replies: dict[tuple[str, str], ReplyState] = {}
-        self.cancelled: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.replies: Replies[ReplyState] = Replies()
+        """Replies being split; the ended ones (finished or cancelled) are remembered, so their late
+        tokens and llm.done are not spoken."""
 
-    def _state(self, session: str, id: str) -> ReplyState:
-        if (session, id) not in self.replies:
-            self.replies[(session, id)] = ReplyState(Chunker(self.policy))
-        return self.replies[(session, id)]
+    def _open(self, key: Key) -> ReplyState | None:
+        return self.replies.open(key, lambda: ReplyState(Chunker(self.policy)))
 
-    def handle(self, message: Message) -> None:
-        now = time.monotonic()
-        if (message.session, message.id) in self.cancelled:
+    @handles(Token)
+    def on_token(self, message: Message[Token]) -> None:
+        state = self._open((message.session, message.id))
+        if state is None:
             return
-        if message.kind == "token":
-            state = self._state(message.session, message.id)
-            state.fed.append(message["text"])
-            self._emit(message.session, message.id, state.chunker.feed(message["text"], now))
-        elif message.kind == "llm.done":
-            self._finish(message, now)
-        elif message.kind == "cancel":
-            self._cancel(message.session, message.id)
+        state.fed.append(message.body.text)
+        self._emit(message.session, message.id, state.chunker.feed(message.body.text, time.monotonic()))
 
-    def _cancel(self, session: str, id: str) -> None:
+    @handles(Cancel)
+    def on_cancel(self, message: Message[Cancel]) -> None:
         """Drop the reply (or every reply of the session), end its display text, ignore its rest."""
-        keys = [key for key in self.replies if key[0] == session and (not id or key[1] == id)]
-        if id and (session, id) not in keys:
-            keys.append((session, id))
-        for key in keys:
-            if self.replies.pop(key, None) is not None:
-                self.bus.publish("text", session, key[1], delta="", final=True)
-            self.cancelled[key] = None
-        while len(self.cancelled) > CANCELLED_MEMORY:
-            self.cancelled.popitem(last=False)
+        for (session, id), state in self.replies.cancel(message.session, message.id):
+            if state is not None:
+                self.bus.publish(session, id, Text(delta="", final=True))
 
-    def _finish(self, done: Message, now: float) -> None:
+    @handles(LlmDone)
+    def on_llm_done(self, done: Message[LlmDone]) -> None:
         """Flush the reply; text llm.done has that the tokens lacked is fed first, so none is lost."""
-        state = self._state(done.session, done.id)
-        fed = "".join(state.fed)
-        if len(done["text"]) > len(fed) and done["text"].startswith(fed):
+        key = (done.session, done.id)
+        state = self._open(key)
+        if state is None:
+            return
+        now = time.monotonic()
+        fed, text = "".join(state.fed), done.body.text
+        if len(text) > len(fed) and text.startswith(fed):
             self.bus.counters["recovered"] += 1
-            self._emit(done.session, done.id, state.chunker.feed(done["text"][len(fed):], now))
-        elif done["text"] != fed:
-            self.bus.report("text_mismatch", "tokens received differ from llm.done text; "
-                            "speaking what arrived", done.session, done.id, "llm.done")
+            self._emit(done.session, done.id, state.chunker.feed(text[len(fed):], now))
+        elif text != fed:
+            self.bus.report(ErrorCode.TEXT_MISMATCH, "tokens received differ from llm.done text; "
+                            "speaking what arrived", done.session, done.id, LlmDone.kind)
         self._emit(done.session, done.id, state.chunker.finish(now), final=True)
-        del self.replies[(done.session, done.id)]
+        self.replies.end(key)
 
     def next_tick(self) -> float | None:
         due = [state.chunker.next_flush_at for state in self.replies.values()
@@ -82,16 +71,13 @@ class ChunkerStage(Stage):
         return min(due) if due else None
 
     def tick(self, now: float) -> None:
-        for (session, id), state in list(self.replies.items()):
+        for (session, id), state in self.replies.items():
             due = state.chunker.next_flush_at
             if due is not None and due <= now:
                 self._emit(session, id, state.chunker.tick(now))
 
     def _emit(self, session: str, id: str, output: ChunkerOutput, final: bool = False) -> None:
         if output.display or output.display_marks or final:
-            marks = [dataclasses.asdict(mark) for mark in output.display_marks]
-            self.bus.publish("text", session, id, delta=output.display, final=final,
-                             **({"marks": marks} if marks else {}))
+            self.bus.publish(session, id, Text(delta=output.display, final=final, marks=output.display_marks))
         for chunk in output.chunks:
-            self.bus.publish("chunk", session, id, text=chunk.text, index=chunk.index, final=chunk.final,
-                             marks=[dataclasses.asdict(mark) for mark in chunk.marks])
+            self.bus.publish(session, id, chunk)

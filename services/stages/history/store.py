@@ -1,6 +1,7 @@
 """The history store: sessions and messages in SQLite (WAL), with versioned migrations.
 
-Pure storage, no bus: the stage shell and the `voxpipe history` CLI share it.
+Pure storage, no bus (of the protocol it knows only the records it stores and gives back: `command`
+events and the `ChatMessage` turns of a context): the stage shell and the `voxpipe history` CLI share it.
 """
 
 from __future__ import annotations
@@ -8,10 +9,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from ...protocol import ChatMessage, Command
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -148,20 +151,21 @@ class HistoryStore:
                                " ORDER BY id DESC LIMIT ?", (limit,))
         return [json.loads(row["metrics"]) for row in rows]
 
-    def add_commands(self, message_id: int, commands: list[dict[str, Any]]) -> None:
+    def add_commands(self, message_id: int, commands: Sequence[Command]) -> None:
+        """A reply's `command` events, in order, as the stage published them (replacing earlier ones)."""
         with self.db:
             self.db.execute("DELETE FROM commands WHERE message_id=?", (message_id,))
             self.db.executemany(
                 "INSERT INTO commands(message_id, position, name, args, accepted, reason, chunk, offset)"
                 " VALUES (?,?,?,?,?,?,?,?)",
-                [(message_id, number, c["name"], json.dumps(c["args"], ensure_ascii=False), int(c["accepted"]),
-                  c["reason"], c["chunk"], c["offset"]) for number, c in enumerate(commands)])
+                [(message_id, number, c.name, json.dumps(list(c.args), ensure_ascii=False), int(c.accepted),
+                  c.reason, c.chunk, c.offset) for number, c in enumerate(commands)])
 
     def commands(self, message_id: int) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM commands WHERE message_id=? ORDER BY position", (message_id,))
         return [{**dict(row), "args": json.loads(row["args"]), "accepted": bool(row["accepted"])} for row in rows]
 
-    def context(self, session: str, limit: int, exclude_request: str = "") -> list[dict[str, str]]:
+    def context(self, session: str, limit: int, exclude_request: str = "") -> list[ChatMessage]:
         """The last `limit` turns of a session for the next prompt, oldest first, each reply after its request.
 
         What each exchange contributes:
@@ -180,7 +184,7 @@ class HistoryStore:
             " AND f.status='error' AND f.content=''))"
             " WHERE text<>'' ORDER BY turn DESC, role='user' LIMIT ?",
             (session, exclude_request, limit)).fetchall()
-        return [{"role": row["role"], "content": row["text"]} for row in reversed(rows)]
+        return [ChatMessage(role=row["role"], content=row["text"]) for row in reversed(rows)]
 
     # --- memory and variables, per persona ---------------------------------------------------
 

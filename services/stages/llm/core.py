@@ -9,21 +9,21 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ...protocol import Message
+from ...protocol import ChatMessage, Context, LlmDone, Request
 from .providers.base import ChatRequest, Image, Params, Timeouts
 
 CHARS_PER_TOKEN = 4
 """A rough token estimate for history budgets; exact counts would need each vendor's tokenizer."""
 
 
-def trim_history(history: list[Mapping[str, str]], token_budget: int) -> list[Mapping[str, str]]:
+def trim_history(history: Sequence[ChatMessage], token_budget: int) -> Sequence[ChatMessage]:
     """Drop the oldest turns until the rest fits `token_budget` (0: no budget)."""
     if not token_budget:
         return history
-    kept: list[Mapping[str, str]] = []
+    kept: list[ChatMessage] = []
     used = 0
     for turn in reversed(history):
-        used += len(turn["content"]) // CHARS_PER_TOKEN + 1
+        used += len(turn.content) // CHARS_PER_TOKEN + 1
         if used > token_budget:
             break
         kept.append(turn)
@@ -42,7 +42,7 @@ def render_persona(persona: str, memory: str = "", variables: Mapping[str, float
     return "\n\n".join(parts)
 
 
-def conversation(history: Iterable[Mapping[str, str]], user_text: str) -> list[tuple[str, str]]:
+def conversation(history: Iterable[ChatMessage], user_text: str) -> list[tuple[str, str]]:
     """The history window, then the user message, as the (role, content) turns the model sees.
 
     Empty turns and other roles are left out, and a turn that repeats the one before it (same role,
@@ -50,14 +50,14 @@ def conversation(history: Iterable[Mapping[str, str]], user_text: str) -> list[t
     not reach the model as the same text twice in one turn.
     """
     turns: list[tuple[str, str]] = []
-    for turn in [*history, {"role": "user", "content": user_text}]:
-        role, content = turn["role"], turn["content"]
+    for turn in [*history, ChatMessage(role="user", content=user_text)]:
+        role, content = turn.role, turn.content
         if role in ("user", "assistant") and content and (not turns or turns[-1] != (role, content)):
             turns.append((role, content))
     return turns
 
 
-def build_messages(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str,
+def build_messages(system_prompt: str, history: Iterable[ChatMessage], user_text: str,
                    images: Sequence[Image] = ()) -> list[dict[str, Any]]:
     """Persona, then the history window, then the user message (with its images).
 
@@ -104,7 +104,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def render_dialogue(system_prompt: str, history: Iterable[Mapping[str, str]], user_text: str,
+def render_dialogue(system_prompt: str, history: Iterable[ChatMessage], user_text: str,
                     name: str) -> tuple[str, tuple[str, ...]]:
     """The dialogue prompt and the stop strings that end the assistant's turn.
 
@@ -129,25 +129,25 @@ def profile_timeouts(profile: Mapping[str, Any]) -> Timeouts:
     return Timeouts(profile["connect_timeout_s"], profile["first_token_timeout_s"], profile["idle_timeout_s"])
 
 
-def chat_request(profile: Mapping[str, Any], request: Message, context: Message | None, persona: str,
+def chat_request(profile: Mapping[str, Any], request: Request, context: Context | None, persona: str,
                  history_token_budget: int) -> ChatRequest:
     """What to ask the profile's provider: the persona with history's memory and variables, the
     history within its budget, the user message and its images, in the profile's prompt style.
     `context` is history's answer, None when it did not come."""
-    stream = profile["stream"] if request["stream"] is None else request["stream"]
-    images = [Image(image["data"], image["mime"]) for image in request["images"]]
-    history = trim_history(context["messages"] if context else [], history_token_budget)
-    system = render_persona(persona, context["memory"] if context else "", context["variables"] if context else None)
+    stream = profile["stream"] if request.stream is None else request.stream
+    images = [Image(image.data, image.mime) for image in request.images]
+    history = trim_history(context.messages if context else (), history_token_budget)
+    system = render_persona(persona, context.memory if context else "", context.variables if context else None)
     params = Params(
         max_tokens=profile["max_tokens"], temperature=profile["temperature"],
         top_p=profile["top_p"] or None, top_k=profile["top_k"] or None,
         presence_penalty=profile["presence_penalty"] or None, stop=tuple(profile["stop"]),
         reasoning_budget=None if profile["reasoning_budget"] < 0 else profile["reasoning_budget"])
     timeouts = profile_timeouts(profile)
-    messages = build_messages(system, history, request["text"], images)
+    messages = build_messages(system, history, request.text, images)
     if resolve_prompt_style(profile) == "chat":
         return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts)
-    prompt, stops = render_dialogue(system, history, request["text"], profile["assistant_name"])
+    prompt, stops = render_dialogue(system, history, request.text, profile["assistant_name"])
     params = replace(params, stop=(*params.stop, *stops))
     return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts, prompt=prompt)
 
@@ -171,10 +171,10 @@ class Reply:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def done_fields(self, status: str, now: float, *, error: str = "", provider: str = "", model: str = "",
-                    finish_reason: str = "", usage: Mapping[str, float] | None = None, guard: str = "",
-                    reasoning: str = "") -> dict[str, Any]:
-        """The body of this reply's llm.done message."""
+    def done(self, status: str, now: float, *, error: str = "", provider: str = "", model: str = "",
+             finish_reason: str = "", usage: Mapping[str, float] | None = None, guard: str = "",
+             reasoning: str = "", profile: str = "") -> LlmDone:
+        """This reply's llm.done."""
         metrics: dict[str, float] = {"total_ms": (now - self.started) * 1000}
         if self.first_token_at is not None:
             metrics["ttft_ms"] = (self.first_token_at - self.started) * 1000
@@ -182,6 +182,6 @@ class Reply:
             if span > 0 and len(self.parts) > 1:
                 metrics["tokens_per_s"] = (len(self.parts) - 1) / span
         metrics.update({f"usage_{name}": value for name, value in (usage or {}).items()})
-        return {"status": status, "text": self.text, "tokens": len(self.parts), "error": error[:2000],
-                "provider": provider, "model": model, "finish_reason": finish_reason, "metrics": metrics,
-                "guard": guard, "reasoning": reasoning}
+        return LlmDone(status=status, text=self.text, tokens=len(self.parts), error=error[:2000], provider=provider,
+                       model=model, finish_reason=finish_reason, metrics=metrics, guard=guard, reasoning=reasoning,
+                       profile=profile)

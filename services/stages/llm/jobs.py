@@ -20,7 +20,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...config import ConfigError
-from ...protocol import Message
+from ...protocol import (
+    Body,
+    Cancel,
+    Context,
+    ContextQuery,
+    ErrorCode,
+    LlmDone,
+    Message,
+    Reasoning,
+    Replay,
+    ReplayDone,
+    ReplayQuery,
+    Request,
+    Token,
+)
+from ...runtime.replies import cancels
 from ...secrets import KeyRing
 from .core import Reply, profile_timeouts
 from .guards import GuardPolicy, ReplyGuard
@@ -41,17 +56,22 @@ FAILURES = (ProviderError, ConfigError, ValueError)
 
 @dataclass(frozen=True)
 class Publish:
-    kind: str
+    """Publish `body` as a message of the reply (session, id)."""
+
     session: str
     id: str
-    body: dict[str, Any]
+    body: Body
+
+    @property
+    def kind(self) -> str:
+        return self.body.kind
 
 
 @dataclass(frozen=True)
 class Report:
     """An error event, logged and counted (Connection.report)."""
 
-    code: str
+    code: ErrorCode
     text: str
     session: str
     id: str
@@ -76,7 +96,7 @@ class Start:
     """Run the job's generation on a worker, with history's context (None: without)."""
 
     job: Job
-    context: Message | None
+    context: Message[Context] | None
 
 
 @dataclass(frozen=True)
@@ -90,8 +110,8 @@ class Close:
 class Done:
     """Publish the reply's llm.done, then journal it with the ts it went out with."""
 
-    request: Message
-    body: dict[str, Any]
+    request: Message[Request]
+    body: LlmDone
 
 
 Effect = Publish | Report | Log | Start | Close | Done
@@ -111,7 +131,7 @@ class Retry:
 class Job:
     """A request from arrival to llm.done: the worker's attempts and the watchdog both act on it."""
 
-    request: Message
+    request: Message[Request]
     profile: str
     """The profile llm.done names: the request's, else the default one."""
     deadline: float
@@ -266,10 +286,10 @@ class Job:
         for part in (provider_reasoning, split.reasoning):
             if part:
                 self.reasoning.append(part)
-                effects.append(Publish("reasoning", self.request.session, self.request.id, {"text": part}))
+                effects.append(Publish(self.request.session, self.request.id, Reasoning(text=part)))
         if text:
             self.reply.add(text, now)
-            effects.append(Publish("token", self.request.session, self.request.id, {"text": text}))
+            effects.append(Publish(self.request.session, self.request.id, Token(text=text)))
         return effects
 
 
@@ -289,7 +309,7 @@ class Settings:
         return cls(llm["profile"], llm["on_busy"], llm["history_limit"], llm["context_timeout_ms"])
 
 
-Entry = tuple[Message, dict[str, Any], float]
+Entry = tuple[Message[Request], LlmDone, float]
 
 
 class Journal:
@@ -301,21 +321,21 @@ class Journal:
         self.entries: deque[Entry] = deque()
         self.dropped_until = 0.0
 
-    def add(self, request: Message, done: dict[str, Any], ts: float) -> None:
+    def add(self, request: Message[Request], done: LlmDone, ts: float) -> None:
         self.entries.append((request, done, ts))
         if len(self.entries) > self.size:
             self.dropped_until = self.entries.popleft()[2]
 
-    def replay(self, query: Message) -> list[Publish]:
+    def replay(self, query: Message[ReplayQuery]) -> list[Publish]:
         """A replay of each reply newer than `since`, then replay.done saying whether none was dropped."""
-        since = query["since"]
+        since = query.body.since
         entries = [entry for entry in self.entries if entry[2] > since]
-        replays = [Publish("replay", request.session, request.id,
-                           {"request_text": request["text"], "request_ts": request.ts, "done_ts": done_ts, **done})
+        replays = [Publish(request.session, request.id, Replay(**vars(done), request_text=request.body.text,
+                                                               request_ts=request.ts, done_ts=done_ts))
                    for request, done, done_ts in entries]
-        return [*replays, Publish("replay.done", "", query.id, {
-            "since": since, "count": len(entries), "complete": self.dropped_until <= since,
-            "oldest": self.entries[0][2] if self.entries else 0.0})]
+        return [*replays, Publish("", query.id, ReplayDone(
+            since=since, count=len(entries), complete=self.dropped_until <= since,
+            oldest=self.entries[0][2] if self.entries else 0.0))]
 
 
 class Jobs:
@@ -324,10 +344,10 @@ class Jobs:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.jobs: dict[str, Job] = {}
-        self.waiting: dict[str, deque[Message]] = {}
+        self.waiting: dict[str, deque[Message[Request]]] = {}
         self.journal = Journal()
 
-    def request(self, request: Message, now: float) -> list[Effect]:
+    def request(self, request: Message[Request], now: float) -> list[Effect]:
         """Begin a request; while its session is still answering, llm.on_busy decides: queue it,
         reject it, or cancel the old reply (barge-in)."""
         busy = self.jobs.get(request.session)
@@ -337,17 +357,17 @@ class Jobs:
             self.waiting.setdefault(request.session, deque()).append(request)
             return []
         if self.settings.on_busy == "reject":
-            done = Reply(request.session, request.id, now).done_fields(
-                "error", now, error="session busy: the previous reply is still being generated")
-            return [Report("busy", f"session {request.session} is still answering {busy.request.id}; "
+            done = Reply(request.session, request.id, now).done(
+                "error", now, error="session busy: the previous reply is still being generated",
+                profile=request.body.profile or self.settings.profile)
+            return [Report(ErrorCode.BUSY, f"session {request.session} is still answering {busy.request.id}; "
                            f"llm.on_busy = reject", request.session, request.id, "request"),
-                    Publish("llm.done", request.session, request.id,
-                            {**done, "profile": request["profile"] or self.settings.profile})]
+                    Publish(request.session, request.id, done)]
         # Barge-in: every stage drops the old reply, not just this one.
-        return [Publish("cancel", request.session, busy.request.id, {"reason": BARGE_IN}),
+        return [Publish(request.session, busy.request.id, Cancel(reason=BARGE_IN)),
                 *self.cancel(request.session, busy.request.id, BARGE_IN, now), *self._begin(request, now)]
 
-    def context(self, context: Message) -> list[Effect]:
+    def context(self, context: Message[Context]) -> list[Effect]:
         """History's answer starts the job it was asked for, unless the job went ahead without it."""
         job = self.jobs.get(context.session)
         if job is None or job.request.id != context.id or job.started:
@@ -362,7 +382,7 @@ class Jobs:
         closed, and if it does not stop within CANCEL_GRACE_S the watchdog ends the job itself."""
         dropped = self._drop_waiting(session, id, now)
         job = self.jobs.get(session)
-        if job is None or (id and job.request.id != id):
+        if job is None or not cancels((session, job.request.id), session, id):
             return dropped
         job.cancelled_at = now
         effects: list[Effect] = [Close(job.generation)] if job.generation is not None else []
@@ -371,20 +391,20 @@ class Jobs:
         return [*dropped, *effects, Log(logging.INFO, "cancelled %s/%s: %s", (session, job.request.id, reason))]
 
     def _drop_waiting(self, session: str, id: str, now: float) -> list[Effect]:
-        """Queued requests (llm.on_busy = queue) a cancel names, or all of the session's for an empty
-        id: each still gets its one llm.done, interrupted with no text, so no front-end waits on it."""
+        """Queued requests (llm.on_busy = queue) a cancel names (`cancels`: all of the session's for an
+        empty id): each still gets its one llm.done, interrupted with no text, so no front-end waits on it."""
         queue = self.waiting.get(session)
         if not queue:
             return []
-        dropped = [request for request in queue if not id or request.id == id]
+        dropped = [request for request in queue if cancels((request.session, request.id), session, id)]
         kept = deque(request for request in queue if request not in dropped)
         if kept:
             self.waiting[session] = kept
         else:
             del self.waiting[session]
-        return [Publish("llm.done", request.session, request.id,
-                        {**Reply(request.session, request.id, now).done_fields("interrupted", now),
-                         "profile": request["profile"] or self.settings.profile})
+        return [Publish(request.session, request.id,
+                        Reply(request.session, request.id, now).done(
+                            "interrupted", now, profile=request.body.profile or self.settings.profile))
                 for request in dropped]
 
     def stop(self, now: float) -> list[Effect]:
@@ -430,22 +450,22 @@ class Jobs:
             del self.waiting[request.session]  # no empty queue left behind per session
         outcome = job.generation.outcome if job.generation is not None else None
         guard = job.fired
-        done = job.reply.done_fields(
+        done = job.reply.done(
             status, now, error=error, provider=job.provider, model=outcome.model if outcome else "",
             finish_reason="guard" if guard else (outcome.finish_reason if outcome else ""),
-            usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning))
-        done["profile"] = job.profile
-        ttft = f"{done['metrics']['ttft_ms']:.0f}" if "ttft_ms" in done["metrics"] else "-"
+            usage=outcome.usage if outcome else None, guard=guard or "", reasoning="".join(job.reasoning),
+            profile=job.profile)
+        ttft = f"{done.metrics['ttft_ms']:.0f}" if "ttft_ms" in done.metrics else "-"
         effects: list[Effect] = [
-            *([Report("provider_error", error, request.session, request.id, "request")] if error else []),
+            *([Report(ErrorCode.PROVIDER_ERROR, error, request.session, request.id, "request")] if error else []),
             Done(request, done),
             Log(logging.INFO, "%s/%s: %s after %d tokens, first token %s ms%s",
-                (request.session, request.id, status, done["tokens"], ttft, f", stopped by {guard}" if guard else ""))]
+                (request.session, request.id, status, done.tokens, ttft, f", stopped by {guard}" if guard else ""))]
         return effects + (self._begin(queued, now) if queued is not None else [])
 
-    def _begin(self, request: Message, now: float) -> list[Effect]:
+    def _begin(self, request: Message[Request], now: float) -> list[Effect]:
         """Register the job, then ask history for context, or start at once when none is wanted."""
-        profile = request["profile"] or self.settings.profile
+        profile = request.body.profile or self.settings.profile
         job = Job(request, profile, deadline=now + self.settings.context_timeout_ms / 1000,
                   reply=Reply(request.session, request.id, started=now))
         self.jobs[request.session] = job
@@ -453,10 +473,9 @@ class Jobs:
                                      (request.session, request.id, profile))]
         if self.settings.history_limit == 0:
             return effects + self._start(job, None)
-        return [*effects, Publish("context.query", request.session, request.id,
-                                  {"limit": self.settings.history_limit})]
+        return [*effects, Publish(request.session, request.id, ContextQuery(limit=self.settings.history_limit))]
 
     @staticmethod
-    def _start(job: Job, context: Message | None) -> list[Effect]:
+    def _start(job: Job, context: Message[Context] | None) -> list[Effect]:
         job.started = True
         return [Start(job, context)]

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
-from ...protocol import Message
-from ...runtime import Stage
+from ...protocol import Cancel, Context, Message, ReplayQuery, Request
+from ...runtime import Stage, handles
 from ...secrets import KeyRing, read_key
 from .core import chat_request
 from .jobs import FAILURES, Close, Done, Effect, Job, Jobs, Log, Publish, Report, Retry, Settings, Start
@@ -29,7 +29,6 @@ from .providers.base import ChatRequest, Provider, ProviderError
 
 class LlmStage(Stage):
     name = "llm"
-    kinds = ("request", "cancel", "context", "replay.query")
 
     def prepare(self) -> None:
         llm = self.config["llm"]
@@ -64,21 +63,29 @@ class LlmStage(Stage):
 
     # --- the main thread ------------------------------------------------------------------------
 
-    def handle(self, message: Message) -> None:
-        now = time.monotonic()
-        if message.kind == "replay.query":
-            with self.lock:
-                replay = self.core.journal.replay(message)
-            self._apply(replay)  # outside the lock: a long replay must not hold up the replies being generated
-            return
+    @handles(Request)
+    def on_request(self, message: Message[Request]) -> None:
         with self.lock:
-            if message.kind == "request":
-                self._apply(self.core.request(message, now))
-            elif message.kind == "cancel":
-                self._apply(self.core.cancel(message.session, message.id, message["reason"] or "cancelled", now))
-            else:
-                self._apply(self.core.context(message))
-            self.lock.notify_all()  # a cancel (a barge-in's too) ends a worker's retry delay at once
+            self._apply(self.core.request(message, time.monotonic()))
+            self.lock.notify_all()  # a barge-in's cancel ends a worker's retry delay at once
+
+    @handles(Cancel)
+    def on_cancel(self, message: Message[Cancel]) -> None:
+        with self.lock:
+            self._apply(self.core.cancel(message.session, message.id, message.body.reason or "cancelled",
+                                         time.monotonic()))
+            self.lock.notify_all()  # a cancel ends a worker's retry delay at once
+
+    @handles(Context)
+    def on_context(self, message: Message[Context]) -> None:
+        with self.lock:
+            self._apply(self.core.context(message))
+
+    @handles(ReplayQuery)
+    def on_replay_query(self, message: Message[ReplayQuery]) -> None:
+        with self.lock:
+            replay = self.core.journal.replay(message)
+        self._apply(replay)  # outside the lock: a long replay must not hold up the replies being generated
 
     def next_tick(self) -> float | None:
         with self.lock:
@@ -98,8 +105,8 @@ class LlmStage(Stage):
         """Carry out the core's effects in order (under the lock, but for a replay's publishes)."""
         for effect in effects:
             match effect:
-                case Publish(kind, session, id, body):
-                    self.bus.publish(kind, session, id, **body)
+                case Publish(session, id, body):
+                    self.bus.publish(session, id, body)
                 case Report(code, text, session, id, ref_kind):
                     self.bus.report(code, text, session, id, ref_kind)
                 case Log(level, text, args):
@@ -109,20 +116,20 @@ class LlmStage(Stage):
                 case Close(generation):
                     generation.close()
                 case Done(request, body):
-                    sent = self.bus.publish("llm.done", request.session, request.id, **body)
+                    sent = self.bus.publish(request.session, request.id, body)
                     self.core.journal.add(request, body, sent.ts)
 
     # --- a worker thread ------------------------------------------------------------------------
 
-    def _run(self, job: Job, context: Message | None) -> None:
+    def _run(self, job: Job, context: Message[Context] | None) -> None:
         """Generate one reply and end it with llm.done (unless the watchdog already did)."""
         failure: Exception | None = None
         try:
-            profile = self.config.profile(job.request["profile"])
+            profile = self.config.profile(job.request.body.profile)
             with self.lock:
                 job.configure(profile)
             provider = self._provider(profile["name"])
-            chat = chat_request(profile, job.request, context, self.persona,
+            chat = chat_request(profile, job.request.body, context.body if context else None, self.persona,
                                 self.config["llm"]["history_token_budget"])
             if chat.has_images and not provider.accepts_images:
                 raise ProviderError(f"provider {profile['provider']} (profile {profile['name']}) does not accept "

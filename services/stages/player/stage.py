@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any
 
+from ...protocol import Audio, Cancel, ErrorCode, Message, Playback
+from ...runtime import Stage, handles
 from ..audio import AudioFormat, PcmFrame
-from ...protocol import Message
-from ...runtime import Stage
 from .backends import create_backend
 from .backends.base import PlayerBackend
 from .convert import Converter
@@ -74,7 +73,6 @@ class ReplyFeed:
 
 class PlayerStage(Stage):
     name = "player"
-    kinds = ("audio", "cancel")
 
     def prepare(self) -> None:
         player = self.config["player"]
@@ -87,19 +85,23 @@ class PlayerStage(Stage):
         self.worker = threading.Thread(target=self._work, name="player", daemon=True)
         self.worker.start()
 
-    def handle(self, message: Message) -> None:
+    @handles(Audio)
+    def on_audio(self, message: Message[Audio]) -> None:
         with self.wake:
-            if message.kind == "audio":
-                if not self.playlist.audio(message):
-                    self.bus.counters["invalid"] += 1
-                    self.bus.report("invalid_message", "audio pcm is not a whole number of samples",
-                                    message.session, message.id, "audio")
-            else:
-                dropped, playing = self.playlist.cancel(message.session, message.id)
-                for reply in dropped:
-                    self._publish(reply, playback("stopped", -1))
-                if playing:
-                    self.backend.stop()
+            if not self.playlist.audio(message):
+                self.bus.counters["invalid"] += 1
+                self.bus.report(ErrorCode.INVALID_MESSAGE, "audio pcm is not a whole number of samples",
+                                message.session, message.id, "audio")
+            self.wake.notify_all()
+
+    @handles(Cancel)
+    def on_cancel(self, message: Message[Cancel]) -> None:
+        with self.wake:
+            dropped, playing = self.playlist.cancel(message.session, message.id)
+            for reply in dropped:
+                self._publish(reply, playback("stopped", -1))
+            if playing:
+                self.backend.stop()
             self.wake.notify_all()
 
     def _work(self) -> None:
@@ -115,13 +117,13 @@ class PlayerStage(Stage):
                 self._play(reply, feed)
             except Exception as exc:  # a backend failure ends this reply, not the player
                 self.log.exception("playback failed")
-                self.bus.report("playback_failed", f"{type(exc).__name__}: {exc}", reply.session, reply.id)
+                self.bus.report(ErrorCode.PLAYBACK_FAILED, f"{type(exc).__name__}: {exc}", reply.session, reply.id)
                 self._stopped(reply, feed, None)
             finally:
                 with self.wake:
                     self.playlist.done(reply)
 
-    def _next_frame(self, reply: ReplyAudio) -> Message | None:
+    def _next_frame(self, reply: ReplyAudio) -> Message[Audio] | None:
         """Wait for the reply's next frame; None when it was cancelled, stalled or we stop."""
         stall_at = time.monotonic() + STALL_S
         with self.wake:
@@ -135,24 +137,25 @@ class PlayerStage(Stage):
             if message is None:
                 self._stopped(reply, feed, feed.end())
                 return
-            if feed.timeline.frame(message):
-                self._publish(reply, playback("started", message["chunk"], audio_ts=message.ts))
-            if message["pcm"]:
+            audio = message.body
+            if feed.timeline.frame(audio):
+                self._publish(reply, playback("started", audio.chunk, audio_ts=message.ts))
+            if audio.pcm:
                 if not feed.begun:
-                    feed.begin(audio_format(message))
+                    feed.begin(audio_format(audio))
                     if self._cut(reply):  # cancelled before begin(), which clears a stop
                         self.backend.stop()
-                feed.write(audio_format(message), message["pcm"])
-            if message["last"]:
+                feed.write(audio_format(audio), audio.pcm)
+            if audio.last:
                 feed.timeline.chunk_ended()
-            final = message["last"] and message["final"]
+            final = audio.last and audio.final
             path = feed.end() if final else None
             if self._cut(reply):  # cancelled while this frame, or the reply's end, was playing
                 self._stopped(reply, feed, path if final else feed.end())
                 return
-            if message["last"]:
-                self._publish(reply, playback("finished", message["chunk"], path, final=final, heard=1.0,
-                                              chars=message["chars"], audio_s=feed.played_s() if final else 0.0))
+            if audio.last:
+                self._publish(reply, playback("finished", audio.chunk, path, final=final, heard=1.0,
+                                              chars=audio.chars, audio_s=feed.played_s() if final else 0.0))
             if final:
                 return
 
@@ -164,14 +167,14 @@ class PlayerStage(Stage):
         """The final event of a cut reply, sent after the backend's end(), which after a stall plays
         out what came, so that counts as heard."""
         with self.wake:
-            waiting = list(reply.frames)
+            waiting = [frame.body for frame in reply.frames]
         self._publish(reply, feed.timeline.stopped(feed.played_ms(), waiting, path, feed.played_s()))
 
-    def _publish(self, reply: ReplyAudio, event: dict[str, Any]) -> None:
-        self.bus.publish("playback", reply.session, reply.id, **event)
-        if event["final"]:
-            self.log.info("%s/%s: playback %s at chunk %d, %.1f s of audio%s", reply.session, reply.id, event["event"],
-                          event["chunk"], event["audio_s"], f", {event['path']}" if event["path"] else "")
+    def _publish(self, reply: ReplyAudio, event: Playback) -> None:
+        self.bus.publish(reply.session, reply.id, event)
+        if event.final:
+            self.log.info("%s/%s: playback %s at chunk %d, %.1f s of audio%s", reply.session, reply.id, event.event,
+                          event.chunk, event.audio_s, f", {event.path}" if event.path else "")
 
     def shutdown(self) -> None:
         with self.wake:

@@ -7,75 +7,64 @@ whether a chunk was cancelled between frames.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict, deque
-from typing import Any
+from collections import deque
 
+from ...protocol import Audio, Chunk, Message, Request
+from ...runtime.replies import Key, Replies, cancels
 from ..audio import AudioFormat, PcmFrame
-from ...protocol import Message
 
-CANCELLED_MEMORY = 4096
-"""Cancelled replies remembered, so that their late chunks are not spoken."""
-VOICE_MEMORY = 4096
-"""Voices remembered at most; the oldest go first."""
 SILENT_FORMAT = AudioFormat(rate=22050, channels=1, sample_width=2)
 """The format of the empty `last` frame of a chunk that had no audio."""
 
-Reply = tuple[str, str]
+
+def reply_of(message: Message[Chunk] | Message[Request]) -> Key:
+    return (message.session, message.id)
 
 
 class SpeechQueue:
     """The chunks waiting for synthesis in the order they came (so each session's order is kept),
-    the replies cancelled, the replies each session has in flight, and the voices requests chose."""
+    and the replies: those in flight, each holding the voice its request chose ("" for the
+    configured one), and those ended (cancelled, or their final chunk spoken), whose late chunks
+    are not spoken. Both are bounded (`Replies`): at most the newest 4096 of each."""
 
     def __init__(self) -> None:
-        self.chunks: deque[Message] = deque()
-        self.cancelled: OrderedDict[Reply, None] = OrderedDict()
-        self.known: defaultdict[str, set[str]] = defaultdict(set)
-        self.voices: OrderedDict[Reply, str] = OrderedDict()
+        self.chunks: deque[Message[Chunk]] = deque()
+        self.replies: Replies[str] = Replies()
 
-    def request(self, request: Message) -> None:
-        """Only requests that choose a voice take memory, and the oldest go first past VOICE_MEMORY."""
-        if request["voice"]:
-            self.voices[(request.session, request.id)] = request["voice"]
-            while len(self.voices) > VOICE_MEMORY:
-                self.voices.popitem(last=False)
+    def request(self, request: Message[Request]) -> None:
+        """Only requests that choose a voice take memory, and the oldest go first past the limit."""
+        key = reply_of(request)
+        if request.body.voice and not self.replies.is_ended(key):
+            self.replies.live[key] = request.body.voice
 
-    def chunk(self, chunk: Message) -> None:
-        self.known[chunk.session].add(chunk.id)
-        self.chunks.append(chunk)
+    def chunk(self, chunk: Message[Chunk]) -> None:
+        """Queue a chunk, unless its reply ended: a late chunk of a cancelled reply is never spoken."""
+        if self.replies.open(reply_of(chunk), str) is not None:
+            self.chunks.append(chunk)
 
     def cancel(self, session: str, id: str) -> None:
         """Drop the queued chunks of the session (or of one reply); the one being spoken stops at
         its next frame, since is_cancelled() now says so."""
-        ids = {id} if id else self.known.pop(session, set())
-        for reply in ids:
-            self.cancelled[(session, reply)] = None
-            self.voices.pop((session, reply), None)
-        while len(self.cancelled) > CANCELLED_MEMORY:
-            self.cancelled.popitem(last=False)
-        self.chunks = deque(chunk for chunk in self.chunks if not self.is_cancelled(chunk))
+        self.replies.cancel(session, id)
+        self.chunks = deque(chunk for chunk in self.chunks if not cancels(reply_of(chunk), session, id))
 
-    def is_cancelled(self, message: Message) -> bool:
-        return (message.session, message.id) in self.cancelled
+    def is_cancelled(self, chunk: Message[Chunk]) -> bool:
+        return self.replies.is_ended(reply_of(chunk))
 
-    def voice(self, chunk: Message) -> str:
+    def voice(self, chunk: Message[Chunk]) -> str:
         """The voice the chunk's request chose; "" for the configured one."""
-        return self.voices.get((chunk.session, chunk.id), "")
+        return self.replies.get(reply_of(chunk)) or ""
 
-    def refuse_voice(self, chunk: Message) -> None:
+    def refuse_voice(self, chunk: Message[Chunk]) -> None:
         """The engine refused the reply's voice: its later chunks go straight to the configured one."""
-        self.voices.pop((chunk.session, chunk.id), None)
+        if reply_of(chunk) in self.replies:
+            self.replies.live[reply_of(chunk)] = ""
 
-    def spoken(self, chunk: Message) -> None:
-        """The chunk's last frame went out: after a reply's final chunk, forget the reply, and a session
-        with none left, so memory stays flat."""
-        if not chunk["final"]:
-            return
-        replies = self.known.get(chunk.session, set())
-        replies.discard(chunk.id)
-        if not replies:
-            self.known.pop(chunk.session, None)
-        self.voices.pop((chunk.session, chunk.id), None)
+    def spoken(self, chunk: Message[Chunk]) -> None:
+        """The chunk's last frame went out: after a reply's final chunk the reply is over, so it
+        leaves the replies in flight and memory stays flat."""
+        if chunk.body.final:
+            self.replies.end(reply_of(chunk))
 
 
 class FrameNumbers:
@@ -83,12 +72,12 @@ class FrameNumbers:
     (or the engine ends), since only then is it known whether it is the last.  A chunk without audio
     still ends with one empty `last` frame, so the player never waits for a lost end."""
 
-    def __init__(self, chunk: Message) -> None:
+    def __init__(self, chunk: Chunk) -> None:
         self.chunk = chunk
         self.number = 0
         self.held: PcmFrame | None = None
 
-    def push(self, frame: PcmFrame) -> dict[str, Any] | None:
+    def push(self, frame: PcmFrame) -> Audio | None:
         """Take the engine's next frame; returns the audio body of the frame it releases, if any."""
         held, self.held = self.held, frame
         if held is None:
@@ -96,11 +85,11 @@ class FrameNumbers:
         self.number += 1
         return self._body(self.number - 1, held, last=False)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> Audio:
         """The engine ended: the audio body of the chunk's last frame."""
         return self._body(self.number, self.held or PcmFrame(b"", SILENT_FORMAT), last=True)
 
-    def _body(self, number: int, frame: PcmFrame, last: bool) -> dict[str, Any]:
-        return {"chunk": self.chunk["index"], "frame": number, "rate": frame.format.rate,
-                "channels": frame.format.channels, "width": frame.format.sample_width, "pcm": frame.pcm,
-                "last": last, "final": self.chunk["final"], "chars": len(self.chunk["text"])}
+    def _body(self, number: int, frame: PcmFrame, last: bool) -> Audio:
+        return Audio(chunk=self.chunk.index, frame=number, rate=frame.format.rate, channels=frame.format.channels,
+                     width=frame.format.sample_width, pcm=frame.pcm, last=last, final=self.chunk.final,
+                     chars=len(self.chunk.text))

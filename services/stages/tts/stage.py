@@ -8,7 +8,7 @@ long chunk is being synthesised.  Every chunk ends with exactly one frame marked
 A request may choose the voice of its reply. Chunks do not carry it, so the stage also takes
 `request`s and remembers the non-empty voices by (session, id) until the reply's final chunk is
 spoken or the reply is cancelled, and at most the 4096 newest. Like chunks, requests of sessions
-another shard owns never reach `handle`, so each shard keeps only its own sessions' voices. A
+another shard owns never reach a handler, so each shard keeps only its own sessions' voices. A
 reply with no remembered voice speaks in the configured one; so does a reply whose voice the
 engine refuses, after one `unknown_voice` error.
 
@@ -21,9 +21,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from ...protocol import Cancel, Chunk, ErrorCode, Message, Request
+from ...runtime import Stage, handles
 from ..audio import PcmFrame
-from ...protocol import Message
-from ...runtime import Stage
 from .core import FrameNumbers, SpeechQueue
 from .engines import create_engine
 from .engines.base import VoiceError
@@ -32,7 +32,6 @@ from .normalize import spell_numbers
 
 class TtsStage(Stage):
     name = "tts"
-    kinds = ("request", "chunk", "cancel")
     sharded = True
 
     def prepare(self) -> None:
@@ -47,18 +46,24 @@ class TtsStage(Stage):
         self.worker = threading.Thread(target=self._work, name="tts-synth", daemon=True)
         self.worker.start()
 
-    def handle(self, message: Message) -> None:
+    @handles(Request)
+    def on_request(self, message: Message[Request]) -> None:
         with self.wake:
-            if message.kind == "request":
-                self.queue.request(message)
-                return
-            if message.kind == "chunk":
-                self.queue.chunk(message)
-            else:
-                self.queue.cancel(message.session, message.id)
+            self.queue.request(message)
+
+    @handles(Chunk)
+    def on_chunk(self, message: Message[Chunk]) -> None:
+        with self.wake:
+            self.queue.chunk(message)
             self.wake.notify()
 
-    def _is_cancelled(self, chunk: Message) -> bool:
+    @handles(Cancel)
+    def on_cancel(self, message: Message[Cancel]) -> None:
+        with self.wake:
+            self.queue.cancel(message.session, message.id)
+            self.wake.notify()
+
+    def _is_cancelled(self, chunk: Message[Chunk]) -> bool:
         with self.wake:
             return self.queue.is_cancelled(chunk)
 
@@ -73,26 +78,28 @@ class TtsStage(Stage):
             if not self._is_cancelled(chunk):
                 self._speak(chunk)
 
-    def _speak(self, chunk: Message) -> None:
+    def _speak(self, chunk: Message[Chunk]) -> None:
         """Publish the chunk's frames as the engine makes them, stopping at once on a cancel."""
-        numbers = FrameNumbers(chunk)
+        numbers = FrameNumbers(chunk.body)
         for frame in self._frames(chunk):
             if self._is_cancelled(chunk):
                 return
-            if (body := numbers.push(frame)) is not None:
-                self.bus.publish("audio", chunk.session, chunk.id, **body)
+            if (audio := numbers.push(frame)) is not None:
+                self.bus.publish(chunk.session, chunk.id, audio)
         if self._is_cancelled(chunk):
             return
-        self.bus.publish("audio", chunk.session, chunk.id, **numbers.finish())
+        self.bus.publish(chunk.session, chunk.id, numbers.finish())
         with self.wake:
             self.queue.spoken(chunk)
 
-    def _frames(self, chunk: Message) -> Iterator[PcmFrame]:
+    def _frames(self, chunk: Message[Chunk]) -> Iterator[PcmFrame]:
         """The engine's frames, in the reply's voice; a failure is reported and ends the chunk early."""
         with self.wake:
             voice = self.queue.voice(chunk)
         try:
-            text = spell_numbers(chunk["text"], self.normalize) if self.normalize else chunk["text"]
+            text = chunk.body.text
+            if self.normalize:
+                text = spell_numbers(text, self.normalize)
 
             def should_stop() -> bool:
                 return self._is_cancelled(chunk) or self.stopping
@@ -106,14 +113,15 @@ class TtsStage(Stage):
                 yield from self.engine.synthesize(text, should_stop)
         except Exception as exc:  # an engine failure must not stop the next chunk
             self.log.exception("synthesis failed")
-            self.bus.report("tts_failed", f"chunk {chunk['index']}: {type(exc).__name__}: {exc}",
+            self.bus.report(ErrorCode.TTS_FAILED, f"chunk {chunk.body.index}: {type(exc).__name__}: {exc}",
                             chunk.session, chunk.id, "chunk")
 
-    def _refuse_voice(self, chunk: Message, voice: str, exc: VoiceError) -> None:
+    def _refuse_voice(self, chunk: Message[Chunk], voice: str, exc: VoiceError) -> None:
         """Report the refused voice once per reply: its later chunks go straight to the configured voice."""
         with self.wake:
             self.queue.refuse_voice(chunk)
-        self.bus.report("unknown_voice", f"voice {voice!r} cannot be used, so the configured voice speaks: {exc}",
+        self.bus.report(ErrorCode.UNKNOWN_VOICE,
+                        f"voice {voice!r} cannot be used, so the configured voice speaks: {exc}",
                         chunk.session, chunk.id, "request")
 
     def shutdown(self) -> None:

@@ -40,7 +40,8 @@ PROVIDERS = {
         "model": MODEL,
         "extra": EXTRA,
     }),
-    "g4f": Plugin("voxpipe.stages.llm.providers.g4f:G4fProvider", {"base_url": BASE_URL, "model": MODEL, "extra": EXTRA}),
+    "g4f": Plugin("voxpipe.stages.llm.providers.g4f:G4fProvider",
+                  {"base_url": BASE_URL, "model": MODEL, "extra": EXTRA}),
 }
 
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import openai
 
+from ....secrets import KeyRing, read_key, scrub
 from ...audio import AudioFormat, PcmFrame
 from ...llm.providers.base import ROTATING_CODES, status_code
-from ....secrets import KeyRing, read_key, scrub
 from . import engine_settings
 from .base import VoiceError
 
