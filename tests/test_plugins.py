@@ -16,9 +16,9 @@ import pytest
 
 from tests.harness import PYTHON, ROOT
 from voxpipe.config import STAGES, ConfigError, full_schema, load
+from voxpipe.plugins import load_class
 from voxpipe.stages.llm.providers import PROVIDERS
 from voxpipe.stages.player.backends import BACKENDS, create_backend
-from voxpipe.plugins import load_class
 from voxpipe.stages.tts.engines import ENGINES, create_engine
 
 EXAMPLE = ROOT / "deploy" / "voxpipe.example.toml"
@@ -136,7 +136,8 @@ def test_loading_the_config_imports_no_plugin_and_no_heavy_library() -> None:
     """Every process loads the config, `voxpipe say` included: the registries are read, never a plugin module."""
     script = (f"import sys; from voxpipe.config import load; load({str(EXAMPLE)!r}, env={{}}); "
               f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} "
-              f"or m.startswith(('voxpipe.stages.llm.providers.', 'voxpipe.stages.tts.engines.', 'voxpipe.stages.player.backends.'))))")
+              f"or m.startswith(('voxpipe.stages.llm.providers.', 'voxpipe.stages.tts.engines.', "
+              f"'voxpipe.stages.player.backends.'))))")
     result = subprocess.run([PYTHON, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -176,15 +176,15 @@ def _compile(where: str, spec: Mapping[str, Field]) -> Callable[[Mapping[str, An
     goes to its check, which accepts it or names the problem, so the messages are the checks' own."""
     names: dict[str, Any] = {"_MISSING": _MISSING, "_fail": _fail, "_copy": _copy}
     lines = ["def checker(data):", "    get = data.get", "    checked = {}"]
-    for number, (name, rule) in enumerate(spec.items()):
-        names[f"check{number}"], names[f"default{number}"] = rule.check, rule.default
+    for position, (name, rule) in enumerate(spec.items()):
+        names[f"check{position}"], names[f"default{position}"] = rule.check, rule.default
         fast_path = FAST_PATHS.get(rule.check)
         lines += [f"    v = get({name!r}, _MISSING)",
                   "    if v is _MISSING:",
                   f"        {'_fail(' + repr(where) + ', ' + repr(name) + ', None)' if rule.required else ''}"
-                  f"{'' if rule.required else f'v = _copy(default{number})'}",
+                  f"{'' if rule.required else f'v = _copy(default{position})'}",
                   f"    elif not ({fast_path or 'False'}):",
-                  f"        problem = check{number}(v)",
+                  f"        problem = check{position}(v)",
                   "        if problem:",
                   f"            _fail({where!r}, {name!r}, problem)",
                   f"    checked[{name!r}] = v"]
