@@ -10,6 +10,8 @@ that streams in real time, the only way a cancel can land inside one of their ch
 
 from __future__ import annotations
 
+import contextlib
+
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -180,7 +182,14 @@ def test_a_reply_cancelled_while_its_first_audio_is_still_being_synthesised_is_s
     silent.bind(("127.0.0.1", 0))
     silent.listen()
     held: list[socket.socket] = []
-    threading.Thread(target=lambda: held.extend(iter(lambda: silent.accept()[0], None)), daemon=True).start()
+
+    def hold() -> None:
+        """Accept and never answer, until the test closes the listening socket."""
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(silent.accept()[0])
+
+    threading.Thread(target=hold, daemon=True).start()
     tts = {"engine": "openai-speech", "openai-speech": {
         "base_url": f"http://127.0.0.1:{silent.getsockname()[1]}/v1", "api_key_env": "", "timeout_s": 60.0}}
     with fake_openai() as fast, Daemon({**openai_settings(fast), "tts": tts, "player": {"backend": "null"}},

@@ -12,7 +12,7 @@ import os
 import secrets
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable
 
 import zmq
@@ -21,6 +21,7 @@ from .. import protocol
 from ..config import Config
 from ..protocol import Body, Error, ErrorCode, Heartbeat, Hello, Message, ProtocolError
 from .broker import Endpoints, participant_endpoints
+from .replies import Recent
 
 PUB_LINGER_MS = 1000
 """Long enough for the last queued messages (say, llm.done) to leave on close."""
@@ -57,9 +58,9 @@ class Connection:
         self._pub: zmq.Socket | None = None
         self._sub: zmq.Socket | None = None
         self._send_lock = threading.Lock()
-        self._next_seq: OrderedDict[str, int] = OrderedDict()
+        self._next_seq: Recent[str, int] = Recent(_MAX_TRACKED)
         self._recent: dict[str, int] = {}
-        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._seen: Recent[tuple[str, str], int] = Recent(_MAX_TRACKED)
         self._pending: bytes | None = None
         self._hello = protocol.topic("hello", f"{src}.{os.getpid()}.{secrets.token_hex(4)}")
         self._log = logging.getLogger(f"voxpipe.{src}")
@@ -129,10 +130,8 @@ class Connection:
         kind = body.kind
         key = _stream_key(kind, session, id)
         with self._send_lock:
-            seq = self._next_seq.pop(key, 0)
+            seq = self._next_seq.get(key) or 0
             self._next_seq[key] = seq + 1
-            if len(self._next_seq) > _MAX_TRACKED:
-                self._next_seq.popitem(last=False)
             message = Message(body, session, id, seq, time.time(), self.src)
             frame = protocol.encode(message)
             if self._pub is None:
@@ -209,12 +208,10 @@ class Connection:
                     self._seen[(message.src, key)] = last
             return
         track = (message.src, _stream_key(message.kind, message.session, message.id))
-        seen = self._seen.pop(track, None)
+        seen = self._seen.get(track)
         if seen is not None and message.seq > seen + 1:
             self._gap(message.src, track[1], seen + 1, message.seq - 1, message.session, message.id)
         self._seen[track] = max(message.seq, seen if seen is not None else -1)
-        if len(self._seen) > _MAX_TRACKED:
-            self._seen.popitem(last=False)
 
     def _gap(self, src: str, key: str, first: int, last: int, session: str = "", id: str = "") -> None:
         self.counters["gaps"] += 1
