@@ -11,7 +11,6 @@ that streams in real time, the only way a cancel can land inside one of their ch
 from __future__ import annotations
 
 import contextlib
-
 import sqlite3
 import time
 from collections.abc import Callable, Iterator

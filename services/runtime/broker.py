@@ -13,7 +13,6 @@ the public keys in `bus.authorized_dir`, and participants are CURVE clients.
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
 import logging
 import os
@@ -32,6 +31,7 @@ from .. import protocol
 from ..config import Config, ConfigError
 from . import curve
 from .curve import CurveKeys
+from .instance import AlreadyRunning, InstanceLock
 
 log = logging.getLogger("voxpipe.bus")
 LINGER_MS = 200
@@ -148,7 +148,7 @@ class Broker:
         self._ipc = self.endpoints.inbound.startswith("ipc://")
         self._auth: Any = None
         self._context = context or zmq.Context.instance()
-        self._lock_file: Any = None
+        self._lock: InstanceLock | None = None
         self._control_endpoint = f"inproc://voxpipe-bus-control-{id(self)}"
         self._thread: threading.Thread | None = None
         self._bound = threading.Event()
@@ -213,27 +213,21 @@ class Broker:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
-        if self._lock_file is not None:
+        if self._lock is not None:
             for name in ("in.sock", "out.sock", "capture.sock"):
                 (self.directory / name).unlink(missing_ok=True)
-            self._lock_file.close()
-            self._lock_file = None
+            self._lock.release()
+            self._lock = None
 
     def _take_lock(self) -> None:
-        handle = open(self.directory / "bus.lock", "a+")  # noqa: SIM115 - held open: the lock lives as long as the bus
+        """One bus per runtime directory: a second one would take over the first one's socket files."""
+        lock = InstanceLock(self.directory, "bus")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise BusError(f"a voxpipe bus (pid {holder}) is already running in {self.directory}; "
-                           f"stop it first (voxpipe status shows it) or set bus.runtime_dir") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock_file = handle
+            lock.acquire(f"a voxpipe bus in {self.directory}",
+                         "stop it first (voxpipe status shows it) or set bus.runtime_dir")
+        except AlreadyRunning as exc:
+            raise BusError(str(exc)) from None
+        self._lock = lock
 
     def _serve(self) -> None:
         sockets: list[zmq.Socket] = []
