@@ -18,6 +18,7 @@ from .config import Config, ConfigError, load
 from .protocol import Body, Error, ErrorCode, Heartbeat, LlmDone, Message, Playback, Text
 from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
 from .runtime.broker import BusError, Endpoints
+from .runtime.instance import AlreadyRunning
 from .runtime.shard import Shard
 from .stages.llm.providers.base import ProviderError
 
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BusUnavailable, BusError, ProviderError, VoxpipeError) as exc:
         print(f"voxpipe: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, AlreadyRunning) as exc:
         print(f"voxpipe: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

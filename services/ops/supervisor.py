@@ -26,6 +26,8 @@ from .. import protocol
 from ..config import Config
 from ..protocol import ErrorCode, Heartbeat
 from ..runtime import BusUnavailable, Connection, endpoints_for, sdnotify
+from ..runtime.broker import runtime_dir
+from ..runtime.instance import InstanceLock
 from ..runtime.shard import Shard
 from .prometheus import Exposition, serve
 
@@ -72,6 +74,7 @@ class Supervisor:
         self.connection: Connection | None = None
         self.exposition: Exposition | None = None
         self.http: Any = None
+        self.lock = InstanceLock(runtime_dir(config["bus"]["runtime_dir"]), "run")
 
     def _command(self, child: Child) -> list[str]:
         command = [sys.executable, "-m", "launcher", "stage", child.stage]
@@ -92,6 +95,10 @@ class Supervisor:
         log.info("started %s (pid %d)", child.src, child.process.pid)
 
     def run(self) -> int:
+        """Supervise until stopped; returns the exit code. Raises AlreadyRunning, before anything is
+        started, when this user's voxpipe already runs on this runtime directory."""
+        self.lock.acquire("voxpipe run", "stop it first (`voxpipe status` shows it; `systemctl --user stop "
+                                         "voxpipe` for the service), or give this one another bus.runtime_dir")
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
         try:

@@ -29,5 +29,7 @@ class ErrorCode(StrEnum):
     """The audio backend failed."""
     STAGE_CRASHED = "stage_crashed"
     """A stage process exited and will be restarted."""
+    DUPLICATE_STAGE = "duplicate_stage"
+    """Two processes run one stage and shard on one bus; the younger stops."""
     HISTORY_GAP = "history_gap"
     """After a restart, replies in a window may be missing from history."""

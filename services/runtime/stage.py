@@ -22,7 +22,9 @@ from .. import protocol
 from ..config import Config
 from ..protocol import Body, ErrorCode, Heartbeat, Message, ProtocolError
 from . import sdnotify
+from .broker import runtime_dir
 from .connection import BusUnavailable, Connection, endpoints_for
+from .instance import InstanceLock
 from .shard import Shard
 
 Handler = TypeVar("Handler", bound=Callable[..., None])
@@ -69,6 +71,8 @@ class Stage:
         self.bus = Connection(self.src, endpoints_for(config), subscriptions)
         self._stop = threading.Event()
         self._started_at = time.monotonic()
+        self._instance = InstanceLock(runtime_dir(config["bus"]["runtime_dir"]), f"stage-{self.src}")
+        self.exit_code = 0
 
     # --- hooks ----------------------------------------------------------------
 
@@ -94,7 +98,12 @@ class Stage:
         self._stop.set()
 
     def run(self) -> int:
-        """Run until SIGTERM/SIGINT or request_stop(); returns the exit code."""
+        """Run until SIGTERM/SIGINT or request_stop(); returns the exit code.
+
+        Raises AlreadyRunning, before it loads or connects anything, when this stage and shard
+        already runs for this user (a second one would take half of the first one's traffic)."""
+        self._instance.acquire(f"voxpipe stage {self.src}",
+                               "stop that one first (`voxpipe status` lists it), or start another shard")
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, lambda *_: self._stop.set())
@@ -111,7 +120,8 @@ class Stage:
             self._heartbeat("stopping")
             self.shutdown()
             self.bus.close()
-        return 0
+            self._instance.release()
+        return self.exit_code
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_interval
@@ -131,6 +141,9 @@ class Stage:
                 next_beat = now + self.heartbeat_interval
 
     def _dispatch(self, message: Message[Body]) -> None:
+        if isinstance(message.body, Heartbeat) and message.src == self.src:
+            self._check_twin(message.body)
+            return
         handler = self.handlers.get(message.kind)
         if handler is None:
             return
@@ -138,6 +151,21 @@ class Stage:
             self.bus.counters["foreign"] += 1
             return
         self._guarded(getattr(self, handler), message)
+
+    def _check_twin(self, beat: Heartbeat) -> None:
+        """Another process heartbeats under our name (a copy on another host, which no lock file can
+        see): both would take the same sessions' traffic. The younger one reports it and stops, so
+        the one that was serving goes on alone."""
+        mine = time.monotonic() - self._started_at
+        if beat.pid == os.getpid() and abs(beat.uptime - mine) < 5.0:
+            return  # our own heartbeat, back through the broker
+        if beat.state == "ready" and beat.uptime > mine:
+            self.bus.report(ErrorCode.DUPLICATE_STAGE,
+                            f"another {self.src} (pid {beat.pid}, up {beat.uptime:.0f} s) already serves this bus; "
+                            f"this one (pid {os.getpid()}) stops. Run one instance per stage and shard",
+                            stage=self.src)
+            self.exit_code = 2
+            self._stop.set()
 
     def _guarded(self, hook: Any, argument: Any) -> None:
         """Run a hook; a failure becomes an error event and a counter, never a crash."""
