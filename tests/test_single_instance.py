@@ -13,7 +13,7 @@ import time
 from tests.harness import ROOT, Daemon, connect, fake_openai, openai_settings
 from voxpipe.protocol import Error, ErrorCode, Heartbeat, Message, Request
 
-KEY = {"FAKE_OPENAI_KEY": "sk-test"}
+KEY = {"FAKE_OPENAI_KEY": "test-key"}
 
 
 def run_cli(daemon: Daemon, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
