@@ -78,7 +78,7 @@ from ..protocol import (
     Text,
     TextMark,
 )
-from ..runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from ..runtime import BusLost, BusUnavailable, Connection, VoxpipeError, endpoints_for
 from ..runtime.replies import cancels
 
 __all__ = [
@@ -138,7 +138,11 @@ class Reply:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise VoxpipeTimeout(self._timeout_message())
-            message = self._client._receive(min(remaining, _POLL_S))
+            try:
+                message = self._client._receive(min(remaining, _POLL_S))
+            except BusLost:
+                self._ended = True  # the reply cannot complete: say so at once, never after the timeout
+                raise
             if message is None:
                 continue
             if self._accept(message):
@@ -320,7 +324,9 @@ class Client:
     def _publish(self, session: str, id: str, body: Body) -> None:
         with self._lock:
             try:
-                self._require().publish(session, id, body)
+                connection = self._require()
+                connection.ensure_live()  # after a lost bus: handshake with the new one first
+                connection.publish(session, id, body)
             except BusUnavailable as exc:
                 raise VoxpipeError(str(exc)) from None
 

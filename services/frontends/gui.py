@@ -37,7 +37,7 @@ from typing import Any
 from .. import protocol
 from ..config import Config
 from ..protocol import Command, Error, LlmDone, Playback, Text
-from ..runtime import Connection, endpoints_for
+from ..runtime import BusLost, Connection, endpoints_for
 from ..stages.tags import describe
 from .client import Client, VoxpipeError, VoxpipeTimeout, connect
 
@@ -112,7 +112,10 @@ class CommandListener(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
-                message = self.connection.receive(0.2)
+                try:
+                    message = self.connection.receive(0.2)
+                except BusLost:
+                    continue  # the reply's own Client reports it; receive() handshakes again when it is back
                 if message is not None:
                     self.events.put(message)
         finally:

@@ -25,7 +25,7 @@ from typing import Any
 from .. import protocol
 from ..config import Config
 from ..protocol import ErrorCode, Heartbeat
-from ..runtime import BusUnavailable, Connection, endpoints_for, sdnotify
+from ..runtime import BusLost, BusUnavailable, Connection, endpoints_for, sdnotify
 from ..runtime.broker import runtime_dir
 from ..runtime.instance import InstanceLock
 from ..runtime.shard import Shard
@@ -171,7 +171,10 @@ class Supervisor:
     def _watch(self) -> bool:
         """Take heartbeats for 0.2 s, then restart dead children; False on a crash loop."""
         assert self.connection is not None
-        message = self.connection.receive(0.2)
+        try:
+            message = self.connection.receive(0.2)
+        except BusLost:
+            message = None  # the bus child is seen dead below and restarted; receive() handshakes again
         if message is not None and isinstance(message.body, Heartbeat) and message.body.state == "ready":
             self.ready.add(message.src)
         if message is not None and self.exposition is not None:

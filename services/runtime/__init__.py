@@ -9,7 +9,7 @@
 - `shard` splits sessions between instances of a stage; `sdnotify` speaks to systemd.
 """
 
-from .connection import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from .connection import BusLost, BusUnavailable, Connection, VoxpipeError, endpoints_for
 from .stage import Stage, handles
 
-__all__ = ["Connection", "BusUnavailable", "VoxpipeError", "endpoints_for", "Stage", "handles"]
+__all__ = ["Connection", "BusUnavailable", "BusLost", "VoxpipeError", "endpoints_for", "Stage", "handles"]

@@ -3,10 +3,18 @@
 `Connection` confirms its subscriptions before the first publish (the slow-joiner trap), numbers
 and validates what it sends, and validates and gap-checks what it receives. A bad frame becomes an
 `error` event, a log line and a counter, never an exception in the caller.
+
+The broker is the one process every message passes through, so its death must never leave anyone
+waiting: a socket monitor reports the moment the connection to it drops (the kernel closes the
+socket of a process that dies, however it dies; ZMTP heartbeats catch a broker that hangs or a
+network that drops), and `receive` raises `BusLost` at once. The connection stays usable: libzmq
+reconnects when a broker is back, and the next `receive` (or `ensure_live`, before publishing)
+repeats the hello handshake first, so subscriptions are confirmed again before anything is sent.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import secrets
@@ -16,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol
 from ..config import Config
@@ -23,6 +32,11 @@ from ..protocol import Body, Error, ErrorCode, Heartbeat, Hello, Message, Protoc
 from .broker import Endpoints, participant_endpoints
 from .replies import Recent
 
+BUS_HEARTBEAT_MS = 250
+"""ZMTP heartbeat interval to the broker; a broker silent for BUS_HEARTBEAT_TIMEOUT_MS counts as lost."""
+BUS_HEARTBEAT_TIMEOUT_MS = 750
+REHANDSHAKE_S = 1.0
+"""How long one attempt at a new handshake waits after the bus was lost; receive() keeps trying."""
 PUB_LINGER_MS = 1000
 """Long enough for the last queued messages (say, llm.done) to leave on close."""
 HELLO_INTERVAL_S = 0.02
@@ -36,6 +50,10 @@ class VoxpipeError(RuntimeError):
 
 class BusUnavailable(VoxpipeError):
     """The bus did not answer; the message tells the user how to start it."""
+
+
+class BusLost(BusUnavailable):
+    """The connection to the broker dropped (it exited or hung): whatever was in flight is lost."""
 
 
 def _stream_key(kind: str, session: str, id: str) -> str:
@@ -61,7 +79,11 @@ class Connection:
         self._next_seq: Recent[str, int] = Recent(_MAX_TRACKED)
         self._recent: dict[str, int] = {}
         self._seen: Recent[tuple[str, str], int] = Recent(_MAX_TRACKED)
-        self._pending: bytes | None = None
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._monitor: zmq.Socket | None = None
+        self._poller = zmq.Poller()
+        self.lost = False
+        """The connection to the broker dropped and no new handshake has succeeded since."""
         self._hello = protocol.topic("hello", f"{src}.{os.getpid()}.{secrets.token_hex(4)}")
         self._log = logging.getLogger(f"voxpipe.{src}")
 
@@ -84,6 +106,7 @@ class Connection:
         """
         self._pub = self.endpoints.prepare(self._context.socket(zmq.PUB))
         self._pub.linger = PUB_LINGER_MS
+        self._heartbeat(self._pub)
         self._pub.sndhwm = protocol.HIGH_WATER_MARK
         self._pub.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
         self._pub.connect(self.endpoints.inbound)
@@ -91,33 +114,69 @@ class Connection:
         self._sub.linger = 0
         self._sub.rcvhwm = protocol.HIGH_WATER_MARK
         self._sub.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
+        self._heartbeat(self._sub)
         for prefix in self._subscriptions:
             self._sub.setsockopt(zmq.SUBSCRIBE, prefix)
         hello_session = self._hello.split("/", 1)[1]
         self._sub.setsockopt(zmq.SUBSCRIBE, protocol.subscription("hello", hello_session))
         self._sub.connect(self.endpoints.outbound)
-        deadline = time.monotonic() + timeout
-        probe = protocol.encode(Message(Hello(), hello_session, "", 0, time.time(), self.src))
-        while time.monotonic() < deadline:
-            self._pub.send(probe)
-            if self._sub.poll(int(HELLO_INTERVAL_S * 1000)) and self._sub.recv().startswith(self._hello.encode()):
-                self._drain_hellos()
-                return
+        if self._handshake(timeout):
+            self._monitor = self._sub.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self._poller.register(self._sub, zmq.POLLIN)
+            self._poller.register(self._monitor, zmq.POLLIN)
+            return
         self.close()
         hint = ("; with bus.curve on, also check that this machine's client.key is in the bus host's "
                 "authorized dir and that server.key here is the bus's") if self.endpoints.curve else ""
         raise BusUnavailable(f"no voxpipe bus answered at {self.endpoints.outbound} within {timeout:g} s; "
                              f"start it with `voxpipe run` (or `voxpipe stage bus`){hint}")
 
+    @staticmethod
+    def _heartbeat(sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, BUS_HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, BUS_HEARTBEAT_TIMEOUT_MS)
+
+    def _handshake(self, timeout: float) -> bool:
+        """Send our hello until it comes back through the broker; True once it has. Other frames that
+        come meanwhile (after a reconnection, other participants already talk) are kept, not lost."""
+        assert self._pub is not None and self._sub is not None
+        hello = self._hello.encode()
+        probe = protocol.encode(Message(Hello(), self._hello.split("/", 1)[1], "", 0, time.time(), self.src))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._pub.send(probe)
+            if not self._sub.poll(int(HELLO_INTERVAL_S * 1000)):
+                continue
+            frame = self._sub.recv()
+            if frame.startswith(hello):
+                self._drain_hellos()
+                return True
+            self._pending.append(frame)
+        return False
+
     def _drain_hellos(self) -> None:
         """Drop extra copies of our hello that are still in flight."""
         while self._sub is not None and self._sub.poll(int(HELLO_INTERVAL_S * 1000 * 2)):
             frame = self._sub.recv()
             if not frame.startswith(self._hello.encode()):
-                self._pending = frame
+                self._pending.append(frame)
                 return
 
+    def ensure_live(self, timeout: float = REHANDSHAKE_S) -> None:
+        """After a lost bus, handshake again before publishing; BusUnavailable if no broker answers."""
+        if self.lost:
+            if not self._handshake(timeout):
+                raise BusUnavailable(f"the voxpipe bus at {self.endpoints.outbound} is gone and no new one "
+                                     f"answered within {timeout:g} s; `voxpipe status` shows what runs "
+                                     f"(`voxpipe run` restarts it)")
+            self.lost = False
+            self._log.info("bus is back: subscriptions confirmed again")
+
     def close(self) -> None:
+        if self._sub is not None and self._monitor is not None:
+            self._sub.disable_monitor()
+            self._monitor.close()
+        self._monitor = None
         for sock in (self._sub, self._pub):
             if sock is not None:
                 sock.close()
@@ -160,17 +219,29 @@ class Connection:
     def receive(self, timeout: float) -> Message[Body] | None:
         """The next valid message within `timeout` seconds, or None.
 
-        Invalid frames are counted, logged and reported as error events, then skipped.
+        Invalid frames are counted, logged and reported as error events, then skipped. Raises BusLost
+        the moment the connection to the broker drops; after that, each call first tries a new
+        handshake (returning None while no broker answers).
         """
         assert self._sub is not None, "open() first"
         deadline = time.monotonic() + timeout
+        if self.lost:
+            try:
+                self.ensure_live(min(timeout, REHANDSHAKE_S))
+            except BusUnavailable:
+                return None
         while True:
-            if self._pending is not None:
-                frame, self._pending = self._pending, None
+            if self._pending:
+                frame = self._pending.popleft()
             else:
                 remaining = max(0.0, deadline - time.monotonic())
-                if not self._sub.poll(int(remaining * 1000)):
-                    return None
+                ready = dict(self._poller.poll(int(remaining * 1000)))
+                if self._monitor is not None and self._monitor in ready:
+                    self._bus_event()
+                if self._sub not in ready:
+                    if time.monotonic() >= deadline:
+                        return None
+                    continue
                 frame = self._sub.recv()
             try:
                 message = protocol.decode(frame)
@@ -182,6 +253,17 @@ class Connection:
             self.counters["received"] += 1
             self._check_sequence(message)
             return message
+
+    def _bus_event(self) -> None:
+        """A monitor event: the connection to the broker dropped."""
+        assert self._monitor is not None
+        event = recv_monitor_message(self._monitor)
+        if event["event"] == zmq.EVENT_DISCONNECTED and not self.lost:
+            self.lost = True
+            self.counters["bus_lost"] += 1
+            self._log.warning("lost the bus at %s", self.endpoints.outbound)
+            raise BusLost(f"the voxpipe bus at {self.endpoints.outbound} went away (its process ended or "
+                          f"hung), so what was in flight is lost; `voxpipe run` restarts it")
 
     def reject(self, frame: bytes, reason: str) -> None:
         self.counters["invalid"] += 1

@@ -23,7 +23,7 @@ from ..config import Config
 from ..protocol import Body, ErrorCode, Heartbeat, Message, ProtocolError
 from . import sdnotify
 from .broker import runtime_dir
-from .connection import BusUnavailable, Connection, endpoints_for
+from .connection import BusLost, BusUnavailable, Connection, endpoints_for
 from .instance import InstanceLock
 from .shard import Shard
 
@@ -92,6 +92,11 @@ class Stage:
     def shutdown(self) -> None:
         """Stop workers and release resources; the bus is still open."""
 
+    def bus_lost(self) -> None:
+        """The broker went away: every client's reply in flight has ended with an error, so drop
+        what is held of them (nothing of it could reach anyone). The runtime handshakes again
+        when a broker is back."""
+
     # --- the loop -------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -128,7 +133,12 @@ class Stage:
         while not self._stop.is_set():
             now = time.monotonic()
             wake = min(next_beat, self.next_tick() or next_beat, now + 0.2)
-            message = self.bus.receive(max(0.0, wake - now))
+            try:
+                message = self.bus.receive(max(0.0, wake - now))
+            except BusLost as exc:
+                self.log.warning("%s", exc)
+                self._guarded(lambda _: self.bus_lost(), None)
+                continue
             if message is not None:
                 self._dispatch(message)
             now = time.monotonic()

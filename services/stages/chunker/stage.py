@@ -47,6 +47,10 @@ class ChunkerStage(Stage):
             if state is not None:
                 self.bus.publish(session, id, Text(delta="", final=True))
 
+    def bus_lost(self) -> None:
+        for key in list(self.replies):
+            self.replies.end(key)
+
     @handles(LlmDone)
     def on_llm_done(self, done: Message[LlmDone]) -> None:
         """Flush the reply; text llm.done has that the tokens lacked is fed first, so none is lost."""

@@ -407,9 +407,10 @@ class Jobs:
                             "interrupted", now, profile=request.body.profile or self.settings.profile))
                 for request in dropped]
 
-    def stop(self, now: float) -> list[Effect]:
-        """The stage is stopping: cancel every job, so that each still ends with its llm.done."""
-        return [effect for session in list(self.jobs) for effect in self.cancel(session, "", "stage stopping", now)]
+    def stop(self, now: float, reason: str = "stage stopping") -> list[Effect]:
+        """The stage is stopping, or the bus was lost: cancel every job, so that each still ends with
+        its llm.done (which history gets once a bus is back)."""
+        return [effect for session in list(self.jobs) for effect in self.cancel(session, "", reason, now)]
 
     def next_tick(self) -> float | None:
         return min((due for job in self.jobs.values() if (due := job.due()) is not None), default=None)

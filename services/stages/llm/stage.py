@@ -95,6 +95,11 @@ class LlmStage(Stage):
         with self.lock:
             self._apply(self.core.tick(now))
 
+    def bus_lost(self) -> None:
+        with self.lock:
+            self._apply(self.core.stop(time.monotonic(), "bus lost"))
+            self.lock.notify_all()
+
     def shutdown(self) -> None:
         with self.lock:
             self._apply(self.core.stop(time.monotonic()))

@@ -104,6 +104,17 @@ class PlayerStage(Stage):
                 self.backend.stop()
             self.wake.notify_all()
 
+    def bus_lost(self) -> None:
+        """Silence at once: whoever asked has been told the reply is lost."""
+        with self.wake:
+            keys = [*self.playlist.replies, *([self.playlist.playing] if self.playlist.playing else [])]
+            silence = False
+            for session in {key[0] for key in keys}:
+                silence = self.playlist.cancel(session, "")[1] or silence
+            if silence:
+                self.backend.stop()
+            self.wake.notify_all()
+
     def _work(self) -> None:
         while True:
             with self.wake:

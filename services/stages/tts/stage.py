@@ -63,6 +63,12 @@ class TtsStage(Stage):
             self.queue.cancel(message.session, message.id)
             self.wake.notify()
 
+    def bus_lost(self) -> None:
+        with self.wake:
+            for session in {key[0] for key in self.queue.replies} | {chunk.session for chunk in self.queue.chunks}:
+                self.queue.cancel(session, "")
+            self.wake.notify()
+
     def _is_cancelled(self, chunk: Message[Chunk]) -> bool:
         with self.wake:
             return self.queue.is_cancelled(chunk)

@@ -1,0 +1,88 @@
+"""The broker's death is noticed at once and survived: a client following a reply ends within a second
+with a clear error (never at its own timeout), `voxpipe say` exits 1 naming it, and once `voxpipe run`
+has restarted the bus, every participant has handshaken again and the next request is answered.
+
+Real processes: `voxpipe run` with a slow fake OpenAI server, and `kill -9` on the bus child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import voxpipe
+from tests.harness import ROOT, Daemon, connect, fake_openai, openai_settings
+from voxpipe.config import load
+from voxpipe.protocol import Heartbeat, LlmDone, Text
+from voxpipe.runtime import BusLost
+
+KEY = {"FAKE_OPENAI_KEY": "test-key"}
+LONG = "Tell me a long story about a lighthouse keeper and the sea, with many details. " * 3
+
+
+def pid_of(daemon: Daemon, src: str) -> int:
+    watcher = connect(daemon.runtime_dir, "pids", "heartbeat")
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            message = watcher.receive(0.2)
+            if message is not None and message.src == src and isinstance(message.body, Heartbeat):
+                return message.body.pid
+    finally:
+        watcher.close()
+    raise AssertionError(f"no heartbeat from {src}")
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_bus_ends_the_reply_at_once_and_the_next_request_works() -> None:
+    with fake_openai(delay=0.05) as url, Daemon(openai_settings(url), env=KEY) as daemon:
+        bus = pid_of(daemon, "bus")
+        config = load(daemon.config_path, env={**os.environ, **daemon.env})
+        with voxpipe.connect(config, session="lost", name="test") as client:
+            reply = client.ask(LONG, timeout=45)
+            got_text = False
+            for event in reply:
+                if isinstance(event.body, Text) and event.body.delta:
+                    got_text = True
+                    break
+            assert got_text, "the reply was streaming when the bus died"
+            os.kill(bus, signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(BusLost, match="went away"):
+                for _ in reply:
+                    pass
+            assert time.monotonic() - killed < 1.5, "noticed within a second, not at the 45 s timeout"
+
+            daemon.wait_for("started bus", timeout=15)
+            deadline = time.monotonic() + 20
+            done = None
+            while done is None and time.monotonic() < deadline:
+                try:
+                    for event in client.ask("Are you back?", timeout=20):
+                        if isinstance(event.body, LlmDone):
+                            done = event.body
+                except BusLost:
+                    continue  # the old connection's loss may still be in the queue: ask again
+                except Exception as exc:
+                    if "answered" not in str(exc):
+                        raise
+                    time.sleep(0.2)
+            assert done is not None and done.status == "ok" and "Are you back?" in done.text
+
+
+@pytest.mark.timeout(180)
+def test_say_exits_at_once_with_the_reason_when_the_bus_dies() -> None:
+    with fake_openai(delay=0.05) as url, Daemon(openai_settings(url), env=KEY) as daemon:
+        bus = pid_of(daemon, "bus")
+        say = subprocess.Popen(daemon.cli("say", LONG, "--timeout", "45"), cwd=ROOT, env=daemon.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert say.stdout is not None
+        say.stdout.read(10)  # the reply is streaming
+        os.kill(bus, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = say.communicate(timeout=10)
+        assert time.monotonic() - killed < 3.0
+        assert say.returncode == 1 and "went away" in err, err
