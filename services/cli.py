@@ -249,6 +249,7 @@ def cmd_tap(args: argparse.Namespace, config: Config) -> int:
     Heartbeats are left out unless asked for. With no bus it fails at once, like every front-end.
     """
     import zmq
+    from zmq.utils.monitor import recv_monitor_message
 
     endpoints: Endpoints = endpoints_for(config)
     Connection("tap", endpoints, []).require_bus()
@@ -260,8 +261,24 @@ def cmd_tap(args: argparse.Namespace, config: Config) -> int:
         sock.setsockopt(zmq.SUBSCRIBE, protocol.subscription(kind))
     sock.connect(endpoints.capture)
     skip = tuple(protocol.subscription(kind) for kind in hidden)
+    # The broker's death (and its return under `voxpipe run`) is said the moment it happens (§3).
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
+    connected = False
     try:
         while True:
+            ready = dict(poller.poll())
+            if monitor in ready:
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_DISCONNECTED:
+                    print("[voxpipe tap: lost the bus; waiting for it to come back]", file=sys.stderr, flush=True)
+                elif connected:
+                    print("[voxpipe tap: the bus is back]", file=sys.stderr, flush=True)
+                connected = True
+            if sock not in ready:
+                continue
             frame = sock.recv()
             if frame[:1] in (b"\x00", b"\x01") or (skip and frame.startswith(skip)):
                 continue  # a subscription travelling upstream, or a hidden kind
@@ -269,6 +286,8 @@ def cmd_tap(args: argparse.Namespace, config: Config) -> int:
     except KeyboardInterrupt:
         return EXIT_OK  # the way to stop tap
     finally:
+        sock.disable_monitor()
+        monitor.close()
         sock.close()
 
 
@@ -335,6 +354,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         uptime = f"{shown(uptime, '.0f')}s" if isinstance(uptime, (int, float)) else shown(uptime)
         print(f"{src:<12} {shown(field(beat, 'pid')):>7} {shown(field(beat, 'state')):<9} {uptime:>9} "
               f"{shown(field(beat, 'shard') or '-'):<5} {counters}")
+    # A stage that is down sends no heartbeat: `voxpipe run` says which, and why, in its own.
+    launcher = beats.get("launcher")
+    children = field(launcher, "children") if launcher is not None else {}
+    for src, state in sorted(children.items() if isinstance(children, dict) else []):
+        if src not in beats and isinstance(state, str) and state != "ready":
+            print(f"{src:<12} {'-':>7} {state.split(':')[0]:<9} {'-':>9} {'-':<5} {state.partition(': ')[2]}")
     return EXIT_OK
 
 

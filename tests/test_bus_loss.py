@@ -86,3 +86,20 @@ def test_say_exits_at_once_with_the_reason_when_the_bus_dies() -> None:
         _, err = say.communicate(timeout=10)
         assert time.monotonic() - killed < 3.0
         assert say.returncode == 1 and "went away" in err, err
+
+
+@pytest.mark.timeout(180)
+def test_tap_says_when_the_bus_goes_and_when_it_is_back() -> None:
+    with fake_openai() as url, Daemon(openai_settings(url), env=KEY) as daemon:
+        bus = pid_of(daemon, "bus")
+        tap = subprocess.Popen(daemon.cli("tap"), cwd=ROOT, env=daemon.env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)  # connected
+            os.kill(bus, signal.SIGKILL)
+            assert tap.stderr is not None
+            assert "lost the bus" in tap.stderr.readline()
+            assert "the bus is back" in tap.stderr.readline()
+        finally:
+            tap.kill()
+            tap.wait()

@@ -82,3 +82,18 @@ def test_status_never_raises_on_odd_or_missing_fields(monkeypatch: pytest.Monkey
     rows = [line.split() for line in out.splitlines()[1:]]
     assert rows == [["a", "?", "?", "soon", "-"], ["b", "?", "?", "?", "-"],
                     ["c", "1", "ready", "1s", "3", "['odd']"], ["d", "2", "stopping", "2s", "-", "1=2", "x=None"]]
+
+
+def test_status_lists_a_stage_that_is_down_with_why(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A stage that is down sends no heartbeat; `voxpipe run`'s own says which, and why."""
+    launcher = Message(Heartbeat(pid=9, uptime=30.0, state="ready", children={
+        "llm": "ready", "tts": "down: was killed by SIGKILL; restarting in 0.25 s", "player": "starting"}),
+        "", "", 0, 1.0, "launcher")
+    protocol.encode(launcher)
+    code, out = status(monkeypatch, capsys, launcher, heartbeat("llm", pid=7, uptime=3, state="ready"))
+    assert code == cli.EXIT_OK
+    rows = out.splitlines()[1:]
+    assert [row.split()[:3] for row in rows] == [["launcher", "9", "ready"], ["llm", "7", "ready"],
+                                                  ["player", "-", "starting"], ["tts", "-", "down"]]
+    assert rows[-1].endswith("was killed by SIGKILL; restarting in 0.25 s")

@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.fakes.openai_server import reply_for
-from tests.harness import ROOT, Daemon, fake_openai, openai_settings
+from tests.harness import ROOT, Daemon, connect, fake_openai, openai_settings
 
 EXAMPLE = ROOT / "docs" / "examples" / "js"
 NODE, NPM = shutil.which("node"), shutil.which("npm")
@@ -84,3 +86,31 @@ def test_the_js_frontend_exits_1_with_the_reason_when_the_reply_fails(example: P
     assert result.returncode == 1, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.stdout == ""
     assert "[llm.done error after 0 tokens:" in result.stderr and "401" in result.stderr
+
+
+def test_the_js_frontend_ends_at_once_when_the_bus_dies(example: Path) -> None:
+    """§3: the socket monitor tells the front-end the broker died; it ends the reply within a second
+    (not at its 30 s timeout) with the reason."""
+    with fake_openai(delay=0.05) as slow, Daemon(openai_settings(slow), env={"FAKE_OPENAI_KEY": "test-key"}) as daemon:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("VOXPIPE_")}
+        env["VOXPIPE_BUS__RUNTIME_DIR"] = str(daemon.runtime_dir)
+        frontend = subprocess.Popen([NODE, "frontend.mjs", "Tell me a long story " * 20, "js3", "30"], cwd=example,
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert frontend.stdout is not None
+        frontend.stdout.read(10)  # the reply is streaming
+        os.kill(bus_pid(daemon), signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = frontend.communicate(timeout=20)
+        assert time.monotonic() - killed < 2.0, err
+    assert frontend.returncode == 1 and "the voxpipe bus went away" in err, err
+
+
+def bus_pid(daemon: Daemon) -> int:
+    watcher = connect(daemon.runtime_dir, "pids", "heartbeat")
+    try:
+        while (message := watcher.receive(5.0)) is not None:
+            if message.src == "bus":
+                return message.body.pid
+    finally:
+        watcher.close()
+    raise AssertionError("no heartbeat from the bus")

@@ -20,6 +20,7 @@ from typing import TextIO
 from .. import protocol
 from ..config import Config
 from ..protocol import Body, Command, Error, ErrorCode, LlmDone, Message, Playback, Text
+from ..runtime import BusLost
 from .client import Client, Reply, VoxpipeError, VoxpipeTimeout, connect
 
 HISTORY_SHOWN = 20
@@ -173,6 +174,10 @@ class Chat:
                 event = next(events)
             except StopIteration:
                 break
+            except BusLost:
+                if not started:
+                    return False  # as for a daemon that is not reachable: ask again once it is back
+                raise
             except VoxpipeTimeout:
                 now = time.monotonic()
                 if not started and not self.client.reachable():

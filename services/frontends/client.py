@@ -120,6 +120,8 @@ class Reply:
         self.done: Message[LlmDone] | None = None
         self.crashed: Message[Error] | None = None
         self.cancelled = False
+        self.asked_ts = time.time()
+        """When the request was sent (wall clock, as a message's `ts`)."""
         self._client = client
         self._timeout = timeout
         self._text_final = not wait_text
@@ -165,10 +167,14 @@ class Reply:
         if message.kind not in REPLY_KINDS:
             return False
         if isinstance(body, Error) and body.code == ErrorCode.STAGE_CRASHED and body.stage in REPLY_STAGES:
+            if message.ts < self.asked_ts:
+                return False  # a crash before the request: its restart is `stage_down`'s to report, not this
             self.crashed = cast(Message[Error], message)
             return True
         if message.id != self.id or message.session != self.session:
             return False
+        if isinstance(body, Error) and body.code == ErrorCode.STAGE_DOWN:
+            self.crashed = cast(Message[Error], message)  # no stage will answer it: end at once
         if isinstance(body, Text):
             self.text += body.delta
             self._text_final = self._text_final or body.final

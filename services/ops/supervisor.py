@@ -2,8 +2,14 @@
 
 Readiness comes from the stages' own "ready" heartbeats, so the supervisor
 knows a stage is serving, not merely started.  A crashed stage is restarted
-with exponential backoff; too many crashes in a window is a crash loop, which
-stops everything with a message naming the stage.
+with exponential backoff, kept short (0.25 s doubling to 2 s) so a stage is
+back before a person asks again; too many crashes in a window is a crash loop,
+which stops everything with a message naming the stage.
+
+While a stage a reply passes through is down, a request cannot be answered:
+the supervisor, which knows first, fails it at once with `stage_down` naming the
+stage, instead of letting its client wait for a timeout.  Its own heartbeat
+lists every child's state, so `voxpipe status` shows a stage that is down and why.
 """
 
 from __future__ import annotations
@@ -20,11 +26,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import zmq
 
 from .. import protocol
 from ..config import Config
-from ..protocol import ErrorCode, Heartbeat
+from ..protocol import Body, ErrorCode, Heartbeat, Message, Request
 from ..runtime import BusLost, BusUnavailable, Connection, endpoints_for, sdnotify
 from ..runtime.broker import runtime_dir
 from ..runtime.instance import InstanceLock
@@ -33,12 +41,22 @@ from .prometheus import Exposition, serve
 
 log = logging.getLogger("voxpipe.run")
 STOP_BUDGET_S = 5.0
-BACKOFF_START_S = 0.5
-BACKOFF_MAX_S = 10.0
+BACKOFF_START_S = 0.25
+BACKOFF_MAX_S = 2.0
+REPLY_STAGES = ("llm", "chunker", "tts", "player")
+"""The stages a reply passes through: while one is down, a request fails at once."""
 _PR_SET_PDEATHSIG = 1
 HOME = Path(__file__).resolve().parents[2]
 """Where children start: the folder that holds voxpipe (the checkout, where launcher.py is), never
 the package folder itself, whose secrets.py and config.py would shadow the standard library's."""
+
+
+def exit_reason(code: int) -> str:
+    """How a child ended, as a person reads it: "was killed by SIGKILL", "exited with code 1"."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
 
 
 def _die_with_parent() -> None:
@@ -56,6 +74,8 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     crashes: collections.deque[float] = field(default_factory=collections.deque)
     restart_at: float | None = None
+    down: str = ""
+    """Why the process is down ("" while it runs): its exit, and when it restarts."""
 
     @property
     def src(self) -> str:
@@ -75,6 +95,9 @@ class Supervisor:
         self.exposition: Exposition | None = None
         self.http: Any = None
         self.lock = InstanceLock(runtime_dir(config["bus"]["runtime_dir"]), "run")
+        self.started_at = time.monotonic()
+        self.by_src = {child.src: child for child in [self.bus, *self.children]}
+        self.next_beat = 0.0
 
     def _command(self, child: Child) -> list[str]:
         command = [sys.executable, "-m", "launcher", "stage", child.stage]
@@ -91,6 +114,7 @@ class Supervisor:
         child.process = subprocess.Popen(self._command(child), preexec_fn=_die_with_parent,
                                          cwd=HOME, env=env)
         child.restart_at = None
+        child.down = ""
         self.ready.discard(child.src)
         log.info("started %s (pid %d)", child.src, child.process.pid)
 
@@ -126,7 +150,7 @@ class Supervisor:
         while time.monotonic() < deadline and not self.stop.is_set():
             if self.bus.process is not None and self.bus.process.poll() is not None:
                 return False
-            kinds = ("heartbeat", "metrics") if self.config["metrics"]["prometheus_port"] else ("heartbeat",)
+            kinds = ("heartbeat", "request", *(("metrics",) if self.config["metrics"]["prometheus_port"] else ()))
             connection = Connection("launcher", endpoints_for(self.config),
                                     [protocol.subscription(kind) for kind in kinds])
             try:
@@ -171,15 +195,19 @@ class Supervisor:
     def _watch(self) -> bool:
         """Take heartbeats for 0.2 s, then restart dead children; False on a crash loop."""
         assert self.connection is not None
-        try:
-            message = self.connection.receive(0.2)
-        except BusLost:
-            message = None  # the bus child is seen dead below and restarted; receive() handshakes again
-        if message is not None and isinstance(message.body, Heartbeat) and message.body.state == "ready":
-            self.ready.add(message.src)
-        if message is not None and self.exposition is not None:
-            self.exposition.observe(message, time.monotonic())
+        timeout = 0.2
+        while True:  # everything that came, so a state is never judged from a stale queue
+            try:
+                message = self.connection.receive(timeout)
+            except BusLost:
+                break  # the bus child is seen dead below and restarted; receive() handshakes again
+            if message is None:
+                break
+            timeout = 0.0
+            self._take(message)
         now = time.monotonic()
+        if now >= self.next_beat:
+            self._heartbeat(now)
         for child in [self.bus, *self.children]:
             if child.restart_at is not None:
                 if now >= child.restart_at:
@@ -191,6 +219,18 @@ class Supervisor:
             if not self._schedule_restart(child, code, now):
                 return False
         return True
+
+    def _take(self, message: Message[Body]) -> None:
+        body = message.body
+        if isinstance(body, Heartbeat) and body.state == "ready":
+            child = self.by_src.get(message.src)
+            # Only the process we run now: a dead one's last heartbeat may still be on its way.
+            if child is not None and child.process is not None and child.process.pid == body.pid:
+                self.ready.add(message.src)
+        if isinstance(body, Request):
+            self._refuse_if_down(cast(Message[Request], message))
+        if self.exposition is not None:
+            self.exposition.observe(message, time.monotonic())
 
     def _schedule_restart(self, child: Child, code: int, now: float) -> bool:
         run = self.config["run"]
@@ -204,10 +244,31 @@ class Supervisor:
             return False
         delay = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (len(child.crashes) - 1))
         assert self.connection is not None
-        self.connection.report(ErrorCode.STAGE_CRASHED, f"stage {child.src} exited with code {code}; "
-                               f"restarting in {delay:.1f} s", stage=child.stage)
+        self.ready.discard(child.src)
+        child.down = f"{exit_reason(code)}; restarting in {delay:.2f} s"
+        self.connection.report(ErrorCode.STAGE_CRASHED, f"stage {child.src} {child.down}", stage=child.stage)
         child.restart_at = now + delay
         return True
+
+    def _refuse_if_down(self, request: Message[Request]) -> None:
+        """A request that a down stage would lose fails now, naming the stage, not at its timeout."""
+        down = [child for child in self.children if child.stage in REPLY_STAGES and child.src not in self.ready]
+        if down and self.connection is not None:
+            child = down[0]
+            why = child.down or "it is starting again after a crash"
+            self.connection.report(ErrorCode.STAGE_DOWN, f"stage {child.src} is down ({why}), so this request "
+                                   f"cannot be answered; ask again in a moment (`voxpipe status` shows it)",
+                                   request.session, request.id, "request", stage=child.stage)
+
+    def _heartbeat(self, now: float) -> None:
+        """The launcher's own heartbeat: every child's state, for `voxpipe status`."""
+        self.next_beat = now + 1.0
+        children = {child.src: ("ready" if child.src in self.ready else f"down: {child.down}" if child.down
+                                else "starting") for child in [self.bus, *self.children]}
+        assert self.connection is not None
+        with contextlib.suppress(BusUnavailable, zmq.ZMQError):
+            self.connection.publish("", "", Heartbeat(pid=os.getpid(), uptime=now - self.started_at, state="ready",
+                                                      children=children))
 
     def _stop_all(self) -> None:
         """SIGTERM the stages, then the bus, all within STOP_BUDGET_S; SIGKILL what is left."""

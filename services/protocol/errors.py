@@ -29,6 +29,8 @@ class ErrorCode(StrEnum):
     """The audio backend failed."""
     STAGE_CRASHED = "stage_crashed"
     """A stage process exited and will be restarted."""
+    STAGE_DOWN = "stage_down"
+    """A request came while a stage its reply needs was down (restarting): it fails at once."""
     DUPLICATE_STAGE = "duplicate_stage"
     """Two processes run one stage and shard on one bus; the younger stops."""
     HISTORY_GAP = "history_gap"

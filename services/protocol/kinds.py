@@ -408,3 +408,6 @@ class Heartbeat(Body):
     shard: str = wire(string(32), "")
     counters: Mapping[str, int] = wire(counter_map(integer()), factory=dict)
     streams: Mapping[str, int] = wire(counter_map(integer()), factory=dict)
+    children: Mapping[str, str] = wire(counter_map(string(200)), factory=dict)
+    """Only from the launcher (`voxpipe run`): each supervised process's src -> `ready`, `starting`, or
+    `down: <why>`, so `voxpipe status` shows a stage that is down, which sends no heartbeat itself."""

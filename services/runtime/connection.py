@@ -261,7 +261,7 @@ class Connection:
         if event["event"] == zmq.EVENT_DISCONNECTED and not self.lost:
             self.lost = True
             self.counters["bus_lost"] += 1
-            self._log.warning("lost the bus at %s", self.endpoints.outbound)
+            self._log.info("lost the bus at %s", self.endpoints.outbound)  # the caller says it, in its own words
             raise BusLost(f"the voxpipe bus at {self.endpoints.outbound} went away (its process ended or "
                           f"hung), so what was in flight is lost; `voxpipe run` restarts it")
 

@@ -50,13 +50,18 @@ function parse(data) { // minimal checks (§6): one msgpack map whose kind/sessi
 }
 
 const dir = runtimeDir()
-const pub = new Publisher({ linger: 1000, sendHighWaterMark: HWM })
-const sub = new Subscriber({ linger: 0, receiveHighWaterMark: HWM, maxMessageSize: MAX_BYTES })
+// ZMTP heartbeats make a hung broker, like a dead one, drop the connection within 750 ms (§3)
+const heartbeat = { heartbeatInterval: 250, heartbeatTimeout: 750 }
+const pub = new Publisher({ linger: 1000, sendHighWaterMark: HWM, ...heartbeat })
+const sub = new Subscriber({ linger: 0, receiveHighWaterMark: HWM, maxMessageSize: MAX_BYTES, ...heartbeat })
 pub.connect(`ipc://${dir}/in.sock`)
+let busLost = false // set the moment the connection to the broker drops: the reply cannot complete
+sub.events.on("disconnect", () => { busLost = true })
 
 async function receive(ms) { // one frame, or null when none came within `ms` milliseconds
   for (const end = performance.now() + ms; ;) {
-    sub.receiveTimeout = Math.max(1, Math.ceil(end - performance.now()))
+    if (busLost) throw new Error("the voxpipe bus went away (its process ended or hung)")
+    sub.receiveTimeout = Math.max(1, Math.min(100, Math.ceil(end - performance.now()))) // 100: see busLost
     try { return (await sub.receive())[0] } catch (err) { if (err.code !== "EAGAIN") throw err }
     if (performance.now() >= end) return null // libuv timers can fire early: wait out the rest
   }
@@ -94,7 +99,11 @@ await pub.send(frame("request", session, rid, { text }))
 let code = 1, lineOpen = false // lineOpen: a reply line is streaming on stdout
 const note = (line, print = console.error) => { print((lineOpen ? "\n" : "") + line); lineOpen = false }
 for (;;) {
-  const data = pending ?? await receive(Number(timeoutS) * 1000)
+  let data
+  try { data = pending ?? await receive(Number(timeoutS) * 1000) } catch (err) {
+    note(`[${err.message}; this reply is lost, ask again once \`voxpipe run\` has restarted it]`)
+    break
+  }
   pending = null
   if (!data) { note(`[no progress for ${timeoutS} s; are the stages running?]`); break }
   if (data.subarray(0, 6).toString() === "hello/") continue // a late copy of our own hello
