@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from tests.harness import Daemon, connect, fake_openai, openai_settings, start_stage, stop_process, wait_ready
 from voxpipe import protocol
 from voxpipe.protocol import (
+    Cancel,
     ChatMessage,
     Chunk,
     Command,
@@ -28,10 +30,12 @@ from voxpipe.protocol import (
     HistorySaved,
     LlmDone,
     Message,
+    Metrics,
     Playback,
     Request,
 )
 from voxpipe.runtime import Connection, endpoints_for
+from voxpipe.stages.history.stage import UNPLAYED_WAIT_S
 from voxpipe.stages.history.store import HistoryStore
 from voxpipe.stages.llm.core import build_messages, render_dialogue
 
@@ -247,3 +251,128 @@ def test_the_next_prompt_leaves_out_failed_exchanges_and_never_repeats_a_turn(tm
     repeated = [ChatMessage(role="user", content="hi"), ChatMessage(role="user", content="again")]
     assert build_messages("", repeated, "hi") == [
         {"role": "user", "content": "hi\nagain\nhi"}], "only a repeat of the turn just before is left out"
+
+
+# --- metrics: the reply's timeline ends at the later of llm.done and the final playback ------------
+
+@pytest.fixture(scope="module")
+def history_alone() -> Iterator[tuple[Path, Connection]]:
+    """A bus and a history stage as real processes; the test plays every other stage, so it chooses
+    the order history gets the events in."""
+    runtime = Path(tempfile.mkdtemp(prefix="vp-metrics-")) / "run"
+    db = runtime.parent / "history.db"
+    bus = start_stage("bus", runtime)
+    try:
+        connect(runtime, "probe").close()
+        history = start_stage("history", runtime, VOXPIPE_HISTORY__DB_PATH=str(db))
+        try:
+            wait_ready(runtime, "history")
+            client = connect(runtime, "front", "history.saved", "metrics")
+            yield db, client
+            client.close()
+        finally:
+            stop_process(history)
+    finally:
+        stop_process(bus)
+
+
+def metrics_of(client: Connection, request_id: str, timeout: float) -> tuple[float, Metrics] | None:
+    """When the reply's metrics came (monotonic) and what they say, or None within `timeout`."""
+    got = follow(client, request_id, lambda seen: any(m.kind == "metrics" for m in seen), timeout)
+    found = [m.body for m in got if isinstance(m.body, Metrics)]
+    return (time.monotonic(), found[0]) if found else None
+
+
+def asked(client: Connection, session: str, request_id: str) -> Message:
+    request = client.publish(session, request_id, Request(text="Tell me a story."))
+    follow(client, request_id, lambda got: any(m.kind == "history.saved" for m in got), 10)
+    return request
+
+
+def done_body(status: str, text: str) -> LlmDone:
+    return LlmDone(status=status, text=text, tokens=6, provider="openai", model="m1", profile="cloud",
+                   metrics={"ttft_ms": 120.0})
+
+
+@pytest.mark.parametrize("order", ["playback, cancelled, then llm.done", "llm.done, then playback",
+                                   "llm.done, then cancelled while playing"])
+def test_metrics_go_out_at_once_when_the_later_of_llm_done_and_the_final_playback_comes(
+        history_alone: tuple[Path, Connection], order: str) -> None:
+    """A cancel while the model writes cuts the sound first: the final `stopped` reaches history before
+    the interrupted llm.done. Either way the timeline ends at the later of the two, and no metrics go
+    out before it (a reply that started playing always gets its final event)."""
+    db, client = history_alone
+    request_id = order.replace(" ", "-").replace(",", "")
+    session = f"order-{request_id}"
+    text = "Once upon a time there was a cat."
+    request = asked(client, session, request_id)
+    chunk = client.publish(session, request_id, Chunk(text=text, index=0, final=True))
+    started = client.publish(session, request_id, Playback(event="started", chunk=0, audio_ts=chunk.ts + 0.05))
+    if order.startswith("playback"):
+        client.publish(session, "", Cancel(reason="test"))
+        final = client.publish(session, request_id, Playback(event="stopped", chunk=0, heard=0.5, heard_chars=16,
+                                                             final=True, audio_s=0.9))
+        assert metrics_of(client, request_id, UNPLAYED_WAIT_S + 1.0) is None, "metrics before llm.done"
+        done = client.publish(session, request_id, done_body("interrupted", "Once upon a time there"))
+    else:
+        done = client.publish(session, request_id, done_body("ok", text))
+        if order.endswith("cancelled while playing"):
+            client.publish(session, "", Cancel(reason="test"))
+        assert metrics_of(client, request_id, UNPLAYED_WAIT_S + 1.0) is None, "metrics before the final playback"
+        final = client.publish(session, request_id, Playback(
+            event="stopped" if "cancelled" in order else "finished", chunk=0, heard=1.0, heard_chars=len(text),
+            final=True, audio_s=2.25))
+    later = time.monotonic()
+    result = metrics_of(client, request_id, 5.0)
+    assert result is not None, "no metrics"
+    arrived, metrics = result
+    assert arrived - later < 1.0, f"metrics came {arrived - later:.2f} s after the later event"
+
+    def ms(ts: float) -> float:
+        return pytest.approx((ts - request.ts) * 1000, abs=0.01)
+
+    assert metrics == Metrics(
+        request_ts=pytest.approx(request.ts), profile="cloud", provider="openai", model="m1", engine="espeak",
+        status=done.body.status, first_token_ms=120.0, first_chunk_ms=ms(chunk.ts), first_audio_ms=ms(chunk.ts + 0.05),
+        first_playback_ms=ms(started.ts), end_ms=ms(max(final.ts, done.ts)), tokens=6, chars=len(done.body.text),
+        audio_s=final.body.audio_s)
+    assert metrics_of(client, request_id, 0.5) is None, "metrics are published once per reply"
+    with sqlite3.connect(db) as database:
+        stored = json.loads(database.execute("SELECT metrics FROM messages WHERE request_id=? AND role='assistant'",
+                                             (request_id,)).fetchone()[0])
+    assert stored["end_ms"] == metrics.end_ms and stored["audio_s"] == metrics.audio_s
+
+
+@pytest.mark.parametrize("when", ["while the model writes", "after llm.done", "with its audio queued"])
+def test_a_reply_cancelled_before_it_played_gets_its_metrics_once_no_playback_can_come(
+        history_alone: tuple[Path, Connection], when: str) -> None:
+    """None of the reply started playing: the player answers the cancel at once with a final `stopped`
+    if it held audio of it (queued behind another reply), and otherwise never, so history waits
+    UNPLAYED_WAIT_S for it, not the 30 s kept for a final event that fails to come."""
+    _, client = history_alone
+    request_id = when.replace(" ", "-")
+    session = f"unplayed-{request_id}"
+    request = asked(client, session, request_id)
+    client.publish(session, request_id, Chunk(text="Once upon a time.", index=0, final=False))
+    if when == "while the model writes":
+        client.publish(session, "", Cancel(reason="test"))
+        cancelled = time.monotonic()
+        time.sleep(0.1)  # llm's cancel grace
+        done = client.publish(session, request_id, done_body("interrupted", "Once upon a time. There"))
+    else:
+        done = client.publish(session, request_id, done_body("ok", "Once upon a time."))
+        time.sleep(0.3)
+        client.publish(session, request_id, Cancel(reason="test"))
+        cancelled = time.monotonic()
+    due, final = cancelled + UNPLAYED_WAIT_S, None
+    if when == "with its audio queued":
+        time.sleep(0.2)
+        final = client.publish(session, request_id, Playback(event="stopped", chunk=-1, final=True))
+        due = time.monotonic()
+    result = metrics_of(client, request_id, UNPLAYED_WAIT_S + 5.0)
+    assert result is not None, "no metrics"
+    arrived, metrics = result
+    assert -0.2 < arrived - due < 1.0, f"metrics came {arrived - due:+.2f} s from when they were due"
+    end = max(done.ts, final.ts) if final else done.ts
+    assert (metrics.status, metrics.first_playback_ms, metrics.audio_s) == (done.body.status, -1.0, 0.0)
+    assert metrics.end_ms == pytest.approx((end - request.ts) * 1000, abs=0.01)

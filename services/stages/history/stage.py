@@ -42,7 +42,14 @@ from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_repl
 from .store import ATTITUDE_VARIABLES, HistoryStore
 
 METRICS_WAIT_S = 30.0
-"""A reply with no final playback event this long after llm.done gets its metrics anyway."""
+"""A reply with no final playback event this long after its llm.done, or after its last playback
+event, gets its metrics anyway, ended at llm.done: the final event should have come (tts or the
+player may have died)."""
+UNPLAYED_WAIT_S = 1.0
+"""How long after a cancel a reply none of which has started playing waits for its final playback
+event. The player answers a cancel at once: with a final `stopped` for a cancelled reply whose audio
+it holds (queued, or just started: its `started` may still be on its way), with nothing for one whose
+audio never reached it. Past this, none will come."""
 
 
 def default_db_path(configured: str = "") -> Path:
@@ -73,7 +80,12 @@ class ReplyTrack:
     first_audio_ts: float = 0.0
     first_playback_ts: float = 0.0
     done: Message[LlmDone] | None = None
+    final_ts: float = 0.0
+    """The ts of the final playback event, once it came."""
+    audio_s: float = 0.0
     metrics_due: float = 0.0
+    """When the metrics go out if the final playback event has not come (0: not yet known)."""
+    metrics_sent: bool = False
 
 
 class HistoryStage(Stage):
@@ -114,12 +126,15 @@ class HistoryStage(Stage):
     def on_llm_done(self, message: Message[LlmDone]) -> None:
         track = self._track(message.session, message.id)
         track.done = message
-        track.metrics_due = time.monotonic() + METRICS_WAIT_S
         self._store_reply(message, message.ts)
         if message.body.status == "interrupted" and track.spoken is None:
             # if the player had none of it, no final playback will come: store what was heard so far (mostly
             # nothing); a final playback that comes later replaces it
             self.store.set_spoken(message.session, message.id, _heard_text(track), True)
+        # a reply that failed is still spoken (what was written of it, or an empty final chunk), so every
+        # llm.done waits for its final playback, unless a cancel has said none will come (on_cancel)
+        self._wait_for_playback(track, METRICS_WAIT_S)
+        self._finish(message.session, message.id, track)
 
     def _store_reply(self, message: Message[LlmDone], ts: float) -> None:
         """Store a finished reply (an llm.done, or a replay of one), apply its commands, announce it."""
@@ -176,32 +191,41 @@ class HistoryStage(Stage):
         if playback.final:
             track.spoken, track.cut = _heard_text(track), playback.event == "stopped"
             self.store.set_spoken(message.session, message.id, track.spoken, track.cut)
-            self._publish_metrics(message.session, message.id, track, message.ts, playback.audio_s)
+            track.final_ts, track.audio_s = message.ts, playback.audio_s
+            self._finish(message.session, message.id, track)
+        elif track.metrics_due:  # it is playing, so its final event will come: the fallback starts again
+            track.metrics_due = time.monotonic() + METRICS_WAIT_S
 
     @handles(Cancel)
     def on_cancel(self, message: Message[Cancel]) -> None:
         """A cancel of a finished reply whose final playback has not come (its audio was still being
         synthesised, so the player may never see it): store what was heard so far, mostly nothing.
         A final playback that comes later replaces it; a reply still being written waits for its
-        interrupted llm.done instead."""
-        for (session, id), track in self.tracks.items():
-            if cancels((session, id), message.session, message.id) \
-                    and track.done is not None and track.spoken is None and any(track.chunks.values()):
-                self.store.set_spoken(session, id, _heard_text(track), True)
+        interrupted llm.done instead.
 
-    # --- commands ---------------------------------------------------------------------------
+        A cancelled reply none of which started playing gets no final playback unless the player held
+        its audio, and then the player's `stopped` comes at once: its metrics wait UNPLAYED_WAIT_S for
+        it, then go out (at its llm.done, if that is later)."""
+        for (session, id), track in self.tracks.items():
+            if not cancels((session, id), message.session, message.id):
+                continue
+            if track.done is not None and track.spoken is None and any(track.chunks.values()):
+                self.store.set_spoken(session, id, _heard_text(track), True)
+            if not track.first_playback_ts:
+                self._wait_for_playback(track, UNPLAYED_WAIT_S)
+
+    # --- commands and metrics ---------------------------------------------------------------
 
     def next_tick(self) -> float | None:
         due = [track.commands_due for track in self.tracks.values() if track.commands and track.commands_due]
-        due += [track.metrics_due for track in self.tracks.values() if track.metrics_due]
+        due += [track.metrics_due for track in self.tracks.values() if _metrics_pending(track)]
         return min(due) if due else None
 
     def tick(self, now: float) -> None:
         for (session, id), track in self.tracks.items():
             if track.commands and track.commands_due and track.commands_due <= now:
                 self._publish_commands(session, id, track)
-            if track.metrics_due and track.metrics_due <= now and track.done is not None:
-                self._publish_metrics(session, id, track, track.done.ts, 0.0)
+            self._finish(session, id, track, now)
 
     def _publish_commands(self, session: str, id: str, track: ReplyTrack) -> None:
         """Publish the reply's commands in order, placed where the chunker met each tag."""
@@ -219,9 +243,30 @@ class HistoryStage(Stage):
         if events and track.message_id:
             self.store.add_commands(track.message_id, events)
 
-    def _publish_metrics(self, session: str, id: str, track: ReplyTrack, end_ts: float, audio_s: float) -> None:
+    @staticmethod
+    def _wait_for_playback(track: ReplyTrack, wait_s: float) -> None:
+        """Take the final playback event as never coming `wait_s` from now, unless an earlier
+        deadline is set or the reply's timeline is settled already."""
+        if track.final_ts or track.metrics_sent:
+            return
+        due = time.monotonic() + wait_s
+        track.metrics_due = min(track.metrics_due, due) if track.metrics_due else due
+
+    def _finish(self, session: str, id: str, track: ReplyTrack, now: float | None = None) -> None:
+        """Publish the reply's metrics once its timeline is complete: at the later of its llm.done and
+        its final playback event, whichever order they come in, or, when no final playback will come,
+        at its llm.done or when that is known. Once per reply."""
+        done = track.done
+        if done is None or track.metrics_sent:
+            return
+        if track.final_ts:
+            self._publish_metrics(session, id, track, max(track.final_ts, done.ts))
+        elif track.metrics_due and track.metrics_due <= (time.monotonic() if now is None else now):
+            self._publish_metrics(session, id, track, done.ts)
+
+    def _publish_metrics(self, session: str, id: str, track: ReplyTrack, end_ts: float) -> None:
         """One reply's timeline, from the request to the end of playback, published and stored."""
-        done, track.metrics_due = track.done, 0.0
+        done, track.metrics_due, track.metrics_sent = track.done, 0.0, True
         if done is None or not track.request_ts:
             return
 
@@ -234,7 +279,7 @@ class HistoryStage(Stage):
                           first_token_ms=reply.metrics.get("ttft_ms", -1.0),
                           first_chunk_ms=since(track.first_chunk_ts), first_audio_ms=since(track.first_audio_ts),
                           first_playback_ms=since(track.first_playback_ts), end_ms=since(end_ts),
-                          tokens=reply.tokens, chars=len(reply.text), audio_s=audio_s)
+                          tokens=reply.tokens, chars=len(reply.text), audio_s=track.audio_s)
         self.bus.publish(session, id, metrics)
         self.store.add_metrics(session, id, metrics.to_wire())
 
@@ -286,6 +331,11 @@ class HistoryStage(Stage):
 
     def shutdown(self) -> None:
         self.store.close()
+
+
+def _metrics_pending(track: ReplyTrack) -> bool:
+    """Whether tick() has the reply's metrics to publish at its metrics_due."""
+    return track.done is not None and not track.metrics_sent and not track.final_ts and bool(track.metrics_due)
 
 
 def _heard_text(track: ReplyTrack) -> str:
