@@ -24,7 +24,7 @@ PIP := $(PY) -m pip install -q -c $(LOCK)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON \
 	-DCMAKE_PROJECT_llama_cpp_INCLUDE=$(CURDIR)/deploy/llama-portable.cmake
 
-.PHONY: demo test check bench install coqui apt clean lock
+.PHONY: demo test check bench chaos install coqui apt clean lock
 
 demo: install
 	deploy/demo.sh $(PY)
@@ -41,6 +41,11 @@ check: install
 
 bench: install
 	$(PY) -m tests.bench.run
+
+# The chaos test at length: 100 rounds of kill -9 on a random process of `voxpipe run` mid-reply
+# (`make test` runs 10). VOXPIPE_CHAOS_SEED picks another reproducible sequence.
+chaos: install
+	VOXPIPE_CHAOS_ROUNDS=100 $(PY) -m pytest -q tests/test_chaos.py
 
 install: $(STAMP)
 
