@@ -27,6 +27,7 @@ from voxpipe.stages.llm.providers import create_provider
 from voxpipe.stages.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
 from voxpipe.stages.llm.providers.http import HttpProvider
 from voxpipe.stages.llm.providers.http_transport import error_text, merged, parse_retry_after
+from voxpipe.stages.llm.think import ThinkSplitter
 
 KEY = "sk-test-0123456789abcdef"
 CANCEL_BOUND_S = 0.1
@@ -99,6 +100,37 @@ def test_openai_sse_reasoning_fields_and_null_content(server: WireServer) -> Non
     deltas, outcome = run(server, sse_script(events))
     assert deltas == [Delta(reasoning="think "), Delta(reasoning="more"), Delta("Answer")]
     assert outcome.finish_reason == "length"
+
+
+def route_open(deltas: list[Delta], finish_reason: str) -> list[Delta]:
+    """Each wire delta through reasoning_start = "open", as the llm stage routes it, then the end."""
+    splitter = ThinkSplitter("open")
+    return [splitter.push(delta.text, delta.reasoning) for delta in deltas] + [splitter.finish(finish_reason)]
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_open_reasoning_from_a_template_that_opened_think_over_the_wire(server: WireServer, finish: str) -> None:
+    """A server whose template put <think> into the prompt streams the reasoning as content, then a
+    bare </think> cut across two events: the reasoning never reaches the reply text. Cut off by
+    max_tokens before its </think>, what came stays reasoning."""
+    events = [chunk(role="assistant", content=""), chunk("Okay, the user"), chunk(" greets me.</th"),
+              chunk("ink>\n\nHello"), chunk(" there!"), chunk(finish="stop"), "[DONE]"]
+    deltas, outcome = run(server, sse_script(events, delay=0.002))
+    routed = route_open(deltas, outcome.finish_reason)
+    assert routed == [Delta(), Delta(), Delta("\n\nHello", "Okay, the user greets me."), Delta(" there!"), Delta()]
+
+    cut = [chunk("Okay, so the user"), chunk(" wants"), chunk(finish=finish), "[DONE]"]
+    deltas, outcome = run(server, sse_script(cut, delay=0.002))
+    expected = Delta("Okay, so the user wants") if finish == "stop" else Delta(reasoning="Okay, so the user wants")
+    assert route_open(deltas, outcome.finish_reason)[-1] == expected
+
+
+def test_open_with_a_server_that_parses_reasoning_itself_holds_nothing(server: WireServer) -> None:
+    """llama-server, vLLM, Ollama: reasoning_content first, then the reply, which streams unheld."""
+    events = [chunk(None, role="assistant", reasoning_content="The user greets me."), chunk("Hello"),
+              chunk(" there!", finish="stop"), "[DONE]"]
+    deltas, outcome = run(server, sse_script(events))
+    assert route_open(deltas, outcome.finish_reason) == [Delta(), Delta("Hello"), Delta(" there!"), Delta()]
 
 
 def test_openai_sse_done_without_trailing_blank_line(server: WireServer) -> None:
