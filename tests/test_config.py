@@ -37,6 +37,15 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
     assert config["llm"]["history_limit"] == 7 and config["player"]["backend"] == "wav"
 
 
+def test_first_token_total_s_bounds_the_silence_before_the_first_token_by_default(tmp_path: Path) -> None:
+    config = load(env={"XDG_CONFIG_HOME": str(tmp_path)})
+    assert all(config.profile(name)["first_token_total_s"] == 30.0 for name in ("local", "openai", "gemini"))
+    path = write(tmp_path, '[llm.profiles.openai]\nfirst_token_total_s = 12.5\n')
+    config = load(path, env={"VOXPIPE_LLM__PROFILES__GEMINI__FIRST_TOKEN_TOTAL_S": "8"})
+    assert (config.profile("openai")["first_token_total_s"], config.profile("gemini")["first_token_total_s"]) == (
+        12.5, 8.0)
+
+
 def test_voxpipe_config_variable_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[player]\nbackend = "null"\n')
     assert load(env={"VOXPIPE_CONFIG": str(path)})["player"]["backend"] == "null"
@@ -61,6 +70,8 @@ def test_environment_can_define_a_new_profile(tmp_path: Path) -> None:
     ('[chunker]\nmax_chars = 5\n', r"key chunker.max_chars: expected an integer >= 20, got 5"),
     ('[llm.profiles.local]\nrepack = "maybe"\n', r"key llm.profiles.local.repack = 'maybe' is not allowed; "
                                                    r"expected one of: auto, on, off"),
+    ('[llm.profiles.openai]\nfirst_token_total_s = 0\n', r"key llm.profiles.openai.first_token_total_s = 0 is not "
+                                                        r"allowed; expected a number from 0.1 to 3600.0"),
     ('[llm.profiles.local]\nprompt_style = "story"\n', r"key llm.profiles.local.prompt_style = 'story'"),
     ('[llm.profiles.openai]\nprompt_style = "dialogue"\n', r"llm.profiles.openai.prompt_style = 'dialogue' "
                                                             r"needs a raw-completion provider \(local\)"),

@@ -236,9 +236,9 @@ def test_a_call_without_a_first_token_is_closed_and_retried() -> None:
     assert core.tick(101.4) == []
     effects = core.tick(101.5)
     assert effects == [Close(call)] and job.timed_out == "first_token" and job.attempt_over
-    assert core.next_tick() is None and core.tick(200.0) == []  # closed once
+    assert core.next_tick() == 130.0 and core.tick(129.9) == []  # closed once; first_token_total_s still runs
     assert job.arrived(Delta("late"), 101.6) == []  # what the closed call still yields is dropped
-    step = job.after_attempt(None, KeyRing(["k"]), 0.0)
+    step = job.after_attempt(None, KeyRing(["k"]), 0.0, 101.5)
     assert isinstance(step, Retry) and step.delay == 0.25
     assert step.log.message == "attempt 1 failed (no first token within 1.5 s); retrying in 0.25 s"
     assert job.begin_attempt(102.0) and not job.timed_out and not job.attempt_over
@@ -252,7 +252,7 @@ def test_a_stall_after_the_first_token_is_an_idle_timeout_that_ends_the_reply() 
     assert core.next_tick() == 1.4  # idle counts from the last delta
     assert job.arrived(Delta(" more"), 0.9) and core.next_tick() == 1.9
     assert core.tick(1.89) == [] and core.tick(1.9) == [Close(call)] and job.timed_out == "idle"
-    error = job.after_attempt(None, KeyRing(["k"]), 0.0)
+    error = job.after_attempt(None, KeyRing(["k"]), 0.0, 1.9)
     assert isinstance(error, ProviderError) and str(error) == "no token for 1 s; the reply was cut off"
     done = dones(worker_end(core, job, error, 2.0))[0]
     assert (done.status, done.text, done.error) == ("error", "partial more", str(error))
@@ -308,7 +308,7 @@ def test_retry_paths_before_the_first_token(errors: list[str], keys: int, expect
     ring = KeyRing([f"k{n}" for n in range(keys)])
     steps = []
     for code in errors:
-        step = job.after_attempt(failure(code), ring, 0.0)
+        step = job.after_attempt(failure(code), ring, 0.0, 1.0)
         if isinstance(step, Retry):
             steps.append(f"retry {step.delay:g}" if step.delay else f"rotate {ring.index}")
         else:
@@ -320,29 +320,29 @@ def test_retry_paths_before_the_first_token(errors: list[str], keys: int, expect
 def test_retry_logs_name_the_attempt_or_the_key() -> None:
     job, _ = running(jobs())
     ring = KeyRing(["a", "b"])
-    rotate = job.after_attempt(failure("rate_limited", 429, retry_after=3.0), ring, 0.0)
+    rotate = job.after_attempt(failure("rate_limited", 429, retry_after=3.0), ring, 0.0, 1.0)
     assert isinstance(rotate, Retry) and rotate.delay == 0.0
     assert rotate.log.message == "key 1 of profile p refused (rate_limited); trying the next key"
-    wait = job.after_attempt(failure("rate_limited", 429, retry_after=3.0), ring, 0.0)
+    wait = job.after_attempt(failure("rate_limited", 429, retry_after=3.0), ring, 0.0, 1.0)
     assert isinstance(wait, Retry) and wait.delay == 3.0  # Retry-After beats a shorter backoff
     assert wait.log.message == "attempt 1 failed (rate_limited failure); retrying in 3.00 s"
-    assert job.after_attempt(failure("rate_limited", 429, retry_after=61.0), ring, 0.0).code == "rate_limited"
+    assert job.after_attempt(failure("rate_limited", 429, retry_after=61.0), ring, 0.0, 1.0).code == "rate_limited"
 
 
 def test_the_key_ring_is_shared_and_sticks_to_the_key_that_worked() -> None:
     ring = KeyRing(["a", "b"])
     first, _ = running(jobs())
-    first.after_attempt(failure("auth", 401), ring, 0.0)
+    first.after_attempt(failure("auth", 401), ring, 0.0, 1.0)
     assert ring.current == "b"
     second, _ = running(jobs())
-    assert second.after_attempt(failure("auth", 401), ring, 0.0).delay == 0.0 and ring.current == "a"
+    assert second.after_attempt(failure("auth", 401), ring, 0.0, 1.0).delay == 0.0 and ring.current == "a"
 
 
 def test_nothing_is_retried_after_the_first_token() -> None:
     job, _ = running(jobs())
     job.arrived(Delta(reasoning="thinking"), 0.1)  # reasoning commits too: a retry would repeat it
     error = failure("server")
-    assert job.after_attempt(error, KeyRing(["k"]), 0.0) is error
+    assert job.after_attempt(error, KeyRing(["k"]), 0.0, 1.0) is error
 
 
 @pytest.mark.parametrize(("error", "timed_out", "cancelled", "expected"), [
@@ -362,7 +362,7 @@ def test_how_an_attempt_ends(error: Exception | None, timed_out: str, cancelled:
     job.timed_out = timed_out
     if cancelled:
         core.cancel(S, "", "test", 1.0)
-    step = job.after_attempt(error, KeyRing(["k"]), 0.0)
+    step = job.after_attempt(error, KeyRing(["k"]), 0.0, 1.0)
     if expected is None:
         assert step is None
     elif expected == "timeout":
@@ -382,7 +382,7 @@ def test_retries_and_rotations_stay_within_the_policy_and_the_ring(codes: list[s
     for attempt, code in enumerate(codes):
         if attempt == commit_at:
             job.arrived(Delta("text"), 1.0)
-        step = job.after_attempt(failure(code), ring, jitter)
+        step = job.after_attempt(failure(code), ring, jitter, 1.0)
         if not isinstance(step, Retry):
             assert isinstance(step, ProviderError)
             break
@@ -393,6 +393,173 @@ def test_retries_and_rotations_stay_within_the_policy_and_the_ring(codes: list[s
             retried += 1
             assert 0 < step.delay <= 8.0
     assert retried <= retries and rotated <= keys - 1
+
+
+# --- first_token_total_s: one bound on the silence before the first token, over every attempt -------------
+
+TOTAL = "llm.profiles.p.first_token_total_s"
+
+
+def total_ended(effects: list[Effect], closed: bool) -> LlmDone:
+    """The watchdog's end of a reply that ran out of first_token_total_s: its call closed (when one
+    is open), an error event and llm.done status error with the same text, no text."""
+    assert [describe(e) for e in effects][:-1] == [*(["close"] if closed else []),
+                                                   "report provider_error s1/r1 request", "done s1/r1 error"]
+    report = next(e for e in effects if isinstance(e, Report))
+    done = dones(effects)[0]
+    assert (done.status, done.text, done.tokens, done.error) == ("error", "", 0, report.text)
+    return done
+
+
+def test_the_total_passes_during_the_first_attempt() -> None:
+    core = jobs()
+    job, call = running(core, now=100.0, first_token_timeout_s=60.0, first_token_total_s=30.0)
+    assert core.next_tick() == 130.0  # the total comes before the attempt's own 160.0
+    assert core.tick(129.9) == []
+    effects = core.tick(130.0)
+    assert effects[0] == Close(call)
+    done = total_ended(effects, closed=True)
+    assert done.error == f"no first token within 30 s over 1 attempt ({TOTAL})"
+    assert done.metrics["total_ms"] == 30000.0 and "ttft_ms" not in done.metrics
+    assert effects[-1].message == "s1/r1: error after 0 tokens, first token - ms"
+    assert S not in core.jobs and core.next_tick() is None and job.timed_out == "first_token_total"
+    # the worker's call ends later (a call cut before its headers may wait for its read timeout):
+    # no retry, and nothing more goes out
+    step = job.after_attempt(None, KeyRing(["k"]), 0.0, 131.0)
+    assert isinstance(step, ProviderError) and str(step) == done.error and step.code == "timeout"
+    again = job.after_attempt(failure("server"), KeyRing(["k"]), 0.0, 131.0)  # whatever the closed call raised
+    assert isinstance(again, ProviderError) and str(again) == done.error
+    assert not job.begin_attempt(131.0)
+    assert worker_end(core, job, step, 131.0) == []
+
+
+def test_the_total_passes_during_a_later_attempt() -> None:
+    """The issue's case: 10 s per attempt and two retries were 31 s of silence; now 30 s at most."""
+    core = jobs()
+    ring = KeyRing(["k"])
+    job, call = running(core, now=0.0, first_token_timeout_s=10.0, first_token_total_s=30.0)
+    for number, (opened_at, retry_at, delay) in enumerate([(0.0, 10.0, 0.25), (10.25, 20.25, 0.5)], 1):
+        assert core.next_tick() == opened_at + 10.0 and core.tick(opened_at + 10.0) == [Close(call)]
+        step = job.after_attempt(None, ring, 0.0, retry_at)
+        assert isinstance(step, Retry) and step.delay == delay
+        assert step.log.message == f"attempt {number} failed (no first token within 10 s); retrying in {delay:.2f} s"
+        assert core.next_tick() == 30.0  # waiting out the delay, the total still runs
+        call = Call()
+        assert job.begin_attempt(retry_at + delay) and job.opened(call) == []
+    assert core.next_tick() == 30.0  # not the third attempt's 30.75
+    effects = core.tick(30.0)
+    assert effects[0] == Close(call)
+    assert total_ended(effects, closed=True).error == (
+        f"no first token within 30 s over 3 attempts ({TOTAL}); attempt 2 failed: no first token within 10 s")
+    assert worker_end(core, job, job.after_attempt(None, ring, 0.0, 30.1), 30.1) == []
+
+
+def test_a_retry_delay_that_would_end_after_the_total_is_not_started() -> None:
+    core = jobs()
+    ring = KeyRing(["k"])
+    job, _ = running(core, now=0.0, first_token_timeout_s=25.0, first_token_total_s=30.0, retries=5,
+                     backoff_s=4.0, backoff_max_s=8.0)
+    first = job.after_attempt(failure("server"), ring, 0.0, 1.0)
+    assert isinstance(first, Retry) and first.delay == 2.0
+    assert job.begin_attempt(3.0) and job.opened(Call()) == []
+    # the second attempt fails at 27 s: its 4 s backoff would end at 31 s, after the total
+    error = job.after_attempt(failure("server"), ring, 0.0, 27.0)
+    assert isinstance(error, ProviderError) and error.code == "timeout"
+    assert str(error) == (f"no first token after 27.0 s over 2 attempts, and a retry in 4.00 s would pass the 30 s "
+                          f"bound ({TOTAL}); attempt 2 failed: server failure")
+    assert job.retries == 1  # the refused retry is not counted, nor waited for
+    effects = worker_end(core, job, error, 27.0)
+    assert [describe(e) for e in effects][:2] == ["report provider_error s1/r1 request", "done s1/r1 error"]
+    assert dones(effects)[0].error == str(error) == effects[0].text
+
+
+@pytest.mark.parametrize(("error", "keys", "now", "expected"), [
+    # a Retry-After that reaches past the total is not waited for
+    (failure("rate_limited", 429, retry_after=40.0), 1, 1.0,
+     f"no first token after 1.0 s over 1 attempt, and a retry in 40.00 s would pass the 30 s bound ({TOTAL}); "
+     f"attempt 1 failed: rate_limited failure"),
+    # a delay that would end exactly at the deadline would leave the next attempt no time at all
+    (failure("server"), 1, 29.75,
+     f"no first token after 29.8 s over 1 attempt, and a retry in 0.25 s would pass the 30 s bound ({TOTAL}); "
+     f"attempt 1 failed: server failure"),
+    # at or past the deadline (the watchdog not yet ticked) not even the next key is tried
+    (failure("auth", 401), 2, 30.0,
+     f"no first token within 30 s over 1 attempt ({TOTAL}); attempt 1 failed: auth failure"),
+    (failure("server"), 1, 31.0,
+     f"no first token within 30 s over 1 attempt ({TOTAL}); attempt 1 failed: server failure"),
+])
+def test_no_retry_ends_at_or_after_the_total(error: ProviderError, keys: int, now: float, expected: str) -> None:
+    job, _ = running(jobs(), now=0.0, first_token_total_s=30.0)
+    ring = KeyRing([f"k{n}" for n in range(keys)])
+    step = job.after_attempt(error, ring, 0.0, now)
+    assert isinstance(step, ProviderError) and str(step) == expected and ring.index == 0
+
+
+def test_an_error_that_is_never_retried_keeps_its_own_text_after_the_total() -> None:
+    job, _ = running(jobs(), now=0.0, first_token_total_s=30.0)
+    error = failure("bad_request", 400)
+    assert job.after_attempt(error, KeyRing(["k"]), 0.0, 31.0) is error
+
+
+def test_the_total_passes_during_a_retry_delay() -> None:
+    """A delay is only started when it ends before the total; a worker that wakes late from it finds
+    the reply ended by the watchdog and starts no attempt."""
+    core = jobs()
+    job, _ = running(core, now=0.0, first_token_timeout_s=29.0, first_token_total_s=30.0)
+    step = job.after_attempt(failure("server"), KeyRing(["k"]), 0.0, 29.0)
+    assert isinstance(step, Retry) and step.delay == 0.25
+    assert core.next_tick() == 30.0
+    effects = core.tick(30.0)  # no call is open: nothing to close
+    assert total_ended(effects, closed=False).error == (
+        f"no first token within 30 s over 1 attempt ({TOTAL}); attempt 1 failed: server failure")
+    assert not job.begin_attempt(30.5)
+    assert worker_end(core, job, None, 30.5) == []
+
+
+def test_the_total_passes_while_the_call_is_opening() -> None:
+    """An attempt's deadlines run from its start: a call that opens after one passed is closed at once."""
+    core = jobs()
+    job, _ = running(core, now=0.0, first_token_timeout_s=20.0, first_token_total_s=30.0)
+    job.after_attempt(failure("server"), KeyRing(["k"]), 0.0, 20.0)
+    assert job.begin_attempt(20.25)  # the provider is slow to open the call (a model loading)
+    total_ended(core.tick(30.0), closed=False)
+    call = Call()
+    assert job.opened(call) == [Close(call)]
+
+
+def test_a_call_that_opens_after_its_own_deadline_is_closed_at_once() -> None:
+    core = jobs()
+    job, _ = running(core, now=0.0)
+    assert job.begin_attempt(1.0) and core.next_tick() == 2.5
+    assert core.tick(2.5) == [] and job.timed_out == "first_token"  # no call to close yet
+    call = Call()
+    assert job.opened(call) == [Close(call)]
+    assert isinstance(job.after_attempt(None, KeyRing(["k"]), 0.0, 3.0), Retry)
+
+
+@pytest.mark.parametrize("first", [Delta("Hi"), Delta(reasoning="thinking")])
+def test_a_first_token_before_the_total_lifts_the_bound(first: Delta) -> None:
+    core = jobs()
+    job, _ = running(core, now=0.0, first_token_timeout_s=60.0, first_token_total_s=30.0, idle_timeout_s=40.0)
+    assert core.next_tick() == 30.0
+    job.arrived(first, 29.0)
+    assert core.next_tick() == 69.0  # only the idle deadline from here on
+    assert core.tick(30.0) == [] and core.tick(68.9) == []
+    job.arrived(Delta(" there"), 60.0)
+    effects = worker_end(core, job, job.after_attempt(None, KeyRing(["k"]), 0.0, 90.0), 90.0)
+    assert dones(effects)[0].status == "ok"
+
+
+def test_the_total_counts_from_the_request_not_from_the_first_attempt() -> None:
+    """The wait for history's context is silence too, as llm.done's ttft_ms counts it."""
+    core = jobs(context_timeout_ms=500)
+    core.request(request(text="hi"), 10.0)
+    core.tick(10.5)
+    job = core.jobs[S]
+    assert core.next_tick() is None  # the profile (and so the total) is not known yet
+    job.configure(profile(first_token_total_s=5.0, first_token_timeout_s=60.0))
+    assert core.next_tick() == 15.0
+    assert job.begin_attempt(10.6) and job.opened(Call()) == [] and core.next_tick() == 15.0
 
 
 # --- cancel before and after the first token -----------------------------------------------------------
@@ -425,7 +592,7 @@ def test_cancel_before_the_first_token_ends_with_no_text() -> None:
     job, call = running(core)
     assert core.cancel(S, "r1", "user", 0.5)[0] == Close(call)
     assert job.arrived(Delta("too late"), 0.6) == [] and job.attempt_over and not job.committed
-    assert job.after_attempt(None, KeyRing(["k"]), 0.0) is None
+    assert job.after_attempt(None, KeyRing(["k"]), 0.0, 1.0) is None
     done = dones(worker_end(core, job, None, 0.7))[0]
     assert (done.status, done.text, done.tokens, done.error) == ("interrupted", "", 0, "")
 
@@ -436,7 +603,7 @@ def test_cancel_after_the_first_token_keeps_the_partial_text_and_publishes_nothi
     assert [describe(e) for e in job.arrived(Delta("One "), 0.2)] == ["token s1/r1 'One '"]
     core.cancel(S, "", "user", 0.3)
     assert job.arrived(Delta("two"), 0.4) == []
-    assert job.after_attempt(failure("connect"), KeyRing(["k"]), 0.0) is None  # the closed call's error
+    assert job.after_attempt(failure("connect"), KeyRing(["k"]), 0.0, 1.0) is None  # the closed call's error
     effects = worker_end(core, job, failure("connect"), 0.5)
     assert [describe(e) for e in effects] == ["done s1/r1 interrupted",
                                               "log 20 s1/r1: interrupted after 1 tokens, first token 200 ms"]
@@ -478,7 +645,7 @@ def test_a_guard_stop_closes_the_call_and_ends_the_reply_as_it_stands() -> None:
     assert [describe(e) for e in effects] == ["token s1/r1 'Fine. '"] and not job.attempt_over
     assert job.arrived(Delta("D> leaked"), 0.2) == [Close(call)] and job.attempt_over
     job.timed_out = "idle"  # a watchdog close racing the guard's changes nothing
-    assert job.after_attempt(None, KeyRing(["k"]), 0.0) is None
+    assert job.after_attempt(None, KeyRing(["k"]), 0.0, 1.0) is None
     effects = worker_end(core, job, None, 0.3)
     done = dones(effects)[0]
     assert (done.status, done.text, done.guard, done.finish_reason) == ("ok", "Fine. ", "stop_string",
@@ -581,11 +748,12 @@ steps = st.lists(st.one_of(
 @given(steps)
 def test_any_course_of_events_ends_in_one_llm_done_that_follows_all_its_tokens(script: list[tuple[str, Any]]) -> None:
     """The worker as the shell runs it, against a call that yields, fails or ends (a closed call only
-    stops at the next "end" or "fail"), with the watchdog ticking and a cancel at any point."""
+    stops at the next "end" or "fail"), with the watchdog ticking and a cancel at any point.  No
+    attempt starts, and no retry delay ends, once first_token_total_s has passed without a token."""
     core = jobs(history_limit=0)
     core.request(request(text="hi"), 0.0)
     job = core.jobs[S]
-    job.configure(profile(stop_strings=["<END>"]))
+    job.configure(profile(stop_strings=["<END>"], first_token_total_s=3.0))
     ring = KeyRing(["k0", "k1"])
     effects: list[Effect] = []
     state: dict[str, Any] = {"now": 0.0, "call": None, "retried_after_a_token": False}
@@ -596,16 +764,18 @@ def test_any_course_of_events_ends_in_one_llm_done_that_follows_all_its_tokens(s
     def attempt() -> None:
         if not job.begin_attempt(state["now"]):
             return finish(None)
+        assert job.committed or state["now"] < job.first_token_by
         state["call"] = Call()
         effects.extend(job.opened(state["call"]))
 
     def attempt_ended(error: Exception | None) -> None:
         state["call"] = None
-        step = job.after_attempt(error, ring, 0.5)
+        step = job.after_attempt(error, ring, 0.5, state["now"])
         if not isinstance(step, Retry):
             return finish(step)
         state["retried_after_a_token"] |= bool(tokens())
         state["now"] += step.delay
+        assert state["now"] < job.first_token_by
         effects.extend(core.tick(state["now"]))
         return finish(None) if job.cancelled else attempt()
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
+import selectors
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -68,17 +71,77 @@ def server() -> Iterator[WireServer]:
         yield wire
 
 
+class SilentServer:
+    """Accepts every connection, reads what comes, and never answers: no status line, no byte.
+    It notes when each connection came and when its client hung up."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[float] = []
+        self.hung_up: dict[int, float] = {}
+        self._selector = selectors.DefaultSelector()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> SilentServer:
+        self._selector.register(self.listener, selectors.EVENT_READ)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._selector.select(0.05):
+                if key.fileobj is self.listener:
+                    conn, _ = self.listener.accept()
+                    self._selector.register(conn, selectors.EVENT_READ, len(self.accepted))
+                    self.accepted.append(time.monotonic())
+                    continue
+                conn = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    self.hung_up[key.data] = time.monotonic()
+                    self._selector.unregister(conn)
+                    conn.close()
+
+
+@pytest.fixture(scope="module")
+def silent() -> Iterator[SilentServer]:
+    with SilentServer() as quiet:
+        yield quiet
+
+
 PROFILE = {"provider": "openai", "model": "scripted", "api_key_env": "WIRE_KEY",
            "reserve_key_envs": ["WIRE_RESERVE_KEY"], "first_token_timeout_s": 1.5, "idle_timeout_s": 1.0,
            "connect_timeout_s": 1.0, "retries": 1, "backoff_s": 0.1, "backoff_max_s": 0.2,
            "stop_strings": ["<END>"]}
 
 
+SILENT = {**PROFILE, "first_token_timeout_s": 1.0, "idle_timeout_s": 1.0, "retries": 5, "backoff_s": 0.0,
+          "backoff_max_s": 0.0, "first_token_total_s": 2.5}
+"""Six attempts of 1 s each (6 s of silence) were it not for first_token_total_s."""
+
+
 @pytest.fixture(scope="module")
-def daemon(server: WireServer) -> Iterator[Daemon]:
+def daemon(server: WireServer, silent: SilentServer) -> Iterator[Daemon]:
     settings = {"llm": {"profile": "wire", "history_limit": 0, "profiles": {
         "wire": {**PROFILE, "base_url": server.url("/v1")},
         "refused": {**PROFILE, "base_url": f"http://127.0.0.1:{dead_port()}/v1"},
+        "silent": {**SILENT, "base_url": silent.url("/v1")},
+        "silent-http": {**SILENT, "provider": "http", "url": silent.url("/v1/chat/completions")},
         "local": {"provider": "local"}}}}
     with Daemon(settings, env={"WIRE_KEY": SECRET, "WIRE_RESERVE_KEY": RESERVE}) as running:
         yield running
@@ -184,6 +247,36 @@ def test_stall_mid_stream_is_an_idle_timeout(server: WireServer, session: Sessio
     done = session.until_done(request)
     assert done.status == "error" and done.text == "partial" and "no token for 1 s" in done.error
     assert time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize(("profile", "hang_up_s"), [
+    ("silent-http", 0.5),  # requests' transport is cut at once, even before the response headers
+    ("silent", 1.5),       # the openai client's socket is out of reach before the headers: its read timeout ends it
+])
+def test_a_server_that_never_answers_costs_first_token_total_s_not_retries_times_the_timeout(
+        silent: SilentServer, session: Session, profile: str, hang_up_s: float) -> None:
+    before = len(silent.accepted)
+    asked = time.monotonic()
+    request = session.ask(profile=profile)
+    done = session.until_done(request, timeout=15)
+    waited = time.monotonic() - asked
+    assert done.status == "error" and done.text == "" and done.tokens == 0
+    attempts = len(silent.accepted) - before
+    assert done.error.startswith(f"no first token within 2.5 s over {attempts} attempts "
+                                 f"(llm.profiles.{profile}.first_token_total_s)"), done.error
+    assert 2 <= attempts <= 3  # at about 0, 1 and 2 s; six without the total
+    assert re.search(r"attempt \d failed: ", done.error)
+    assert 2.5 <= done.metrics["total_ms"] / 1000 < 3.2 and waited < 4.0  # not 6 s
+    errors = session.of("error", request)
+    assert [(m.body.code, m.body.message) for m in errors] == [("provider_error", done.error)]
+    # every call was closed: the server sees each client hang up, the last one soon after llm.done
+    deadline = time.monotonic() + hang_up_s + 1.0
+    while len([n for n in silent.hung_up if n >= before]) < attempts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sorted(n for n in silent.hung_up if n >= before) == list(range(before, before + attempts))
+    assert silent.hung_up[before + attempts - 1] - (asked + 2.5) < hang_up_s
+    time.sleep(0.5)
+    assert len(silent.accepted) - before == attempts  # and no retry after the reply ended
 
 
 def test_429_with_retry_after_then_success(server: WireServer, daemon: Daemon) -> None:

@@ -269,7 +269,6 @@ def test_the_profile_names_the_start_and_tag_is_todays_behaviour() -> None:
         ThinkSplitter("open", limit=3)
 
 
-@pytest.mark.skipif("reasoning_start" not in PROFILE_SCHEMA, reason="services/config.py does not declare it yet")
 def test_the_config_takes_exactly_the_starts_the_splitter_knows_and_defaults_to_tag() -> None:
     rule = PROFILE_SCHEMA["reasoning_start"]
     assert all(rule.check(start) for start in REASONING_STARTS) and not rule.check("auto")

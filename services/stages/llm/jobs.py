@@ -14,6 +14,7 @@ the job has not ended, and the job ends under the same lock.
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ JOURNAL_SIZE = 2000
 CANCEL_GRACE_S = 0.1
 """A call that has not stopped this long after a cancel is abandoned: llm.done goes out anyway."""
 BARGE_IN = "barge-in: a new request arrived"
+TOTAL = "first_token_total"
+"""Job.timed_out once the profile's first_token_total_s passed with no token: the watchdog ended the reply."""
 FAILURES = (ProviderError, ConfigError, ValueError)
 """What a reply can fail with and say why in words; anything else is a bug, logged with its traceback."""
 
@@ -144,20 +147,32 @@ class Job:
     provider: str = ""
     api_key_env: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
+    first_token_total: float = math.inf
+    """The profile's first_token_total_s: from the request to the first token, over every attempt."""
+    setting: str = ""
+    """Where first_token_total is set, for the error that names it."""
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     guard: ReplyGuard = field(default_factory=lambda: ReplyGuard(GuardPolicy()))
     splitter: ThinkSplitter = field(default_factory=ThinkSplitter)
     reasoning: list[str] = field(default_factory=list)
     # the attempts
     generation: Generation | None = None
+    """The newest attempt's call (kept once it is over: llm.done reports its outcome)."""
+    attempts: int = 0
+    in_attempt: bool = False
+    """Between begin_attempt and after_attempt: the attempt's own deadlines apply."""
+    call_open: bool = False
+    """The current attempt's call is open (`generation`), so the watchdog can close it."""
     attempt_started: float = 0.0
     last_delta: float = 0.0
     committed: bool = False
     """A token (or reasoning) came: from here on nothing is retried, since that would repeat speech."""
     timed_out: str = ""
-    """"first_token" or "idle" once the watchdog closed the current attempt."""
+    """"first_token" or "idle" once the watchdog closed the current attempt; TOTAL once it ended the reply."""
     retries: int = 0
     rotations: int = 0
+    last_failure: str = ""
+    """Which attempt was last retried and why, for the error of a reply that runs out of first_token_total."""
 
     @property
     def cancelled(self) -> bool:
@@ -179,25 +194,49 @@ class Job:
         self.provider = profile["provider"]
         self.api_key_env = profile.get("api_key_env", "")
         self.guard = ReplyGuard(GuardPolicy.from_profile(profile))
+        self.splitter = ThinkSplitter.from_profile(profile)
         self.timeouts = profile_timeouts(profile)
+        self.first_token_total = profile["first_token_total_s"]
+        self.setting = f"llm.profiles.{profile['name']}.first_token_total_s"
         self.policy = RetryPolicy.from_profile(profile)
 
     # --- the watchdog ------------------------------------------------------------------------
 
+    @property
+    def first_token_by(self) -> float:
+        """When the reply runs out of first_token_total_s (inf until the profile is known)."""
+        return self.reply.started + self.first_token_total
+
     def due(self) -> float | None:
-        """When the watchdog next has to act on this job, if ever."""
+        """When the watchdog next has to act on this job, if ever: the attempt's own deadline, and
+        before the first token the reply's first_token_total_s, in a retry delay too."""
         if self.cancelled_at is not None:
             return self.cancelled_at + CANCEL_GRACE_S
         if not self.started:
             return self.deadline
-        if self.generation is not None and not self.timed_out:
-            if self.committed:
-                return self.last_delta + self.timeouts.idle
-            return self.attempt_started + self.timeouts.first_token
-        return None
+        deadlines = [] if self.committed else [self.first_token_by]
+        if self.in_attempt and not self.timed_out:
+            deadlines.append(self.last_delta + self.timeouts.idle if self.committed
+                             else self.attempt_started + self.timeouts.first_token)
+        due = min(deadlines, default=math.inf)
+        return due if math.isfinite(due) else None
+
+    def total_error(self, now: float, failure: ProviderError | None = None,
+                    delay: float | None = None) -> ProviderError:
+        """The error of a reply that ran out of first_token_total_s before its first token: at the
+        deadline, or at an attempt's end when the retry's `delay` would pass it.  It names the
+        setting, the time waited and the attempts made, and the latest failure."""
+        attempts = f"{self.attempts} attempt{'' if self.attempts == 1 else 's'}"
+        if delay is None or now >= self.first_token_by:
+            text = f"no first token within {self.first_token_total:g} s over {attempts} ({self.setting})"
+        else:
+            text = (f"no first token after {now - self.reply.started:.1f} s over {attempts}, and a retry in "
+                    f"{delay:.2f} s would pass the {self.first_token_total:g} s bound ({self.setting})")
+        last = f"attempt {self.attempts} failed: {failure}" if failure is not None else self.last_failure
+        return ProviderError(f"{text}; {last}" if last else text, code="timeout")
 
     def timeout_error(self) -> ProviderError | None:
-        """The error a watchdog close stands for."""
+        """The error a watchdog close stands for (TOTAL: see total_error; the watchdog has sent it)."""
         if self.timed_out == "first_token":
             return ProviderError(f"no first token within {self.timeouts.first_token:g} s", code="timeout")
         if self.timed_out == "idle":
@@ -207,17 +246,23 @@ class Job:
     # --- the worker's attempts ---------------------------------------------------------------
 
     def begin_attempt(self, now: float) -> bool:
-        """An attempt starts now; False when the job was cancelled, so none does."""
-        if self.cancelled:
+        """An attempt starts now; False when the job was cancelled or has ended (the watchdog ended
+        it at first_token_total_s), so none does."""
+        if self.cancelled or self.ended:
             return False
         self.timed_out = ""
         self.attempt_started = now
+        self.attempts += 1
+        self.in_attempt = True
+        self.call_open = False
         return True
 
     def opened(self, generation: Generation) -> list[Effect]:
-        """The attempt's call is open; if a cancel came while it was opening, it is closed at once."""
+        """The attempt's call is open; if a cancel or the watchdog came while it was opening, it is
+        closed at once."""
         self.generation = generation
-        return [Close(generation)] if self.cancelled else []
+        self.call_open = True
+        return [Close(generation)] if self.cancelled or self.timed_out else []
 
     def arrived(self, delta: Delta, now: float) -> list[Effect]:
         """A delta of the open call: its first text or reasoning commits the reply; a guard that fires
@@ -226,19 +271,24 @@ class Job:
             return []
         self.committed = True
         self.last_delta = now
-        effects = self._route(self.splitter.push(delta.text), delta.reasoning, now)
+        effects = self._route(self.splitter.push(delta.text, delta.reasoning), delta.reasoning, now)
         if self.fired and self.generation is not None:
             effects.append(Close(self.generation))
         return effects
 
-    def after_attempt(self, error: Exception | None, ring: KeyRing, jitter: float) -> Retry | Exception | None:
-        """How the reply goes on after an attempt that ended with `error` (None: the call ended):
-        a Retry; an exception that ends the reply; or None, the reply ends as it stands.
+    def after_attempt(self, error: Exception | None, ring: KeyRing, jitter: float,
+                      now: float) -> Retry | Exception | None:
+        """How the reply goes on after an attempt that ended with `error` (None: the call ended) at
+        `now`: a Retry; an exception that ends the reply; or None, the reply ends as it stands.
 
         A watchdog close stands for a timeout.  A provider error (a timeout among them) before the
         first token is retried, to the next key at once when the key was refused, else after a
         backoff; after the first token never.  `jitter` in [0, 1) spreads the backoffs of clients.
+        No retry starts that would end at or after first_token_total_s: the reply fails at once.
         """
+        self.in_attempt = self.call_open = False
+        if self.timed_out == TOTAL:  # the watchdog has ended the reply with this error already
+            return self.total_error(now)
         if not isinstance(error, ProviderError):
             timeout = self.timeout_error()
             if error is not None:  # a provider bug: a watchdog close still means a timeout, not retried
@@ -253,6 +303,9 @@ class Job:
         step = next_step(error, self.retries, len(ring.keys) - 1 - self.rotations, self.policy, jitter)
         if step is None:
             return error
+        if now + step.delay >= self.first_token_by:
+            return self.total_error(now, error, step.delay)
+        self.last_failure = f"attempt {self.attempts} failed: {error}"
         if step.rotate:
             self.rotations += 1
             ring.rotate()
@@ -264,7 +317,8 @@ class Job:
 
     def end(self, now: float) -> list[Effect]:
         """The attempts are over: release what the think splitter and the guard held back."""
-        return self._route(self.splitter.finish(), "", now, end=True)
+        reason = self.generation.outcome.finish_reason if self.generation is not None else ""
+        return self._route(self.splitter.finish(reason), "", now, end=True)
 
     def ending(self, error: Exception | None) -> tuple[str, str]:
         """llm.done's status and error text for a worker that ended with `error` (None: it ran through)."""
@@ -417,7 +471,8 @@ class Jobs:
 
     def tick(self, now: float) -> list[Effect]:
         """The watchdog: end a cancelled job whose call did not stop, go ahead without a late
-        context, close a call that missed its first-token or idle deadline."""
+        context, end a reply that had no first token within first_token_total_s (closing its call:
+        no retry follows), close a call that missed its first-token or idle deadline."""
         effects: list[Effect] = []
         for job in list(self.jobs.values()):
             due = job.due()
@@ -430,9 +485,16 @@ class Jobs:
                                    "without history", (self.settings.context_timeout_ms, job.request.session,
                                                        job.request.id)))
                 effects += self._start(job, None)
-            elif job.generation is not None:
+            elif not job.committed and now >= job.first_token_by:
+                # The worker may stay blocked until its read timeout (a call cut before the response
+                # headers): the reply ends now, and what the worker does later changes nothing.
+                job.timed_out = TOTAL
+                effects += [Close(job.generation)] if job.call_open and job.generation is not None else []
+                effects += self.finish(job, "error", str(job.total_error(now)), now)
+            elif job.in_attempt:
                 job.timed_out = "idle" if job.committed else "first_token"
-                effects.append(Close(job.generation))
+                if job.call_open and job.generation is not None:
+                    effects.append(Close(job.generation))
         return effects
 
     def finish(self, job: Job, status: str, error: str, now: float) -> list[Effect]:

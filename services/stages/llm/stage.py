@@ -168,10 +168,10 @@ class LlmStage(Stage):
             except Exception as exc:  # what any failure means is the core's decision
                 error = exc
             with self.lock:
-                step = job.after_attempt(error, ring, random.random())
+                step = job.after_attempt(error, ring, random.random(), time.monotonic())
                 if isinstance(step, Retry):
                     self._apply([step.log])
-                    if self.lock.wait_for(lambda: job.cancelled, step.delay):
+                    if self.lock.wait_for(lambda: job.cancelled or job.ended, step.delay):
                         return
                     continue
             if step is not None:
