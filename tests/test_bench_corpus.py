@@ -50,6 +50,22 @@ def test_corpus_covers_the_issue() -> None:
         assert needle in everything, needle
 
 
+def test_corpus_covers_abbreviations_before_numbers_and_rare_initials() -> None:
+    """Issue 13: an abbreviation before a number, a time or a contact detail, and initials in their
+    rarer forms, each annotated as never split, in both languages."""
+    annotated = {(item["lang"], span) for item in lines() for span in item["never_split"]}
+    for lang, span in (("ru", "каб. 305"), ("ru", "комн. 12"), ("ru", "оф. 7"), ("ru", "тел. +7 495 123-45-67"),
+                       ("ru", "д. 5"), ("ru", "кв. 12"), ("ru", "стр. 2"), ("ru", "мин. 5"), ("ru", "ок. 10 км"),
+                       ("ru", "т. 8-800-555-35-35"), ("ru", "Ж.-П. Сартр"), ("ru", "А.-Б. Иванов"),
+                       ("ru", "Пушкин А. С."), ("en", "Rm. 305"), ("en", "Apt. 4B"), ("en", "No. 5"),
+                       ("en", "Tel. +1 555 123 4567"), ("en", "Ext. 12"), ("en", "approx. 10 km"), ("en", "Fig. 3"),
+                       ("en", "Vol. 2"), ("en", "p. 17"), ("en", "St. 5"), ("en", "J.-P. Sartre"), ("en", "J.-B. Say"),
+                       ("en", "J.R.R. Tolkien"), ("en", "Tolkien J. R. R.")):
+        assert (lang, span) in annotated, (lang, span)
+    everything = "\n".join(item["text"] for item in lines())
+    assert "А.С.Пушкин" in everything   # one word: no annotation, a cut inside it is always wrong
+
+
 def test_speakable_text_removes_markup_and_keeps_words() -> None:
     raw = ("<think>plan <e>x</e></think><e>smile</e>**Hi**, see [docs](https://d.io/a_b) or "
            "https://x.io/a_b#c 😊\n# Head\n- item `snake_case`\n```py\nprint(1)\n```\nEnd.")

@@ -47,7 +47,8 @@ WORDS = ["Привет", "мир", "hello", "world", "дела", "Ёжик", "3.
          "e.g.", "i.e.", "т.е.", "т.к.", "и т.д.", "Dr.", "Mr.", "U.S.", "А. С. Пушкин", "г.", "ул.", "стр.",
          "me@example.org", "https://ex.com/a_b?x=1", "www.site.ru", "(скобки)", "«цитата»", '"quote"',
          "—", "что-то", "a < b", "x<y", "x<y>z", "<3", "2 > 1", "vector<int>", "1.", "2)", "100%", "C++", "OK",
-         "Нет", "Yes"]
+         "Нет", "Yes", "каб. 305", "тел. +7 495 123-45-67", "(495) 123-45-67", "ок. 10 км", "No. 5", "Apt. 4B",
+         "Ж.-П. Сартр", "J.-B. Say", "Пушкин А. С.", "J.R.R. Tolkien"]
 SEPARATORS = [" ", " ", " ", ", ", ". ", "! ", "? ", "?! ", "... ", "… ", "; ", ": ", " — ",
               "\n", "\n\n", ".\n"]
 BODIES = ["smile", "Подойти к игроку", "1,-2,0", "  wave  ", "happy|sad"]
@@ -274,6 +275,216 @@ def test_lists_and_headings_are_cut_per_line_and_blank_lines_always_cut():
     reply = "Вот список:\n1. Молоко\n2) Хлеб\n- яйца\n\n## Рецепт\nСмешайте всё."
     assert texts(reply) == ["Вот список:", "1. Молоко", "2) Хлеб", "яйца", "Рецепт", "Смешайте всё."]
     assert texts("First paragraph here\n\nsecond one") == ["First paragraph here", "second one"]
+
+
+# --- abbreviations before numbers, and initials in their rarer forms ------------------------------
+
+def cut_points(chunks: list[str]) -> list[int]:
+    """Where the chunks were cut, counted in non-space characters of the reply."""
+    return list(itertools.accumulate(len("".join(text.split())) for text in chunks))[:-1]
+
+
+def cuts_inside(reply: str, chunks: list[str], form: str) -> list[int]:
+    """The cuts strictly inside any occurrence of `form` in the reply."""
+    squeezed, target = "".join(reply.split()), "".join(form.split())
+    spans = [(m.start(), m.end()) for m in re.finditer(re.escape(target), squeezed)]
+    assert spans, f"{form!r} is not in {reply!r}"
+    return [cut for cut in cut_points(chunks) for start, end in spans if start < cut < end]
+
+
+def streamings(reply: str) -> list[list[str]]:
+    """The whole reply, one character at a time, and every split into two deltas."""
+    return [[reply], chars(reply), *([reply[:cut], reply[cut:]] for cut in range(1, len(reply)))]
+
+
+def eager_policies(reply: str) -> list[ChunkerPolicy]:
+    """Policies that cut as early as they may, the first chunk after 1, 2, … words: every gap of the
+    reply is offered as a cut to the first-chunk rule, and every sentence end to the later-chunk rule."""
+    return [ChunkerPolicy(min_first_chars=1, max_first_words=k, min_chars=1)
+            for k in range(1, len(reply.split()) + 1)]
+
+
+# (a sentence, the forms in it that must never be cut inside)
+ABBREVIATED_NUMBERS = [
+    ("Жду тебя в каб. 305 после обеда.", ["каб. 305"]),
+    ("Она живёт в комн. 12 на третьем этаже.", ["комн. 12"]),
+    ("Приходи в оф. 7 к обеду.", ["оф. 7"]),
+    ("Звони по тел. +7 495 123-45-67 после шести.", ["тел. +7 495 123-45-67"]),
+    ("Звони по тел. (495) 123-45-67 днём.", ["тел. (495) 123-45-67"]),
+    ("Это рядом, д. 5 по той улице.", ["д. 5"]),
+    ("Смотри стр. 2 в учебнике.", ["стр. 2"]),
+    ("Мой адрес ул. Ленина, д. 5, кв. 12 на третьем этаже.", ["ул. Ленина", "д. 5", "кв. 12"]),
+    ("Я живу в г. Москва уже давно.", ["г. Москва"]),
+    ("Для игры нужно мин. 5 человек.", ["мин. 5"]),
+    ("До дачи ок. 10 км по трассе.", ["ок. 10 км"]),
+    ("Звоните по т. 8-800-555-35-35 бесплатно.", ["т. 8-800-555-35-35"]),
+    ("Это было в 2026 г. 5 мая утром.", ["г. 5"]),
+    ("Go to Rm. 305 on the third floor.", ["Rm. 305"]),
+    ("She lives in Apt. 4B above the bakery.", ["Apt. 4B"]),
+    ("The house is No. 5 on this street.", ["No. 5"]),
+    ("Call Tel. +1 555 123 4567 after six.", ["Tel. +1 555 123 4567"]),
+    ("Then dial Ext. 12 for the front desk.", ["Ext. 12"]),
+    ("The lake is approx. 10 km from here.", ["approx. 10 km"]),
+    ("The chart in Fig. 3 shows it well.", ["Fig. 3"]),
+    ("Start with Vol. 2 of the series.", ["Vol. 2"]),
+    ("The quote is on p. 17 of the book.", ["p. 17"]),
+    ("The bus stops at St. 5 near the park.", ["St. 5"]),
+]
+RARE_INITIALS = [
+    ("Это написал Ж.-П. Сартр в молодости.", ["Ж.-П. Сартр"]),
+    ("Доклад делал А.-Б. Иванов из Казани.", ["А.-Б. Иванов"]),
+    ("Стихи писал А.С.Пушкин всю жизнь.", ["А.С.Пушкин"]),
+    ("Стихи писал А.С. Пушкин всю жизнь.", ["А.С. Пушкин"]),
+    ("В списке первым стоит Пушкин А. С. и его стихи.", ["Пушкин А. С."]),
+    ("В указателе дважды стоит Сартр Ж.-П. и его пьесы.", ["Сартр Ж.-П."]),
+    ("This was written by J.-P. Sartre long ago.", ["J.-P. Sartre"]),
+    ("The economist J.-B. Say said so.", ["J.-B. Say"]),
+    ("My favourite author is J.R.R. Tolkien of course.", ["J.R.R. Tolkien"]),
+    ("The catalogue lists Tolkien J. R. R. as the author.", ["Tolkien J. R. R."]),
+    ("The index lists Sartre J.-P. twice.", ["Sartre J.-P."]),
+]
+
+
+@pytest.mark.parametrize("sentence, forms", ABBREVIATED_NUMBERS + RARE_INITIALS)
+def test_abbreviations_before_numbers_and_rare_initials_are_never_cut_inside(sentence, forms):
+    for reply, policies_ in ((sentence, [DEFAULT, *eager_policies(sentence)]),
+                             ("Так. " + sentence + " Дальше.", [ChunkerPolicy(min_first_chars=1, min_chars=1)])):
+        for policy in policies_:
+            whole = texts(reply, policy)
+            for form in forms:
+                assert not cuts_inside(reply, whole, form), (form, whole, policy)
+            for deltas in streamings(reply):
+                assert texts(deltas, policy) == whole, (deltas, policy)
+
+
+@pytest.mark.parametrize("text, first", [
+    ("Он живёт в комн. 12. Потом ушёл.", "Он живёт в комн. 12."),
+    ("Позвони мне по тел. +7 495 123-45-67. Я буду ждать.", "Позвони мне по тел. +7 495 123-45-67."),
+    ("До дачи ок. 10 км. Поедем на машине.", "До дачи ок. 10 км."),
+    ("Это написал Ж.-П. Сартр. Потом его читали все.", "Это написал Ж.-П. Сартр."),
+    ("Мне нравится А.С.Пушкин. Его стихи прекрасны.", "Мне нравится А.С.Пушкин."),
+    ("Я видел там много тел. Потом убежал.", "Я видел там много тел."),
+    ("Подожди меня 5 мин. Я сейчас приду.", "Подожди меня 5 мин."),
+    ("Go to Rm. 305. It is on the third floor.", "Go to Rm. 305."),
+    ("She lives in Apt. 4B. Come and visit.", "She lives in Apt. 4B."),
+    ("The economist was J.-B. Say. He wrote about markets.", "The economist was J.-B. Say."),
+    ("My favourite is J.R.R. Tolkien. His books are great.", "My favourite is J.R.R. Tolkien."),
+    ("That word is quite apt. Use it in the essay.", "That word is quite apt."),
+    ("We waited for 10 min. Then the bus came.", "We waited for 10 min."),
+])
+def test_a_sentence_still_ends_right_after_these_words(text, first):
+    assert texts(text)[0] == first
+    assert texts("Так. " + text, ChunkerPolicy(min_first_chars=1, min_chars=1))[1] == first
+    assert texts(chars("Так. " + text), ChunkerPolicy(min_first_chars=1, min_chars=1))[1] == first
+
+
+@pytest.mark.parametrize("reply, chunk", [
+    ("Ты спрашиваешь, правда ли это? No. It is not true at all.", "No."),
+    ("Ты хочешь пойти гулять? Ок. Давай пойдём прямо сейчас.", "Ок."),
+])
+def test_an_abbreviation_that_is_also_a_word_ends_a_sentence_before_a_capital(reply, chunk):
+    assert chunk in texts(reply, ChunkerPolicy(min_first_chars=1, min_chars=1))
+
+
+def test_initials_never_end_a_chunk_even_at_the_end_of_a_sentence():
+    """«Пушкин А. С. Потом» cannot be told from «в Москве А. С. Пушкин жил», so initials always bind."""
+    got = texts("Так. Это написал Пушкин А. С. Потом его читали все.", ChunkerPolicy(min_first_chars=1, min_chars=1))
+    assert got == ["Так.", "Это написал Пушкин А. С. Потом его читали все."]
+
+
+@pytest.mark.parametrize("reply, decided_by", [
+    ("Жду тебя в каб. 305 сегодня, приходи.", "Жду тебя в каб. 305 сегодня,"),
+    ("Это написал Ж.-П. Сартр, я уверена.", "Это написал Ж.-П. Сартр,"),
+    ("Call Tel. +1 555 123 4567 today, please.", "Call Tel. +1 555 123 4567 today,"),
+    ("Call Tel. +1 555 123 4567, please.", "Call Tel. +1 555 123 4567, "),   # "4567,5" would be a decimal
+    ("Я видел там много тел. Потом убежал.", "Я видел там много тел. П"),
+    ("Позвони мне по тел. +7 495 123-45-67. Я жду.", "Позвони мне по тел. +7 495 123-45-67. Я"),
+    ("one two three four five six seven eight nine Пушкин Алексей ушёл", "one two three four five six seven eight nine "
+                                                                          "Пушкин Ал"),
+    ("one two three four five six seven eight nine ten 10 человек", "one two three four five six seven eight nine "
+                                                                     "ten 1"),
+])
+def test_the_first_chunk_waits_for_no_more_text_than_decides_it(reply, decided_by):
+    """The rules read ahead only as far as they must: a comma after the form is cut on arrival, and a
+    word that could start a binding form is held for the one character that tells."""
+    chunker = Chunker()
+    for n in range(1, len(reply) + 1):
+        if chunker.feed(reply[n - 1], 0.0).chunks:
+            assert reply[:n] == decided_by
+            return
+    pytest.fail("no first chunk before the end")
+
+
+@pytest.mark.parametrize("fed, spoken_first", [
+    ("Жду тебя в каб.", "Жду тебя в"),
+    ("Позвони мне по тел.", "Позвони мне по"),
+    ("Это написал Ж.-П.", "Это написал"),
+    ("Это написал Пушкин А", "Это написал"),
+])
+def test_a_stall_flush_does_not_cut_after_an_abbreviation_or_before_initials(fed, spoken_first):
+    chunker = Chunker()
+    chunker.feed(fed, 0.0)
+    assert [c.text for c in chunker.tick(1.0).chunks] == [spoken_first]
+
+
+@pytest.mark.parametrize("form", ["Dr. Smithson", "д. 305555", "Ж.-П. Сартр", "тел. +7 495"])
+def test_a_forced_cut_avoids_abbreviations_and_initials_while_another_gap_fits(form):
+    """The chunk must be cut before it passes max_chars: a gap of a min_chars chunk inside the form
+    loses to a shorter one outside it."""
+    policy = ChunkerPolicy(min_first_chars=1, max_first_words=100, min_chars=35, max_chars=40)
+    got = texts(f"Так. Раз два три четыре пять шесть семь {form} и ещё слова. Всё.", policy)
+    assert got[:3] == ["Так.", "Раз два три четыре пять шесть семь", f"{form} и ещё слова. Всё."]
+
+
+# Not "г. Москва": after a number, as in "каб. 305 г. Москва", «г.» reads as a year ending a sentence
+# ("в 2026 г. Потом"), which is the older rule.
+FORMS = [form for _, forms in ABBREVIATED_NUMBERS + RARE_INITIALS for form in forms
+         if form not in ("г. 5", "г. Москва")]
+FILLERS = ["и", "потом", "мы", "пошли", "домой", "Маша", "and", "then", "we", "went", "home", "Anna"]
+FORM_SEPARATORS = [" ", " ", " ", ", ", ". ", "! ", "? ", " — ", "; ", ": ", "\n"]
+
+
+@st.composite
+def replies_with_forms(draw: st.DrawFn) -> tuple[str, list[tuple[int, int]]]:
+    """A reply of filler words and forms, and where each form stands, in non-space characters."""
+    raw: list[str] = []
+    spans: list[tuple[int, int]] = []
+    at = 0
+    for is_form, sep in draw(st.lists(st.tuples(st.booleans(), st.sampled_from(FORM_SEPARATORS)), min_size=1,
+                                      max_size=16)):
+        word = draw(st.sampled_from(FORMS if is_form else FILLERS))
+        size = len("".join(word.split()))
+        if is_form:
+            spans.append((at, at + size))
+        raw.append(word + sep)
+        at += size + len("".join(sep.split()))
+    return "".join(raw), spans
+
+
+@FAST
+@given(replies_with_forms(), policies(), st.lists(st.integers(0, 10_000), max_size=20))
+def test_no_streaming_split_and_no_policy_ever_cuts_inside_these_forms(reply, policy, cuts):
+    raw, spans = reply
+    whole = texts(raw, policy)
+    assert texts(split(raw, cuts), policy) == whole
+    assert "".join("".join(whole).split()) == "".join(raw.split())
+    inside = [cut for cut in cut_points(whole) for start, end in spans if start < cut < end]
+    assert not inside, (whole, inside)
+
+
+SENTENCE_ENDING_FORMS = ["в комн. 12", "по тел. +7 495 123-45-67", "ок. 10 км", "у Ж.-П. Сартр", "А.С.Пушкин",
+                         "много тел", "через 5 мин", "в Rm. 305", "Apt. 4B", "by J.-B. Say", "J.R.R. Tolkien",
+                         "quite apt", "for 10 min", "is No. 5"]
+
+
+@FAST
+@given(st.lists(st.sampled_from(FILLERS), max_size=4), st.sampled_from(SENTENCE_ENDING_FORMS),
+       st.lists(st.sampled_from(FILLERS), min_size=1, max_size=4), st.lists(st.integers(0, 10_000), max_size=20))
+def test_a_sentence_ending_in_one_of_these_forms_is_still_cut_there(lead, form, tail, cuts):
+    sentence = " ".join(["Вот", *lead, form]) + "."
+    raw = f"Так. {sentence} {' '.join(tail).capitalize()} конец."
+    got = texts(split(raw, cuts), ChunkerPolicy(min_first_chars=1, min_chars=1))
+    assert got[1] == sentence, got
 
 
 # --- never spoken ----------------------------------------------------------------------------

@@ -414,24 +414,45 @@ _TERMINAL = re.compile(r"[.!?…]+$")
 _WORDLIKE = re.compile(r"\w")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 _LIST_MARKER = re.compile(r"\d{1,3}[.)]")
-_DOTTED = re.compile(r"(?:[^\W\d_]\.){2,}")          # e.g. U.S. т.е. А.С.
+_DOTTED = re.compile(r"(?:[^\W\d_]\.){2,}")          # e.g. U.S. т.е. А.С. J.R.R.
 _INITIAL = re.compile(r"[^\W\d_]\.")
+_HYPHENATED = re.compile(r"[^\W\d_]\.(?:-[^\W\d_]\.)+")   # double initials: Ж.-П. J.-B.
+_NAME = re.compile(r"[^\W\d_]+(?:-[^\W\d_]+)*")       # a surname before trailing initials: Пушкин А. С.
+# A number, a phone number or a part of one: 305, +7, (495), 123-45-67, 8-800-555-35-35, 3.14, 12:30.
+_NUMERIC = re.compile(r"[(+№]{0,2}\d(?:[\d()\-–/]|[.,:](?=\d))*")
 _COMPLETE_TAIL = re.compile(r"(?:[!?…,;:]|(?<!\d)\.)[»\"”’')\]}]*$")
 
 # Abbreviations that do not end a sentence even before a capital ("Dr. Smith", "г. Москва").
 _NON_TERMINAL = frozenset("""
     mr. mrs. ms. dr. prof. st. sr. jr. vs. cf. approx. fig. p. pp. vol. ch. mt. ave. blvd. dept.
-    no. nos. sgt. capt. gen. col. lt. cmdr. gov. sen. rep. corp. est.
+    nos. sgt. capt. gen. col. lt. cmdr. gov. sen. rep. corp. est. rm. ext. tel. ste. bldg. fl. eq.
     jan. feb. mar. apr. jun. jul. aug. sep. sept. oct. nov. dec.
     mon. tue. tues. wed. thu. thur. thurs. fri. sat. sun.
     пос. м. н. дер. обл. р. оз.
     ул. стр. д. им. проф. акад. доц. см. напр. рис. табл. с. п. пп. просп. пер. кв. обл. ст.
     тов. гр. англ. лат. рус. ср. т. г. гг. в. вв. тыс. млн. млрд. мин. сек. ч. руб. коп.
+    каб. комн. оф. корп. эт. мкр. пл. наб. доб. вып. гл.
 """.split())
 # Units, which end a sentence after a number ("в 2026 г. Потом") but not elsewhere ("г. Москва").
 _UNITS = frozenset("г. гг. в. вв. см. тыс. млн. млрд. мин. сек. ч. руб. коп.".split())
+# Abbreviations that are also words, so may end a sentence («много тел.», "No.", «Ок.», "quite apt."): they
+# bind only to a number after them ("тел. +7 495…", "No. 5", "ок. 10 км", "Apt. 4B"). Before a number any
+# abbreviation binds, even a unit after a number: "в 2026 г. 5 мая".
+_NUMBER_BOUND = frozenset("no. apt. min. max. sec. art. ca. ref. pt. тел. ок. макс. к.".split())
+# What a number is followed by when it is a measure, not a count of something: "10 км", "5 p.m.".
+_NUMBER_UNITS = frozenset("""
+    км м см мм кг г мг т ц л мл ч мин с сек мс руб коп тыс млн млрд шт га
+    km m cm mm kg g mg lb lbs oz mi ft in yd l ml h hr hrs min mins s sec secs ms k bn a.m. p.m. am pm
+""".split())
 # Dotted abbreviations that may end a sentence ("и т.д. Потом").
 _TERMINAL_DOTTED = frozenset("т.д. т.п. и.т.д. и.т.п. н.э. a.m. p.m.".split())
+
+
+_ABBREVIATIONS = _NON_TERMINAL | _NUMBER_BOUND | _UNITS
+
+
+def _is_abbreviation(word: str) -> bool:
+    return word.lower() in _ABBREVIATIONS
 
 
 def _always(match: re.Match[str] | None) -> re.Match[str]:
@@ -449,7 +470,7 @@ class _Gap:
     length: int                 # characters of the chunk if cut here
     words: int                  # words of the chunk if cut here
     strength: int | None        # None: cannot be told before more text arrives
-    glue: bool                  # cutting here would split an abbreviation or initials
+    glue: bool                  # cutting here would, or may, split an abbreviation, initials or a number
     end: bool = False           # the end of the reply
 
 
@@ -500,7 +521,7 @@ class _Splitter:
         gaps, total = self._gaps(at_end=False)
         tail = _LAST_TOKEN.search(self._text, self._start)
         if (tail and total <= self._policy.max_chars and _COMPLETE_TAIL.search(tail.group())
-                and not self._is_glue(tail, None)):
+                and not self._is_glue(tail, None) and tail.group().lstrip(_OPENERS).lower() not in _NUMBER_BOUND):
             return tail.end()
         fitting = [gap.pos for gap in gaps if not gap.glue and gap.length <= self._policy.max_chars]
         return fitting[-1] if fitting else None
@@ -528,11 +549,12 @@ class _Splitter:
         return gap.strength >= SENTENCE and gap.length >= p.min_chars
 
     def _forced(self, fits: list[_Gap]) -> _Gap:
-        """The chunk would grow past max_chars: cut at the strongest gap that fits,
-        preferring chunks of min_chars, then the longest; a word longer than max_chars
-        is the one thing ever cut inside."""
+        """The chunk would grow past max_chars: cut at the strongest gap that fits, never inside
+        an abbreviation, initials or a number while another gap fits, preferring chunks of
+        min_chars, then the longest; a word longer than max_chars is the one thing ever cut inside."""
         if fits:
-            return max(fits, key=lambda gap: (gap.length >= self._policy.min_chars, gap.strength, gap.length))
+            return max(fits, key=lambda gap: (not gap.glue, gap.length >= self._policy.min_chars, gap.strength,
+                                              gap.length))
         first = _always(_TOKEN.search(self._text, self._start))
         return _Gap(first.start() + self._policy.max_chars, self._policy.max_chars, 1, WORD, False)
 
@@ -551,15 +573,21 @@ class _Splitter:
                 break
             if not following and token.end() == len(self._text) and not _CLAUSE_END.search(token.group()):
                 break   # the word may go on
-            strength = self._strength(token, following, glue, at_end)
-            gaps.append(_Gap(token.end(), length, words, strength, glue))
+            word = token.group()
+            # only a word ending in '.' or not starting in lowercase can bind to the next (see _binds)
+            bound = glue or ((word[-1] == "." or not word[0].islower()) and self._binds(tokens, i, at_end))
+            strength = self._strength(token, following, bound, at_end)
+            gaps.append(_Gap(token.end(), length, words, strength, bound is not False))
         return gaps, length
 
-    def _strength(self, token: re.Match[str], following: re.Match[str] | None, glue: bool,
+    def _strength(self, token: re.Match[str], following: re.Match[str] | None, glue: bool | None,
                   at_end: bool) -> int | None:
-        """How good a cut after `token` is; `following` is the next word, if it has begun."""
+        """How good a cut after `token` is; `following` is the next word, if it has begun; `glue`
+        is whether the words on either side bind (None: not known before more text arrives)."""
         if "\n" in self._text[token.end():following.start() if following else None]:
             return HARD   # line breaks end headings, list items and paragraphs
+        if glue is None:
+            return None
         if glue:
             return GLUE
         word = token.group()
@@ -597,6 +625,7 @@ class _Splitter:
         return False if at_end or len(self._text) - pos >= 64 else None
 
     def _is_glue(self, token: re.Match[str], previous: re.Match[str] | None) -> bool:
+        """Whether a cut after `token` would split it from what follows, whatever that is."""
         word = token.group().lstrip(_OPENERS)
         if _LIST_MARKER.fullmatch(word):
             return self._starts_line(token.start())
@@ -609,7 +638,73 @@ class _Splitter:
             return True
         if _DOTTED.fullmatch(word):
             return low not in _TERMINAL_DOTTED
+        if _HYPHENATED.fullmatch(word):
+            return word[0].isupper()
         return bool(_INITIAL.fullmatch(word)) and word[0].isupper() and word not in ("Я.", "I.")
+
+    def _binds(self, tokens: list[re.Match[str]], i: int, at_end: bool) -> bool | None:
+        """Whether a cut after token `i` would split it from the words that follow: an abbreviation
+        from the number after it ("каб. 305", "Tel. +1 555"), a number from the next group of its
+        digits ("+7 495 123-45-67"), or, after such an abbreviation, from its unit ("ок. 10 км"), or
+        a surname from its initials ("Пушкин А. С."). None: the text that decides has not arrived.
+
+        Each rule reads only as far as it must: an abbreviation, which waits for the next character
+        anyway (is it a capital?), waits for one more only after a '+' or '№'; a word gap after a
+        capitalised word waits for the second character of the next word only if it starts with a
+        capital, after a number only while the next word could still become a unit. A comma, a
+        semicolon or a sentence end after any other word is decided exactly as before, which is why
+        a comma inside an address ("ул. Ленина, д. 5") is cut like any other: telling that an address
+        part follows would hold every such comma back a word."""
+        token = tokens[i]
+        word = token.group().lstrip(_OPENERS)
+        if word.endswith("."):
+            return self._number_follows(token.end(), at_end) if _is_abbreviation(word) else False
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        first = word[:1]
+        if (first.isdigit() or first in ("+", "№")) and _NUMERIC.fullmatch(word):
+            if following is None:   # a plain word gap waits for the next word anyway, one after ')' does not
+                return None if word.endswith(")") else False
+            rest = following.group().lstrip("(+№")
+            if not rest:
+                return None if self._may_go_on(following, at_end) else False
+            if rest[0].isdigit():
+                return True
+            measured = i > 0 and _is_abbreviation(tokens[i - 1].group().lstrip(_OPENERS))
+            return self._unit_follows(following, at_end) if measured else False
+        if following and first.isupper() and following.group()[0].isupper():
+            after = following.group()
+            if word.isupper() or not _NAME.fullmatch(word):
+                return False
+            if len(after) == 1:
+                return None if self._may_go_on(following, at_end) else False
+            return after[1] == "."
+        return False
+
+    def _number_follows(self, pos: int, at_end: bool) -> bool | None:
+        """Whether a number comes next, past spaces, opening brackets and quotes, and a '+' or '№'."""
+        sign = False
+        for char in self._text[pos:pos + 64]:
+            if char == "\n":
+                return False
+            if char.isspace() or char in _OPENERS:
+                continue
+            if char in "+№" and not sign:
+                sign = True
+                continue
+            return char.isdigit()
+        return False if at_end or len(self._text) - pos >= 64 else None
+
+    def _unit_follows(self, following: re.Match[str], at_end: bool) -> bool | None:
+        """Whether the next word is a unit ("км", "km,", "p.m."); None while it is being written and
+        could still become one."""
+        word = following.group().lstrip(_OPENERS).lower()
+        core = word.rstrip(".,;:!?…" + _CLOSERS)
+        if self._may_go_on(following, at_end) and not _CLAUSE_END.search(word):
+            return None if core in _NUMBER_UNITS or any(unit.startswith(word) for unit in _NUMBER_UNITS) else False
+        return core in _NUMBER_UNITS or word in _NUMBER_UNITS
+
+    def _may_go_on(self, token: re.Match[str], at_end: bool) -> bool:
+        return not at_end and token.end() == len(self._text)
 
     def _starts_line(self, pos: int) -> bool:
         newline = self._text.rfind("\n", 0, pos)
