@@ -91,7 +91,7 @@ def bench_hops(plan: Plan) -> Result:
     samples = hop.measure(plan.hops, plan.hop_rate)
     lines = [f"{plan.hops:,} `token` frames per path, {plan.hop_rate / 2:,.0f}/s per path, the paths "
              f"alternating message by message between one publisher and one subscriber process "
-             f"(ipc transport). A hop runs from just before `protocol.make` in the sender to just after "
+             f"(ipc transport). A hop runs from just before `protocol.encode` in the sender to just after "
              f"`protocol.decode` in the receiver, on CLOCK_MONOTONIC.", "",
              "| path | received | p50 µs | p90 µs | p99 µs | max µs |", "|---|---|---|---|---|---|"]
     for path, label in (("direct", "direct PUB→SUB (baseline)"), ("broker", "through the broker")):
