@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 
@@ -71,6 +72,20 @@ def test_a_killed_bus_ends_the_reply_at_once_and_the_next_request_works() -> Non
                         raise
                     time.sleep(0.2)
             assert done is not None and done.status == "ok" and "Are you back?" in done.text
+            # the reply cut by the bus's death ended (llm ends its jobs) while no bus carried its llm.done:
+            # history asks llm's journal once the bus is back, so it is stored all the same
+            lost_id = reply.id
+            stored = None
+            deadline = time.monotonic() + 10
+            while stored is None and time.monotonic() < deadline:
+                time.sleep(0.3)
+                database = sqlite3.connect(daemon.db_path)
+                try:
+                    stored = database.execute("SELECT status FROM messages WHERE role = 'assistant' AND "
+                                              "request_id = ?", (lost_id,)).fetchone()
+                finally:
+                    database.close()
+            assert stored is not None and stored[0] in ("interrupted", "ok"), stored
 
 
 @pytest.mark.timeout(180)

@@ -73,6 +73,7 @@ class Stage:
         self._started_at = time.monotonic()
         self._instance = InstanceLock(runtime_dir(config["bus"]["runtime_dir"]), f"stage-{self.src}")
         self.exit_code = 0
+        self._lost_bus = False
 
     # --- hooks ----------------------------------------------------------------
 
@@ -91,6 +92,10 @@ class Stage:
 
     def shutdown(self) -> None:
         """Stop workers and release resources; the bus is still open."""
+
+    def bus_back(self) -> None:
+        """A broker answers again and our subscriptions are confirmed: catch up on what went by while
+        there was none."""
 
     def bus_lost(self) -> None:
         """The broker went away: every client's reply in flight has ended with an error, so drop
@@ -138,7 +143,12 @@ class Stage:
             except BusLost as exc:
                 self.log.warning("%s", exc)
                 self._guarded(lambda _: self.bus_lost(), None)
+                self._lost_bus = True
                 continue
+            if self._lost_bus and not self.bus.lost:
+                self._lost_bus = False
+                self.log.info("the bus is back; subscriptions confirmed again")
+                self._guarded(lambda _: self.bus_back(), None)
             if message is not None:
                 self._dispatch(message)
             now = time.monotonic()

@@ -107,6 +107,11 @@ class HistoryStage(Stage):
         self.replay_since = self.store.last_ts()
         self.bus.publish("", f"history-{os.getpid()}", ReplayQuery(since=self.replay_since))
 
+    def bus_back(self) -> None:
+        """Replies that ended while the bus was down (llm ends its jobs when it loses the bus) never
+        reached us: ask llm's journal for them, as after our own restart."""
+        self.started()
+
     def _track(self, session: str, id: str) -> ReplyTrack:
         key = (session, id)
         track = self.tracks.get(key)
