@@ -197,6 +197,24 @@ def connect(runtime: Path, name: str, *kinds: str) -> Any:
     return client
 
 
+def heartbeat_pids(runtime: Path, *wanted: str, seconds: float = 2.5, timeout: float = 20.0) -> dict[str, int]:
+    """src -> pid of each process whose `ready` heartbeat came: until every `wanted` src was seen (an
+    AssertionError after `timeout`), or, when none is named, for `seconds`."""
+    from voxpipe.protocol import Heartbeat
+    watcher = connect(runtime, "test-pids", "heartbeat")
+    found: dict[str, int] = {}
+    deadline = time.monotonic() + (timeout if wanted else seconds)
+    try:
+        while time.monotonic() < deadline and not (wanted and set(wanted) <= set(found)):
+            message = watcher.receive(0.2)
+            if message is not None and isinstance(message.body, Heartbeat) and message.body.state == "ready":
+                found[message.src] = message.body.pid
+    finally:
+        watcher.close()
+    assert set(wanted) <= set(found), f"no heartbeat from {sorted(set(wanted) - set(found))}"
+    return found
+
+
 def stop_process(process: subprocess.Popen[str]) -> tuple[int, str]:
     """SIGTERM and collect (exit code, stderr)."""
     process.send_signal(signal.SIGTERM)

@@ -15,32 +15,19 @@ import time
 import pytest
 
 import voxpipe
-from tests.harness import ROOT, Daemon, connect, fake_openai, openai_settings
+from tests.harness import ROOT, Daemon, fake_openai, heartbeat_pids, openai_settings
 from voxpipe.config import load
-from voxpipe.protocol import Heartbeat, LlmDone, Text
+from voxpipe.protocol import LlmDone, Text
 from voxpipe.runtime import BusLost
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 LONG = "Tell me a long story about a lighthouse keeper and the sea, with many details. " * 3
 
 
-def pid_of(daemon: Daemon, src: str) -> int:
-    watcher = connect(daemon.runtime_dir, "pids", "heartbeat")
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            message = watcher.receive(0.2)
-            if message is not None and message.src == src and isinstance(message.body, Heartbeat):
-                return message.body.pid
-    finally:
-        watcher.close()
-    raise AssertionError(f"no heartbeat from {src}")
-
-
 @pytest.mark.timeout(180)
 def test_a_killed_bus_ends_the_reply_at_once_and_the_next_request_works() -> None:
     with fake_openai(delay=0.05) as url, Daemon(openai_settings(url), env=KEY) as daemon:
-        bus = pid_of(daemon, "bus")
+        bus = heartbeat_pids(daemon.runtime_dir, "bus")["bus"]
         config = load(daemon.config_path, env={**os.environ, **daemon.env})
         with voxpipe.connect(config, session="lost", name="test") as client:
             reply = client.ask(LONG, timeout=45)
@@ -91,7 +78,7 @@ def test_a_killed_bus_ends_the_reply_at_once_and_the_next_request_works() -> Non
 @pytest.mark.timeout(180)
 def test_say_exits_at_once_with_the_reason_when_the_bus_dies() -> None:
     with fake_openai(delay=0.05) as url, Daemon(openai_settings(url), env=KEY) as daemon:
-        bus = pid_of(daemon, "bus")
+        bus = heartbeat_pids(daemon.runtime_dir, "bus")["bus"]
         say = subprocess.Popen(daemon.cli("say", LONG, "--timeout", "45"), cwd=ROOT, env=daemon.env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert say.stdout is not None
@@ -106,7 +93,7 @@ def test_say_exits_at_once_with_the_reason_when_the_bus_dies() -> None:
 @pytest.mark.timeout(180)
 def test_tap_says_when_the_bus_goes_and_when_it_is_back() -> None:
     with fake_openai() as url, Daemon(openai_settings(url), env=KEY) as daemon:
-        bus = pid_of(daemon, "bus")
+        bus = heartbeat_pids(daemon.runtime_dir, "bus")["bus"]
         tap = subprocess.Popen(daemon.cli("tap"), cwd=ROOT, env=daemon.env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
         try:

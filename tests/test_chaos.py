@@ -25,10 +25,10 @@ import time
 import pytest
 
 import voxpipe
-from tests.harness import Daemon, connect, fake_openai, openai_settings
+from tests.harness import Daemon, fake_openai, heartbeat_pids, openai_settings
 from voxpipe.config import load
 from voxpipe.frontends.client import Client, VoxpipeError
-from voxpipe.protocol import ErrorCode, Heartbeat, Text
+from voxpipe.protocol import ErrorCode, Text
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 ROUNDS = int(os.environ.get("VOXPIPE_CHAOS_ROUNDS", "10"))
@@ -36,22 +36,6 @@ SEED = int(os.environ.get("VOXPIPE_CHAOS_SEED", "20261206"))
 VICTIMS = ("bus", "llm", "chunker", "tts", "player", "history")
 LONG = "Tell me a long story about a lighthouse keeper, the sea, the gulls and the storms. " * 2
 ENDS_WITHIN_S = 2.0
-
-
-def pids(daemon: Daemon) -> dict[str, int]:
-    """The pid of every process that heartbeats, once all six have."""
-    watcher = connect(daemon.runtime_dir, "chaos-pids", "heartbeat")
-    found: dict[str, int] = {}
-    deadline = time.monotonic() + 20
-    try:
-        while not set(VICTIMS) <= set(found) and time.monotonic() < deadline:
-            message = watcher.receive(0.2)
-            if message is not None and isinstance(message.body, Heartbeat) and message.body.state == "ready":
-                found[message.src] = message.body.pid
-    finally:
-        watcher.close()
-    assert set(VICTIMS) <= set(found), f"not every process heartbeats: {sorted(found)}"
-    return found
 
 
 def ask_until_answered(client: Client, text: str, completed: set[str], within: float = 15.0) -> float:
@@ -88,7 +72,7 @@ def test_chaos_kill_a_random_process_mid_reply() -> None:
                 ask_until_answered(client, "Warm up.", completed)
                 for round_ in range(ROUNDS):
                     victim = chance.choice(VICTIMS)
-                    pid = pids(daemon)[victim]
+                    pid = heartbeat_pids(daemon.runtime_dir, *VICTIMS)[victim]
                     reply = client.ask(f"Round {round_}. {LONG}", timeout=30)
                     killed_at = None
                     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.openai_server import reply_for
-from tests.harness import ROOT, Daemon, connect, fake_openai, openai_settings
+from tests.harness import ROOT, Daemon, fake_openai, heartbeat_pids, openai_settings
 
 EXAMPLE = ROOT / "docs" / "examples" / "js"
 NODE, NPM = shutil.which("node"), shutil.which("npm")
@@ -98,19 +98,9 @@ def test_the_js_frontend_ends_at_once_when_the_bus_dies(example: Path) -> None:
                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert frontend.stdout is not None
         frontend.stdout.read(10)  # the reply is streaming
-        os.kill(bus_pid(daemon), signal.SIGKILL)
+        os.kill(heartbeat_pids(daemon.runtime_dir, "bus")["bus"], signal.SIGKILL)
         killed = time.monotonic()
         _, err = frontend.communicate(timeout=20)
         assert time.monotonic() - killed < 2.0, err
     assert frontend.returncode == 1 and "the voxpipe bus went away" in err, err
 
-
-def bus_pid(daemon: Daemon) -> int:
-    watcher = connect(daemon.runtime_dir, "pids", "heartbeat")
-    try:
-        while (message := watcher.receive(5.0)) is not None:
-            if message.src == "bus":
-                return message.body.pid
-    finally:
-        watcher.close()
-    raise AssertionError("no heartbeat from the bus")

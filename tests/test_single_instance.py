@@ -10,7 +10,7 @@ import os
 import subprocess
 import time
 
-from tests.harness import ROOT, Daemon, connect, fake_openai, openai_settings
+from tests.harness import ROOT, Daemon, connect, fake_openai, heartbeat_pids, openai_settings
 from voxpipe.protocol import Error, ErrorCode, Heartbeat, Message, Request
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
@@ -21,22 +21,9 @@ def run_cli(daemon: Daemon, *args: str, timeout: float = 60) -> subprocess.Compl
                           timeout=timeout)
 
 
-def stage_pids(daemon: Daemon) -> dict[str, int]:
-    """src -> pid, from a few seconds of heartbeats."""
-    watcher = connect(daemon.runtime_dir, "pids", "heartbeat")
-    pids: dict[str, int] = {}
-    deadline = time.monotonic() + 2.5
-    while time.monotonic() < deadline:
-        message = watcher.receive(0.2)
-        if message is not None and isinstance(message.body, Heartbeat) and message.body.state == "ready":
-            pids[message.src] = message.body.pid
-    watcher.close()
-    return pids
-
-
 def test_a_second_run_and_a_second_stage_are_refused_and_the_first_goes_on() -> None:
     with fake_openai() as url, Daemon(openai_settings(url), env=KEY) as daemon:
-        before = stage_pids(daemon)
+        before = heartbeat_pids(daemon.runtime_dir)
         assert {"bus", "llm", "chunker", "tts", "player", "history"} <= set(before)
 
         started = time.monotonic()
@@ -50,7 +37,7 @@ def test_a_second_run_and_a_second_stage_are_refused_and_the_first_goes_on() -> 
             assert copy.returncode == 2, copy.stderr
             assert f"voxpipe stage {stage} is already running (pid {before[stage]})" in copy.stderr
 
-        assert stage_pids(daemon) == before, "the first daemon's processes, and only those, still serve"
+        assert heartbeat_pids(daemon.runtime_dir) == before, "the first daemon's processes, and only those, still serve"
         said = run_cli(daemon, "say", "Hello there", "--timeout", "30")
         assert said.returncode == 0 and said.stdout.count("Hello there") == 1, said.stdout + said.stderr
 
@@ -60,7 +47,7 @@ def test_a_twin_seen_in_the_heartbeats_is_reported_and_the_younger_stops() -> No
     twin claims to be, reports duplicate_stage and steps aside; the supervisor restarts it, and with
     the twin gone the pipeline answers again."""
     with fake_openai() as url, Daemon(openai_settings(url), env=KEY) as daemon:
-        before = stage_pids(daemon)
+        before = heartbeat_pids(daemon.runtime_dir)
         twin = connect(daemon.runtime_dir, "chunker", "error")
         twin.publish("", "", Heartbeat(pid=os.getpid(), uptime=1e6, state="ready", shard="0/1"))
         deadline = time.monotonic() + 10
@@ -76,8 +63,9 @@ def test_a_twin_seen_in_the_heartbeats_is_reported_and_the_younger_stops() -> No
         daemon.wait_for("started chunker", timeout=20)
         watcher = connect(daemon.runtime_dir, "ask", "llm.done")
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and stage_pids(daemon).get("chunker") in (None, before["chunker"]):
-            pass
+        while time.monotonic() < deadline:  # until the restarted chunker heartbeats
+            if heartbeat_pids(daemon.runtime_dir).get("chunker") not in (None, before["chunker"]):
+                break
         watcher.publish("twin", "r1", Request(text="Still there?"))
         done = None
         while done is None and time.monotonic() < deadline:

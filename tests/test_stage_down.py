@@ -10,9 +10,9 @@ import time
 import pytest
 
 import voxpipe
-from tests.harness import Daemon, connect, fake_openai, openai_settings
+from tests.harness import Daemon, connect, fake_openai, heartbeat_pids, openai_settings
 from voxpipe.config import load
-from voxpipe.protocol import Error, ErrorCode, Heartbeat, LlmDone
+from voxpipe.protocol import Error, ErrorCode, LlmDone
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 
@@ -20,14 +20,9 @@ KEY = {"FAKE_OPENAI_KEY": "test-key"}
 @pytest.mark.timeout(120)
 def test_a_request_while_tts_is_down_fails_at_once_and_the_next_one_works() -> None:
     with fake_openai() as url, Daemon(openai_settings(url), env=KEY) as daemon:
-        watcher = connect(daemon.runtime_dir, "watch", "heartbeat", "error")
+        tts = heartbeat_pids(daemon.runtime_dir, "tts")["tts"]
+        watcher = connect(daemon.runtime_dir, "watch", "error")
         deadline = time.monotonic() + 10
-        tts = None
-        while tts is None and time.monotonic() < deadline:
-            message = watcher.receive(0.2)
-            if message is not None and message.src == "tts" and isinstance(message.body, Heartbeat):
-                tts = message.body.pid
-        assert tts is not None
         config = load(daemon.config_path, env={**os.environ, **daemon.env})
         with voxpipe.connect(config, session="down", name="test") as client:
             os.kill(tts, signal.SIGKILL)
