@@ -1,0 +1,30 @@
+"""Text from the bus or the model made safe to print on a terminal.
+
+Model replies, history, `src` names and counter names are untrusted: an ESC sequence in them can
+recolour or clear the screen, an OSC sequence can retitle the window or plant a hyperlink, a CR can
+overwrite what was printed before, and a bidi override can reorder what the reader sees.  Every
+front-end passes such text through `printable` before it reaches a terminal; the colours a
+front-end emits itself are added after, so they stay intact.
+"""
+from __future__ import annotations
+
+import re
+
+_BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
+_CONTROL_AND_LINES = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+
+
+def _shown(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """`text` with every control character written out as `\\xNN` (`\\uNNNN` for bidi controls).
+
+    Newlines and tabs stay as they are unless `one_line` is set, for fields such as a stage name
+    or a counter that must not break the row they sit in.
+    """
+    return (_CONTROL_AND_LINES if one_line else _CONTROL).sub(_shown, text)
