@@ -1,28 +1,28 @@
 """The `voxpipe` command line: run the daemon, run one stage, and the front-end commands.
 
-Exit codes: 0 OK, 1 runtime failure (provider error, timeout, no bus), 2 bad usage or config,
-130 interrupted with Ctrl-C.
+Exit codes: 0 OK, 1 runtime failure (provider error, timeout, no bus), 2 bad usage or config
+(ConfigError: also a runtime dir, key file or authorised key other users could use), 130 interrupted
+with Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from . import protocol
-from .config import Config, ConfigError, load
+from .config import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Config, ConfigError, load
+from .frontends.terminal import printable
 from .protocol import Body, Error, ErrorCode, Heartbeat, LlmDone, Message, Playback, Text
-from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for
+from .runtime import BusUnavailable, Connection, VoxpipeError, endpoints_for, logs
 from .runtime.broker import BusError, Endpoints
 from .runtime.instance import AlreadyRunning
 from .runtime.shard import Shard
 from .stages.llm.providers.base import ProviderError
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): 128 + 2, the shell's convention."""
 
@@ -152,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"voxpipe: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=config["log"]["level"].upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    logs.configure(config["log"]["level"])
     try:
         return COMMANDS[args.command](args, config)
     except (BusUnavailable, BusError, ProviderError, VoxpipeError) as exc:
@@ -194,11 +193,11 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
                 match event.body:
                     case Text(delta=delta, final=final):
                         end = "\n" if final and (reply.text or delta) else ""
-                        sys.stdout.write(delta + end)
+                        sys.stdout.write(printable(delta) + end)  # one code point per control: safe per piece
                         sys.stdout.flush()
                     case Error(code=code, message=message) if code != ErrorCode.STAGE_CRASHED:
                         shown.add(message)
-                        print(f"voxpipe: {code}: {message}", file=sys.stderr)
+                        print(printable(f"voxpipe: {code}: {message}"), file=sys.stderr)
                     case Playback(final=True) as playback:
                         played = playback
         except KeyboardInterrupt:
@@ -213,22 +212,24 @@ def cmd_say(args: argparse.Namespace, config: Config) -> int:
 
 
 def _say_outcome(crashed: Error | None, done: LlmDone | None, played: Playback | None, shown: set[str]) -> int:
-    """The exit code of `say`, with one line on stderr for whatever went wrong (never twice)."""
+    """The exit code of `say`, with one line on stderr for whatever went wrong (never twice).
+
+    Every text here came over the bus, so it is printed through `printable`."""
     if crashed is not None:
-        print(f"voxpipe: {crashed.message}; this reply is lost, ask again", file=sys.stderr)
+        print(printable(f"voxpipe: {crashed.message}; this reply is lost, ask again"), file=sys.stderr)
         return EXIT_FAILURE
     if done is None or done.status == "error":
         reason = done.error if done else "no llm.done"
         if reason not in shown:
-            print(f"voxpipe: the reply failed: {reason}", file=sys.stderr)
+            print(printable(f"voxpipe: the reply failed: {reason}"), file=sys.stderr)
         return EXIT_FAILURE
     if done.guard:
-        print(f"[cut: {done.guard}]", flush=True)
+        print(printable(f"[cut: {done.guard}]"), flush=True)
     if done.status == "interrupted":
         print("voxpipe: the reply was interrupted", file=sys.stderr)
         return EXIT_FAILURE
     if played is not None and played.path:
-        print(f"audio written to {played.path}", file=sys.stderr)
+        print(printable(f"audio written to {played.path}"), file=sys.stderr)
     return EXIT_OK if played is not None and played.event == "finished" else EXIT_FAILURE
 
 
@@ -292,15 +293,18 @@ def cmd_tap(args: argparse.Namespace, config: Config) -> int:
 
 
 def describe_frame(frame: bytes) -> str:
-    """One readable line for a frame; invalid frames are shown with the reason."""
+    """One readable line for a frame; invalid frames are shown with the reason.
+
+    Anyone on the bus chooses `src` and every text in a frame (and a reason may quote them), so
+    the line goes through `printable`: it stays one line and cannot drive the terminal."""
     try:
         message = protocol.decode(frame)
     except protocol.ProtocolError as exc:
-        return f"INVALID {frame[:40]!r}: {exc}"
+        return printable(f"INVALID {frame[:40]!r}: {exc}", one_line=True)
     stamp = time.strftime("%H:%M:%S", time.localtime(message.ts)) + f".{int(message.ts * 1000) % 1000:03d}"
     body = " ".join(f"{key}={_short(value)}" for key, value in message.body.to_wire().items())
-    return f"{stamp} {message.kind:<13} {message.session or '-'} {message.id or '-'} #{message.seq} " \
-           f"{message.src} {body}"
+    return printable(f"{stamp} {message.kind:<13} {message.session or '-'} {message.id or '-'} #{message.seq} "
+                     f"{message.src} {body}", one_line=True)
 
 
 def _short(value: Any) -> str:
@@ -345,6 +349,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         except (TypeError, ValueError):
             return str(value)
 
+    # Each row goes through `printable`: anyone on the bus chooses its src and counter names.
     print(f"{'STAGE':<12} {'PID':>7} {'STATE':<9} {'UPTIME':>9} SHARD COUNTERS")
     for src, beat in sorted(beats.items()):
         counters = field(beat, "counters")
@@ -352,14 +357,15 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
             counters = " ".join(f"{key}={value}" for key, value in sorted(counters.items(), key=lambda kv: str(kv[0])))
         uptime = field(beat, "uptime")
         uptime = f"{shown(uptime, '.0f')}s" if isinstance(uptime, (int, float)) else shown(uptime)
-        print(f"{src:<12} {shown(field(beat, 'pid')):>7} {shown(field(beat, 'state')):<9} {uptime:>9} "
-              f"{shown(field(beat, 'shard') or '-'):<5} {counters}")
+        print(printable(f"{src:<12} {shown(field(beat, 'pid')):>7} {shown(field(beat, 'state')):<9} {uptime:>9} "
+                        f"{shown(field(beat, 'shard') or '-'):<5} {counters}", one_line=True))
     # A stage that is down sends no heartbeat: `voxpipe run` says which, and why, in its own.
     launcher = beats.get("launcher")
     children = field(launcher, "children") if launcher is not None else {}
     for src, state in sorted(children.items() if isinstance(children, dict) else []):
         if src not in beats and isinstance(state, str) and state != "ready":
-            print(f"{src:<12} {'-':>7} {state.split(':')[0]:<9} {'-':>9} {'-':<5} {state.partition(': ')[2]}")
+            print(printable(f"{src:<12} {'-':>7} {state.split(':')[0]:<9} {'-':>9} {'-':<5} "
+                            f"{state.partition(': ')[2]}", one_line=True))
     return EXIT_OK
 
 

@@ -33,6 +33,11 @@ class ConfigError(ValueError):
     """A config problem; the message names the source, the key and what is allowed."""
 
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+"""Every voxpipe process's exit codes. EXIT_USAGE is a ConfigError or a bad command line: something only
+the user can fix, so `voxpipe run` and systemd (RestartPreventExitStatus=2) do not restart on it."""
+
+
 # --- rules and settings ------------------------------------------------------
 
 class Rule(NamedTuple):

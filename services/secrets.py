@@ -6,7 +6,8 @@ settings name where its keys are, never the keys themselves (config.key_settings
 
 - `api_key_file`: a file with one key per line (the first is the primary, the others are
   reserves; blank lines and lines starting with `#` are skipped).  It must be mode 0600 or
-  stricter, or it is refused with the chmod to run.
+  stricter, or it is refused with the chmod to run (`voxpipe run` checks every one before it starts
+  anything: `check_key_files`).
 - `api_key_env`, then `reserve_key_envs`: environment variables.
 
 The keys are read when the plugin is first used, and returned in that order (file first),
@@ -17,11 +18,11 @@ the file or variable only, and `scrub` takes a key out of any text a server sent
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .runtime.curve import check_private_file
 
 
@@ -30,9 +31,8 @@ def read_key(settings: Mapping[str, Any], env: Mapping[str, str] = os.environ, t
     messages; "" means the profile `settings["name"]`."""
     keys: list[str] = []
     table = table or f"llm.profiles.{settings.get('name', '?')}"
-    if settings.get("api_key_file"):
-        path = Path(settings["api_key_file"]).expanduser()
-        check_private_file(path, f"key {table}.api_key_file:", "create it with mode 600, one key per line")
+    path = key_file(settings, table)
+    if path is not None:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -45,12 +45,47 @@ def read_key(settings: Mapping[str, Any], env: Mapping[str, str] = os.environ, t
     return list(dict.fromkeys(key for key in keys if key))
 
 
+def key_file(settings: Mapping[str, Any], table: str) -> Path | None:
+    """The `api_key_file` that `settings` (the table `table`) names, refused (ConfigError) unless it
+    exists with mode 0600 or stricter; None when they name none."""
+    if not settings.get("api_key_file"):
+        return None
+    path = Path(settings["api_key_file"]).expanduser()
+    check_private_file(path, f"key {table}.api_key_file:", "create it with mode 600, one key per line")
+    return path
+
+
+def check_key_files(config: Config, stages: Iterable[str]) -> None:
+    """Refuse now, before any of `stages` starts, a key file that one of them would refuse later:
+    every llm profile's (llm reads one at start, the others on first use) and the tts engine's.
+    `voxpipe run` calls this, so a bad mode is one clear exit 2, not a stage's crash loop."""
+    tables: dict[str, Mapping[str, Any]] = {}
+    if "llm" in stages:
+        tables.update({f"llm.profiles.{name}": config.profile(name) for name in config["llm"]["profiles"]})
+    if "tts" in stages:
+        engine = config["tts"]["engine"]
+        tables[f"tts.{engine}"] = config["tts"].get(engine, {})
+    for table, settings in tables.items():
+        key_file(settings, table)
+
+
+CUT_KEY_MIN = 4
+"""The shortest start of a key that `scrub` takes off the end of a text as a cut-off key."""
+
+
 def scrub(text: str, secret: str) -> str:
-    """Remove a secret (and the prefix of it some servers echo back) from a message."""
-    if secret:
-        text = text.replace(secret, "***")
-        if len(secret) > 8:
-            text = text.replace(secret[:8], "***")
+    """Remove a secret from a message: the whole key; a key cut off at the end of the text (a server's
+    body read only in part), down to CUT_KEY_MIN characters; and the 8-character prefix some servers
+    echo back (for keys like `sk-proj-...` that prefix is fixed, so it is not what keeps a key secret)."""
+    if not secret:
+        return text
+    text = text.replace(secret, "***")
+    for size in range(min(len(secret) - 1, len(text)), CUT_KEY_MIN - 1, -1):
+        if text.endswith(secret[:size]):
+            text = text[:-size] + "***"
+            break
+    if len(secret) > 8:
+        text = text.replace(secret[:8], "***")
     return text
 
 

@@ -192,6 +192,9 @@ def connect(runtime: Path, name: str, *kinds: str) -> Any:
     from voxpipe.config import load
     from voxpipe.runtime import Connection, endpoints_for
     config = load(env={"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), "XDG_CONFIG_HOME": str(runtime)})
+    deadline = time.monotonic() + 30
+    while not runtime.exists() and time.monotonic() < deadline:  # a participant never makes it: a bus just
+        time.sleep(0.05)                                           # started does
     client = Connection(name, endpoints_for(config), [protocol.subscription(kind) for kind in kinds])
     client.open(timeout=30)
     return client

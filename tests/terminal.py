@@ -66,6 +66,12 @@ class Terminal:
             raw = self._raw
         return _ESCAPES.sub("", raw).replace("\r", "").replace("\0EOF", "")
 
+    @property
+    def raw(self) -> str:
+        """Everything written to the terminal, escape sequences and all (what `screen` cleans up)."""
+        with self._changed:
+            return self._raw.replace("\0EOF", "")
+
     def mark(self) -> int:
         """A position in `screen`: expect(..., after=mark) looks only at what came later."""
         return len(self.screen)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from tests.harness import PYTHON, ROOT, base_env, start_stage, stop_process
+from tests.harness import PYTHON, ROOT, base_env, connect, start_stage, stop_process
 from voxpipe import protocol
 from voxpipe.config import load
 from voxpipe.runtime import BusUnavailable, Connection, endpoints_for
@@ -254,7 +254,7 @@ def test_ipc_stays_the_default_and_private(home: Path) -> None:
     runtime = home / "run"
     bus = start_stage("bus", runtime)
     try:
-        participant({"VOXPIPE_BUS__RUNTIME_DIR": str(runtime), "XDG_CONFIG_HOME": str(home)}, "probe").close()
+        connect(runtime, "probe").close()
         assert oct(runtime.stat().st_mode & 0o777) == "0o700"
         for name in ("in.sock", "out.sock", "capture.sock"):
             assert oct((runtime / name).stat().st_mode & 0o777) == "0o600"

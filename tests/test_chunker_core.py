@@ -689,14 +689,34 @@ def test_a_lone_angle_bracket_is_text():
     assert chunker.feed(" ", 0).display == "<ex "
 
 
-def test_an_unclosed_tag_is_released_as_text_after_tag_lookahead():
+def test_a_configured_tag_longer_than_tag_lookahead_is_discarded_to_its_closing_tag_never_released():
     policy = ChunkerPolicy(tag_lookahead=30)
     chunker = Chunker(policy)
-    first = chunker.feed("Смотри <e>это не тег, а текст", 0).display
-    assert first == "Смотри "
-    rest = chunker.feed(" длиннее тридцати", 0).display
-    assert first + rest == "Смотри <e>это не тег, а текст длиннее тридцати"
-    assert run("Пока <e>smile", policy)[0] == "Пока "
+    assert chunker.feed("Смотри <e>это тег, хоть и длинный", 0).display == "Смотри "
+    assert chunker.feed(" длиннее тридцати</e> а это", 0).display == " а это"
+    display, chunks = run("Пока <e>smile", policy)
+    assert display == "Пока " and [m.tag for c in chunks for m in c.marks] == ["e"]
+    display, chunks = run("Пока <e>" + "никогда не закрыт " * 5, policy)   # the reply ends inside it
+    assert display == "Пока " and [c.text for c in chunks] == ["Пока"]
+    assert [(m.tag, m.body) for c in chunks for m in c.marks] == [("e", "никогда не закрыт никогда н")]
+
+
+LONG_MEMORY = ("Хорошо, запомню. <+memory>high|" + "Игрок любит кошек и собак. " * 30 + "</memory> А ты? <e>smile</e>"
+               "Пойдём гулять, 3 < 4.")
+
+
+def test_a_long_memory_tag_is_never_spoken_nor_shown_however_the_reply_is_split():
+    """The body of a configured tag past tag_lookahead goes, in display and speech alike, however the
+    deltas fall; the text around it is all kept, in order, and the tag is a mark where it stood."""
+    policy = ChunkerPolicy(tag_lookahead=100)
+    display, chunks = run(LONG_MEMORY, policy)
+    assert display == "Хорошо, запомню.  А ты? Пойдём гулять, 3 < 4."
+    assert [c.text for c in chunks] == ["Хорошо, запомню.", "А ты? Пойдём гулять, 3 < 4."]
+    assert [(m.tag, m.chunk, m.offset) for c in chunks for m in c.marks] == [("+memory", 1, 0), ("e", 1, 6)]
+    assert all(len(m.body) < 100 for c in chunks for m in c.marks)
+    assert run(chars(LONG_MEMORY), policy) == (display, chunks)
+    for cut in range(len(LONG_MEMORY) + 1):
+        assert run([LONG_MEMORY[:cut], LONG_MEMORY[cut:]], policy) == (display, chunks), cut
 
 
 # --- stall flush and timing ----------------------------------------------------------------

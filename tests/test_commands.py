@@ -10,8 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from voxpipe import protocol
+from voxpipe.protocol import Command as CommandEvent
+from voxpipe.protocol import Message
 from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
-from voxpipe.stages.history.commands import Allowlist, load_allowlist, memory_ids, parse_reply
+from voxpipe.stages.history.commands import (
+    MAX_ARGS,
+    REASON_CHARS,
+    Allowlist,
+    load_allowlist,
+    memory_ids,
+    parse_reply,
+)
 
 
 def parse(text: str, limit: int = 30):
@@ -42,7 +52,10 @@ def test_the_companion_tag_set_is_accepted() -> None:
     ("<c>open door, <script>alert(1)</script></c>", "nested tags are not allowed"),
     ("<c>run\x00payload</c>", "<c> argument 1: 'run\\x00payload' is not allowed text"),
     ("<+memory>urgent|x</memory>", "<+memory> argument 1: 'urgent' is not one of"),
-    ("<-memory>all</memory>", "<-memory> argument 1: 'all' is not allowed text"),
+    ("<-memory>all</memory>", "<-memory> argument 1: 'all' is not an id or a range of ids like 3 or 4-6"),
+    ("<-memory>9-3</memory>", "<-memory> argument 1: '9-3' is a range that ends before it starts"),
+    ("<-memory>12345678901</memory>", "<-memory> argument 1: '12345678901': an id has at most 10 digits"),
+    ("<-memory>1-999,2-1000</memory>", "<-memory> argument 1: names 1998 memories; at most 1000 in one tag"),
 ])
 def test_invalid_and_malicious_tags_are_refused_with_the_reason(reply: str, reason: str) -> None:
     commands = parse(reply)
@@ -78,7 +91,8 @@ def test_tag_like_code_is_not_a_command_but_a_configured_tag_in_code_is() -> Non
 
 def test_a_pair_is_a_tag_only_if_it_closes_within_the_lookahead() -> None:
     long = "<bogus>" + "x" * 40 + "</bogus> <e>" + "y" * 40 + "</e>"
-    assert parse_reply(long, Allowlist(lookahead=30)) == []
+    assert [(c.name, c.accepted, c.reason) for c in parse_reply(long, Allowlist(lookahead=30))] == [
+        ("e", False, "<e> does not close within 30 characters (chunker.tag_lookahead)")]   # a configured one
     assert [c.name for c in parse_reply(long, Allowlist(lookahead=60))] == ["bogus", "e"]
     assert [c.reason for c in parse_reply("<bogus>x <e>smile", Allowlist(lookahead=30))] == ["unclosed <e> tag"]
 
@@ -131,3 +145,22 @@ def test_history_reports_exactly_the_tags_the_chunker_marked_however_the_reply_s
     chunks += chunker.finish(0.0).chunks
     marks = [(mark.tag.lower(), mark.body) for chunk in chunks for mark in chunk.marks]
     assert [(c.name, c.body) for c in parse_reply(raw, Allowlist(lookahead=lookahead))] == marks
+
+
+def test_a_refusal_always_fits_a_command_event() -> None:
+    """Whatever the tag, its `command` event is valid: reason, name and arguments are cut to the
+    protocol's limits (which REASON_CHARS and MAX_ARGS must match), so one bad tag cannot fail the
+    events of the tags after it."""
+    reply = ("<e>" + "x" * 90_000 + "</e><c>" + ",".join(["a"] * 500) + "</c><p>" + "9" * 4000 + ",0,0</p>"
+             "<v>glitch," + "1" * 5000 + "</v><+memory>normal|" + "m" * 90_000 + "</memory>")
+    commands = parse_reply(reply, Allowlist(lookahead=100_000))
+    assert [c.accepted for c in commands] == [False] * 5
+    for command in commands:
+        event = CommandEvent(name=command.name, args=command.args, accepted=False, reason=command.reason)
+        protocol.encode(Message(event, session="s", id="r"))   # raises if any field is over its limit
+    assert len(commands[1].args) == MAX_ARGS
+    at_limit = CommandEvent(name="c", args=("a",) * MAX_ARGS, accepted=False, reason="r" * REASON_CHARS)
+    protocol.encode(Message(at_limit, session="s", id="r"))
+    for over in ({"args": ("a",) * (MAX_ARGS + 1)}, {"reason": "r" * (REASON_CHARS + 1)}):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.encode(Message(CommandEvent(**{**at_limit.__dict__, **over}), session="s", id="r"))

@@ -152,7 +152,7 @@ def test_import_keeps_the_files_times_and_a_bad_file_changes_nothing(tmp_path: P
         assert imported.returncode == 0, imported.stderr
         refused = daemon.run_cli("history", "import", str(bad), "--session", "mita")
         assert refused.returncode == 2
-        assert refused.stderr.strip() == ("voxpipe: message 1: time 'yesterday' is not a date like "
+        assert refused.stderr.strip() == ("voxpipe: messages[1].time \"yesterday\" is not a date like "
                                           "\"2024-05-01 12:00:00\" or \"01.05.2024 12:00\"; correct it, or "
                                           "delete the \"time\" field to give the message the time of import")
         shown = daemon.run_cli("history", "show", "mita")

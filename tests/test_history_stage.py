@@ -89,7 +89,7 @@ def test_commands_in_a_streamed_reply_are_published_placed_and_applied(server: s
         context = follow(client, "probe", lambda got: any(m.kind == "context" for m in got))[-1].body
         client.close()
         assert isinstance(context, Context)
-        assert "[high] Игрок любит кошек" in context.memory
+        assert context.memory == '1. [high] "Игрок любит кошек"\n2. [high] "Игрок любит кошек"'  # one per reply
         assert context.variables == {"attitude": 54.0, "boredom": 48.0, "stress": 50.0}  # two replies: 2*(+2,-1)
         with sqlite3.connect(daemon.db_path) as db:
             stored = db.execute("SELECT session, content FROM messages WHERE role='assistant' ORDER BY session")

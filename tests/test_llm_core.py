@@ -6,11 +6,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxpipe.protocol import ChatMessage
+from voxpipe.protocol import ChatMessage, LlmDone
 from voxpipe.secrets import KeyRing
-from voxpipe.stages.llm.core import build_messages, trim_history
-from voxpipe.stages.llm.guards import GuardPolicy, ReplyGuard
-from voxpipe.stages.llm.providers.base import Image, ProviderError, status_code
+from voxpipe.stages.llm.core import Reply, build_messages, fit, sendable, trim_history
+from voxpipe.stages.llm.guards import SIZE_LIMIT, GuardPolicy, ReplyGuard
+from voxpipe.stages.llm.providers.base import USAGE_MAX, Image, ProviderError, status_code, usage_counts
 from voxpipe.stages.llm.retry import RetryPolicy, next_step
 from voxpipe.stages.llm.think import ThinkSplitter
 from voxpipe.stages.tags import held_back
@@ -246,3 +246,68 @@ def test_a_base_model_gets_the_dialogue_as_plain_text_ending_at_a_line_break() -
     chat = ask(prompt_style="dialogue", assistant_name="Mita", stop=["##"])
     assert chat.prompt.startswith("Be kind.\n") and chat.prompt.endswith("\nUser: look\nMita:")
     assert chat.params.stop == ("##", "\n") and chat.messages[-1]["content"] == "look"
+
+
+# --- provider data fitted into llm.done's limits (issue 14, item 8) ------------------------------------
+
+@pytest.mark.parametrize("char", ["a", "é", "€", "😀"])
+@pytest.mark.parametrize("piece", [999, 70_000, SIZE_LIMIT + 10])
+def test_the_size_guard_cuts_text_at_the_limit_in_bytes_never_inside_a_character(char: str, piece: int) -> None:
+    guard = ReplyGuard(GuardPolicy())
+    released, total = [], 0
+    while guard.fired is None and total < 2 * SIZE_LIMIT:
+        released.append(guard.push(char * piece))
+        total += piece * len(char.encode())
+    text = "".join(released) + guard.finish()
+    assert guard.fired == "size" and set(text) == {char}
+    assert SIZE_LIMIT - len(char.encode()) < len(text.encode()) <= SIZE_LIMIT
+    assert guard.push("more") == ""
+
+
+def test_a_profile_limit_that_cuts_first_names_itself() -> None:
+    guard = ReplyGuard(GuardPolicy(max_chars=10))
+    assert guard.push("word " * (SIZE_LIMIT // 4)) == "word word" and guard.fired == "max_chars"
+
+
+def test_reasoning_has_its_own_size_limit_and_stops_the_reply() -> None:
+    guard = ReplyGuard(GuardPolicy())
+    assert guard.push("Hello ") == "Hello "
+    assert guard.reasoning("é" * (SIZE_LIMIT // 2 - 1)) and guard.fired is None
+    kept = guard.reasoning("éé")
+    assert kept == "é" and guard.fired == "size"
+    assert guard.reasoning("more") == "" and guard.push("text") == ""
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("model", "m" * 256, "m" * 256),
+    ("model", "m" * 257, "m" * 255 + "…"),
+    ("finish_reason", "x" * 1000, "x" * 63 + "…"),
+    ("error", "e" * 5000, "e" * 1999 + "…"),
+    ("model", "m\ud800", "m?"),
+])
+def test_fit_cuts_a_field_to_what_its_check_allows_and_marks_the_cut(name: str, value: str, expected: str) -> None:
+    assert fit(LlmDone, name, value) == expected
+
+
+def test_sendable_keeps_text_that_is_utf8() -> None:
+    assert sendable("plain, ümlaut, 😀") == "plain, ümlaut, 😀"
+    assert sendable("a\udfffb\ud800") == "a?b?"
+
+
+def test_llm_done_from_hostile_provider_data_is_valid() -> None:
+    from voxpipe.protocol import Message, encode
+    reply = Reply("s", "r", 0.0)
+    reply.add("text", 0.5)
+    done = reply.done("ok", 1.0, model="m" * 10_000, finish_reason="f" * 500, error="x" * 9000,
+                      provider="p" * 100, profile="q" * 100,
+                      usage=usage_counts({"prompt_tokens": 5, "bad": float("nan")}))
+    encode(Message(done, "s", "r", 0, 1.0, "llm"))  # raises if any field is out of its limits
+    assert done.metrics["usage_prompt_tokens"] == 5 and "usage_bad" not in done.metrics
+
+
+def test_usage_counts_keeps_counts_only() -> None:
+    raw = {"prompt_tokens": 3, "completion_tokens": 2.0, "nan": float("nan"), "inf": float("inf"),
+           "negative": -1, "huge": 10**400, "over": USAGE_MAX + 1, "text": "x", "flag": True, "nested": {"a": 1},
+           "n" * 33: 1, "at_max": USAGE_MAX}
+    assert usage_counts(raw) == {"prompt_tokens": 3.0, "completion_tokens": 2.0, "at_max": float(USAGE_MAX)}
+    assert len(usage_counts({f"k{index}": index for index in range(1000)})) == 32

@@ -120,7 +120,7 @@ def running(core: Jobs, id: str = "r1", now: float = 0.0, **config: Any) -> tupl
 
 def worker_end(core: Jobs, job: Job, error: Exception | None, now: float) -> list[Effect]:
     """What the shell's worker does once its attempts are over."""
-    return job.end(now) + core.finish(job, *job.ending(error), now)
+    return job.end(now) + core.worker_done(job, error, now)
 
 
 # --- requests and the busy policies ----------------------------------------------------------------
@@ -672,7 +672,7 @@ def test_a_job_that_never_opened_a_call_reports_no_outcome() -> None:
     core = jobs(history_limit=0)
     core.request(request(text="hi", profile="missing"), 0.0)
     job = core.jobs[S]
-    effects = core.finish(job, *job.ending(ConfigError("unknown profile 'missing'")), 0.5)
+    effects = core.worker_done(job, ConfigError("unknown profile 'missing'"), 0.5)
     assert [describe(e) for e in effects] == ["report provider_error s1/r1 request", "done s1/r1 error",
                                               "log 20 s1/r1: error after 0 tokens, first token - ms"]
     done = dones(effects)[0]
@@ -689,7 +689,7 @@ def test_a_job_that_never_opened_a_call_reports_no_outcome() -> None:
     (ProviderError("HTTP 401", code="auth"), True, "KEY", ("interrupted", "")),
     (ConfigError("unknown profile 'x'"), False, "", ("error", "unknown profile 'x'")),
     (ValueError("bad image"), True, "", ("error", "bad image")),
-    (KeyError("model"), False, "", ("error", "KeyError: 'model'")),
+    (KeyError("model"), False, "", ("error", "the llm stage failed (KeyError: 'model'); its log has the details")),
 ])
 def test_the_status_and_error_of_llm_done(error: Exception | None, cancelled: bool, key_env: str,
                                           expected: tuple[str, str]) -> None:
@@ -780,7 +780,7 @@ def test_any_course_of_events_ends_in_one_llm_done_that_follows_all_its_tokens(s
         return finish(None) if job.cancelled else attempt()
 
     def finish(error: Exception | None) -> None:
-        effects.extend(job.end(state["now"]) + core.finish(job, *job.ending(error), state["now"]))
+        effects.extend(job.end(state["now"]) + core.worker_done(job, error, state["now"]))
 
     attempt()
     for action, value in script:

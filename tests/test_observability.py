@@ -49,3 +49,22 @@ def test_stats_without_replies_says_what_to_do() -> None:
     finally:
         daemon.close()
     assert result.returncode == 1 and "voxpipe say" in result.stderr
+
+
+def test_prometheus_escapes_names_from_the_bus_and_keeps_a_bounded_set_of_stages() -> None:
+    """A heartbeat's `src` and counter names come from the bus: a quote or a newline in them must not
+    close the label and plant a metric, and made-up sources must not grow the exposition."""
+    from voxpipe.ops.prometheus import STAGES, Exposition
+    from voxpipe.protocol import Heartbeat, Message
+
+    exposition = Exposition()
+    hostile = 'x"} 1\nvoxpipe_stage_up{stage="forged'
+    beat = Heartbeat(pid=1, uptime=1.0, state="ready", counters={hostile: 3})
+    exposition.observe(Message(beat, session="", id="", src=hostile), now=0.0)
+    text = exposition.render(now=1.0)
+    assert 'stage="forged"' not in text and "\nvoxpipe_stage_up{stage=\"forged" not in text
+    assert 'voxpipe_stage_up{stage="x\\"} 1\\nvoxpipe_stage_up{stage=\\"forged"} 1' in text
+    for n in range(STAGES * 4):
+        exposition.observe(Message(beat, session="", id="", src=f"made-up-{n}"), now=2.0)
+    rows = exposition.render(now=2.5).splitlines()
+    assert sum(row.startswith("voxpipe_stage_up{") for row in rows) == STAGES

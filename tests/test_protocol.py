@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.test_protocol_doc import spec_of
 from voxpipe import protocol
 from voxpipe.protocol import Chunk, ErrorCode, Mark, Message, ProtocolError, Request, Token
 
@@ -125,7 +126,9 @@ def good_request(**changes: object) -> dict:
     (frame_of(good_request(voice=None)), "field 'voice' must be a string, got NoneType"),
     (frame_of(good_request(voice="v" * 65)), "field 'voice' is 65 characters, the limit is 64"),
     (frame_of(good_request(), b"request/other"), "does not match"),
-    (b"request/s1 " + b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "the limit is"),
+    (b"request/s1 " + b"\x00" * (protocol.MAX_MESSAGE_BYTES + 1), "the limit for request is 4194304"),
+    (b"token/s1 " + b"\x00" * protocol.Token.max_bytes, "the limit for token is 524288"),
+    (b"teleport/s1 " + b"\x00" * protocol.MAX_MESSAGE_BYTES, "the limit is 4194304"),
 ])
 def test_rejections_name_the_reason(frame: bytes, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason.replace("(", r"\(")):
@@ -169,5 +172,94 @@ def test_random_payloads_only_raise_protocol_error(kind: str, changes: dict) -> 
 def test_a_frame_no_stage_would_accept_is_refused_at_the_sender() -> None:
     image = protocol.Image(mime="image/png", data=bytes(3 * 1024 * 1024))
     big = Message(Request(text="x", images=(image, image)), "s", "r", 0, 0.0, "t")
-    with pytest.raises(protocol.ProtocolError, match="over the limit of 4194304; send less"):
+    with pytest.raises(protocol.ProtocolError, match=r"over the limit of 4194304 for request .*; send less"):
         protocol.encode(big)
+
+
+# --- frame limits per kind (docs/protocol.md §2.4) ---------------------------------------------------
+
+WIDE = "\U0001F600"
+"""A character of four UTF-8 bytes: the most a string of a given length can weigh."""
+
+
+def heaviest(check: object, budget: int) -> object:
+    """The heaviest value a field check accepts, or, for lists and maps, one heavier than `budget`
+    bytes when the check allows that much (so no test builds gigabytes to show a limit)."""
+    maker, args = spec_of(check)  # type: ignore[arg-type]
+    if maker == "text":
+        if args["choices"]:
+            return max(args["choices"], key=len)
+        if args["pattern"] is not None:
+            return next(value for value in ("a" * args["limit"], "image/" + "a" * (args["limit"] - 6))
+                        if args["pattern"].fullmatch(value))
+        return WIDE * args["limit"]
+    if maker == "integer":
+        return args["high"]
+    if maker == "binary":
+        return bytes(args["limit"])
+    if maker in ("boolean", "optional_boolean"):
+        return True
+    if maker in ("number", "fraction"):
+        return 0.5
+    if maker == "record":
+        return {name: heaviest(field, budget) for name, field in args["fields"].items()}
+    if maker == "list_of":
+        item = heaviest(args["item"], budget)
+        return [item] * min(args["limit"], budget // len(msgpack.packb(item)) + 1)
+    if maker == "counter_map":
+        value, width = heaviest(args["values"], budget), spec_of(args["key_check"])[1]["limit"] - 8
+        count = min(4096, budget // len(msgpack.packb(WIDE * width)) + 1)
+        return {WIDE * width + f"{n:08d}": value for n in range(count)}
+    raise AssertionError(f"teach heaviest() the check made by {maker}")
+
+
+def heaviest_payload(kind: str) -> dict:
+    """The kind's heaviest message as the field limits allow it, in the heaviest envelope."""
+    cls = protocol.KINDS[kind]
+    return {"v": 1, "kind": kind, "session": "s" * 64, "id": WIDE * 128, "seq": 2**53, "ts": 0.5, "src": WIDE * 128,
+            **{name: heaviest(rule.check, cls.max_bytes) for name, rule in cls.spec.items()}}
+
+
+BOUNDED_BY_FIELDS = {"hello", "cancel", "token", "reasoning", "context.query", "replay.query", "replay.done", "audio",
+                     "playback", "metrics", "history.saved", "error"}
+"""The kinds whose every field at its limit still fits the kind's frame limit; for the others (lists of
+records, maps, several long texts) the frame limit is the tighter one (docs/protocol.md §2.4)."""
+
+
+@pytest.mark.parametrize("kind", sorted(protocol.KINDS))
+def test_a_kind_at_its_field_limits_fits_its_frame_limit_or_is_refused_at_the_sender(kind: str) -> None:
+    payload = heaviest_payload(kind)
+    message = protocol.validate(payload)
+    if kind in BOUNDED_BY_FIELDS:
+        assert len(protocol.encode(message)) <= protocol.KINDS[kind].max_bytes
+        return
+    limit = protocol.KINDS[kind].max_bytes
+    with pytest.raises(ProtocolError, match=rf"^{kind} message is \d+ bytes, over the limit of {limit} for {kind} "):
+        protocol.encode(message)
+
+
+def padded_frame(kind: str, size: int) -> bytes:
+    """A valid frame of `kind` (its example) of exactly `size` bytes, padded in an unknown field, which
+    receivers ignore: at its kind's limit it is accepted, one byte over it is not."""
+    payload = {"v": 1, "kind": kind, **ENVELOPE, **EXAMPLES[kind], "pad": b""}
+    if kind in protocol.SESSIONLESS_KINDS:
+        payload["session"] = ""
+    topic = f"{kind}/{payload['session']}".encode()
+    payload["pad"] = bytes(size - len(frame_of(payload, topic)))
+    payload["pad"] = bytes(len(payload["pad"]) - (len(frame_of(payload, topic)) - size))  # less the pad's header
+    frame = frame_of(payload, topic)
+    assert len(frame) == size
+    return frame
+
+
+@pytest.mark.parametrize("kind", sorted(protocol.KINDS))
+def test_a_frame_over_its_kinds_limit_is_refused_by_the_receiver_and_one_at_it_accepted(kind: str) -> None:
+    limit = protocol.KINDS[kind].max_bytes
+    assert protocol.decode(padded_frame(kind, limit)).kind == kind
+    with pytest.raises(ProtocolError, match=f"^{kind} message is {limit + 1} bytes, the limit for {kind} is {limit}$"):
+        protocol.decode(padded_frame(kind, limit + 1))
+
+
+def test_the_largest_kind_limit_is_what_the_broker_and_every_socket_let_through() -> None:
+    assert protocol.MAX_MESSAGE_BYTES == protocol.BROKER_MAX_BYTES == max(
+        cls.max_bytes for cls in protocol.KINDS.values()) == 4 * 1024 * 1024

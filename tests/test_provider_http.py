@@ -24,7 +24,16 @@ import pytest
 from tests.fakes.wire_server import Reader, Script, WireServer, json_script, ndjson_script, sse_script
 from voxpipe.config import load
 from voxpipe.stages.llm.providers import create_provider
-from voxpipe.stages.llm.providers.base import ChatRequest, Delta, Image, Params, ProviderError, Timeouts
+from voxpipe.stages.llm.providers.base import (
+    ERROR_TEXT_LIMIT,
+    ChatRequest,
+    Delta,
+    Image,
+    Params,
+    ProviderError,
+    Timeouts,
+    quote,
+)
 from voxpipe.stages.llm.providers.http import HttpProvider
 from voxpipe.stages.llm.providers.http_transport import error_text, merged, parse_retry_after
 from voxpipe.stages.llm.think import ThinkSplitter
@@ -436,8 +445,8 @@ def test_error_text_shapes_and_clipping() -> None:
     assert error_text(b'{"error": {"message": "bad key", "code": 401}}') == "bad key"
     assert error_text(b'{"error": "model not found"}') == "model not found"
     assert error_text(b'[{"error": {"code": 400, "message": "API key not valid"}}]') == "API key not valid"
-    assert error_text(b"<h1>502  Bad\n Gateway</h1>") == "<h1>502 Bad Gateway</h1>"
-    assert len(error_text(b"x" * 5000)) == 301
+    assert quote(error_text(b"<h1>502  Bad\n Gateway</h1>"), "") == "<h1>502 Bad Gateway</h1>"
+    assert len(quote(error_text(b"x" * 5000), "")) == ERROR_TEXT_LIMIT + 1
 
 
 def test_merged() -> None:

@@ -25,7 +25,8 @@ from tests.harness import (
     start_stage,
     stop_process,
 )
-from voxpipe.protocol import Error, ErrorCode, Request
+from voxpipe import protocol
+from voxpipe.protocol import Error, ErrorCode, Heartbeat, Message, Request, Token
 from voxpipe.runtime.shard import Shard, shard_of
 
 
@@ -56,7 +57,7 @@ def test_runtime_dir_open_to_others_is_refused(runtime_dir: Path) -> None:
     os.chmod(runtime_dir, 0o755)
     process = start_stage("bus", runtime_dir)
     _, err = process.communicate(timeout=20)
-    assert process.returncode == 1
+    assert process.returncode == 2  # a config-time refusal: no restart can fix it
     assert "mode 755" in err and f"chmod 700 {runtime_dir}" in err
 
 
@@ -100,19 +101,42 @@ def test_gaps_within_a_stream_and_at_its_tail_are_reported(runtime_dir: Path) ->
             sender.send_raw(raw("token", "g", "r1", seq, "gappy", text="x"))
         sender.send_raw(raw("heartbeat", "", "", 0, "gappy", pid=1, uptime=1.0, state="ready",
                             streams={"token/g/r1": 6}))  # 5..6 lost at the tail
+        sender.send_raw(raw("heartbeat", "", "", 3, "gappy", pid=1, uptime=4.0, state="ready"))  # beats 1..2 lost
         reports = []
         deadline = time.monotonic() + 10
-        while len(reports) < 2 and time.monotonic() < deadline:
+        while len(reports) < 3 and time.monotonic() < deadline:
             message = watcher.receive(1)
-            if message is not None and isinstance(message.body, Error) and message.body.code == ErrorCode.GAP:
+            if message is not None and isinstance(message.body, Error) and message.body.code == ErrorCode.GAP \
+                    and message.src == "chunker":  # the watcher reads the heartbeats too, and reports as well
                 reports.append(message.body.message)
         assert reports == ["lost messages 2..3 of stream token/g/r1 from gappy",
-                           "lost messages 5..6 of stream token/g/r1 from gappy"]
+                           "lost messages 5..6 of stream token/g/r1 from gappy",
+                           "lost messages 1..2 of stream heartbeat// from gappy"]
         sender.close()
         watcher.close()
         stop_process(chunker)
     finally:
         stop_process(bus)
+
+
+def test_a_heartbeat_keeps_the_newest_streams_that_fit_its_frame_whatever_ids_clients_chose(
+        runtime_dir: Path) -> None:
+    bus = start_stage("bus", runtime_dir)
+    try:
+        connect(runtime_dir, "probe").close()
+        sender = connect(runtime_dir, "many")
+        ids = [f"{n:05d}" + "\U0001F600" * 120 for n in range(4000)]  # 485 bytes each in UTF-8
+        for id in ids:
+            sender.publish("s", id, Token(text="x"))
+        streams = sender.take_recent_streams()
+        sender.close()
+    finally:
+        stop_process(bus)
+    assert list(streams) == [f"token/s/{id}" for id in ids[-len(streams):]], "the newest, in order"
+    assert 900 < len(streams) < 4000
+    beat = Heartbeat(pid=1, uptime=1.0, state="ready", counters={f"counter{n}": 2**53 for n in range(50)},
+                     streams=streams)
+    assert len(protocol.encode(Message(beat, "", "", 0, 0.0, "many"))) <= Heartbeat.max_bytes
 
 
 def test_tap_prints_one_line_per_message(runtime_dir: Path) -> None:

@@ -17,7 +17,8 @@ from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, write_tom
 from voxpipe import protocol
 from voxpipe.config import ConfigError
 from voxpipe.runtime import Connection, endpoints_for
-from voxpipe.secrets import read_key, scrub
+from voxpipe.secrets import CUT_KEY_MIN, read_key, scrub
+from voxpipe.stages.llm.providers.base import ERROR_TEXT_LIMIT, quote
 
 PRIMARY = "sk-voxpipe-file-primary-5f2c9e0d71ab4438"
 """Refused by the fake server (it takes only `test-key`), so the reply rotates to the reserve."""
@@ -72,6 +73,20 @@ def test_messages_name_the_table_the_keys_are_configured_in(home: Path) -> None:
 def test_scrub_takes_the_key_and_its_echoed_prefix_out() -> None:
     assert scrub(f"key {PRIMARY} and {PRIMARY[:8]}...", PRIMARY) == "key *** and ***..."
     assert scrub("nothing", "") == "nothing"
+
+
+@pytest.mark.parametrize("kept", range(CUT_KEY_MIN, len(PRIMARY)))
+def test_scrub_takes_out_a_key_cut_off_at_the_end(kept: int) -> None:
+    """A body read only in part ends in the key's first characters, which no longer match the key."""
+    assert scrub(f"echo: {PRIMARY[:kept]}", PRIMARY) == "echo: ***"
+
+
+def test_quote_scrubs_before_it_clips() -> None:
+    """Clipping first would cut the key, and leave its secret part to be shown."""
+    key = "sk-proj-" + "abcdefghijklmnopqrstuvwxyz0123456789"
+    for before in range(ERROR_TEXT_LIMIT + 1):
+        text = quote("~" * before + key + "~" * ERROR_TEXT_LIMIT, key)
+        assert not any(key[start:start + 6] in text for start in range(8, len(key) - 5)), before
 
 
 def test_the_llm_stage_refuses_a_readable_key_file_at_start(home: Path) -> None:

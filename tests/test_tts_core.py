@@ -155,3 +155,19 @@ def test_a_session_cancel_ends_only_the_replies_it_saw_and_the_next_one_is_spoke
     queue.request(request(id="r3", voice="ru"))
     queue.chunk(chunk(id="r3"))
     assert [m.id for m in queue.chunks] == ["r3"] and queue.voice(chunk(id="r3")) == "ru"
+
+
+def test_the_longest_frame_of_any_format_and_setting_fits_an_audio_message() -> None:
+    """max_frame_ms goes to 1000: at 96 kHz stereo 32-bit that is 768 KB, over the protocol's PCM limit,
+    so an engine's frames are cut to the limit (whole sample frames) and the bus never refuses one."""
+    from voxpipe.protocol.kinds import PCM_BYTES
+
+    for rate, channels, width in [(96000, 2, 4), (48000, 3, 3), (22050, 1, 2), (8000, 1, 1)]:
+        fmt = AudioFormat(rate, channels, width)
+        for ms in (10, 200, 1000):
+            size = fmt.longest_frame(ms)
+            assert size <= PCM_BYTES and size % fmt.block_align == 0
+            assert size == min(fmt.frame_bytes(ms), PCM_BYTES - PCM_BYTES % fmt.block_align)
+            body = Audio(chunk=0, frame=0, rate=rate, channels=channels, width=width, pcm=bytes(size),
+                         last=True, final=True)
+            protocol.encode(Message(body, session="s", id="r"))

@@ -5,6 +5,10 @@ where they stood in the text (`[e: smile]`, from the marks of the `text` message
 commands only as history's refusal notes (they are never spoken either). Ctrl-C
 during a reply cancels it everywhere (LLM, TTS, player) and the prompt returns at once;
 Ctrl-C or Ctrl-D at the prompt quits. Lines starting with `/` are chat commands (/help).
+
+Everything of the reply, and every note quoting the bus or history (errors, refusals, paths), is
+shown through `printable`, so the model cannot drive the terminal; chat's own dim colours are
+added around the escaped text.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .. import protocol
-from ..config import Config
+from ..config import Config, ConfigError
 from ..protocol import Body, Command, Error, ErrorCode, LlmDone, Message, Playback, Text
 from ..runtime import BusLost
 from .client import Client, Reply, VoxpipeError, VoxpipeTimeout, connect
+from .terminal import printable
 
 HISTORY_SHOWN = 20
 """How many of the session's last messages /history prints."""
@@ -91,13 +96,13 @@ class Chat:
     def inline(self, text: str) -> None:
         """A dimmed note inside the reply's line, e.g. a command where it stood; set off by spaces."""
         space = " " if self._column and not self._last.isspace() else ""
-        self.write(f"{space}{self._dim}{text}{self._reset}")
+        self.write(f"{space}{self._dim}{printable(text, one_line=True)}{self._reset}")
         self._space_due = True
 
     def note(self, text: str) -> None:
         """A dimmed line of its own (starts a new line if the reply is mid-line)."""
         self.newline()
-        self.write(f"{self._dim}{text}{self._reset}\n")
+        self.write(f"{self._dim}{printable(text)}{self._reset}\n")
 
     def newline(self) -> None:
         if self._column:
@@ -215,11 +220,11 @@ class Chat:
                 # will refuse (not on its allowlist) shows only as the refusal note, as it is never spoken.
                 position = 0
                 for mark in marks:
-                    self.write(delta[position:mark.offset])
+                    self.write(printable(delta[position:mark.offset]))
                     position = mark.offset
                     if mark.tag.lower() in self.commands:
                         self.inline(f"[{mark.tag}: {mark.body}]")
-                self.write(delta[position:])
+                self.write(printable(delta[position:]))
             case Command(accepted=False, name=name, reason=reason):
                 self.note(f"[refused command {name}: {reason}]")
             case Error(code=code, message=message):
@@ -278,7 +283,11 @@ class Chat:
         if not path.exists():
             self.note(f"[no history yet ({path} does not exist)]")
             return
-        store = HistoryStore(path)
+        try:
+            store = HistoryStore(path)
+        except ConfigError as exc:  # a database open to other users: history refuses it, with the chmod
+            self.note(f"[{exc}]")
+            return
         try:
             rows = store.messages(self.session)
         finally:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-_BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+_BIDI = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+"""The bidi marks, embeddings, overrides and isolates: each can reorder what the reader sees."""
 _CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")
 _CONTROL_AND_LINES = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -70,12 +69,12 @@ def checks(config_path: str | None) -> Iterator[Check]:
 # --- the bus ---------------------------------------------------------------------------------
 
 def runtime(config: Config) -> Iterator[Check]:
-    from ..runtime.broker import runtime_dir
+    from ..runtime.broker import private_dir_problem, runtime_dir
     if config["bus"]["transport"] == "tcp":
         yield Check(OK, "runtime dir", f"not used: the bus is on TCP port {config['bus']['tcp_port']}")
     else:
         directory = runtime_dir(config["bus"]["runtime_dir"])
-        problem = _private_dir_problem(directory)
+        problem = private_dir_problem(directory) or _cannot_create(directory)
         if problem:
             yield Check(FAIL, "runtime dir", f"{directory}: {problem[0]}", problem[1])
             return
@@ -87,23 +86,13 @@ def runtime(config: Config) -> Iterator[Check]:
     yield bus(config)
 
 
-def _private_dir_problem(directory: Path) -> tuple[str, str] | None:
-    """Why the runtime dir is unsafe or unusable, with the fix; None when it is fine or can be made."""
-    try:
-        info = directory.stat()
-    except FileNotFoundError:
-        parent = next((p for p in directory.parents if p.exists()), Path("/"))
-        if not os.access(parent, os.W_OK | os.X_OK):
-            return f"does not exist and {parent} is not writable", "set bus.runtime_dir to a directory you can create"
+def _cannot_create(directory: Path) -> tuple[str, str] | None:
+    """Why `voxpipe run` could not make a missing runtime dir, with the fix; None when it can."""
+    if os.path.lexists(directory):
         return None
-    if not stat.S_ISDIR(info.st_mode):
-        return "is not a directory", "remove it, or set bus.runtime_dir elsewhere"
-    if info.st_uid != os.getuid():
-        return (f"belongs to uid {info.st_uid}, not you (uid {os.getuid()})",
-                "set bus.runtime_dir (or XDG_RUNTIME_DIR) to a directory you own")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        return f"has mode {mode:o}; other users could reach the bus", f"chmod 700 {directory}"
+    parent = next((p for p in directory.parents if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"does not exist and {parent} is not writable", "set bus.runtime_dir to a directory you can create"
     return None
 
 

@@ -12,18 +12,28 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from ..protocol import Body, Heartbeat, Message, Metrics
+from ..runtime.replies import Recent
 from .stats import percentile
 
 STALE_S = 5.0
 """A stage whose last heartbeat is older than this is reported down."""
 LATENCIES = ("first_token_ms", "first_audio_ms", "first_playback_ms", "end_ms")
+STAGES = 256
+"""Heartbeat sources kept: a daemon has a handful of stages and shards; a flood of heartbeats with
+made-up `src` names evicts the oldest instead of growing the exposition without bound."""
+
+
+def label(value: str) -> str:
+    """A label value in the text format's escaping (backslash, double quote, newline), so a `src` or
+    counter name from the bus cannot close its label and plant a metric of its own."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class Exposition:
     """The latest heartbeat per stage and recent reply timelines, rendered in the text format."""
 
     def __init__(self, window: int = 500) -> None:
-        self._beats: dict[str, tuple[float, Heartbeat]] = {}
+        self._beats: Recent[str, tuple[float, Heartbeat]] = Recent(STAGES)
         self._timelines: collections.deque[dict[str, float]] = collections.deque(maxlen=window)
         self._lock = threading.Lock()
 
@@ -38,17 +48,17 @@ class Exposition:
 
     def render(self, now: float) -> str:
         with self._lock:
-            beats, timelines = dict(self._beats), list(self._timelines)
+            beats, timelines = dict(self._beats.items()), list(self._timelines)
         lines = ["# HELP voxpipe_stage_up 1 while the stage sends heartbeats.", "# TYPE voxpipe_stage_up gauge"]
-        lines += [f'voxpipe_stage_up{{stage="{src}"}} {int(now - seen < STALE_S and beat.state == "ready")}'
+        lines += [f'voxpipe_stage_up{{stage="{label(src)}"}} {int(now - seen < STALE_S and beat.state == "ready")}'
                   for src, (seen, beat) in sorted(beats.items())]
         lines += ["# HELP voxpipe_stage_uptime_seconds Seconds since the stage started.",
                   "# TYPE voxpipe_stage_uptime_seconds gauge"]
-        lines += [f'voxpipe_stage_uptime_seconds{{stage="{src}"}} {beat.uptime:.1f}'
+        lines += [f'voxpipe_stage_uptime_seconds{{stage="{label(src)}"}} {beat.uptime:.1f}'
                   for src, (_, beat) in sorted(beats.items())]
         lines += ["# HELP voxpipe_stage_events_total A stage's counters: received, published, invalid, gaps, ...",
                   "# TYPE voxpipe_stage_events_total counter"]
-        lines += [f'voxpipe_stage_events_total{{stage="{src}",counter="{name}"}} {value}'
+        lines += [f'voxpipe_stage_events_total{{stage="{label(src)}",counter="{label(name)}"}} {value}'
                   for src, (_, beat) in sorted(beats.items()) for name, value in sorted(beat.counters.items())]
         lines += ["# HELP voxpipe_reply_latency_ms Recent replies: milliseconds from the request.",
                   "# TYPE voxpipe_reply_latency_ms summary"]

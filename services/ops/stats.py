@@ -10,6 +10,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ..frontends.terminal import printable
+
 MEASURES = (("first_token_ms", "first token"), ("first_audio_ms", "first audio"),
             ("first_playback_ms", "first playback"))
 
@@ -28,6 +30,9 @@ def table(timelines: Iterable[dict[str, Any]]) -> list[str]:
     failed before it reached one (an unknown profile, a busy session) still counts in its profile's
     row, under FAILED, and gives no latency.  Timelines stored before profiles were recorded show
     profile `-`.
+
+    Profile, provider and engine names come from the bus (the `metrics` kind), so they are shown
+    through `printable`: a name cannot break its row or drive the terminal.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for timeline in timelines:
@@ -37,7 +42,8 @@ def table(timelines: Iterable[dict[str, Any]]) -> list[str]:
     for (profile, engine), replies in sorted(groups.items()):
         providers = sorted({str(reply["provider"]) for reply in replies if reply.get("provider")})
         failed = sum(reply.get("status") == "error" for reply in replies)
-        row = [profile or "-", ",".join(providers) or "-", engine or "-", str(len(replies)), str(failed)]
+        names = [profile or "-", ",".join(providers) or "-", engine or "-"]
+        row = [*(printable(name, one_line=True) for name in names), str(len(replies)), str(failed)]
         for key, _ in MEASURES:
             values = [float(reply[key]) for reply in replies if float(reply.get(key, -1)) >= 0]
             row.append(f"{percentile(values, 0.5):>13.0f} / {percentile(values, 0.95):<12.0f}" if values

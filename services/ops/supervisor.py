@@ -31,12 +31,13 @@ from typing import Any, cast
 import zmq
 
 from .. import protocol
-from ..config import Config
+from ..config import EXIT_USAGE, Config
 from ..protocol import Body, ErrorCode, Heartbeat, Message, Request
 from ..runtime import BusLost, BusUnavailable, Connection, endpoints_for, sdnotify
-from ..runtime.broker import runtime_dir
+from ..runtime.broker import Broker, participant_endpoints, runtime_dir
 from ..runtime.instance import InstanceLock
 from ..runtime.shard import Shard
+from ..secrets import check_key_files
 from .prometheus import Exposition, serve
 
 log = logging.getLogger("voxpipe.run")
@@ -49,6 +50,22 @@ _PR_SET_PDEATHSIG = 1
 HOME = Path(__file__).resolve().parents[2]
 """Where children start: the folder that holds voxpipe (the checkout, where launcher.py is), never
 the package folder itself, whose secrets.py and config.py would shadow the standard library's."""
+
+
+def preflight(config: Config) -> None:
+    """Make now, before any process starts, every refusal that no restart can fix, so that `voxpipe
+    run` exits 2 with the fix instead of a child failing or crash-looping: the bus's own (TCP off
+    loopback without CURVE, its keys, the authorised keys), a participant's (connect_host off loopback
+    without CURVE, the client keys), the stages' key files, and history's database when other users
+    could read it. Each check has its one home there."""
+    Broker.from_config(config)
+    participant_endpoints(config)
+    check_key_files(config, config["run"]["stages"])
+    if "history" in config["run"]["stages"]:
+        from ..stages.history.stage import default_db_path
+        from ..stages.history.store import check_database
+
+        check_database(default_db_path(config["history"]["db_path"]))
 
 
 def exit_reason(code: int) -> str:
@@ -98,6 +115,8 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.by_src = {child.src: child for child in [self.bus, *self.children]}
         self.next_beat = 0.0
+        self.refused = False
+        """A child exited EXIT_USAGE: its configuration is wrong, so `run` stops with that code too."""
 
     def _command(self, child: Child) -> list[str]:
         command = [sys.executable, "-m", "launcher", "stage", child.stage]
@@ -119,14 +138,17 @@ class Supervisor:
         log.info("started %s (pid %d)", child.src, child.process.pid)
 
     def run(self) -> int:
-        """Supervise until stopped; returns the exit code. Raises AlreadyRunning, before anything is
-        started, when this user's voxpipe already runs on this runtime directory."""
+        """Supervise until stopped; returns the exit code. Raises, before anything is started,
+        ConfigError when a config-time check fails (`preflight`; the runtime dir is checked as the lock
+        is taken in it), and AlreadyRunning when this user's voxpipe already runs on this runtime dir."""
+        preflight(self.config)
         self.lock.acquire("voxpipe run", "stop it first (`voxpipe status` shows it; `systemctl --user stop "
                                          "voxpipe` for the service), or give this one another bus.runtime_dir")
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stop.set())
         try:
-            return self._run()
+            code = self._run()
+            return EXIT_USAGE if self.refused else code
         finally:
             self._stop_all()
 
@@ -149,6 +171,7 @@ class Supervisor:
         """Connect to our own bus, giving up early if its process has died."""
         while time.monotonic() < deadline and not self.stop.is_set():
             if self.bus.process is not None and self.bus.process.poll() is not None:
+                self.refused = self.bus.process.returncode == EXIT_USAGE
                 return False
             kinds = ("heartbeat", "request", *(("metrics",) if self.config["metrics"]["prometheus_port"] else ()))
             connection = Connection("launcher", endpoints_for(self.config),
@@ -234,6 +257,11 @@ class Supervisor:
 
     def _schedule_restart(self, child: Child, code: int, now: float) -> bool:
         run = self.config["run"]
+        if code == EXIT_USAGE:
+            log.error("%s refused its configuration (exit code %d): no restart can fix that. Its message above "
+                      "names the fix; `voxpipe stage %s` shows it again.", child.src, code, child.stage)
+            self.refused = True
+            return False
         child.crashes.append(now)
         while child.crashes and child.crashes[0] < now - run["restart_window_s"]:
             child.crashes.popleft()

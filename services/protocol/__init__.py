@@ -42,6 +42,7 @@ from .kinds import (
                     Token,
 )
 from .wire import (
+                    BROKER_HIGH_WATER_MARK,
                     BROKER_MAX_BYTES,
                     ENVELOPE,
                     HIGH_WATER_MARK,
@@ -64,5 +65,6 @@ __all__ = [
     "ReplayDone", "Replay", "Text", "Chunk", "Audio", "Playback", "Metrics", "Command", "HistorySaved", "Error",
     "Heartbeat", "Image", "Mark", "TextMark", "ChatMessage",
     "KINDS", "ENVELOPE", "SESSIONLESS_KINDS", "SESSION_PATTERN", "DONE_STATUSES", "PLAYBACK_EVENTS",
-    "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "BROKER_MAX_BYTES", "HIGH_WATER_MARK", "TOPIC_SEPARATOR",
+    "PROTOCOL_VERSION", "MAX_MESSAGE_BYTES", "BROKER_MAX_BYTES", "HIGH_WATER_MARK",
+    "BROKER_HIGH_WATER_MARK", "TOPIC_SEPARATOR",
 ]

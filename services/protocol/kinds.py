@@ -35,6 +35,23 @@ from .checks import text as string  # `text` is also a field name in the kinds b
 SHORT = 128
 TEXT = 64 * 1024
 REPLY = 512 * 1024
+KIB = 1024
+CONTROL_BYTES = 64 * KIB
+"""Frame limit of the small kinds (hello, cancel, error, playback, ...): every field at its limit, in
+4-byte characters, fits."""
+STREAM_BYTES = 512 * KIB
+"""Frame limit of the kinds a reply streams (token, text, chunk, audio, ...). Hundreds of them may be
+queued for one subscriber, so they are kept small; a TEXT-long piece in 4-byte characters fits, as
+does an audio frame of PCM_BYTES."""
+HEARTBEAT_BYTES = 1024 * KIB
+"""Frame limit of a heartbeat: its stream map is cut to fit (`Connection.take_recent_streams`)."""
+BULK_BYTES = 4 * 1024 * KIB
+"""Frame limit of the few kinds that carry a whole conversation piece: a request (its images), a
+context (the history), llm.done and replay (a whole reply). The largest limit, so it is also what
+the broker and every socket let through (`wire.MAX_MESSAGE_BYTES`)."""
+PCM_BYTES = 256 * KIB
+"""PCM in one audio frame: 200 ms (tts max_frame_ms) of any format an engine makes, up to 96 kHz
+stereo 32-bit, fits, and a whole second of 48 kHz stereo 16-bit."""
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{0,64}")
 DONE_STATUSES = ("ok", "error", "interrupted")
 PLAYBACK_EVENTS = ("started", "finished", "stopped")
@@ -115,11 +132,15 @@ class Body:
     """What one kind of message carries besides the envelope (session, id, seq, ts, src).
 
     `kind` is its name on the wire; `sessionless` kinds may have an empty session (stage-wide
-    events). `spec` (filled in by `kind()`) is what `wire.validate` checks; `records` names the
-    fields that hold nested records, so they are converted to and from plain maps at the edge."""
+    events); `max_bytes` is its frame limit. `spec` (filled in by `kind()`) is what `wire.validate`
+    checks; `records` names the fields that hold nested records, so they are converted to and from
+    plain maps at the edge."""
 
     kind: ClassVar[str] = ""
     sessionless: ClassVar[bool] = False
+    max_bytes: ClassVar[int] = 0
+    """The largest frame of this kind, envelope and topic included: ZeroMQ bounds queues in messages
+    only, so these limits are what bound them in bytes (docs/protocol.md §2.4)."""
     spec: ClassVar[dict[str, Field]] = {}
     records: ClassVar[dict[str, type[Record]]] = {}
     tuples: ClassVar[tuple[str, ...]] = ()
@@ -151,10 +172,10 @@ KINDS: dict[str, type[Body]] = {}
 """Every kind by its wire name."""
 
 
-def kind(name: str, *, sessionless: bool = False) -> Any:
-    """Register a Body class as the kind `name` and derive its wire specification."""
+def kind(name: str, *, max_bytes: int, sessionless: bool = False) -> Any:
+    """Register a Body class as the kind `name`, with its frame limit, and derive its wire specification."""
     def register(cls: type[B]) -> type[B]:
-        cls.kind, cls.sessionless = name, sessionless
+        cls.kind, cls.sessionless, cls.max_bytes = name, sessionless, max_bytes
         cls.spec = spec_of(cls)
         cls.records = {item.name: item.metadata["record"] for item in fields(cls) if "record" in item.metadata}
         cls.tuples = tuple(item.name for item in fields(cls)
@@ -169,14 +190,14 @@ def records(item_type: type[Record], limit: int) -> Any:
     return field(default=(), metadata={"check": list_of(item_type.check(), limit), "record": item_type})
 
 
-@kind("hello")
+@kind("hello", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Hello(Body):
     """A participant's own probe, sent until it comes back through the broker: then its
     subscriptions are live and nothing it publishes or expects is lost (the handshake)."""
 
 
-@kind("request")
+@kind("request", max_bytes=BULK_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Request(Body):
     """A user message to answer. `profile` picks the LLM profile ("" for the default), `stream`
@@ -189,7 +210,7 @@ class Request(Body):
     voice: str = wire(string(64), "")
 
 
-@kind("cancel")
+@kind("cancel", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Cancel(Body):
     """Stop a reply: the one named by the envelope's id, or, with an empty id, every reply of the
@@ -198,7 +219,7 @@ class Cancel(Body):
     reason: str = wire(string(200), "")
 
 
-@kind("token")
+@kind("token", max_bytes=STREAM_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Token(Body):
     """The next piece of the reply's text, as the model wrote it (tags included)."""
@@ -206,7 +227,7 @@ class Token(Body):
     text: str = wire(string(TEXT))
 
 
-@kind("reasoning")
+@kind("reasoning", max_bytes=STREAM_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Reasoning(Body):
     """A piece of the model's reasoning: never shown as reply text, never spoken."""
@@ -214,7 +235,7 @@ class Reasoning(Body):
     text: str = wire(string(TEXT))
 
 
-@kind("llm.done")
+@kind("llm.done", max_bytes=BULK_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class LlmDone(Body):
     """The reply's generation ended: `status` ok, error (see `error`) or interrupted, with the whole
@@ -233,7 +254,7 @@ class LlmDone(Body):
     profile: str = wire(string(64), "")
 
 
-@kind("context.query")
+@kind("context.query", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class ContextQuery(Body):
     """llm asks history for the session's recent turns (at most `limit`) and memories."""
@@ -241,7 +262,7 @@ class ContextQuery(Body):
     limit: int = wire(integer(0, 1000), 20)
 
 
-@kind("context")
+@kind("context", max_bytes=BULK_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Context(Body):
     """history's answer to a context.query: the turns, the memories and the persona's variables."""
@@ -252,7 +273,7 @@ class Context(Body):
     variables: Mapping[str, float] = wire(counter_map(number), factory=dict)
 
 
-@kind("replay.query", sessionless=True)
+@kind("replay.query", sessionless=True, max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class ReplayQuery(Body):
     """A restarted history asks llm for every reply finished since `since` (a wall-clock time)."""
@@ -260,7 +281,7 @@ class ReplayQuery(Body):
     since: float = wire(number)
 
 
-@kind("replay.done", sessionless=True)
+@kind("replay.done", sessionless=True, max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class ReplayDone(Body):
     """llm has re-sent `count` replies; `complete` is false when its journal no longer reaches back
@@ -272,7 +293,7 @@ class ReplayDone(Body):
     oldest: float = wire(number, 0.0)
 
 
-@kind("replay")
+@kind("replay", max_bytes=BULK_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Replay(LlmDone):
     """A finished reply re-sent from llm's journal, so a restarted history stage catches up."""
@@ -282,7 +303,7 @@ class Replay(LlmDone):
     done_ts: float = wire(number)
 
 
-@kind("text")
+@kind("text", max_bytes=STREAM_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Text(Body):
     """The next piece of display text (command tags removed); `final` on the reply's last one.
@@ -293,7 +314,7 @@ class Text(Body):
     marks: tuple[TextMark, ...] = records(TextMark, 1000)
 
 
-@kind("chunk")
+@kind("chunk", max_bytes=STREAM_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Chunk(Body):
     """A speakable phrase, numbered from 0 in the reply; `final` on the reply's last one. `marks`
@@ -305,7 +326,7 @@ class Chunk(Body):
     marks: tuple[Mark, ...] = records(Mark, 1000)
 
 
-@kind("audio")
+@kind("audio", max_bytes=STREAM_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Audio(Body):
     """A frame of PCM for chunk `chunk`: `width`-byte signed little-endian samples, interleaved.
@@ -317,13 +338,13 @@ class Audio(Body):
     rate: int = wire(integer(1000, 384000))
     channels: int = wire(integer(1, 8))
     width: int = wire(integer(1, 4))
-    pcm: bytes = field(repr=False, metadata={"check": binary(1024 * 1024)})
+    pcm: bytes = field(repr=False, metadata={"check": binary(PCM_BYTES)})
     last: bool = wire(boolean)
     final: bool = wire(boolean)
     chars: int = wire(integer(0, TEXT), 0)
 
 
-@kind("playback")
+@kind("playback", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Playback(Body):
     """`started`, `finished` or `stopped` for a chunk; `final` on the reply's last playback event.
@@ -339,7 +360,7 @@ class Playback(Body):
     audio_s: float = wire(number, 0.0)
 
 
-@kind("metrics")
+@kind("metrics", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Metrics(Body):
     """One reply's latencies from its request (ms, -1 when that point never came) and sizes."""
@@ -360,7 +381,7 @@ class Metrics(Body):
     audio_s: float = wire(number, 0.0)
 
 
-@kind("command")
+@kind("command", max_bytes=STREAM_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Command(Body):
     """A command tag of the reply, judged against the allowlist; `accepted=False` says why in
@@ -374,7 +395,7 @@ class Command(Body):
     reason: str = wire(string(500), "")
 
 
-@kind("history.saved")
+@kind("history.saved", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class HistorySaved(Body):
     """history stored a turn as row `message_id`."""
@@ -383,7 +404,7 @@ class HistorySaved(Body):
     message_id: int = wire(integer())
 
 
-@kind("error", sessionless=True)
+@kind("error", sessionless=True, max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Error(Body):
     """Something went wrong: `code` is an `ErrorCode`, `message` says what and what to do. About a
@@ -396,7 +417,7 @@ class Error(Body):
     stage: str = wire(string(64), "")
 
 
-@kind("heartbeat", sessionless=True)
+@kind("heartbeat", sessionless=True, max_bytes=HEARTBEAT_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Heartbeat(Body):
     """Every participant's pulse, each second: its state, counters, and the last seq of each stream

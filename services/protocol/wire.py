@@ -6,7 +6,8 @@ than multipart ones, and the topic prefix is what SUB sockets filter on.  The
 map holds the envelope (below) and the fields of the kind's `Body` (kinds.py).
 
 `encode` validates what it sends and `decode` what it receives, by the same
-checks, so a sender learns at once what every receiver would refuse.
+checks (each kind's fields and its frame limit), so a sender learns at once what
+every receiver would refuse.
 """
 
 from __future__ import annotations
@@ -21,11 +22,22 @@ from .checks import FAST_PATHS, Field, integer, number, text
 from .kinds import KINDS, SESSION_PATTERN, SHORT, Body
 
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-"""Largest frame a stage accepts; the broker disconnects peers above BROKER_MAX_BYTES."""
-BROKER_MAX_BYTES = 8 * 1024 * 1024
-HIGH_WATER_MARK = 200_000
-"""Messages queued per socket before ZeroMQ drops: bursts fit, gaps are still detected."""
+MAX_MESSAGE_BYTES = max(cls.max_bytes for cls in KINDS.values())
+"""The largest frame of any kind (kinds.BULK_BYTES, 4 MiB); each kind has its own, lower or equal
+limit (`Body.max_bytes`), which `encode` and `decode` enforce."""
+BROKER_MAX_BYTES = MAX_MESSAGE_BYTES
+"""ZMQ_MAXMSGSIZE of every broker socket and of voxpipe's own: a larger frame disconnects its sender
+rather than being queued, so no queue ever holds a frame over MAX_MESSAGE_BYTES."""
+HIGH_WATER_MARK = 1000
+"""Messages a participant's PUB or SUB queues before ZeroMQ drops (the libzmq default). Its SUB's
+I/O thread reads ahead of the stage, so bursts wait here, in the participant's own memory."""
+BROKER_HIGH_WATER_MARK = 256
+"""Messages the broker queues per peer (each subscriber, each publisher): ZeroMQ counts messages, not
+bytes, so this times BROKER_MAX_BYTES, 1 GiB (128 MiB of streaming frames), is what one subscriber
+that stops reading can make the broker hold. A subscriber that reads keeps this queue near empty,
+but under load its I/O thread can wait for a CPU while every stage publishes: 128 lost tokens in
+tests/test_pipeline.py's thousand replies on two cores, 256 did not. One that stops reading loses
+what overflows, and sees the gap (docs/protocol.md §2.4, §4.2)."""
 TOPIC_SEPARATOR = b" "
 
 
@@ -44,6 +56,9 @@ ENVELOPE: dict[str, Field] = {
 }
 SESSIONLESS_KINDS = frozenset(name for name, cls in KINDS.items() if cls.sessionless)
 """Kinds that may carry an empty session (a stage-wide event)."""
+_FRAME_LIMITS = {name.encode(): cls.max_bytes for name, cls in KINDS.items()}
+"""Each kind's frame limit by the kind's name as a topic starts with it, for `decode`'s first check."""
+_LONGEST_KIND = max(len(name) for name in _FRAME_LIMITS)
 B_co = TypeVar("B_co", bound=Body, covariant=True)
 
 
@@ -102,9 +117,11 @@ def encode(message: Message[Body]) -> bytes:
     data = message.to_wire()
     _check(data)
     frame = message.topic.encode() + TOPIC_SEPARATOR + msgpack.packb(data, use_bin_type=True)
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"{message.kind} message is {len(frame)} bytes, over the limit of {MAX_MESSAGE_BYTES}; "
-                            f"send less (for images: smaller or fewer)")
+    limit = message.body.max_bytes
+    if len(frame) > limit:
+        raise ProtocolError(f"{message.kind} message is {len(frame)} bytes, over the limit of {limit} for "
+                            f"{message.kind} (docs/protocol.md §2.4); send less: shorter text or audio frames, "
+                            f"fewer or smaller images")
     return frame
 
 
@@ -113,8 +130,7 @@ def decode(frame: bytes) -> Message[Body]:
     if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise ProtocolError("frame must be bytes")
     frame = bytes(frame)
-    if len(frame) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message is {len(frame)} bytes, the limit is {MAX_MESSAGE_BYTES}")
+    _check_size(frame)
     head, separator, payload = frame.partition(TOPIC_SEPARATOR)
     if not separator:
         raise ProtocolError("frame has no topic separator (expected '<kind>/<session> <msgpack>')")
@@ -126,6 +142,18 @@ def decode(frame: bytes) -> Message[Body]:
     if head != message.topic.encode():
         raise ProtocolError(f"topic {head[:80]!r} does not match kind/session {message.topic!r}")
     return message
+
+
+def _check_size(frame: bytes) -> None:
+    """Refuse a frame over the limit of the kind its topic names (over MAX_MESSAGE_BYTES when it names
+    none), before anything is parsed. A topic that names another kind than the payload's fails later."""
+    limit = _FRAME_LIMITS.get(frame[:_LONGEST_KIND + 1].partition(b"/")[0])
+    if limit is None:
+        if len(frame) > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message is {len(frame)} bytes, the limit is {MAX_MESSAGE_BYTES}")
+    elif len(frame) > limit:
+        kind = frame.partition(b"/")[0].decode()
+        raise ProtocolError(f"{kind} message is {len(frame)} bytes, the limit for {kind} is {limit}")
 
 
 def validate(data: Any) -> Message[Body]:

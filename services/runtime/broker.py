@@ -13,6 +13,7 @@ the public keys in `bus.authorized_dir`, and participants are CURVE clients.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -36,6 +37,8 @@ from .instance import AlreadyRunning, InstanceLock
 log = logging.getLogger("voxpipe.bus")
 LINGER_MS = 200
 ZAP_DOMAIN = "voxpipe"
+SOCKET_NAMES = ("in.sock", "out.sock", "capture.sock")
+"""The broker's socket files in an ipc runtime dir."""
 
 
 class BusError(RuntimeError):
@@ -51,12 +54,14 @@ class Endpoints:
     capture: str
     curve: CurveKeys | None = None
     """A participant's CURVE keys and the broker's public key, when the bus uses CURVE."""
+    directory: Path | None = None
+    """The runtime dir of an ipc bus, checked by `prepare` before every connect."""
 
     @classmethod
     def in_dir(cls, directory: Path) -> Endpoints:
         return cls(inbound=f"ipc://{directory / 'in.sock'}",
                    outbound=f"ipc://{directory / 'out.sock'}",
-                   capture=f"ipc://{directory / 'capture.sock'}")
+                   capture=f"ipc://{directory / 'capture.sock'}", directory=directory)
 
     @classmethod
     def tcp(cls, host: str, port: int, curve: CurveKeys | None = None) -> Endpoints:
@@ -66,7 +71,13 @@ class Endpoints:
                    capture=f"tcp://{address}:{port + 2}", curve=curve)
 
     def prepare(self, sock: zmq.Socket) -> zmq.Socket:
-        """Set a participant's socket up for these endpoints (IPv6, CURVE client keys); call before connect."""
+        """Set a participant's socket up for these endpoints (IPv6, CURVE client keys); call before connect.
+
+        Every participant's sockets pass here just before they connect, so this is where an ipc
+        participant checks the runtime dir (`verify_runtime_dir`): it never talks to a broker that
+        another user could have put there."""
+        if self.directory is not None:
+            verify_runtime_dir(self.directory)
         if "://[" in self.inbound:
             sock.ipv6 = True
         if self.curve is not None:
@@ -121,19 +132,75 @@ def runtime_dir(configured: str = "", env: Mapping[str, str] = os.environ) -> Pa
         return Path(configured)
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "voxpipe"
+    return _shared_fallback()
+
+
+def _shared_fallback() -> Path:
+    """$TMPDIR (or /tmp)/voxpipe-UID: a name any local user can foresee, and so create first."""
     return Path(tempfile.gettempdir()) / f"voxpipe-{os.getuid()}"
 
 
-def ensure_private_dir(directory: Path) -> None:
-    """Create the runtime dir with mode 0700, or refuse one that other users could reach."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = directory.stat()
+
+def private_dir_problem(directory: Path) -> tuple[str, str] | None:
+    """What makes an existing runtime dir unsafe, and the fix; None when it is safe (or missing).
+
+    The one rule for the broker, `voxpipe run`, every stage and front-end, and `voxpipe doctor`.
+    Whoever owns the directory, or may enter it, can put a broker of their own at the socket paths
+    and read every request and forge every reply. So it must be a real directory (lstat: a symlink
+    would let its maker choose where the bus is), ours, closed to group and others, and the socket
+    files in it ours and not symlinks."""
+    try:
+        info = directory.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return ("is a symbolic link, so whoever made it chooses where your bus is",
+                f"remove it (rm {directory}), or set bus.runtime_dir to a directory you own")
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory", f"remove it (rm {directory}), or set bus.runtime_dir elsewhere"
     if info.st_uid != os.getuid():
-        raise BusError(f"runtime dir {directory} belongs to uid {info.st_uid}, not you; "
-                       f"set bus.runtime_dir to a directory you own")
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise BusError(f"runtime dir {directory} has mode {stat.S_IMODE(info.st_mode):o}; other users could "
-                       f"reach the bus. Run: chmod 700 {directory}")
+        shared = (f"; it is the shared fallback in {directory.parent}, used while XDG_RUNTIME_DIR is unset, "
+                  f"and another user created it first" if directory == _shared_fallback() else "")
+        return (f"belongs to uid {info.st_uid}, not you (uid {os.getuid()}){shared}; its owner could read and "
+                f"forge every bus message",
+                "set XDG_RUNTIME_DIR (or bus.runtime_dir) to a directory only you can enter, e.g. "
+                "`mkdir -m 700 ~/.voxpipe-run` and bus.runtime_dir = \"~/.voxpipe-run\"")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        return f"has mode {mode:o}; other users could reach the bus", f"chmod 700 {directory}"
+    for name in SOCKET_NAMES:
+        try:
+            sock = (directory / name).lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(sock.st_mode) or sock.st_uid != os.getuid():
+            what = "is a symbolic link" if stat.S_ISLNK(sock.st_mode) else f"belongs to uid {sock.st_uid}"
+            return (f"holds {directory / name}, which {what}, not you (uid {os.getuid()}); it is not your bus",
+                    f"stop voxpipe, remove it (rm {directory / name}) and start voxpipe again")
+    return None
+
+
+def _refuse_unsafe(directory: Path) -> None:
+    problem = private_dir_problem(directory)
+    if problem is not None:
+        raise ConfigError(f"runtime dir {directory} {problem[0]}; refusing to use it. Fix: {problem[1]}")
+
+
+def ensure_private_dir(directory: Path) -> None:
+    """The daemon's side (the broker, `voxpipe run`, a stage's lock): create the runtime dir with
+    mode 0700, or refuse one that is unsafe (`private_dir_problem`) with ConfigError: exit 2, since
+    no restart can fix it."""
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700, parents=True)
+    _refuse_unsafe(directory)
+
+
+def verify_runtime_dir(directory: Path) -> None:
+    """A participant's side, before it connects: the runtime dir must exist (a participant never
+    creates it: without it no daemon runs) and be safe (`private_dir_problem`)."""
+    if not os.path.lexists(directory):
+        raise BusError(f"no voxpipe bus is running ({directory} does not exist); start it with `voxpipe run`")
+    _refuse_unsafe(directory)
 
 
 class Broker:
@@ -179,7 +246,7 @@ class Broker:
         """Take the directory lock, clear stale sockets and start proxying in a thread."""
         ensure_private_dir(self.directory)
         self._take_lock()
-        for name in ("in.sock", "out.sock", "capture.sock"):
+        for name in SOCKET_NAMES:
             (self.directory / name).unlink(missing_ok=True)
         if self.curve is not None:
             self._start_authenticator()
@@ -214,7 +281,7 @@ class Broker:
             self._auth.stop()
             self._auth = None
         if self._lock is not None:
-            for name in ("in.sock", "out.sock", "capture.sock"):
+            for name in SOCKET_NAMES:
                 (self.directory / name).unlink(missing_ok=True)
             self._lock.release()
             self._lock = None
@@ -244,7 +311,7 @@ class Broker:
             control = self._socket(zmq.PAIR, sockets)
             control.bind(self._control_endpoint)
             if self._ipc:
-                for name in ("in.sock", "out.sock", "capture.sock"):
+                for name in SOCKET_NAMES:
                     os.chmod(self.directory / name, 0o600)
         except zmq.ZMQError as exc:
             self._failure = exc
@@ -263,7 +330,9 @@ class Broker:
     def _socket(self, kind: int, sockets: list[zmq.Socket]) -> zmq.Socket:
         sock = self._context.socket(kind)
         sock.linger = LINGER_MS
-        sock.sndhwm = sock.rcvhwm = protocol.HIGH_WATER_MARK
+        # ZeroMQ bounds queues in messages: few messages of at most BROKER_MAX_BYTES each bound in bytes
+        # what a peer that stops reading (or a flood) can make the broker hold (docs/protocol.md §2.4).
+        sock.sndhwm = sock.rcvhwm = protocol.BROKER_HIGH_WATER_MARK
         # Every socket that can receive (XPUB and PUB take subscriptions) caps what a peer may send.
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.BROKER_MAX_BYTES)
         sockets.append(sock)

@@ -42,6 +42,11 @@ PUB_LINGER_MS = 1000
 HELLO_INTERVAL_S = 0.02
 _MAX_TRACKED = 20_000
 _MAX_HEARTBEAT_STREAMS = 4000
+_HEARTBEAT_STREAM_BYTES = Heartbeat.max_bytes // 2
+"""What a heartbeat's stream map may take in its frame (keys in UTF-8, and room for each seq): half the
+heartbeat's limit, leaving the rest for the counters, whatever ids clients chose for their requests."""
+_STREAM_ENTRY_OVERHEAD = 16
+"""Bytes a stream entry takes beside its key: msgpack's headers and a seq (up to 9 bytes)."""
 
 
 class VoxpipeError(RuntimeError):
@@ -79,6 +84,8 @@ class Connection:
         self._next_seq: Recent[str, int] = Recent(_MAX_TRACKED)
         self._recent: dict[str, int] = {}
         self._seen: Recent[tuple[str, str], int] = Recent(_MAX_TRACKED)
+        self._beats: Recent[str, int] = Recent(_MAX_TRACKED)
+        """The seq of each publisher's last heartbeat: a jump means we lost messages (§4.2)."""
         self._pending: collections.deque[bytes] = collections.deque()
         self._monitor: zmq.Socket | None = None
         self._poller = zmq.Poller()
@@ -190,11 +197,11 @@ class Connection:
         key = _stream_key(kind, session, id)
         with self._send_lock:
             seq = self._next_seq.get(key) or 0
-            self._next_seq[key] = seq + 1
             message = Message(body, session, id, seq, time.time(), self.src)
             frame = protocol.encode(message)
             if self._pub is None:
                 raise BusUnavailable("connection is closed")
+            self._next_seq[key] = seq + 1  # only once it goes out: a refused message leaves no false gap
             self._pub.send(frame)
             if kind != "heartbeat":
                 self._recent.pop(key, None)
@@ -203,10 +210,19 @@ class Connection:
         return message
 
     def take_recent_streams(self) -> dict[str, int]:
-        """Last seq of each stream published since the previous call (for heartbeats)."""
+        """Last seq of each stream published since the previous call (for heartbeats): the newest ones,
+        as many as fit _MAX_HEARTBEAT_STREAMS and _HEARTBEAT_STREAM_BYTES, so the heartbeat always fits
+        its frame limit."""
         with self._send_lock:
             recent, self._recent = self._recent, {}
-        return dict(list(recent.items())[-_MAX_HEARTBEAT_STREAMS:])
+        newest: list[tuple[str, int]] = []
+        room = _HEARTBEAT_STREAM_BYTES
+        for key, seq in reversed(list(recent.items())[-_MAX_HEARTBEAT_STREAMS:]):
+            room -= len(key.encode()) + _STREAM_ENTRY_OVERHEAD
+            if room < 0:
+                break
+            newest.append((key, seq))
+        return dict(reversed(newest))
 
     def send_raw(self, frame: bytes) -> None:
         """Send a frame as is: for tests of how stages treat bad input."""
@@ -269,6 +285,7 @@ class Connection:
         event = recv_monitor_message(self._monitor)
         if event["event"] == zmq.EVENT_DISCONNECTED and not self.lost:
             self.lost = True
+            self._beats = Recent(_MAX_TRACKED)  # every heartbeat sent while the bus was away is lost: BusLost says so
             self.counters["bus_lost"] += 1
             self._log.info("lost the bus at %s", self.endpoints.outbound)  # the caller says it, in its own words
             raise BusLost(f"the voxpipe bus at {self.endpoints.outbound} went away (its process ended or "
@@ -290,8 +307,15 @@ class Connection:
             self._log.error("cannot publish error event: %s", exc)
 
     def _check_sequence(self, message: Message[Body]) -> None:
-        """Report seq gaps within a stream and tail losses that a heartbeat reveals."""
+        """Report seq gaps within a stream, tail losses that a heartbeat reveals, and lost heartbeats:
+        a subscriber too slow for its queue loses whatever overflowed (docs/protocol.md §2.4), and a
+        publisher's heartbeats come every second, so a jump in them tells it so even when no stream of
+        that time goes on. A lower heartbeat seq is a restarted publisher."""
         if isinstance(message.body, Heartbeat):
+            beat = self._beats.get(message.src)
+            if beat is not None and message.seq > beat + 1:
+                self._gap(message.src, _stream_key(message.kind, "", ""), beat + 1, message.seq - 1)
+            self._beats[message.src] = message.seq
             for key, last in message.body.streams.items():
                 seen = self._seen.get((message.src, key))
                 if seen is not None and seen < last:

@@ -8,7 +8,9 @@ Layout of `bus.keys_dir` (default ``$XDG_CONFIG_HOME/voxpipe/keys``)::
     client.key_secret   this machine's participant secret key (mode 0600)
     authorized/*.key    on the bus host: the public keys of participants allowed in
 
-A secret key file readable by anyone but its owner is refused, with the chmod to run.
+A secret key file readable by anyone but its owner is refused, with the chmod to run. So is a file
+that decides whose key is trusted (the authorised directory, each key in it, a participant's copy of
+server.key) when another user owns it or may write it, with the chown or chmod to run.
 """
 
 from __future__ import annotations
@@ -106,19 +108,39 @@ def client_keys(bus: Mapping[str, Any]) -> CurveKeys:
                                  "`voxpipe keys generate --client NAME`), or set bus.keys_dir")
     server_public = load_public(directory / f"{SERVER}.key", "bus.curve = true: the bus's public key",
                                 "copy server.key from the bus host's keys dir here")
+    check_trusted(directory / f"{SERVER}.key", "the bus's public key", "644")
     return CurveKeys(public, secret, server_public)
 
 
+def check_trusted(path: Path, what: str, chmod: str) -> None:
+    """Refuse a file or directory that decides whose key we trust when another user owns it, or group
+    or others may write it: they could put their own key in it, and be let in (or pose as the bus).
+    `stat` follows a symlink, so a link to a file someone else owns or may write is refused too.
+    `chmod` is the mode the fix suggests."""
+    info = path.stat()
+    target = path.resolve() if path.is_symlink() else path
+    where = f"{path} (a link to {target})" if target != path else str(path)
+    if info.st_uid != os.getuid():
+        raise ConfigError(f"{what} {where} belongs to uid {info.st_uid}, not you (uid {os.getuid()}); its owner "
+                          f"could put their own key there. Check its contents, then run: chown {os.getuid()} "
+                          f"{target}")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        raise ConfigError(f"{what} {where} has mode {mode:o}; other users could put their own key there. "
+                          f"Check its contents, then run: chmod {chmod} {target}")
+
+
 def check_authorized_dir(path: Path) -> list[Path]:
-    """The authorised client keys; refuse a missing directory, or one that others could add keys to."""
+    """The authorised client keys; refuse a missing directory, or a directory or key file that another
+    user owns or could write (check_trusted): the broker would let that user's key in."""
     if not path.is_dir():
         raise ConfigError(f"bus.curve = true but the authorised keys directory {path} does not exist; "
                           f"run `voxpipe keys generate` or set bus.authorized_dir")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o022:
-        raise ConfigError(f"authorised keys directory {path} has mode {mode:o}; other users could authorise "
-                          f"themselves. Run: chmod 700 {path}")
-    return sorted(path.glob("*.key"))
+    check_trusted(path, "authorised keys directory", "700")
+    keys = sorted(path.glob("*.key"))  # what the ZAP authenticator loads (zmq.auth.load_certificates)
+    for key in keys:
+        check_trusted(key, "authorised key", "644")
+    return keys
 
 
 # --- `voxpipe keys generate` --------------------------------------------------

@@ -28,10 +28,18 @@ class InstanceLock:
         self._file: IO[str] | None = None
 
     def acquire(self, what: str, hint: str) -> None:
-        """Take the lock, or raise AlreadyRunning: "<what> is already running (pid N); <hint>"."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="ascii")  # noqa: SIM115 - held open for the process's life
-        os.chmod(self.path, 0o600)
+        """Take the lock, or raise AlreadyRunning: "<what> is already running (pid N); <hint>".
+
+        The directory is made private first, or refused (ConfigError) when another user owns it or
+        may enter it: there they could hold the lock to keep voxpipe from starting, or plant a
+        symlink at the lock's path to have us truncate a file of theirs choosing. The lock file is
+        opened without following a symlink all the same."""
+        from .broker import ensure_private_dir  # the runtime dir's one rule; broker imports this module
+
+        ensure_private_dir(self.path.parent)
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        handle = os.fdopen(descriptor, "r+", encoding="ascii")
+        os.fchmod(descriptor, 0o600)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..protocol.kinds import PCM_BYTES
+
 
 @dataclass(frozen=True)
 class AudioFormat:
@@ -25,6 +27,12 @@ class AudioFormat:
     def frame_bytes(self, ms: float) -> int:
         """Byte count of `ms` milliseconds, rounded down to whole sample frames."""
         return int(self.rate * ms / 1000) * self.block_align
+
+    def longest_frame(self, ms: float) -> int:
+        """Bytes of the longest frame a tts engine sends: `ms` of audio, cut to the protocol's PCM limit
+        for an `audio` message (whole sample frames), so no setting or format makes a frame the bus
+        would refuse."""
+        return min(self.frame_bytes(ms), PCM_BYTES // self.block_align * self.block_align)
 
     def duration_ms(self, nbytes: int) -> float:
         """Play time of `nbytes` of PCM in this format."""

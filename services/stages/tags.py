@@ -6,7 +6,11 @@ the chunker hid, and the chunker hides only what history reports.
 
 At a '<' of the reply, outside a `<think>` block:
 - A configured name (`chunker.tags`) opens a tag anywhere, even in code: `<e>smile</e>`. A reply
-  that ends inside one ends the tag, unclosed; a stray configured closing tag is dropped.
+  that ends inside one ends the tag, unclosed; a stray configured closing tag is dropped. One that
+  does not close within `lookahead` characters of its '<' is still a tag, reported `oversize`: its
+  body is read on to its closing tag, or to the reply's end, and discarded as it streams, so it is
+  never shown nor spoken (a 100 kB memory dump is not read aloud) and costs no memory. No '<' of
+  prose is swallowed this way: only an exact `<name>` of a configured name opens one.
 - Outside code (a fenced block, or an inline `span`):
   - a FORMATTING element, opening or closing, paired or not, is markup: the markup is dropped and
     its text stays, so `<b>Важно:</b> завтра` shows and speaks "Важно: завтра";
@@ -14,7 +18,7 @@ At a '<' of the reply, outside a `<think>` block:
     characters of the '<': `<bogus>x</bogus>` is neither shown nor spoken, and history refuses it
     visibly.
 - Everything else is text: `a < b`, `x<y>z`, `<3`, `<br>`, `<br/>`, `<b class="x">`, and a pair
-  longer than the lookahead.
+  of another name longer than the lookahead.
 
 Memory tags carry an operator before the name and close without it, as the companion app writes
 them: `<+memory>high|text</memory>`. Names match case-insensitively; a tag is reported by its
@@ -26,14 +30,15 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_TAGS = ("e", "c", "a", "m", "f", "v", "p", "music", "hint", "clothes", "interaction",
                 "+memory", "#memory", "-memory")
 LOOKAHEAD = 600
 """How far past its '<' a tag must close (`chunker.tag_lookahead`): the longest memory tag the
 allowlist takes (about 530 characters) fits, and a '<' that never becomes a tag is still released,
-as text, after 600 characters."""
+as text, after 600 characters. A configured tag that has not closed by then is oversize (see the
+module docstring): its body is never released."""
 OPERATORS = "+#-"
 
 _OPERATOR, _WORD = r"[+#\-]?", r"[A-Za-z]\w{0,31}"
@@ -83,6 +88,9 @@ class Tag:
     shown: int      # where it stood in the display text
     closed: bool = True
     """False when the reply ended inside it (a configured tag only): history refuses it as unclosed."""
+    oversize: bool = False
+    """True when it did not close within the lookahead (a configured tag only): `body` is only the
+    start that fitted, the rest was discarded unread, and history refuses it as too long."""
 
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
@@ -105,8 +113,13 @@ class TagStripper:
 
     What it releases never depends on how the reply was split into pieces: a piece that could
     still become a tag is held, from its '<', until it can be told, and a tag's body for at most
-    `lookahead` characters from its '<', so the display never waits long on a stray '<'. History
-    pushes a whole reply at once with `at_end`."""
+    `lookahead` characters from its '<', so the display never waits long on a stray '<' and what
+    is held stays bounded. Past that, an oversize configured tag's body is discarded as it comes,
+    as a `<think>` block's is. History pushes a whole reply at once with `at_end`.
+
+    Each push costs time linear in the text it walks: each '<' is judged once its window has
+    come (at most `lookahead` characters scanned for its closing tag), and a discarded body is
+    searched once for its closing tag."""
 
     def __init__(self, configured: tuple[str, ...], lookahead: int) -> None:
         strays = (*(closing for tag in configured for closing in closers(tag)), _THINK_CLOSE)
@@ -120,6 +133,7 @@ class TagStripper:
         self._code = _Code()
         self._pending = ""
         self._in_think = False
+        self._oversize: Tag | None = None   # the oversize tag being discarded, as it will be reported
         self._shown = 0
 
     def push(self, text: str, at_end: bool) -> tuple[str, list[Tag]]:
@@ -136,6 +150,11 @@ class TagStripper:
                     pos = len(pending) - (0 if at_end else held_back(pending[pos:], (_THINK_CLOSE,), fold_case=True))
                     break
                 pos, self._in_think = close.end(), False
+                continue
+            if self._oversize:
+                pos = self._discard(pending, pos, at_end, found)
+                if self._oversize:
+                    break
                 continue
             lt = pending.find("<", pos)
             if lt != pos:
@@ -154,8 +173,23 @@ class TagStripper:
             pos += used
             if tag:
                 found.append(tag)
+        if at_end and self._oversize:   # the reply ended inside it: still a command, never speech
+            found.append(replace(self._oversize, closed=False))
+            self._oversize = None
         self._pending = pending[pos:]
         return "".join(shown), found
+
+    def _discard(self, pending: str, pos: int, at_end: bool, found: list[Tag]) -> int:
+        """Inside an oversize tag: skips its body up to its closing tag, reporting it then; without
+        one, skips all but what may be the start of its closing tag."""
+        tag = self._oversize
+        assert tag is not None
+        close = closer(tag.name).search(pending, pos)
+        if close:
+            self._oversize = None
+            found.append(tag)
+            return close.end()
+        return len(pending) - (0 if at_end else held_back(pending[pos:], _lowered(closers(tag.name)), fold_case=True))
 
     def _release(self, text: str) -> str:
         self._shown += len(text)
@@ -201,12 +235,22 @@ class TagStripper:
         if close:
             return close.end(), Tag(name, window[used:close.start()].strip(), self._shown)
         if len(window) >= self._lookahead:
-            return 0, None
+            if not configured:
+                return 0, None   # a long <bogus>…</bogus> is text
+            # a command, but too long to hold: its body is discarded from here on, up to where its
+            # closing tag may have begun
+            kept = len(window) - held_back(window, _lowered(closers(name)), fold_case=True)
+            self._oversize = Tag(name, window[used:kept].strip(), self._shown, oversize=True)
+            return kept, None
         if not at_end:
             return None
         if configured:  # the reply stopped inside a command: still a command, never speech
             return len(window), Tag(name, window[used:].strip(), self._shown, closed=False)
         return 0, None   # x<y>z: a lone opening is text
+
+
+def _lowered(markers: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(marker.lower() for marker in markers)
 
 
 def _any_of(patterns: Iterable[str]) -> re.Pattern[str]:

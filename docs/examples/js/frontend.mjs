@@ -1,13 +1,14 @@
 // A minimal voxpipe front-end in JavaScript: Node.js >= 18 with the npm packages zeromq 6 and
 // @msgpack/msgpack only (no voxpipe code).  usage: node frontend.mjs TEXT [SESSION] [TIMEOUT_S]
 import { randomBytes } from "node:crypto"
+import { lstatSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import { decode, encode } from "@msgpack/msgpack"
 import { Publisher, Subscriber } from "zeromq"
 
 const REPLY_STAGES = ["llm", "chunker", "tts", "player"] // a crash of one of these loses the reply
-const HWM = 200_000, MAX_BYTES = 8 * 1024 * 1024, SRC = "example-js"
+const HWM = 1000, MAX_BYTES = 4 * 1024 * 1024, SRC = "example-js"
 const [text, session = "js", timeoutS = "30"] = process.argv.slice(2)
 if (!text || !/^[A-Za-z0-9_.:@-]{1,64}$/.test(session) || !(Number(timeoutS) > 0)) {
   console.error("usage: node frontend.mjs TEXT [SESSION] [TIMEOUT_S]  (SESSION: [A-Za-z0-9_.:@-]{1,64})")
@@ -19,6 +20,23 @@ function runtimeDir() {
   if (env.VOXPIPE_BUS__RUNTIME_DIR) return env.VOXPIPE_BUS__RUNTIME_DIR
   if (env.XDG_RUNTIME_DIR) return join(env.XDG_RUNTIME_DIR, "voxpipe")
   return join(tmpdir(), `voxpipe-${process.getuid()}`) // tmpdir(): $TMPDIR, else /tmp
+}
+
+// §2.1: the directory and its socket files must be yours, the directory closed to others; otherwise
+// another local user may have planted a broker there to read and forge replies.
+function isPrivate(dir) {
+  for (const path of [dir, join(dir, "in.sock"), join(dir, "out.sock")]) {
+    let info
+    try { info = lstatSync(path) } catch {
+      console.error(`no voxpipe bus is running (${path} does not exist); start one with \`voxpipe run\``)
+      process.exit(1)
+    }
+    if (info.isSymbolicLink() || info.uid !== process.getuid() || (path === dir && (info.mode & 0o077))) {
+      console.error(`${path} is a symlink, not yours, or open to others; refusing to connect (§2.1)`)
+      process.exit(1)
+    }
+  }
+  return dir
 }
 
 const nextSeq = new Map()  // "kind/session/id" -> next seq to send (§4)
@@ -49,7 +67,7 @@ function parse(data) { // minimal checks (§6): one msgpack map whose kind/sessi
   return msg
 }
 
-const dir = runtimeDir()
+const dir = isPrivate(runtimeDir())
 // ZMTP heartbeats make a hung broker, like a dead one, drop the connection within 750 ms (§3)
 const heartbeat = { heartbeatInterval: 250, heartbeatTimeout: 750 }
 const pub = new Publisher({ linger: 1000, sendHighWaterMark: HWM, ...heartbeat })

@@ -47,7 +47,8 @@ class ChunkerPolicy:
       a stall, and flushing then keeps the silence under a second. 0 disables it.
     - tag_lookahead=600 (tags.LOOKAHEAD): a '<' is held until its tag closes; the longest
       memory tag fits, and a '<' that never becomes a tag is still released, as text, after
-      600 characters.
+      600 characters. A configured tag still open then is never released: its body is dropped
+      as it streams, to its closing tag or the reply's end (history refuses it as too long).
     - code_phrase="": said instead of a fenced code block; empty because the reply's
       language is not known here.
     """
@@ -126,6 +127,8 @@ class ChunkerOutput:
 
 
 _NOTHING = ChunkerOutput("", ())
+_PIECE = 4096
+"""The most of a delta the stages take in one step (Chunker._push)."""
 
 
 # --- the chunker --------------------------------------------------------------------------
@@ -174,17 +177,30 @@ class Chunker:
         return self._last_feed + self._policy.flush_after_ms / 1000
 
     def _push(self, delta: str, at_end: bool) -> ChunkerOutput:
-        display, marks = self._tags.push(delta, at_end)
-        start, self._display_length = self._display_length, self._display_length + len(display)
-        shown = tuple(TextMark(tag=tag, body=body, offset=position - start) for position, tag, body in marks)
-        speech, placed = self._speech.push(display, marks, at_end)
-        self._splitter.push(speech, placed)
-        if at_end:
-            chunks = self._splitter.finish()
-        else:
-            chunks = self._splitter.cut() if speech else []
+        """One delta through the three stages, a bounded piece at a time: each stage rescans what
+        it holds on every push, so a huge delta (a whole reply recovered from llm.done) fed at once
+        would cost time quadratic in its length. The result is the same, as no stage's decisions
+        depend on how the reply was split."""
+        start = self._display_length
+        display: list[str] = []
+        chunks: list[Chunk] = []
+        shown: list[TextMark] = []
+        pieces = [delta[i:i + _PIECE] for i in range(0, len(delta), _PIECE)] or [""]
+        for number, piece in enumerate(pieces, 1):
+            last = at_end and number == len(pieces)
+            text, marks = self._tags.push(piece, last)
+            display.append(text)
+            self._display_length += len(text)
+            shown += [TextMark(tag=tag, body=body, offset=position - start) for position, tag, body in marks]
+            speech, placed = self._speech.push(text, marks, last)
+            self._splitter.push(speech, placed)
+            if last:
+                chunks += self._splitter.finish()
+            elif speech:
+                chunks += self._splitter.cut()
+        if not at_end:
             self._stall_possible = bool(self._policy.flush_after_ms) and self._splitter.can_stall_cut()
-        return ChunkerOutput(display, tuple(chunks), shown)
+        return ChunkerOutput("".join(display), tuple(chunks), tuple(shown))
 
     def _check_open(self, action: str) -> None:
         if self._finished:
@@ -227,6 +243,11 @@ _BLOCK_MARKERS = re.compile(r"[ \t]*(?:>[ \t]*)*(?:[-+•·][ \t]+)?")
 _URL_START = re.compile(r"://|(?:^|\W)www\.", re.I)
 _URL_WINDOW = 64   # a URL is recognised by how a word starts
 _LAST_SPACE = re.compile(r"\s(?=\S*$)")
+_BLANKS = re.compile(r"\s+")
+_MAX_BLANKS = 64
+"""The longest run of blanks speech keeps, plus a newline if the rest had one. The splitter reads at
+most 64 characters past a word, and chunk text is whitespace-normalised, so the chunks are the same;
+and a flood of blanks is not rescanned on every delta while the splitter waits for the next word."""
 
 _Step = tuple[int, str]   # (input characters used, speakable output)
 
@@ -253,6 +274,7 @@ class _SpeechCleaner:
         self._marks: deque[_Placed] = deque()
         self._consumed = 0
         self._spoken = 0
+        self._blanks = ""         # the run of blanks the speech so far ends in, as kept
 
     def push(self, text: str, marks: list[_Placed], at_end: bool) -> tuple[str, list[_Placed]]:
         self._pending += text
@@ -266,10 +288,28 @@ class _SpeechCleaner:
             used, speech = step
             if used:
                 self._consume(self._pending[:used])
+            speech = self._squeeze(speech)
             self._spoken += len(speech)
             spoken.append(speech)
             placed += self._place_marks()
         return "".join(spoken), placed
+
+    def _squeeze(self, speech: str) -> str:
+        """`speech` with each run of blanks, counting the one the speech so far ends in, cut to
+        _MAX_BLANKS characters and a newline if it had one."""
+        if not speech:
+            return speech
+        parts, pos, run_kept = [], 0, ""
+        for run in _BLANKS.finditer(speech):
+            before = self._blanks if run.start() == 0 else ""
+            kept = run.group()[:max(0, _MAX_BLANKS - len(before))]
+            if "\n" in run.group() and "\n" not in before + kept:
+                kept += "\n"
+            parts += [speech[pos:run.start()], kept]
+            pos, run_kept = run.end(), before + kept
+        parts.append(speech[pos:])
+        self._blanks = run_kept if speech[-1].isspace() else ""
+        return "".join(parts)
 
     def _consume(self, text: str) -> None:
         self._pending = self._pending[len(text):]
@@ -479,18 +519,27 @@ class _Splitter:
 
     A gap's strength depends only on the text around it, and a cut is chosen only once
     every gap before it is known, so the cuts never depend on the deltas' sizes. Chunk
-    text is whitespace-normalised; marks are placed by their position in the text."""
+    text is whitespace-normalised; marks are placed by their position in the text.
+
+    The text of emitted chunks is dropped, so each push and cut costs time in what is held, not in
+    all of the reply so far; and a gap is judged only up to the first past max_chars, as no cut
+    comes after it."""
 
     def __init__(self, policy: ChunkerPolicy) -> None:
         self._policy = policy
-        self._text = ""
-        self._start = 0
+        self._text = ""           # the speech not yet in a chunk
+        self._dropped = 0         # the speech before it, in emitted chunks
+        self._line_open = False   # whether the dropped speech ends in a line with words on it
         self._index = 0
-        self._marks: list[_Placed] = []
+        self._marks: list[_Placed] = []   # positions in self._text
+        self._settled: list[tuple[re.Match[str], _Gap]] = []
+        """The gaps of the current chunk judged for good, from its start, with their words: once the
+        next word has begun, more text never changes a judged gap (the cuts never depend on how the
+        text was split), so each is judged once, not again on every delta."""
 
     def push(self, speech: str, marks: list[_Placed]) -> None:
         self._text += speech
-        self._marks += marks
+        self._marks += [(pos - self._dropped, tag, body) for pos, tag, body in marks]
 
     def cut(self, at_end: bool = False) -> list[Chunk]:
         chunks: list[Chunk] = []
@@ -519,8 +568,8 @@ class _Splitter:
         """The end of the last complete word that fits; a word is complete when a space
         or a punctuation mark follows it."""
         gaps, total = self._gaps(at_end=False)
-        tail = _LAST_TOKEN.search(self._text, self._start)
-        if (tail and total <= self._policy.max_chars and _COMPLETE_TAIL.search(tail.group())
+        tail = _LAST_TOKEN.search(self._text) if total <= self._policy.max_chars else None
+        if (tail and _COMPLETE_TAIL.search(tail.group())
                 and not self._is_glue(tail, None) and tail.group().lstrip(_OPENERS).lower() not in _NUMBER_BOUND):
             return tail.end()
         fitting = [gap.pos for gap in gaps if not gap.glue and gap.length <= self._policy.max_chars]
@@ -555,15 +604,19 @@ class _Splitter:
         if fits:
             return max(fits, key=lambda gap: (not gap.glue, gap.length >= self._policy.min_chars, gap.strength,
                                               gap.length))
-        first = _always(_TOKEN.search(self._text, self._start))
+        first = _always(_TOKEN.search(self._text))
         return _Gap(first.start() + self._policy.max_chars, self._policy.max_chars, 1, WORD, False)
 
     def _gaps(self, at_end: bool) -> tuple[list[_Gap], int]:
-        """Every gap of the current chunk, and its length including the last word."""
-        tokens = list(_TOKEN.finditer(self._text, self._start))
-        gaps: list[_Gap] = []
-        length = words = 0
-        for i, token in enumerate(tokens):
+        """Every gap of the current chunk up to the first past max_chars, and its length including
+        the last word (or, past max_chars, up to that gap)."""
+        gaps = [gap for _, gap in self._settled]
+        length, words = (gaps[-1].length, gaps[-1].words) if gaps else (0, 0)
+        if length > self._policy.max_chars:
+            return gaps, length
+        tokens = self._tokens()
+        for i in range(len(gaps), len(tokens)):
+            token = tokens[i]
             length += len(token.group()) + (1 if i else 0)
             words += bool(_WORDLIKE.search(token.group()))
             glue = self._is_glue(token, tokens[i - 1] if i else None)
@@ -578,7 +631,22 @@ class _Splitter:
             bound = glue or ((word[-1] == "." or not word[0].islower()) and self._binds(tokens, i, at_end))
             strength = self._strength(token, following, bound, at_end)
             gaps.append(_Gap(token.end(), length, words, strength, bound is not False))
+            if following and not at_end and strength is not None and bound is not None and len(self._settled) == i:
+                self._settled.append((token, gaps[-1]))
+            if length > self._policy.max_chars:
+                break
         return gaps, length
+
+    def _tokens(self) -> list[re.Match[str]]:
+        """The words of the current chunk, up to the one after the first that takes it past max_chars."""
+        tokens = [token for token, _ in self._settled]
+        length = self._settled[-1][1].length if tokens else -1
+        for token in _TOKEN.finditer(self._text, tokens[-1].end() if tokens else 0):
+            tokens.append(token)
+            if length > self._policy.max_chars:
+                break
+            length += len(token.group()) + 1
+        return tokens
 
     def _strength(self, token: re.Match[str], following: re.Match[str] | None, glue: bool | None,
                   at_end: bool) -> int | None:
@@ -708,16 +776,20 @@ class _Splitter:
 
     def _starts_line(self, pos: int) -> bool:
         newline = self._text.rfind("\n", 0, pos)
-        return not self._text[newline + 1:pos].strip()
+        return not self._text[newline + 1:pos].strip() and not (newline < 0 and self._line_open)
 
     def _emit(self, end: int, final: bool) -> Chunk:
-        start, index = self._start, self._index
+        index = self._index
         taken = len(self._marks) if final else sum(1 for pos, _, _ in self._marks if pos < end)
-        marks, self._marks = self._marks[:taken], self._marks[taken:]
-        text = " ".join(self._text[start:end].split())
-        placed = tuple(Mark(tag=tag, body=body, chunk=index, offset=_offset(self._text[start:pos], len(text)))
+        marks = self._marks[:taken]
+        self._marks = [(pos - end, tag, body) for pos, tag, body in self._marks[taken:]]
+        text = " ".join(self._text[:end].split())
+        placed = tuple(Mark(tag=tag, body=body, chunk=index, offset=_offset(self._text[:pos], len(text)))
                        for pos, tag, body in marks)
-        self._start, self._index = end, index + 1
+        newline = self._text.rfind("\n", 0, end)
+        self._line_open = bool(self._text[newline + 1:end].strip()) or (newline < 0 and self._line_open)
+        self._text, self._dropped, self._index = self._text[end:], self._dropped + end, index + 1
+        self._settled = []
         return Chunk(text=text, index=index, final=final, marks=placed)
 
 

@@ -1,20 +1,29 @@
 """`voxpipe history list | show SESSION | export SESSION | import FILE | clear SESSION`.
 
-Works on the SQLite store directly (WAL lets it run beside the history stage).
+Works on the SQLite store directly (WAL lets it run beside the history stage). What it prints of the
+store is untrusted (model text, provider errors, imported names), so every field goes through
+`printable`; an export written to a file is private (0600, new directories 0700).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ...config import Config
+from ...files import open_private, private_dirs
+from ...frontends.terminal import printable
 from .stage import default_db_path
 from .store import HistoryStore
+
+IMPORT_LIMIT = 16 * 1024 * 1024
+"""The largest file `history import` reads: years of daily conversation, and still a few seconds and
+a few hundred MB to check; a larger file is refused before it is parsed."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,17 +48,17 @@ def run(args: argparse.Namespace, config: Config) -> int:
         if args.action == "list":
             for row in store.sessions():
                 last = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["last"])) if row["last"] else "-"
-                print(f"{row['id']:<24} {row['messages']:>6} messages   last {last}")
+                print(f"{printable(row['id'], one_line=True):<24} {row['messages']:>6} messages   last {last}")
         elif args.action == "show":
             return _show(store, args.session)
         elif args.action == "export":
             text = json.dumps(store.export_companion(args.session, persona), ensure_ascii=False, indent=2)
             if args.out:
-                Path(args.out).write_text(text + "\n", encoding="utf-8")
+                _write_private(Path(args.out), text + "\n")
             else:
                 print(text)
         elif args.action == "import":
-            data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+            data = _read_import(Path(args.file))
             session = args.session or Path(args.file).stem
             count = store.import_companion(session, persona, data, time.time())
             print(f"imported {count} messages into session {session}")
@@ -58,8 +67,8 @@ def run(args: argparse.Namespace, config: Config) -> int:
     except KeyError as exc:
         print(f"voxpipe: no session {exc.args[0]!r}; `voxpipe history list` shows them", file=sys.stderr)
         return 1
-    except (OSError, ValueError) as exc:
-        print(f"voxpipe: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # the text may quote the file: printable
+        print(f"voxpipe: {printable(str(exc), one_line=True)}", file=sys.stderr)
         return 2
     finally:
         store.close()
@@ -73,13 +82,14 @@ def _show(store: HistoryStore, session: str) -> int:
         return 1
     for message in messages:
         stamp = time.strftime("%H:%M:%S", time.localtime(message["ts"]))
-        text = f": {message['content']}" if message["content"] else ""
+        text = f": {printable(message['content'])}" if message["content"] else ""
         print(f"[{stamp}] {message['role']}{outcome(message)}{text}")
         if message["interrupted"] and message["spoken"] is not None:
-            print(f"    heard: {message['spoken']}")
+            print(f"    heard: {printable(message['spoken'])}")
         for command in store.commands(message["id"]):
             mark = "✓" if command["accepted"] else f"refused: {command['reason']}"
-            print(f"    <{command['name']}> {', '.join(command['args'])}  {mark}")
+            line = f"<{command['name']}> {', '.join(command['args'])}  {mark}"
+            print(f"    {printable(line, one_line=True)}")
     return 0
 
 
@@ -91,7 +101,34 @@ def outcome(message: dict[str, Any]) -> str:
     """
     facts = []
     if message["status"] not in ("ok", "interrupted"):
-        facts.append(f"{message['status']}: {message['error']}" if message["error"] else message["status"])
+        error = printable(message["error"], one_line=True)
+        facts.append(f"{message['status']}: {error}" if error else message["status"])
     if message["interrupted"] or message["status"] == "interrupted":
         facts.append("interrupted")
     return f" ({', '.join(facts)})" if facts else ""
+
+
+def _read_import(path: Path) -> Any:
+    """The parsed JSON of a file to import, read no further than IMPORT_LIMIT (a pipe or a device has
+    no size to look at first); ValueError, naming the file and the fix, for anything else."""
+    with open(path, "rb") as handle:
+        raw = handle.read(IMPORT_LIMIT + 1)
+    if len(raw) > IMPORT_LIMIT:
+        raise ValueError(f"{path} is larger than {IMPORT_LIMIT // 2**20} MiB, the most `history import` reads; "
+                         f"remove old messages from it, or split it into files imported as separate sessions "
+                         f"(--session NAME)")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests arrays or objects too deeply to be a companion history") from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write an export readable by its owner alone, in directories made 0700 if they are new."""
+    private_dirs(path.parent)
+    with os.fdopen(open_private(path, os.O_WRONLY | os.O_TRUNC), "w", encoding="utf-8") as handle:
+        handle.write(text)

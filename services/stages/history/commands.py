@@ -18,14 +18,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...protocol.kinds import SHORT, TEXT
 from ..tags import DEFAULT_TAGS, LOOKAHEAD, OPENING, Tag, TagStripper
 
-_IDS = re.compile(r"\d+(?:\s*[-,]\s*\d+)*")
+MAX_ARGS = 64
+"""The most arguments a `command` event carries (protocol: `args`, at most 64 items of TEXT characters)."""
+REASON_CHARS = 500
+"""The longest reason a `command` event carries (protocol: `reason`)."""
+SHOWN_CHARS = 40
+"""How much of an offending value a reason quotes: enough to recognise it, never enough to push the
+reason past its limit."""
+REFUSED_ARG_CHARS = 500
+"""How much of each argument a refused command keeps: the longest the default allowlist accepts (a
+memory's text), so a command refused only for the per-reply cap is shown whole, and a 100 kB one is
+not (the stored reply keeps every character)."""
+MAX_IDS = 1000
+"""The most memories one `<-memory>` may name, ranges expanded: a persona keeps far fewer (store.MEMORY_LIMIT)."""
+ID_DIGITS = 10
+"""The most digits of a memory id (ids are below 2**31)."""
+
+
+def _shown(value: str, quoted: bool = True) -> str:
+    """An offending value as a reason quotes it: its start, so a 100 kB value gives a short reason."""
+    start = value[:SHOWN_CHARS] + ("…" if len(value) > SHOWN_CHARS else "")
+    return repr(start) if quoted else start
 
 
 @dataclass(frozen=True)
 class ArgRule:
-    """One argument: enum (one of `values`), text (matching `pattern`), int or number in [low, high]."""
+    """One argument: enum (one of `values`), text (matching `pattern`), int or number in [low, high],
+    or ids (memory ids: "3", "3,5", "3-6"; see memory_ids)."""
 
     kind: str = "text"
     values: tuple[str, ...] = ()
@@ -35,14 +57,22 @@ class ArgRule:
 
     def problem(self, value: str) -> str | None:
         if self.kind == "enum":
-            return None if value.lower() in self.values else f"{value!r} is not one of {', '.join(self.values)}"
+            return None if value.lower() in self.values else f"{_shown(value)} is not one of {', '.join(self.values)}"
         if self.kind in ("int", "number"):
             try:
                 number = int(value) if self.kind == "int" else float(value)
             except ValueError:
-                return f"{value!r} is not {'an integer' if self.kind == 'int' else 'a number'}"
-            return None if self.low <= number <= self.high else f"{value} is outside {self.low:g}..{self.high:g}"
-        return None if re.fullmatch(self.pattern, value) else f"{value[:40]!r} is not allowed text"
+                return f"{_shown(value)} is not {'an integer' if self.kind == 'int' else 'a number'}"
+            if not self.low <= number <= self.high:
+                return f"{_shown(value, quoted=False)} is outside {self.low:g}..{self.high:g}"
+            return None
+        if self.kind == "ids":
+            try:
+                memory_ids(value)
+            except ValueError as exc:
+                return str(exc)
+            return None
+        return None if re.fullmatch(self.pattern, value) else f"{_shown(value)} is not allowed text"
 
 
 @dataclass(frozen=True)
@@ -93,7 +123,7 @@ DEFAULT_ALLOWLIST: dict[str, CommandSpec] = {
     "#memory": CommandSpec(separator="|", args=(ArgRule("int", low=1, high=2**31), ArgRule("enum", PRIORITIES),
                                                 ArgRule(pattern=r"[^<>\x00-\x09]{1,500}")),
                            min_args=3, max_args=3),
-    "-memory": CommandSpec(args=(ArgRule(pattern=_IDS.pattern),)),
+    "-memory": CommandSpec(args=(ArgRule("ids"),)),
 }
 
 
@@ -128,38 +158,67 @@ def parse_reply(text: str, allowlist: Allowlist) -> list[Command]:
 
 def _judge(tag: Tag, allowlist: Allowlist) -> Command:
     name, body = tag.name.lower(), tag.body
+    if tag.oversize:
+        return refused(Command(name, (), False, body=body),
+                       f"<{name}> does not close within {allowlist.lookahead} characters (chunker.tag_lookahead)")
     if not tag.closed:
-        return Command(name, (), False, f"unclosed <{name}> tag", body)
+        return refused(Command(name, (), False, body=body), f"unclosed <{name}> tag")
     spec = allowlist.specs.get(name)
     if spec is None:
-        return Command(name, (), False, f"unknown command <{name}>", body)
+        return refused(Command(name, (), False, body=body), f"unknown command <{name}>")
     if OPENING.search(body):
-        return Command(name, (), False, "nested tags are not allowed", body)
+        return refused(Command(name, (), False, body=body), "nested tags are not allowed")
     args = spec.split(body)
-    problem = spec.problem(args)
-    if problem:
-        return Command(name, tuple(args), False, f"<{name}> {problem}", body)
-    return Command(name, tuple(args), True, "", body)
+    command = Command(name, tuple(args), True, "", body)
+    problem = spec.problem(args) or _unfit(args)
+    return refused(command, f"<{name}> {problem}") if problem else command
+
+
+def _unfit(args: list[str]) -> str | None:
+    """What keeps accepted arguments out of a `command` event (a commands file may allow more than it
+    carries), so that a command is refused alone instead of failing the event and every later one."""
+    if len(args) > MAX_ARGS:
+        return f"has {len(args)} arguments; a command carries at most {MAX_ARGS}"
+    size = sum(map(len, args))
+    return f"has {size} characters of arguments; a command carries at most {TEXT}" if size > TEXT else None
+
+
+def refused(command: Command, reason: str) -> Command:
+    """`command` refused for `reason`, cut to what a `command` event carries: the reason to its limit,
+    the name to SHORT, the arguments to MAX_ARGS of REFUSED_ARG_CHARS each."""
+    args = tuple(arg[:REFUSED_ARG_CHARS] for arg in command.args[:MAX_ARGS])
+    return Command(command.name[:SHORT], args, False, reason[:REASON_CHARS], command.body)
 
 
 def _cap(commands: list[Command], limit: int) -> list[Command]:
     capped = []
     for number, command in enumerate(commands):
         if number >= limit and command.accepted:
-            command = Command(command.name, command.args, False,
-                              f"more than {limit} commands in one reply", command.body)
+            command = refused(command, f"more than {limit} commands in one reply")
         capped.append(command)
     return capped
 
 
 def memory_ids(spec: str) -> list[int]:
-    """`-memory` targets: "3", "3,5" and "3-6" (ranges capped at 1000 ids)."""
-    ids: list[int] = []
-    for part in spec.replace(" ", "").split(","):
-        low, _, high = part.partition("-")
+    """`-memory` targets: "3", "3,5" and "3-6", in order; raises ValueError, saying why, for anything
+    else, for an id of more than ID_DIGITS digits, and for more than MAX_IDS ids in all. The judge
+    runs it before a command is accepted, so applying an accepted one cannot fail halfway, and the
+    expansion is bounded before it is built."""
+    ranges = []
+    for part in "".join(spec.split()).split(","):
+        low, dash, high = part.partition("-")
+        if not (low.isdecimal() and (high.isdecimal() or not dash) and low.isascii() and high.isascii()):
+            raise ValueError(f"{_shown(part)} is not an id or a range of ids like 3 or 4-6")
+        if max(len(low), len(high)) > ID_DIGITS:
+            raise ValueError(f"{_shown(part)}: an id has at most {ID_DIGITS} digits")
         first, last = int(low), int(high or low)
-        ids.extend(range(first, min(last, first + 999) + 1))
-    return ids
+        if last < first:
+            raise ValueError(f"{_shown(part)} is a range that ends before it starts")
+        ranges.append((first, last))
+    count = sum(last - first + 1 for first, last in ranges)
+    if count > MAX_IDS:
+        raise ValueError(f"names {count} memories; at most {MAX_IDS} in one tag")
+    return [memory_id for first, last in ranges for memory_id in range(first, last + 1)]
 
 
 def load_allowlist(path: str, max_per_reply: int, tags: tuple[str, ...] = DEFAULT_TAGS,
@@ -187,8 +246,10 @@ def _spec_from(tag: str, table: Mapping[str, Any]) -> CommandSpec:
         spec = CommandSpec(separator=table.get("separator", ""), args=rules or (ArgRule(),),
                            min_args=table.get("min_args", 1), max_args=table.get("max_args", 1))
         for rule in spec.args:
-            if rule.kind not in ("enum", "text", "int", "number"):
-                raise ValueError(f"kind {rule.kind!r} is not one of enum, text, int, number")
+            if rule.kind not in ("enum", "text", "int", "number", "ids"):
+                raise ValueError(f"kind {rule.kind!r} is not one of enum, text, int, number, ids")
+        if spec.max_args > MAX_ARGS:
+            raise ValueError(f"max_args {spec.max_args} is more than a command carries ({MAX_ARGS})")
             re.compile(rule.pattern)
     except (TypeError, ValueError, AttributeError, re.error) as exc:
         raise ValueError(f"commands file: tag <{tag}>: {exc}") from None

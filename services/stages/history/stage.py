@@ -38,8 +38,8 @@ from ...protocol import Command as CommandEvent  # the `command` kind; `Command`
 from ...runtime import Stage, handles
 from ...runtime.replies import Key, Recent, cancels
 from ..chunker.core import ChunkerPolicy
-from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_reply
-from .store import ATTITUDE_VARIABLES, HistoryStore
+from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_reply, refused
+from .store import ATTITUDE_VARIABLES, CONTEXT_BYTES, HistoryStore, MemoryRefused
 
 METRICS_WAIT_S = 30.0
 """A reply with no final playback event this long after its llm.done, or after its last playback
@@ -151,8 +151,7 @@ class HistoryStage(Stage):
             interrupted=done.status == "interrupted")
         if track.spoken is not None:  # playback ended first, as it does when a cancel cuts the reply short
             self.store.set_spoken(message.session, message.id, track.spoken, track.cut)
-        track.commands = parse = self._parse(done.text)
-        self._apply_effects(parse, ts)
+        track.commands = parse = self._apply_effects(self._parse(done.text), ts)
         self.bus.publish(message.session, message.id, HistorySaved(role="assistant", message_id=track.message_id))
         track.commands_due = time.monotonic() + self.config["history"]["marks_wait_ms"] / 1000
         if track.final_chunk or not parse:
@@ -288,30 +287,46 @@ class HistoryStage(Stage):
         self.bus.publish(session, id, metrics)
         self.store.add_metrics(session, id, metrics.to_wire())
 
-    def _apply_effects(self, commands: list[Command], ts: float) -> None:
-        """Memory and attitude commands change the persona's state (accepted ones only)."""
+    def _apply_effects(self, commands: list[Command], ts: float) -> list[Command]:
+        """Memory and attitude commands change the persona's state (accepted ones only), all of a reply in
+        one transaction. Each was checked whole when it was judged, so none fails halfway; one the store
+        cannot take (a memory that would be evicted at once, an edit of no memory) changes nothing and
+        comes back refused with the reason, and the others still apply."""
         deltas: dict[str, float] = collections.defaultdict(float)
-        for command in (c for c in commands if c.accepted):
-            if command.name == "+memory":
-                self.store.add_memory(self.persona, command.args[0].lower(), command.args[1], ts)
-            elif command.name == "#memory":
-                self.store.edit_memory(self.persona, int(command.args[0]), command.args[1].lower(),
-                                       command.args[2], ts)
-            elif command.name == "-memory":
-                self.store.delete_memories(self.persona, memory_ids(command.args[0]))
-            elif command.name == "p":
-                for name, delta in zip(ATTITUDE_VARIABLES, command.args, strict=True):
-                    deltas[name] += int(delta)
-        if deltas:
-            self.store.add_variable_deltas(self.persona, deltas)
+        judged = []
+        with self.store.transaction():
+            for command in commands:
+                try:
+                    if command.accepted:
+                        self._apply(command, ts, deltas)
+                except MemoryRefused as exc:
+                    command = refused(command, f"<{command.name}> {exc}")
+                judged.append(command)
+            if deltas:
+                self.store.add_variable_deltas(self.persona, deltas)
+        return judged
+
+    def _apply(self, command: Command, ts: float, deltas: dict[str, float]) -> None:
+        if command.name == "+memory":
+            self.store.add_memory(self.persona, command.args[0], command.args[1], ts)
+        elif command.name == "#memory":
+            self.store.edit_memory(self.persona, int(command.args[0]), command.args[1], command.args[2], ts)
+        elif command.name == "-memory":
+            self.store.delete_memories(self.persona, memory_ids(command.args[0]))
+        elif command.name == "p":
+            for name, delta in zip(ATTITUDE_VARIABLES, command.args, strict=True):
+                deltas[name] += int(delta)
 
     # --- context and catch-up ----------------------------------------------------------------
 
     @handles(ContextQuery)
     def on_context_query(self, message: Message[ContextQuery]) -> None:
-        turns = self.store.context(message.session, message.body.limit, exclude_request=message.id)
-        self.bus.publish(message.session, message.id, Context(messages=tuple(turns),
-                                                              memory=self.store.memory_block(self.persona),
+        """The context fits the protocol by construction (store.CONTEXT_BYTES): the memories first, up to
+        their share, then as many recent turns as the rest holds."""
+        memory = self.store.memory_block(self.persona)
+        turns = self.store.context(message.session, message.body.limit, exclude_request=message.id,
+                                   budget=CONTEXT_BYTES - len(memory.encode()))
+        self.bus.publish(message.session, message.id, Context(messages=tuple(turns), memory=memory,
                                                               variables=self.store.variables(self.persona)))
 
     @handles(Replay)

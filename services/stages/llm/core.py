@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ...protocol import ChatMessage, Context, LlmDone, Request
+from ...protocol import Body, ChatMessage, Context, LlmDone, Request
 from .providers.base import ChatRequest, Image, Params, Timeouts
 
 CHARS_PER_TOKEN = 4
@@ -152,6 +152,30 @@ def chat_request(profile: Mapping[str, Any], request: Request, context: Context 
     return ChatRequest(messages, stream=stream, params=params, timeouts=timeouts, prompt=prompt)
 
 
+def sendable(text: str) -> str:
+    """Text that every message can carry: a lone surrogate (JSON's "\\ud800" decodes to one) is not
+    UTF-8, so a message holding it could not be encoded; it becomes "?"."""
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def fit(kind: type[Body], name: str, text: str) -> str:
+    """`text` as field `name` of `kind` accepts it: sendable, and when its check refuses it, cut to the
+    longest start that the check takes with "…" after it, the mark that it was cut.  The field's check
+    stays the one home of its limit; this only searches for the length it allows."""
+    text = sendable(text)
+    check = kind.spec[name].check
+    if check(text) is None:
+        return text
+    low, high = 0, len(text)  # check(text[:low] + "…") holds for low = 0 whenever a string of 1 fits
+    while low < high:
+        middle = (low + high + 1) // 2
+        if check(text[:middle] + "…") is None:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + "…"
+
+
 @dataclass
 class Reply:
     """One reply being generated: its text so far and the timings its llm.done reports."""
@@ -174,7 +198,9 @@ class Reply:
     def done(self, status: str, now: float, *, error: str = "", provider: str = "", model: str = "",
              finish_reason: str = "", usage: Mapping[str, float] | None = None, guard: str = "",
              reasoning: str = "", profile: str = "") -> LlmDone:
-        """This reply's llm.done."""
+        """This reply's llm.done, with what the provider reported fitted into the fields' limits (`fit`);
+        usage is already counts only (providers.base.usage_counts), and the guard keeps the text and
+        reasoning within theirs."""
         metrics: dict[str, float] = {"total_ms": (now - self.started) * 1000}
         if self.first_token_at is not None:
             metrics["ttft_ms"] = (self.first_token_at - self.started) * 1000
@@ -182,6 +208,7 @@ class Reply:
             if span > 0 and len(self.parts) > 1:
                 metrics["tokens_per_s"] = (len(self.parts) - 1) / span
         metrics.update({f"usage_{name}": value for name, value in (usage or {}).items()})
-        return LlmDone(status=status, text=self.text, tokens=len(self.parts), error=error[:2000], provider=provider,
-                       model=model, finish_reason=finish_reason, metrics=metrics, guard=guard, reasoning=reasoning,
-                       profile=profile)
+        texts = {"text": self.text, "error": error, "provider": provider, "model": model,
+                 "finish_reason": finish_reason, "guard": guard, "reasoning": reasoning, "profile": profile}
+        return LlmDone(status=status, tokens=len(self.parts), metrics=metrics,
+                       **{name: fit(LlmDone, name, value) for name, value in texts.items()})

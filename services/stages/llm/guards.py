@@ -4,6 +4,8 @@ Stopping early saves tokens and the listener's patience.  The guard holds back
 the few characters that might be the start of a stop string or of a user-turn
 prefix, so the text it releases is exactly the text before the point it fired.
 Pure: no I/O, no clock.
+
+One guard is always on: `size` stops a reply whose text, or whose reasoning, reaches SIZE_LIMIT.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ...protocol.kinds import REPLY
 from ..tags import held_back
 
 _SENTENCE_END = re.compile(r"[.!?…]+[\"»”')\]]*(?=\s)")
 _WORD = re.compile(r"\w+", re.UNICODE)
+SIZE_LIMIT = REPLY
+"""UTF-8 bytes of reply text, and apart from it of reasoning, that one reply may have: llm.done carries
+both whole, so each must fit its field (REPLY characters) and both together its frame limit (4 MiB,
+which two REPLY-long texts of 4-byte characters would fill alone).  A reply that reaches it is cut there."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,8 @@ class ReplyGuard:
         self.policy = policy
         self.fired: str | None = None
         self.released = ""
+        self._released_bytes = 0
+        self._reasoning_bytes = 0
         self._pending = ""
         self._markers = [*policy.stop_strings, *("\n" + prefix for prefix in policy.user_turn_prefixes)]
         self._ngrams: dict[tuple[str, ...], int] = {}
@@ -97,15 +106,33 @@ class ReplyGuard:
         text = ("\n" if not self.released else self.released[-1]) + self._pending
         return min(held_back(text, self._markers), len(self._pending))
 
+    def reasoning(self, text: str) -> str:
+        """Take a piece of reasoning; return what fits SIZE_LIMIT.  The piece that passes it fires
+        `size`, so the call is closed: a model that reasons without end is stopped like one that talks
+        without end."""
+        room = SIZE_LIMIT - self._reasoning_bytes
+        data = text.encode()
+        if len(data) <= room:
+            self._reasoning_bytes += len(data)
+            return text
+        self._reasoning_bytes = SIZE_LIMIT
+        if not self.fired:
+            self._stop("", "size")
+        return _fitting(data, room)
+
     # --- limits on released text ----------------------------------------------------------
 
     def _release(self, ready: str) -> str:
-        for limit in (self._char_limit, self._sentence_limit, self._repetition_limit):
+        for limit in (self._char_limit, self._sentence_limit, self._repetition_limit, self._size_limit):
             cut = limit(ready)
             if cut is not None:
                 return self._stop(ready[:cut[0]], cut[1])
-        self.released += ready
+        self._keep(ready)
         return ready
+
+    def _keep(self, text: str) -> None:
+        self.released += text
+        self._released_bytes += len(text.encode())
 
     def _char_limit(self, ready: str) -> tuple[int, str] | None:
         limit = self.policy.max_chars
@@ -149,8 +176,19 @@ class ReplyGuard:
         self._partial_word = trailing.group() if trailing else ""
         return None
 
+    def _size_limit(self, ready: str) -> tuple[int, str] | None:
+        """Last, so that a limit of the profile that cuts earlier names itself."""
+        data = ready.encode()
+        room = SIZE_LIMIT - self._released_bytes
+        return None if len(data) <= room else (len(_fitting(data, room)), "size")
+
     def _stop(self, last: str, name: str) -> str:
         self.fired = name
-        self.released += last
+        self._keep(last)
         self._pending = ""
         return last
+
+
+def _fitting(data: bytes, room: int) -> str:
+    """The longest start of UTF-8 `data` that fits `room` bytes, as text (no character cut in two)."""
+    return data[:room].decode("utf-8", "ignore")

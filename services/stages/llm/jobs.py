@@ -36,9 +36,10 @@ from ...protocol import (
     Request,
     Token,
 )
+from ...protocol.kinds import TEXT
 from ...runtime.replies import cancels
 from ...secrets import KeyRing
-from .core import Reply, profile_timeouts
+from .core import Reply, profile_timeouts, sendable
 from .guards import GuardPolicy, ReplyGuard
 from .providers.base import Delta, Generation, ProviderError, Timeouts
 from .retry import RetryPolicy, next_step
@@ -53,6 +54,8 @@ TOTAL = "first_token_total"
 """Job.timed_out once the profile's first_token_total_s passed with no token: the watchdog ended the reply."""
 FAILURES = (ProviderError, ConfigError, ValueError)
 """What a reply can fail with and say why in words; anything else is a bug, logged with its traceback."""
+STAGE_FAILED = "the llm stage failed"
+"""How llm.done's error opens when the reply failed on a bug rather than a provider: its log has the traceback."""
 
 
 # --- effects: what the shell carries out, in order ---------------------------------------------
@@ -271,7 +274,8 @@ class Job:
             return []
         self.committed = True
         self.last_delta = now
-        effects = self._route(self.splitter.push(delta.text, delta.reasoning), delta.reasoning, now)
+        text, reasoning = sendable(delta.text), sendable(delta.reasoning)
+        effects = self._route(self.splitter.push(text, reasoning), reasoning, now)
         if self.fired and self.generation is not None:
             effects.append(Close(self.generation))
         return effects
@@ -321,14 +325,17 @@ class Job:
         return self._route(self.splitter.finish(reason), "", now, end=True)
 
     def ending(self, error: Exception | None) -> tuple[str, str]:
-        """llm.done's status and error text for a worker that ended with `error` (None: it ran through)."""
+        """llm.done's status and error text for a worker that ended with `error` (None: it ran through).
+        A bug says so, naming the exception."""
         if error is None or (isinstance(error, ProviderError) and self.cancelled):
             return ("interrupted" if self.cancelled else "ok"), ""
         if isinstance(error, ProviderError):
             hint = (f"; check the key in ${self.api_key_env} (or reserve_key_envs)"
                     if error.code == "auth" and self.api_key_env else "")
             return "error", f"{error}{hint}"
-        return "error", str(error) if isinstance(error, FAILURES) else f"{type(error).__name__}: {error}"
+        if isinstance(error, FAILURES):
+            return "error", str(error)
+        return "error", f"{STAGE_FAILED} ({type(error).__name__}: {error}); its log has the details"
 
     def _route(self, split: Delta, provider_reasoning: str, now: float, end: bool = False) -> list[Effect]:
         """Reasoning apart, and reply text only as far as the guard releases it; nothing once the
@@ -338,13 +345,21 @@ class Job:
             return []
         effects: list[Effect] = []
         for part in (provider_reasoning, split.reasoning):
+            part = self.guard.reasoning(part) if part else ""
             if part:
                 self.reasoning.append(part)
-                effects.append(Publish(self.request.session, self.request.id, Reasoning(text=part)))
-        if text:
-            self.reply.add(text, now)
-            effects.append(Publish(self.request.session, self.request.id, Token(text=text)))
+                effects += [Publish(self.request.session, self.request.id, Reasoning(text=piece))
+                            for piece in _pieces(part)]
+        for piece in _pieces(text):
+            self.reply.add(piece, now)
+            effects.append(Publish(self.request.session, self.request.id, Token(text=piece)))
         return effects
+
+
+def _pieces(text: str) -> list[str]:
+    """Text in pieces of at most TEXT characters, what one token or reasoning message carries: a
+    provider may hand over a whole reply at once (not streaming), up to the guard's size limit."""
+    return [text[start:start + TEXT] for start in range(0, len(text), TEXT)]
 
 
 # --- every session's jobs --------------------------------------------------------------------------
@@ -496,6 +511,10 @@ class Jobs:
                 if job.call_open and job.generation is not None:
                     effects.append(Close(job.generation))
         return effects
+
+    def worker_done(self, job: Job, failure: Exception | None, now: float) -> list[Effect]:
+        """The worker is through with `job`, which ended in `failure` (None: it ran through): its llm.done."""
+        return self.finish(job, *job.ending(failure), now)
 
     def finish(self, job: Job, status: str, error: str, now: float) -> list[Effect]:
         """The job's one llm.done (from its worker, or from the watchdog after a cancel), then the

@@ -14,15 +14,16 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ...config import ConfigError
-from ...protocol import Cancel, Context, Message, ReplayQuery, Request
+from ...protocol import Cancel, Context, ErrorCode, LlmDone, Message, ProtocolError, ReplayQuery, Request
 from ...runtime import Stage, handles
 from ...secrets import KeyRing, read_key
-from .core import chat_request
-from .jobs import FAILURES, Close, Done, Effect, Job, Jobs, Log, Publish, Report, Retry, Settings, Start
+from .core import chat_request, fit
+from .jobs import FAILURES, STAGE_FAILED, Close, Done, Effect, Job, Jobs, Log, Publish, Report, Retry, Settings, Start
 from .providers import create_provider
 from .providers.base import ChatRequest, Provider, ProviderError
 
@@ -121,14 +122,40 @@ class LlmStage(Stage):
                 case Close(generation):
                     generation.close()
                 case Done(request, body):
-                    sent = self.bus.publish(request.session, request.id, body)
-                    self.core.journal.add(request, body, sent.ts)
+                    self._done(request, body)
+
+    def _done(self, request: Message[Request], body: LlmDone) -> None:
+        """Publish a reply's llm.done and journal it.  One the protocol refuses (a bug: the core fits
+        every field) still ends the reply: as an error that says why, with the text (which went out as
+        tokens already) and without what the provider reported besides it."""
+        try:
+            sent = self.bus.publish(request.session, request.id, body)
+        except ProtocolError as exc:
+            self.log.error("llm.done of %s/%s refused by the protocol (%s); sending it as an error",
+                           request.session, request.id, exc)
+            error = fit(LlmDone, "error", "; ".join(filter(None, [f"{STAGE_FAILED}: its llm.done was refused ({exc})",
+                                                                  body.error])))
+            body = replace(body, status="error", error=error, model="", finish_reason="", metrics={}, reasoning="")
+            self.bus.report(ErrorCode.INTERNAL, error, request.session, request.id, "request")
+            sent = self.bus.publish(request.session, request.id, body)
+        self.core.journal.add(request, body, sent.ts)
 
     # --- a worker thread ------------------------------------------------------------------------
 
     def _run(self, job: Job, context: Message[Context] | None) -> None:
-        """Generate one reply and end it with llm.done (unless the watchdog already did)."""
-        failure: Exception | None = None
+        """Generate one reply and end it with llm.done (unless the watchdog already did).
+
+        Every failure ends the reply, this the one place for that: one on the way is the reply's error,
+        one in ending it is logged with its traceback, as the pool would keep it unseen."""
+        try:
+            failure = self._generate(job, context)
+            with self.lock:
+                self._apply(self.core.worker_done(job, failure, time.monotonic()))
+        except Exception:
+            self.log.exception("ending %s/%s failed", job.request.session, job.request.id)
+
+    def _generate(self, job: Job, context: Message[Context] | None) -> Exception | None:
+        """The reply's attempts, then its end; what failed on the way (None: nothing)."""
         try:
             profile = self.config.profile(job.request.body.profile)
             with self.lock:
@@ -144,10 +171,9 @@ class LlmStage(Stage):
                 self._apply(job.end(time.monotonic()))
         except Exception as exc:  # a provider bug must still end the reply
             if not isinstance(exc, FAILURES):
-                self.log.exception("provider failed")
-            failure = exc
-        with self.lock:
-            self._apply(self.core.finish(job, *job.ending(failure), time.monotonic()))
+                self.log.exception("%s/%s failed", job.request.session, job.request.id)
+            return exc
+        return None
 
     def _attempts(self, job: Job, provider: Provider, chat: ChatRequest, ring: KeyRing) -> None:
         """Call the provider until an attempt ends the reply; the core decides on each retry."""

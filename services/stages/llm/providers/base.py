@@ -18,11 +18,19 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Protocol
 
+from ....secrets import scrub
+
 STATUS_CODES = {401: "auth", 402: "billing", 403: "auth", 429: "rate_limited"}
 """The error codes of HTTP statuses besides 5xx (server) and the other 4xx (bad_request). 402 is
 billing, not auth: the key is good but its account has no credit, which the user fixes elsewhere."""
 ROTATING_CODES = frozenset({"auth", "billing", "rate_limited"})
 """Refusals that another API key (another account, another quota) may get past."""
+ERROR_TEXT_LIMIT = 500
+"""How long a provider's error message may be, the server's own words in it included."""
+USAGE_MAX = 2**53
+"""The largest usage count kept: beyond it a count is nonsense (and no longer exact as a float)."""
+USAGE_NAMES = 32
+"""The most usage counts kept from one reply, and (in characters) the longest name of one."""
 
 
 def status_code(status: int) -> str:
@@ -55,6 +63,27 @@ class ProviderError(RuntimeError):
     def rotates_key(self) -> bool:
         """Another API key may succeed where this one was refused or throttled."""
         return self.code in ROTATING_CODES
+
+
+def quote(text: str, secret: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """An error message with a server's words in it, safe to show: the key is scrubbed out first, and
+    only then is the text put on one line and clipped to `limit` characters.  Clipping first could cut
+    the key, and a cut key no longer matches it: the secret part would be shown.  Every transport
+    builds its errors with this."""
+    text = " ".join(scrub(text, secret).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def usage_counts(usage: Mapping[str, Any]) -> dict[str, float]:
+    """The counts of a server's usage report that are counts: finite numbers from 0 to USAGE_MAX,
+    under names of at most USAGE_NAMES characters, at most USAGE_NAMES of them.  Anything else (NaN,
+    -1, 1e308, "x", a nested table) is left out, so that no server can make llm.done invalid."""
+    counts: dict[str, float] = {}
+    for name, value in usage.items():
+        if (len(counts) < USAGE_NAMES and isinstance(name, str) and len(name) <= USAGE_NAMES
+                and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= USAGE_MAX):
+            counts[name] = float(value)  # NaN fails the range test; a huge int is out of range before float()
+    return counts
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

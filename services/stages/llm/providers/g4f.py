@@ -49,13 +49,11 @@ import threading
 from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any
 
-from ....secrets import scrub
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError, status_code
+from .base import ChatRequest, Delta, Outcome, ProviderError, quote, status_code, usage_counts
 
 NOT_INSTALLED = "g4f is not installed: pip install 'voxpipe[g4f]'"
 STATUS_IN_MESSAGE = re.compile(r"^(?:Response|Error) (\d{3})\b")
-ERROR_TEXT_LIMIT = 300
 
 
 class _Closed(Exception):
@@ -285,13 +283,10 @@ class G4fGeneration:
     def _error(self, exc: BaseException) -> ProviderError:
         """Map what g4f, aiohttp or requests raised to a ProviderError the stage can act on."""
         code, status = _classify(exc)
-        detail = " ".join(str(exc).split()) or type(exc).__name__
-        if len(detail) > ERROR_TEXT_LIMIT:
-            detail = detail[:ERROR_TEXT_LIMIT] + "…"
-        if code == "not_installed":
-            detail += " (a dependency of this g4f provider; install it into voxpipe's environment)"
-        message = f"{self._provider.where} failed ({type(exc).__name__}): {detail}"
-        return ProviderError(scrub(message, self._key), code=code, status=status)
+        missing = "; a dependency of this g4f provider: install it into voxpipe's environment"
+        message = (f"{self._provider.where} failed ({type(exc).__name__}{missing if code == 'not_installed' else ''}): "
+                   f"{str(exc).strip() or type(exc).__name__}")
+        return ProviderError(quote(message, self._key), code=code, status=status)
 
 
 def _classify(exc: BaseException) -> tuple[str, int | None]:
@@ -364,9 +359,7 @@ def _text(value: Any) -> str:
 
 def _usage(usage: Any) -> dict[str, float]:
     fields = ("prompt_tokens", "completion_tokens", "total_tokens")
-    found = {name: getattr(usage, name, None) for name in fields}
-    return {name: float(value) for name, value in found.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return usage_counts({name: getattr(usage, name, None) for name in fields})
 
 
 def _shut_down(loop: asyncio.AbstractEventLoop) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from .. import sse
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, Params, ProviderError
+from .base import ChatRequest, Delta, Outcome, Params, ProviderError, usage_counts
 from .http_transport import Call, HttpGeneration, b64, check_error, given, merged, parse_json
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
@@ -105,9 +105,9 @@ def _response(payload: dict[str, Any], outcome: Outcome) -> Iterator[Delta]:
     """One GenerateContentResponse: its text and thoughts first, then its metadata; a block raises last."""
     check_error(payload)
     outcome.model = payload.get("modelVersion") or outcome.model
-    if "usageMetadata" in payload:
-        outcome.usage = {USAGE[name]: float(value) for name, value in payload["usageMetadata"].items()
-                         if name in USAGE}
+    if isinstance(payload.get("usageMetadata"), dict):
+        outcome.usage = usage_counts({USAGE[name]: value for name, value in payload["usageMetadata"].items()
+                                      if name in USAGE})
     feedback = payload.get("promptFeedback") or {}
     if feedback.get("blockReason"):
         outcome.finish_reason = "blocked"

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import sse
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError
+from .base import ChatRequest, Delta, Outcome, ProviderError, usage_counts
 from .http_transport import Call, Decode, HttpGeneration, b64, check_error, given, merged, parse_json
 
 
@@ -104,13 +104,12 @@ def _openai_payload(payload: dict[str, Any], outcome: Outcome, key: str) -> Iter
             outcome.finish_reason = choice["finish_reason"]
 
 
-def _openai_usage(usage: Mapping[str, Any]) -> dict[str, float]:
-    counts = {name: float(value) for name, value in usage.items()
-              if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens")
-    if isinstance(reasoning, (int, float)):
-        counts["reasoning_tokens"] = float(reasoning)
-    return counts
+def _openai_usage(usage: Any) -> dict[str, float]:
+    if not isinstance(usage, dict):
+        return {}
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return usage_counts({**usage, "reasoning_tokens": reasoning} if reasoning is not None else usage)
 
 
 def _text(value: Any) -> str:
@@ -161,8 +160,8 @@ def _ollama_payload(payload: dict[str, Any], outcome: Outcome) -> Iterator[Delta
         yield delta
     if payload.get("done"):
         outcome.finish_reason = payload.get("done_reason") or "stop"
-        counts = given(prompt_tokens=payload.get("prompt_eval_count"), completion_tokens=payload.get("eval_count"))
-        outcome.usage = {name: float(value) for name, value in counts.items()}
+        outcome.usage = usage_counts(given(prompt_tokens=payload.get("prompt_eval_count"),
+                                           completion_tokens=payload.get("eval_count")))
         if len(outcome.usage) == 2:
             outcome.usage["total_tokens"] = sum(outcome.usage.values())
 

@@ -24,30 +24,30 @@ import requests
 import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
-from ....secrets import scrub
-from .base import Delta, Outcome, ProviderError, Timeouts, parse_retry_after, status_code
-
-ERROR_TEXT_LIMIT = 300
-"""How much of a server's error text a message quotes."""
+from .base import Delta, Outcome, ProviderError, Timeouts, parse_retry_after, quote, status_code
 
 READ_SIZE = 65536
 
 
 def error_text(body: bytes) -> str:
-    """The server's own words about a failure: its JSON error message if it has one, else its text."""
+    """The server's own words about a failure: its JSON error message if it has one, else its text.
+
+    Whole: the message quoting it is scrubbed and then clipped (Transport.error), never the other way round.
+    """
     text = body.decode("utf-8", "replace")
     try:
         payload = json.loads(text)
     except ValueError:
         payload = None
-    return _clip(_error_message(payload) or text)
+    return _error_message(payload) or text
 
 
 def check_error(payload: Any) -> None:
-    """Raise what a server reports with {"error": ...} inside a 200 body, where it fails mid-reply."""
+    """Raise what a server reports with {"error": ...} inside a 200 body, where it fails mid-reply
+    (whole: HttpGeneration passes it through Transport.error, which scrubs and clips it)."""
     if isinstance(payload, dict) and "error" in payload:
         message = _error_message(payload) or str(payload["error"])
-        raise ProviderError(f"the server failed mid-reply: {_clip(message)}", code="server")
+        raise ProviderError(f"the server failed mid-reply: {message}", code="server")
 
 
 def _error_message(payload: Any) -> str | None:
@@ -62,12 +62,12 @@ def _error_message(payload: Any) -> str | None:
 
 
 def parse_json(text: str | bytes) -> Any:
-    """A JSON document from the server; anything else is a protocol error quoting it."""
+    """A JSON document from the server; anything else is a protocol error quoting it (whole, as check_error)."""
     try:
         return json.loads(text)
     except ValueError:
         shown = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        raise ProviderError(f"malformed JSON from the server: {_clip(shown)!r}", code="protocol") from None
+        raise ProviderError(f"malformed JSON from the server: {shown!r}", code="protocol") from None
 
 
 def merged(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,11 +88,6 @@ def given(**fields: Any) -> dict[str, Any]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= ERROR_TEXT_LIMIT else text[:ERROR_TEXT_LIMIT] + "…"
 
 
 def _where(url: str) -> str:
@@ -234,8 +229,8 @@ class Transport:
 
     def error(self, message: str, code: str, status: int | None = None,
               retry_after: float | None = None) -> ProviderError:
-        """A ProviderError whose message cannot carry the key, even where the server echoed it."""
-        return ProviderError(scrub(message, self._secret), code=code, status=status, retry_after=retry_after)
+        """A ProviderError whose message cannot carry the key, even where the server echoed it (see `quote`)."""
+        return ProviderError(quote(message, self._secret), code=code, status=status, retry_after=retry_after)
 
     def _attach(self, sock: socket.socket) -> None:
         with self._lock:

@@ -17,9 +17,8 @@ from typing import Any
 
 import openai
 
-from ....secrets import scrub
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError, parse_retry_after, status_code
+from .base import ChatRequest, Delta, Outcome, ProviderError, parse_retry_after, quote, status_code, usage_counts
 
 
 def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,7 +171,7 @@ class OpenAIGeneration:
                 pass
 
     def _safe(self, text: str) -> str:
-        return scrub(text, self._key)
+        return quote(text, self._key)
 
 
 def _reasoning(delta: Any) -> str:
@@ -187,5 +186,4 @@ def _retry_after(response: Any) -> float | None:
 
 
 def _usage(usage: Any) -> dict[str, float]:
-    return {name: float(value) for name, value in usage.model_dump().items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return usage_counts(usage.model_dump())

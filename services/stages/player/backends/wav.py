@@ -1,11 +1,14 @@
 """Writes each reply to `<wav_dir>/<session>-<reply_id>.wav`: for machines without a sound device.
 
 The header is patched and flushed after every frame, so the file on disk is a valid WAV at every
-moment, including after stop() or a crash mid-reply.
+moment, including after stop() or a crash mid-reply. What was said is private: the files are 0600
+and the directories the backend makes 0700 (voxpipe.files).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import tempfile
 import threading
@@ -14,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ....files import open_private, private_dirs, warn_if_open
 from ...audio import AudioFormat, PcmFrame
 from . import backend_settings
 from .base import ReplyState
@@ -33,7 +37,8 @@ class WavBackend:
         """`wav_dir` empty means a `wav` directory in a new private temporary directory."""
         wav_dir = backend_settings(self.name, table, settings)["wav_dir"]
         self.wav_dir = Path(wav_dir) if wav_dir else Path(tempfile.mkdtemp(prefix="voxpipe-")) / "wav"
-        self.wav_dir.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.wav_dir)
+        warn_if_open(self.wav_dir, logging.getLogger("voxpipe.player"), "player.wav_dir")
         self._reply = ReplyState()
         self._lock = threading.Lock()  # stop() and close() may come from another thread
         self._file: BinaryIO | None = None
@@ -48,7 +53,7 @@ class WavBackend:
         with self._lock:
             self._finish()
             self._path = self.wav_dir / f"{_safe_name(session)}-{_safe_name(reply_id)}.wav"
-            self._file = open(self._path, "wb")  # noqa: SIM115 - open across frames, closed in _finish
+            self._file = os.fdopen(open_private(self._path, os.O_WRONLY | os.O_TRUNC), "wb")
             self._wave = wave.open(self._file, "wb")  # noqa: SIM115 - closed in _finish
             self._wave.setnchannels(fmt.channels)
             self._wave.setsampwidth(fmt.sample_width)

@@ -93,7 +93,7 @@ class CoquiEngine:
             raise ValueError(f"Coqui model {model_name or model_path!r} is not a text-to-speech model")
         self.model = synthesizer.tts_model
         self.format = AudioFormat(rate=int(synthesizer.output_sample_rate), channels=1, sample_width=2)
-        self._max_bytes = self.format.frame_bytes(max_frame_ms)
+        self._max_bytes = self.format.longest_frame(max_frame_ms)
         self.streaming = hasattr(self.model, "inference_stream")  # XTTS
         self.device, self.max_frame_ms = device, max_frame_ms
         self.languages = self._languages()

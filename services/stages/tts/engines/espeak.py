@@ -194,7 +194,7 @@ class EspeakEngine:
     def __init__(self, table: Mapping[str, Any] | None = None, /, **settings: Any) -> None:
         settings = engine_settings(self.name, table, settings)
         self._espeak = _espeak()
-        self._max_bytes = self._espeak.format.frame_bytes(settings["max_frame_ms"])
+        self._max_bytes = self._espeak.format.longest_frame(settings["max_frame_ms"])
         self.voice, self.rate = settings["voice"], settings["rate"]
         self.pitch, self.volume = settings["pitch"], settings["volume"]
         if self.voice != "auto":

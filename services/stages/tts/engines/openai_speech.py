@@ -191,7 +191,7 @@ class OpenAISpeechEngine:
             if fmt is None:
                 continue
             whole = len(pcm) - len(pcm) % fmt.block_align
-            pending, step = pcm[whole:], fmt.frame_bytes(self.max_frame_ms) or fmt.block_align
+            pending, step = pcm[whole:], fmt.longest_frame(self.max_frame_ms) or fmt.block_align
             for start in range(0, whole, step):
                 yield PcmFrame(pcm[start:min(start + step, whole)], fmt)
 
