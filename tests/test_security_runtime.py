@@ -345,5 +345,5 @@ def test_run_stops_with_exit_2_when_a_stage_refuses_its_configuration_instead_of
     run = voxpipe(env, "run", timeout=HANG_S)
     output = run.stdout + run.stderr
     assert run.returncode == 2, output
-    assert "missing-persona.txt" in output and "no restart can fix that" in output, output
+    assert "missing-persona.txt" in output and "no restart can fix it" in output, output
     assert output.count("started llm") == 1, output

@@ -116,7 +116,8 @@ class Supervisor:
         self.by_src = {child.src: child for child in [self.bus, *self.children]}
         self.next_beat = 0.0
         self.refused = False
-        """A child exited EXIT_USAGE: its configuration is wrong, so `run` stops with that code too."""
+        """A child exited EXIT_USAGE before it was ready: its configuration is wrong, so `run` stops with
+        that code too."""
 
     def _command(self, child: Child) -> list[str]:
         command = [sys.executable, "-m", "launcher", "stage", child.stage]
@@ -257,9 +258,12 @@ class Supervisor:
 
     def _schedule_restart(self, child: Child, code: int, now: float) -> bool:
         run = self.config["run"]
-        if code == EXIT_USAGE:
-            log.error("%s refused its configuration (exit code %d): no restart can fix that. Its message above "
-                      "names the fix; `voxpipe stage %s` shows it again.", child.src, code, child.stage)
+        if code == EXIT_USAGE and child.src not in self.ready:
+            # Refused at start: a config problem only that stage can see, or another copy of it running
+            # here. A twin found later (exit 2 after ready) steps aside instead, and is restarted.
+            log.error("%s exited with code %d before it was ready, a problem only you can fix; its message "
+                      "above names the fix (`voxpipe stage %s` shows it again), and no restart can fix it",
+                      child.src, code, child.stage)
             self.refused = True
             return False
         child.crashes.append(now)

@@ -1,6 +1,9 @@
 """`make bench`: measure voxpipe on real processes and write docs/bench.md.
 
-Usage: python -m tests.bench.run [--quick]
+Usage: python -m tests.bench.run [--quick] [--only NAME ...]
+
+`--only` runs the named sections alone (by their key, e.g. `--only baseline`, or number) and
+replaces just those sections in the existing docs/bench.md, keeping the rest of it.
 
 Every comparison is measured side by side in one run (hops alternate between paths,
 streaming and non-streaming replies alternate), because absolute times on a shared
@@ -20,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tests.bench import engines, fake_llm, hop, system
+from tests.bench import baseline, engines, fake_llm, hop, system
 from tests.bench.machine import CpuTimes, describe, load
 from tests.bench.pipeline import MILESTONES, Client, Sample, compare_modes, throughput
 from tests.bench.player import bench_player
@@ -254,40 +257,76 @@ def render(sections: list[Section], command: str, started: datetime.datetime, lo
     return "\n".join(lines) + "\n"
 
 
+def sections(plan: Plan, quick: bool) -> list[tuple[str, str, Callable[[], Result]]]:
+    """(key, title, run) of every section, in the report's order; the title starts with its number."""
+    return [("hops", "1. Bus hop latency", lambda: bench_hops(plan)),
+            ("fake", "2. Time to first audio: fake OpenAI server at 40 tokens/s", lambda: bench_fake(plan)),
+            ("headline", "3. Headline: time to first audio and playback, embedded local model and espeak-ng",
+             lambda: system.bench_headline(quick)),
+            ("throughput", "4. Throughput", lambda: bench_throughput(plan)),
+            ("player", "5. Player: gaps between frames, cancel to silence",
+             lambda: bench_player(replies=5 if quick else 20)),
+            ("overhead", "6. Overhead over the models: instant fake LLM, null tts and player",
+             lambda: system.bench_overhead(quick)),
+            ("rss", "7. Idle memory per stage", lambda: system.bench_rss(quick)),
+            ("startup", "8. Time from `voxpipe run` to ready", lambda: system.bench_startup(quick)),
+            ("engines", "9. TTS engines", engines.bench_engines),
+            ("intake", "10. Token intake with a slow tts", lambda: engines.bench_intake(quick)),
+            ("llm_latency", "11. LLM stage: token latency", module_section("llm_latency", quick)),
+            ("history", "12. History: writes and context queries", module_section("history", quick)),
+            ("chunking", "13. Chunking: voxpipe vs stream2sentence", module_section("chunking", quick)),
+            ("llama_cpu", "14. llama.cpp on this CPU: weight repacking, portable and native builds",
+             module_section("llama_cpu", quick)),
+            ("prompt_style", "15. Prompt style for the bundled base model: dialogue vs chat template",
+             module_section("prompt_style", quick)),
+            ("messages", "16. Message cost: encode and decode per token and per audio frame, typed kinds vs "
+                         "the dict protocol", module_section("messages", quick)),
+            ("baseline", "17. The daemon against the same parts in one process: time to first audio by stage "
+                         "boundary", lambda: baseline.bench_baseline(quick))]
+
+
+def splice(report: str, chosen: list[Section]) -> str:
+    """The existing report with the chosen sections put in (each replacing its own, by number, or
+    going before the observations), their observations added under their own heading."""
+    blocks = re.split(r"(?m)^(?=## )", report)
+    for section in chosen:
+        number = section.title.split(".")[0]
+        notes = [f"- {note}" for note in section.notes]
+        text = "\n".join([f"## {section.title}", "", *section.lines, "",
+                          *(["_Observations of this run (`--only`):_", "", *notes, ""] if notes else [])]) + "\n"
+        index = next((i for i, block in enumerate(blocks) if block.startswith(f"## {number}. ")), None)
+        if index is None:
+            index = next((i for i, block in enumerate(blocks) if block.startswith("## Observations")), len(blocks))
+            blocks.insert(index, text)
+        else:
+            blocks[index] = text
+    return "".join(blocks)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run with small counts (about a minute)")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these sections (key or number) and replace them in docs/bench.md")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     started = datetime.datetime.now(datetime.UTC)
     load_before = load()
-    quick = args.quick
-    sections = [measured("1. Bus hop latency", lambda: bench_hops(plan)),
-                measured("2. Time to first audio: fake OpenAI server at 40 tokens/s", lambda: bench_fake(plan)),
-                measured("3. Headline: time to first audio and playback, embedded local model and espeak-ng",
-                         lambda: system.bench_headline(quick)),
-                measured("4. Throughput", lambda: bench_throughput(plan)),
-                measured("5. Player: gaps between frames, cancel to silence",
-                         lambda: bench_player(replies=5 if quick else 20)),
-                measured("6. Overhead over the models: instant fake LLM, null tts and player",
-                         lambda: system.bench_overhead(quick)),
-                measured("7. Idle memory per stage", lambda: system.bench_rss(quick)),
-                measured("8. Time from `voxpipe run` to ready", lambda: system.bench_startup(quick)),
-                measured("9. TTS engines", engines.bench_engines),
-                measured("10. Token intake with a slow tts", lambda: engines.bench_intake(quick)),
-                measured("11. LLM stage: token latency", module_section("llm_latency", quick)),
-                measured("12. History: writes and context queries", module_section("history", quick)),
-                measured("13. Chunking: voxpipe vs stream2sentence", module_section("chunking", quick)),
-                measured("14. llama.cpp on this CPU: weight repacking, portable and native builds",
-                         module_section("llama_cpu", quick)),
-                measured("15. Prompt style for the bundled base model: dialogue vs chat template",
-                         module_section("prompt_style", quick)),
-                measured("16. Message cost: encode and decode per token and per audio frame, typed kinds vs "
-                         "the dict protocol", module_section("messages", quick))]
+    every = sections(plan, args.quick)
+    if args.only:
+        unknown = set(args.only) - {key for key, _, _ in every} - {title.split(".")[0] for _, title, _ in every}
+        if unknown:
+            parser.error(f"no section {', '.join(sorted(unknown))}; sections: {', '.join(k for k, _, _ in every)}")
+        every = [entry for entry in every if entry[0] in args.only or entry[1].split(".")[0] in args.only]
+    done = [measured(title, run) for _, title, run in every]
     command = "python -m tests.bench.run" + (" --quick" if args.quick else "")
-    report = render(sections, command, started, load_before)
+    if args.only and REPORT.exists():
+        report = splice(REPORT.read_text(), done)
+        print(render(done, command + " --only " + " ".join(args.only), started, load_before))
+    else:
+        report = render(done, command, started, load_before)
+        print(report)
     REPORT.write_text(report)
-    print(report)
     print(f"bench: wrote {REPORT}", file=sys.stderr)
     return 0
 
