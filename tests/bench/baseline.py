@@ -236,11 +236,12 @@ class Bus:
                                 f"{done.error if done else ''}")
         values = {"chunk": metrics.first_chunk_ms, "audio": metrics.first_audio_ms,
                   "playback": metrics.first_playback_ms}
-        if metrics.first_token_ms < 0 or min(values.values()) < 0 or "context.query" not in stamps:
+        if metrics.first_token_ms < 0 or min(values.values()) < 0:
             raise BaselineError(f"daemon reply without a full timeline: {metrics}")
         # The llm stage times the first token from taking the request, which it answers at once with
         # the context query: on the wall clock the first token came first_token_ms after that query.
-        query = (stamps["context.query"] - request_ts) * 1000
+        # (With llm.history_limit = 0 there is no query; the request's hop to llm is then left out.)
+        query = (stamps["context.query"] - request_ts) * 1000 if "context.query" in stamps else 0.0
         reply = Reply("daemon", {"token": query + metrics.first_token_ms, **values}, done.text)
         reply.extra = {name: (ts - request_ts) * 1000 for name, ts in stamps.items()}
         return reply
@@ -304,13 +305,18 @@ def _quantiles(values: Sequence[float]) -> tuple[float, float]:
 def summary(run: Run) -> tuple[list[str], list[str], float]:
     """The run's table, its notes and the p50 TTFA difference (daemon − baseline)."""
     rows = [f"**{run.label}**: {len(run.daemon)} replies per path, interleaved. ms; a segment's quantiles are "
-            f"those of its per-reply durations.", "",
-            "| from → to | daemon p50 | p90 | baseline p50 | p90 | daemon − baseline, p50 |",
-            "|---|---|---|---|---|---|"]
+            f"those of its per-reply durations; a paired difference is daemon − baseline for the same prompt "
+            f"(the two replies to one prompt have the same text, so this leaves out how long each prompt "
+            f"takes the model).", "",
+            "| from → to | daemon p50 | p90 | baseline p50 | p90 | difference of the p50s | paired difference "
+            "p50 | paired p90 |",
+            "|---|---|---|---|---|---|---|---|"]
 
     def row(label: str, ours: Sequence[float], theirs: Sequence[float], bold: bool = False) -> str:
         (a50, a90), (b50, b90) = _quantiles(ours), _quantiles(theirs)
-        cells = [label, ms(a50), ms(a90), ms(b50), ms(b90), f"{a50 - b50:+.1f}"]
+        paired = [a - b for a, b in zip(ours, theirs, strict=True)]
+        cells = [label, ms(a50), ms(a90), ms(b50), ms(b90), f"{a50 - b50:+.1f}", f"{median(paired):+.1f}",
+                 f"{percentile(paired, .9):+.1f}"]
         if bold:
             cells = [f"**{cell}**" for cell in cells]
         return "| " + " | ".join(cells) + " |"
@@ -326,9 +332,10 @@ def summary(run: Run) -> tuple[list[str], list[str], float]:
     rows.append(row("request → first playback", [r.ms["playback"] for r in run.daemon],
                     [r.ms["playback"] for r in run.baseline]))
     difference = median(ttfa[0]) - median(ttfa[1])
+    paired = median([a - b for a, b in zip(*ttfa, strict=True)])
     verdict = "PASS" if difference <= TARGET_MS else "FAIL"
     lines = [*rows, ""]
-    query = [r.extra["context.query"] for r in run.daemon]
+    query = [r.extra.get("context.query", float("nan")) for r in run.daemon]
     trip = [r.extra["context"] - r.extra["context.query"] for r in run.daemon if "context" in r.extra]
     after = [r.ms["token"] - r.extra["context"] for r in run.daemon if "context" in r.extra]
     released = [r.extra["released"] - r.ms["audio"] for r in run.baseline]
@@ -342,7 +349,8 @@ def summary(run: Run) -> tuple[list[str], list[str], float]:
                  + (f", {ms(median(waited))} ms p50" if waited else "") + ".")
     lines += ["", f"**TTFA, daemon − baseline: {difference:+.1f} ms p50 "
                   f"({ms(median(ttfa[0]))} vs {ms(median(ttfa[1]))} ms; target ≤ {TARGET_MS:g}: {verdict}), "
-                  f"{percentile(ttfa[0], .9) - percentile(ttfa[1], .9):+.1f} ms p90.** Warm-ups (untimed): TTFA "
+                  f"{percentile(ttfa[0], .9) - percentile(ttfa[1], .9):+.1f} ms p90; paired, prompt by prompt: "
+                  f"{paired:+.1f} ms p50.** Warm-ups (untimed): TTFA "
                   f"{ms(run.warm[0].ms['audio'])} ms daemon, {ms(run.warm[1].ms['audio'])} ms baseline."]
     notes = [f"{run.label}: error event ×{n}: {text}" for text, n in run.errors.items()]
     notes += [f"{run.label}: daemon log: `{line.strip()[:200]}`" for line in run.log

@@ -33,26 +33,25 @@ from tests.bench.system import LOCAL_PROFILE, PROMPTS, stage_pids
 from tests.harness import Daemon, fake_openai, openai_settings
 
 PARTS = (
-    ("llama.cpp (provider)", ("llama_cpp/",)),
+    ("llama.cpp (provider)", ("(llama_cpp/",)),
     ("espeak-ng synthesis", ("espeak.py",)),
-    ("openai SDK", ("/openai/",)),
-    ("pydantic", ("/pydantic",)),
-    ("httpx / httpcore", ("/httpx/", "/httpcore/")),
+    ("openai SDK", ("(openai/",)),
+    ("pydantic", ("(pydantic",)),
+    ("httpx / httpcore", ("(httpx", "(httpcore")),
     ("bus: receive (zmq poll included)", ("Connection.receive",)),
     ("zmq poll", ("Poller.poll",)),
     ("protocol decode", ("decode (services/protocol/wire.py",)),
     ("bus: publish", ("Connection.publish",)),
     ("protocol encode", ("encode (services/protocol/wire.py",)),
-    ("msgpack", ("msgpack",)),
-    ("zmq", ("/zmq/",)),
-    ("logging", ("/logging/",)),
+    ("msgpack", ("(msgpack",)),
+    ("zmq", ("(zmq/",)),
+    ("logging", ("(logging/",)),
     ("heartbeat", ("_heartbeat",)),
     ("chunker core", ("chunker/core.py", "stages/tags.py")),
     ("history store (sqlite)", ("history/store.py",)),
     ("llm job core", ("llm/jobs.py", "llm/guards.py", "llm/think.py")),
     ("player backend / convert", ("player/backends", "player/convert.py")),
     ("broker", ("runtime/broker.py",)),
-    ("threading / queue waits", ("/threading.py", "/queue.py")),
 )
 
 
