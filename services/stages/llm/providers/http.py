@@ -76,7 +76,9 @@ def _openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
     return {"role": message["role"], "content": content}
 
 
-def _openai_streamed(pieces: Iterator[bytes], outcome: Outcome) -> Iterator[Delta]:
+def openai_stream(pieces: Iterator[bytes], outcome: Outcome) -> Iterator[Delta]:
+    """An OpenAI chat-completions SSE body, as the network delivers it, as deltas (also the openai
+    provider's reader: parsing the raw events skips the SDK's pydantic object per chunk)."""
     for event in sse.events(pieces):
         if event.data.strip() == "[DONE]":
             return
@@ -167,7 +169,7 @@ def _ollama_payload(payload: dict[str, Any], outcome: Outcome) -> Iterator[Delta
 
 
 WIRES = {
-    "openai-sse": Wire(openai_body, _openai_streamed, _openai_whole, ("text/event-stream",)),
+    "openai-sse": Wire(openai_body, openai_stream, _openai_whole, ("text/event-stream",)),
     "ndjson": Wire(ollama_body, _ollama_streamed, _ollama_whole,
                    ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/json")),
 }
