@@ -162,6 +162,24 @@ def test_openai_sse_error_event_mid_stream_keeps_text_before_it(server: WireServ
     assert "upstream overloaded" in str(reader.error)
 
 
+def test_openai_sse_events_of_one_read_become_one_delta(server: WireServer) -> None:
+    """A burst (an instant server, or a network stall) reaches the pipeline as one message, not twenty;
+    events that come apart stay apart, so nothing waits for a batch."""
+    burst = b"".join(event(chunk(piece)) for piece in ("Echo", ": ques", "tion.", " Done"))
+    server.enqueue(Script(writes=[(0.0, burst), (0.05, event(chunk(" here.", finish="stop"))),
+                                  (0.0, b"data: [DONE]\n\n")]))
+    assert list(provider(server).open(ask(), KEY)) == [Delta("Echo: question. Done"), Delta(" here.")]
+
+
+def test_openai_sse_text_before_a_failing_event_of_the_same_read_is_kept(server: WireServer) -> None:
+    burst = event(chunk("Kept ")) + event(chunk("too")) + b"data: {\"choices\": [oops\n\n" + event(chunk("never"))
+    server.enqueue(Script(writes=[(0.0, burst)]))
+    reader = Reader(provider(server).open(ask(), KEY))
+    assert reader.done.wait(5)
+    assert reader.deltas == [Delta("Kept too")]
+    assert reader.error.code == "protocol" and "oops" in str(reader.error)
+
+
 def test_openai_json_when_not_streaming(server: WireServer) -> None:
     body = {"id": "c1", "object": "chat.completion", "model": "served-model",
             "choices": [{"index": 0, "finish_reason": "stop",

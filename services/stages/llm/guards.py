@@ -123,16 +123,17 @@ class ReplyGuard:
     # --- limits on released text ----------------------------------------------------------
 
     def _release(self, ready: str) -> str:
-        for limit in (self._char_limit, self._sentence_limit, self._repetition_limit, self._size_limit):
+        for limit in (self._char_limit, self._sentence_limit, self._repetition_limit):
             cut = limit(ready)
             if cut is not None:
                 return self._stop(ready[:cut[0]], cut[1])
-        self._keep(ready)
+        data = ready.encode()  # once per piece: it sizes both the size limit's check and its count
+        room = SIZE_LIMIT - self._released_bytes
+        if len(data) > room:  # last, so that a limit of the profile that cuts earlier names itself
+            return self._stop(_fitting(data, room), "size")
+        self.released += ready
+        self._released_bytes += len(data)
         return ready
-
-    def _keep(self, text: str) -> None:
-        self.released += text
-        self._released_bytes += len(text.encode())
 
     def _char_limit(self, ready: str) -> tuple[int, str] | None:
         limit = self.policy.max_chars
@@ -176,15 +177,10 @@ class ReplyGuard:
         self._partial_word = trailing.group() if trailing else ""
         return None
 
-    def _size_limit(self, ready: str) -> tuple[int, str] | None:
-        """Last, so that a limit of the profile that cuts earlier names itself."""
-        data = ready.encode()
-        room = SIZE_LIMIT - self._released_bytes
-        return None if len(data) <= room else (len(_fitting(data, room)), "size")
-
     def _stop(self, last: str, name: str) -> str:
         self.fired = name
-        self._keep(last)
+        self.released += last
+        self._released_bytes += len(last.encode())
         self._pending = ""
         return last
 

@@ -8,7 +8,7 @@ The profile's `url` is the full endpoint and `wire` names its format:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +78,40 @@ def _openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
 
 def openai_stream(pieces: Iterator[bytes], outcome: Outcome) -> Iterator[Delta]:
     """An OpenAI chat-completions SSE body, as the network delivers it, as deltas (also the openai
-    provider's reader: parsing the raw events skips the SDK's pydantic object per chunk)."""
-    for event in sse.events(pieces):
-        if event.data.strip() == "[DONE]":
+    provider's reader: parsing the raw events skips the SDK's pydantic object per chunk).
+
+    The events of one network read become one delta. They were all there already, so passing them on
+    one by one would add nothing but a message per token at every stage downstream: a server faster
+    than the pipeline, or a burst after a network stall, is met with bigger deltas, not a queue (the
+    first sentence of an instant reply reaches the chunker whole, not as twenty messages)."""
+    parser = sse.SSEParser()
+    for piece in pieces:
+        if (yield from _openai_read(parser.feed(piece), outcome)):
             return
-        yield from _openai_payload(parse_json(event.data), outcome, "delta")
+    if (yield from _openai_read(parser.flush(), outcome)):
+        return
     if not outcome.finish_reason:
         raise ProviderError("the stream ended without [DONE] or a finish_reason", code="connect")
+
+
+def _openai_read(events: list[sse.Event], outcome: Outcome) -> Generator[Delta, None, bool]:
+    """The deltas of one read's events joined into one; True once [DONE] came. When an event fails
+    (an error the server reports mid-reply, malformed JSON), the text before it is passed on first."""
+    text: list[str] = []
+    reasoning: list[str] = []
+    done = False
+    try:
+        for event in events:
+            if event.data.strip() == "[DONE]":
+                done = True
+                break
+            for delta in _openai_payload(parse_json(event.data), outcome, "delta"):
+                text.append(delta.text)
+                reasoning.append(delta.reasoning)
+    finally:
+        if text:
+            yield Delta("".join(text), "".join(reasoning))
+    return done
 
 
 def _openai_whole(pieces: Iterator[bytes], outcome: Outcome) -> Iterator[Delta]:
