@@ -53,7 +53,7 @@ def test_end_lines_separate_replies_with_fresh_state():
                              {"end": True})
     assert code == 0
     assert [(o.get("text"), o.get("index"), o.get("final"), o.get("end")) for o in out[1:]] == [
-        ("Один, два.", 0, True, None), (None, None, None, True),
+        ("Один, два.", 0, False, None), ("", 1, True, None), (None, None, None, True),  # first_at_delta_end
         ("Three", 0, True, None), (None, None, None, True),
         ("", 0, True, None), (None, None, None, True),
     ]
@@ -101,5 +101,6 @@ def test_output_keeps_unicode_readable():
 def test_an_unknown_tag_is_a_mark_never_text():
     code, out, _ = chunk_cli({"delta": "Echo: <bog"}, {"delta": "us>x</bo"}, {"delta": "gus>. Done."})
     assert code == 0
-    assert out[1:] == [{"text": "Echo: . Done.", "index": 0, "final": True,
-                        "marks": [{"tag": "bogus", "body": "x", "chunk": 0, "offset": 6}]}, {"end": True}]
+    assert out[1:] == [{"text": "Echo: . Done.", "index": 0, "final": False,  # first_at_delta_end
+                        "marks": [{"tag": "bogus", "body": "x", "chunk": 0, "offset": 6}]},
+                       {"text": "", "index": 1, "final": True, "marks": []}, {"end": True}]

@@ -13,7 +13,15 @@ from voxpipe.protocol import Chunk, Mark, TextMark
 from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
 from voxpipe.stages.tags import FORMATTING, VOID
 
-DEFAULT = ChunkerPolicy()
+
+
+def Policy(**settings: object) -> ChunkerPolicy:  # noqa: N802 - stands for the class in these tests
+    """A policy whose chunks never depend on how the reply was split: first_at_delta_end, the one
+    rule that reads where a delta ends, is off here and tested on its own at the end of this file."""
+    return ChunkerPolicy(**{"first_at_delta_end": False, **settings})  # type: ignore[arg-type]
+
+
+DEFAULT = Policy()
 
 
 def run(reply: str | list[str], policy: ChunkerPolicy = DEFAULT) -> tuple[str, list[Chunk]]:
@@ -126,7 +134,7 @@ def replies(draw: st.DrawFn) -> tuple[str, str, str, list[tuple[str, str]]]:
 def policies(draw: st.DrawFn) -> ChunkerPolicy:
     min_chars = draw(st.integers(1, 60))
     min_first = draw(st.integers(1, 30))
-    return ChunkerPolicy(min_first_chars=min_first, max_first_words=draw(st.integers(1, 15)),
+    return Policy(min_first_chars=min_first, max_first_words=draw(st.integers(1, 15)),
                          min_chars=min_chars, max_chars=draw(st.integers(max(40, min_chars, min_first), 200)),
                          code_phrase=CODE_PHRASE)
 
@@ -172,7 +180,7 @@ def test_feeding_one_character_at_a_time_changes_nothing(reply):
 @given(st.text(alphabet=st.sampled_from("ab .,!?\n<>/e*_`~#[]()-—«»😊:3"), max_size=200),
        st.lists(st.integers(0, 10_000), max_size=20))
 def test_arbitrary_text_is_split_the_same_way_and_within_max_chars(raw, cuts):
-    policy = ChunkerPolicy(max_chars=20, min_chars=5, min_first_chars=3, tag_lookahead=20, tags=("e",))
+    policy = Policy(max_chars=20, min_chars=5, min_first_chars=3, tag_lookahead=20, tags=("e",))
     display, chunks = run(raw, policy)
     assert run(split(raw, cuts), policy) == (display, chunks)
     assert all(len(c.text) <= 20 for c in chunks)
@@ -194,12 +202,12 @@ def test_first_chunk_is_out_before_the_sentence_ends():
 def test_first_chunk_after_max_first_words_without_punctuation():
     reply = "one two three four five six seven eight nine ten eleven twelve"
     assert texts(reply)[0] == "one two three four five six seven eight nine ten"
-    policy = ChunkerPolicy(max_first_words=3)
+    policy = Policy(max_first_words=3)
     assert texts("раз два три четыре пять", policy)[0] == "раз два три"
 
 
 def test_first_chunk_never_ends_inside_initials():
-    assert texts("Это сделал А. С. Пушкин", ChunkerPolicy(max_first_words=4))[0] == "Это сделал А. С. Пушкин"
+    assert texts("Это сделал А. С. Пушкин", Policy(max_first_words=4))[0] == "Это сделал А. С. Пушкин"
 
 
 # --- later chunks --------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def test_later_chunks_end_at_sentences_and_merge_short_ones():
 
 
 def test_over_long_sentence_is_cut_at_the_best_clause_then_at_a_word():
-    policy = ChunkerPolicy(max_chars=60, min_chars=20)
+    policy = Policy(max_chars=60, min_chars=20)
     reply = ("Начнём с простого. Это предложение очень длинное, в нём есть запятая; и точка с запятой, "
              "а потом оно тянется дальше без всяких знаков препинания до самого конца строки")
     got = texts(reply, policy)
@@ -224,7 +232,7 @@ def test_over_long_sentence_is_cut_at_the_best_clause_then_at_a_word():
 
 def test_a_word_longer_than_max_chars_is_the_only_thing_cut_inside():
     url = "https://example.com/" + "x" * 80
-    got = texts(f"См. {url} сейчас.", ChunkerPolicy(max_chars=40, min_chars=10))
+    got = texts(f"См. {url} сейчас.", Policy(max_chars=40, min_chars=10))
     assert all(len(text) <= 40 for text in got)
     assert "".join(got).replace(" ", "") == f"См.{url}сейчас."
 
@@ -245,9 +253,9 @@ def test_a_word_longer_than_max_chars_is_the_only_thing_cut_inside():
     '"Who is there?" he asked the empty room.',
 ])
 def test_no_cut_inside_abbreviations_numbers_urls_and_quoted_questions(sentence):
-    policy = ChunkerPolicy(min_first_chars=200, max_first_words=100, max_chars=200)
+    policy = Policy(min_first_chars=200, max_first_words=100, max_chars=200)
     assert texts(sentence + " Next one.", policy)[0] == sentence + " Next one."
-    later = texts(["This is the start. ", sentence, " Next sentence here."], ChunkerPolicy(min_chars=5))
+    later = texts(["This is the start. ", sentence, " Next sentence here."], Policy(min_chars=5))
     assert later[1] == sentence
 
 
@@ -260,12 +268,12 @@ def test_no_cut_inside_abbreviations_numbers_urls_and_quoted_questions(sentence)
     ("Подожди… Ладно, давай попробуем ещё раз с начала.", "Подожди…"),
 ])
 def test_sentence_ends_after_terminal_abbreviations_quotes_and_ellipses(text, first):
-    assert texts("This is the start. " + text, ChunkerPolicy(min_chars=1))[1] == first
+    assert texts("This is the start. " + text, Policy(min_chars=1))[1] == first
 
 
 def test_dialogue_dashes_and_parentheses_are_clause_boundaries():
-    policy = ChunkerPolicy(min_chars=1, max_chars=30)
-    assert texts("— Привет, — сказал он. — Как дела?", ChunkerPolicy(min_first_chars=1, min_chars=1)) == [
+    policy = Policy(min_chars=1, max_chars=30)
+    assert texts("— Привет, — сказал он. — Как дела?", Policy(min_first_chars=1, min_chars=1)) == [
         "— Привет,", "— сказал он.", "— Как дела?"]
     got = texts("Москва — столица России (и самый большой город страны по населению)", policy)
     assert got[0] == "Москва — столица России"
@@ -300,7 +308,7 @@ def streamings(reply: str) -> list[list[str]]:
 def eager_policies(reply: str) -> list[ChunkerPolicy]:
     """Policies that cut as early as they may, the first chunk after 1, 2, … words: every gap of the
     reply is offered as a cut to the first-chunk rule, and every sentence end to the later-chunk rule."""
-    return [ChunkerPolicy(min_first_chars=1, max_first_words=k, min_chars=1)
+    return [Policy(min_first_chars=1, max_first_words=k, min_chars=1)
             for k in range(1, len(reply.split()) + 1)]
 
 
@@ -348,7 +356,7 @@ RARE_INITIALS = [
 @pytest.mark.parametrize("sentence, forms", ABBREVIATED_NUMBERS + RARE_INITIALS)
 def test_abbreviations_before_numbers_and_rare_initials_are_never_cut_inside(sentence, forms):
     for reply, policies_ in ((sentence, [DEFAULT, *eager_policies(sentence)]),
-                             ("Так. " + sentence + " Дальше.", [ChunkerPolicy(min_first_chars=1, min_chars=1)])):
+                             ("Так. " + sentence + " Дальше.", [Policy(min_first_chars=1, min_chars=1)])):
         for policy in policies_:
             whole = texts(reply, policy)
             for form in forms:
@@ -374,8 +382,8 @@ def test_abbreviations_before_numbers_and_rare_initials_are_never_cut_inside(sen
 ])
 def test_a_sentence_still_ends_right_after_these_words(text, first):
     assert texts(text)[0] == first
-    assert texts("Так. " + text, ChunkerPolicy(min_first_chars=1, min_chars=1))[1] == first
-    assert texts(chars("Так. " + text), ChunkerPolicy(min_first_chars=1, min_chars=1))[1] == first
+    assert texts("Так. " + text, Policy(min_first_chars=1, min_chars=1))[1] == first
+    assert texts(chars("Так. " + text), Policy(min_first_chars=1, min_chars=1))[1] == first
 
 
 @pytest.mark.parametrize("reply, chunk", [
@@ -383,12 +391,12 @@ def test_a_sentence_still_ends_right_after_these_words(text, first):
     ("Ты хочешь пойти гулять? Ок. Давай пойдём прямо сейчас.", "Ок."),
 ])
 def test_an_abbreviation_that_is_also_a_word_ends_a_sentence_before_a_capital(reply, chunk):
-    assert chunk in texts(reply, ChunkerPolicy(min_first_chars=1, min_chars=1))
+    assert chunk in texts(reply, Policy(min_first_chars=1, min_chars=1))
 
 
 def test_initials_never_end_a_chunk_even_at_the_end_of_a_sentence():
     """«Пушкин А. С. Потом» cannot be told from «в Москве А. С. Пушкин жил», so initials always bind."""
-    got = texts("Так. Это написал Пушкин А. С. Потом его читали все.", ChunkerPolicy(min_first_chars=1, min_chars=1))
+    got = texts("Так. Это написал Пушкин А. С. Потом его читали все.", Policy(min_first_chars=1, min_chars=1))
     assert got == ["Так.", "Это написал Пушкин А. С. Потом его читали все."]
 
 
@@ -431,7 +439,7 @@ def test_a_stall_flush_does_not_cut_after_an_abbreviation_or_before_initials(fed
 def test_a_forced_cut_avoids_abbreviations_and_initials_while_another_gap_fits(form):
     """The chunk must be cut before it passes max_chars: a gap of a min_chars chunk inside the form
     loses to a shorter one outside it."""
-    policy = ChunkerPolicy(min_first_chars=1, max_first_words=100, min_chars=35, max_chars=40)
+    policy = Policy(min_first_chars=1, max_first_words=100, min_chars=35, max_chars=40)
     got = texts(f"Так. Раз два три четыре пять шесть семь {form} и ещё слова. Всё.", policy)
     assert got[:3] == ["Так.", "Раз два три четыре пять шесть семь", f"{form} и ещё слова. Всё."]
 
@@ -483,7 +491,7 @@ SENTENCE_ENDING_FORMS = ["в комн. 12", "по тел. +7 495 123-45-67", "о
 def test_a_sentence_ending_in_one_of_these_forms_is_still_cut_there(lead, form, tail, cuts):
     sentence = " ".join(["Вот", *lead, form]) + "."
     raw = f"Так. {sentence} {' '.join(tail).capitalize()} конец."
-    got = texts(split(raw, cuts), ChunkerPolicy(min_first_chars=1, min_chars=1))
+    got = texts(split(raw, cuts), Policy(min_first_chars=1, min_chars=1))
     assert got[1] == sentence, got
 
 
@@ -506,7 +514,7 @@ def test_display_marks_point_into_the_display_delta_they_came_with():
 
 
 def test_marks_point_into_the_chunk_being_assembled():
-    policy = ChunkerPolicy(min_first_chars=1, min_chars=1)
+    policy = Policy(min_first_chars=1, min_chars=1)
     _, chunks = run("Привет!<e>smile</e> Как дела? Отлично.<p>1,-2,0</p>", policy)
     assert [c.text for c in chunks] == ["Привет!", "Как дела?", "Отлично."]
     assert chunks[1].marks == (Mark(tag="e", body="smile", chunk=1, offset=0),)
@@ -552,7 +560,7 @@ ANGLE_PIECES = ["<", ">", "</", "/>", "b", "B", "span", "bogus", "y", "x", "+", 
        st.lists(st.integers(0, 10_000), max_size=20))
 def test_tags_are_exactly_the_well_formed_pairs_and_formatting_goes_however_the_reply_is_split(pieces, lookahead, cuts):
     raw = "".join(pieces)
-    policy = ChunkerPolicy(tags=(), tag_lookahead=lookahead)
+    policy = Policy(tags=(), tag_lookahead=lookahead)
     display, chunks = run(raw, policy)
     want_display, want_marks = tag_oracle(raw, lookahead)
     assert display == want_display
@@ -621,7 +629,7 @@ def test_tags_count_again_after_code_ends():
 
 def test_a_pair_longer_than_tag_lookahead_is_text():
     reply = "<bogus>" + "x" * 40 + "</bogus>"
-    display, chunks = run(reply, ChunkerPolicy(tag_lookahead=30))
+    display, chunks = run(reply, Policy(tag_lookahead=30))
     assert display == reply and chunks[0].marks == ()
 
 
@@ -630,7 +638,7 @@ def test_only_a_possible_tag_is_held_back():
     assert chunker.feed("a<br>b <3 a < b", 0).display == "a<br>b <3 a < b"   # a void element opens no pair
     assert chunker.feed(" x<y>z", 0).display == " x"                        # <y> may still be closed
     assert chunker.finish(0).display == "<y>z"
-    chunker = Chunker(ChunkerPolicy(tags=("e",), tag_lookahead=20))
+    chunker = Chunker(Policy(tags=("e",), tag_lookahead=20))
     assert chunker.feed("x<y>z more", 0).display == "x"
     assert chunker.feed(" more more more", 0).display == "<y>z more more more more"
 
@@ -651,7 +659,7 @@ def test_markdown_symbols_are_not_spoken_but_displayed():
 def test_fenced_code_is_replaced_by_the_code_phrase():
     reply = "Пример:\n```python\nprint('<e>x</e>' * 2)\n```\nВот и всё."
     assert spoken(reply) == "Пример: Вот и всё."
-    assert spoken(reply, ChunkerPolicy(code_phrase="Код на экране.")) == "Пример: Код на экране. Вот и всё."
+    assert spoken(reply, Policy(code_phrase="Код на экране.")) == "Пример: Код на экране. Вот и всё."
     assert spoken("До\n~~~\nкод\n~~~~\nПосле") == "До После"
     assert spoken("Код:\n```\nне закрыт") == "Код:"
 
@@ -690,7 +698,7 @@ def test_a_lone_angle_bracket_is_text():
 
 
 def test_a_configured_tag_longer_than_tag_lookahead_is_discarded_to_its_closing_tag_never_released():
-    policy = ChunkerPolicy(tag_lookahead=30)
+    policy = Policy(tag_lookahead=30)
     chunker = Chunker(policy)
     assert chunker.feed("Смотри <e>это тег, хоть и длинный", 0).display == "Смотри "
     assert chunker.feed(" длиннее тридцати</e> а это", 0).display == " а это"
@@ -708,7 +716,7 @@ LONG_MEMORY = ("Хорошо, запомню. <+memory>high|" + "Игрок лю
 def test_a_long_memory_tag_is_never_spoken_nor_shown_however_the_reply_is_split():
     """The body of a configured tag past tag_lookahead goes, in display and speech alike, however the
     deltas fall; the text around it is all kept, in order, and the tag is a mark where it stood."""
-    policy = ChunkerPolicy(tag_lookahead=100)
+    policy = Policy(tag_lookahead=100)
     display, chunks = run(LONG_MEMORY, policy)
     assert display == "Хорошо, запомню.  А ты? Пойдём гулять, 3 < 4."
     assert [c.text for c in chunks] == ["Хорошо, запомню.", "А ты? Пойдём гулять, 3 < 4."]
@@ -746,7 +754,7 @@ def test_empty_deltas_do_not_postpone_a_stall_flush_and_zero_disables_it():
     chunker.feed("Hello there", 1.0)
     chunker.feed("", 1.5)
     assert chunker.next_flush_at == pytest.approx(1.6)
-    chunker = Chunker(ChunkerPolicy(flush_after_ms=0))
+    chunker = Chunker(Policy(flush_after_ms=0))
     chunker.feed("Hello there", 1.0)
     assert chunker.next_flush_at is None and chunker.tick(100.0).chunks == ()
 
@@ -768,7 +776,7 @@ def test_policy_from_mapping_accepts_config_and_environment_values():
     policy = ChunkerPolicy.from_mapping({"max_chars": "200", "tags": "e, c", "code_phrase": "Код."})
     assert (policy.max_chars, policy.tags, policy.code_phrase) == (200, ("e", "c"), "Код.")
     assert ChunkerPolicy.from_mapping({"tags": ["e", "music"]}).tags == ("e", "music")
-    assert ChunkerPolicy.from_mapping({}) == DEFAULT
+    assert ChunkerPolicy.from_mapping({}) == ChunkerPolicy()
 
 
 @pytest.mark.parametrize("data, key", [
@@ -789,7 +797,7 @@ def test_policy_errors_name_the_key_and_what_is_allowed(data, key):
 
 
 def test_memory_tags_close_the_way_the_companion_app_writes_them() -> None:
-    chunker = Chunker(ChunkerPolicy())
+    chunker = Chunker(Policy())
     out = chunker.feed("Запомню. <+memory>high|Игрок любит кошек</memory> Хорошо!", 0.0)
     final = chunker.finish(1.0)
     chunks = [*out.chunks, *final.chunks]
@@ -799,13 +807,75 @@ def test_memory_tags_close_the_way_the_companion_app_writes_them() -> None:
 
 
 def test_a_comma_after_a_word_ends_the_first_chunk_without_waiting_for_more() -> None:
-    chunker = Chunker(ChunkerPolicy())
+    chunker = Chunker(Policy())
     assert chunker.feed("Привет! Я так ", 0.0).chunks == ()
     assert [c.text for c in chunker.feed("рада,", 0.1).chunks] == ["Привет! Я так рада,"]
 
 
 def test_month_and_title_abbreviations_do_not_end_a_sentence() -> None:
-    chunker = Chunker(ChunkerPolicy(min_first_chars=150, max_first_words=100))
+    chunker = Chunker(Policy(min_first_chars=150, max_first_words=100))
     text = "It shipped on Oct. 19 and Capt. Miller signed it. Then it was done."
     chunks = [*chunker.feed(text, 0.0).chunks, *chunker.finish(1.0).chunks]
     assert all(not c.text.endswith(("Oct.", "Capt.")) for c in chunks)
+
+
+# --- first_at_delta_end: the first chunk ends where a delta ends a sentence ----------------------
+
+AT_ONCE = ChunkerPolicy()
+
+
+def test_a_sentence_end_at_a_delta_end_cuts_the_first_chunk_at_once() -> None:
+    chunker = Chunker(AT_ONCE)
+    assert not chunker.feed("The capital of France", 0.0).chunks
+    assert [c.text for c in chunker.feed(" is Paris.", 0.0).chunks] == ["The capital of France is Paris."]
+    assert [c.text for c in chunker.feed(" It is", 0.0).chunks + chunker.feed(" big.", 0.0).chunks] == []
+    assert [c.text for c in chunker.finish(0.0).chunks] == ["It is big."]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("Where is it located?", " Far"), ("What a surprise!", " Yes"), ('He said "hello."', " Then"),
+    ("Привет, как твои дела?", " Хорошо"), ("Это было очень давно.", " Потом")])
+def test_question_exclamation_and_quoted_ends_also_cut_at_once(first: str, second: str) -> None:
+    chunker = Chunker(AT_ONCE)
+    assert [c.text for c in chunker.feed(first, 0.0).chunks] == [first]
+
+
+@pytest.mark.parametrize("first", [
+    "Echo: the answer is 5.", "Meet me at the office of Dr.", "I was born in the U.S.", "Написал это А.",
+    "Это было в 1999 г.", "Wait for it."[:10]])
+def test_numbers_abbreviations_and_initials_still_wait_for_the_next_character(first: str) -> None:
+    chunker = Chunker(AT_ONCE)
+    assert not chunker.feed(first, 0.0).chunks
+
+
+def test_later_chunks_and_short_first_ones_wait_as_before() -> None:
+    chunker = Chunker(AT_ONCE)
+    assert not chunker.feed("Yes.", 0.0).chunks  # under min_first_chars
+    assert [c.text for c in chunker.feed(" Of course, my friend.", 0.0).chunks] == ["Yes. Of course,"]
+    assert not chunker.feed(" This is the second chunk here.", 0.0).chunks  # later: waits for the next character
+    assert [c.text for c in chunker.feed(" And", 0.0).chunks] == ["my friend. This is the second chunk here."]
+
+
+@FAST
+@given(replies())
+def test_a_reply_fed_whole_is_cut_exactly_as_without_the_rule(reply):
+    assert run(reply[0], AT_ONCE) == run(reply[0], DEFAULT)
+
+
+@FAST
+@given(replies(), st.lists(st.integers(0, 10_000), max_size=30))
+def test_any_split_with_the_rule_loses_nothing_and_keeps_every_chunk_bounded(reply, cuts):
+    raw, display, speech, _ = reply
+    shown, chunks = run(split(raw, cuts), ChunkerPolicy(code_phrase=CODE_PHRASE))
+    assert shown == display
+    # every character in order; only the first cut may fall elsewhere ("case?" | "!" for "case?!")
+    assert "".join("".join(c.text for c in chunks).split()) == "".join(speech.split())
+    assert all(len(c.text) <= AT_ONCE.max_chars for c in chunks)
+    assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+
+
+def test_the_rule_can_be_turned_off_in_config() -> None:
+    assert ChunkerPolicy.from_mapping({"first_at_delta_end": "false"}).first_at_delta_end is False
+    assert ChunkerPolicy.from_mapping({"first_at_delta_end": True}).first_at_delta_end is True
+    with pytest.raises(ValueError, match="first_at_delta_end: expected true or false"):
+        ChunkerPolicy.from_mapping({"first_at_delta_end": "maybe"})

@@ -33,6 +33,7 @@ from voxpipe.protocol import (
     Metrics,
     Playback,
     Request,
+    Text,
 )
 from voxpipe.runtime import Connection, endpoints_for
 from voxpipe.stages.history.stage import UNPLAYED_WAIT_S
@@ -376,3 +377,36 @@ def test_a_reply_cancelled_before_it_played_gets_its_metrics_once_no_playback_ca
     end = max(done.ts, final.ts) if final else done.ts
     assert (metrics.status, metrics.first_playback_ms, metrics.audio_s) == (done.body.status, -1.0, 0.0)
     assert metrics.end_ms == pytest.approx((end - request.ts) * 1000, abs=0.01)
+
+
+def test_history_never_wakes_for_text_and_stores_the_display_text_from_llm_done(
+        history_alone: tuple[Path, Connection]) -> None:
+    """`text` comes once per token; what history keeps of it, the display text, is llm.done's text without
+    its tags (the chunker's tag grammar), so history does not subscribe to it (issue 15: 170 µs of
+    history's CPU per token at 200 sessions)."""
+    db, client = history_alone
+    beats = connect(db.parent / "run", "beats", "heartbeat")
+    try:
+        def received() -> int:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                beat = beats.receive(0.5)
+                if beat is not None and beat.src == "history" and isinstance(beat.body, Heartbeat):
+                    return beat.body.counters.get("received", 0)
+            raise AssertionError("no heartbeat from history")
+
+        session, request_id = "shown", "r-shown"
+        asked(client, session, request_id)
+        before = received()
+        for number in range(300):
+            client.publish(session, request_id, Text(delta=f"word{number} "))
+        client.publish(session, request_id, done_body("ok", "Hi <e>smile</e>there. <bogus>x</bogus>Bye."))
+        follow(client, request_id, lambda got: any(m.kind == "history.saved" for m in got), 10)
+        received()  # the heartbeat under way may have been counted before the burst
+        assert received() - before < 30, "history received the text messages"
+    finally:
+        beats.close()
+    with sqlite3.connect(db) as database:
+        row = database.execute("SELECT shown, content FROM messages WHERE request_id=? AND role='assistant'",
+                               (request_id,)).fetchone()
+    assert row == ("Hi there. Bye.", "Hi <e>smile</e>there. <bogus>x</bogus>Bye.")

@@ -135,9 +135,10 @@ class Stage:
 
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_interval
+        due = self.next_tick()  # asked once per message: with many replies in flight it is not free
         while not self._stop.is_set():
             now = time.monotonic()
-            wake = min(next_beat, self.next_tick() or next_beat, now + 0.2)
+            wake = min(next_beat, due or next_beat, now + 0.2)
             try:
                 message = self.bus.receive(max(0.0, wake - now))
             except BusLost as exc:
@@ -155,6 +156,7 @@ class Stage:
             due = self.next_tick()
             if due is not None and due <= now:
                 self._guarded(self.tick, now)
+                due = self.next_tick()
             if now >= next_beat:
                 self._heartbeat("ready")
                 sdnotify.notify("WATCHDOG=1")

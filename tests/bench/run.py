@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tests.bench import baseline, engines, fake_llm, hop, system
+from tests.bench import baseline, capacity, engines, fake_llm, hop, system
 from tests.bench.machine import CpuTimes, describe, load
 from tests.bench.pipeline import MILESTONES, Client, Sample, compare_modes, throughput
 from tests.bench.player import bench_player
@@ -282,7 +282,9 @@ def sections(plan: Plan, quick: bool) -> list[tuple[str, str, Callable[[], Resul
             ("messages", "16. Message cost: encode and decode per token and per audio frame, typed kinds vs "
                          "the dict protocol", module_section("messages", quick)),
             ("baseline", "17. The daemon against the same parts in one process: time to first audio by stage "
-                         "boundary", lambda: baseline.bench_baseline(quick))]
+                         "boundary", lambda: baseline.bench_baseline(quick)),
+            ("capacity", "18. Real-time capacity: 50, 100 and 200 sessions at 30 tokens/s, CPU per stage and "
+                         "per token", lambda: capacity.bench_capacity(quick))]
 
 
 def splice(report: str, chosen: list[Section]) -> str:

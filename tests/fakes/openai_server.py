@@ -88,6 +88,7 @@ def main(handler: type[Handler] = Handler) -> None:
     handler.delay = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
+    server.socket.listen(1024)  # not socketserver's 5: a SYN the full backlog drops is retried only after 1 s
     print(f"PORT {server.server_address[1]}", flush=True)
     server.serve_forever()
 

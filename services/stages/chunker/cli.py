@@ -8,7 +8,9 @@ The protocol is fixed, because outside tools drive it:
 - each chunk is printed as `{"text", "index", "final", "marks"}` as soon as it is decided.
 
 Time: there is no clock. Stall flushes happen only when lines carry `t`, checked when
-each line arrives; without `t` the chunks depend on the text alone, so runs reproduce.
+each line arrives; without `t` the same lines always give the same chunks, so runs reproduce.
+Where a line's delta ends counts as a delta's end (chunker.first_at_delta_end, on by default:
+the first chunk may end there); with it off, the chunks depend on the text alone.
 A bad line stops the run with exit code 2 and one message naming the line; every chunk
 decided before it has already been printed.
 """

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from ...protocol import Cancel, ErrorCode, LlmDone, Message, Text, Token
 from ...runtime import Stage, handles
+from ...runtime.deadlines import Deadlines
 from ...runtime.replies import Key, Replies
 from .core import Chunker, ChunkerOutput, ChunkerPolicy
 
@@ -28,6 +29,9 @@ class ChunkerStage(Stage):
         self.replies: Replies[ReplyState] = Replies()
         """Replies being split; the ended ones (finished or cancelled) are remembered, so their late
         tokens and llm.done are not spoken."""
+        self.flushes: Deadlines[Key] = Deadlines()
+        """When each reply could next be flushed for a stall: the loop asks for the earliest after
+        every message, which a scan of every reply in flight made cost 134 µs with 200 of them."""
 
     def _open(self, key: Key) -> ReplyState | None:
         return self.replies.open(key, lambda: ReplyState(Chunker(self.policy)))
@@ -39,17 +43,20 @@ class ChunkerStage(Stage):
             return
         state.fed.append(message.body.text)
         self._emit(message.session, message.id, state.chunker.feed(message.body.text, time.monotonic()))
+        self._schedule((message.session, message.id), state)
 
     @handles(Cancel)
     def on_cancel(self, message: Message[Cancel]) -> None:
         """Drop the reply (or every reply of the session), end its display text, ignore its rest."""
         for (session, id), state in self.replies.cancel(message.session, message.id):
+            self.flushes.clear((session, id))
             if state is not None:
                 self.bus.publish(session, id, Text(delta="", final=True))
 
     def bus_lost(self) -> None:
         for key in list(self.replies):
             self.replies.end(key)
+            self.flushes.clear(key)
 
     @handles(LlmDone)
     def on_llm_done(self, done: Message[LlmDone]) -> None:
@@ -68,17 +75,24 @@ class ChunkerStage(Stage):
                             "speaking what arrived", done.session, done.id, LlmDone.kind)
         self._emit(done.session, done.id, state.chunker.finish(now), final=True)
         self.replies.end(key)
+        self.flushes.clear(key)
 
     def next_tick(self) -> float | None:
-        due = [state.chunker.next_flush_at for state in self.replies.values()
-               if state.chunker.next_flush_at is not None]
-        return min(due) if due else None
+        return self.flushes.next()
 
     def tick(self, now: float) -> None:
-        for (session, id), state in self.replies.items():
-            due = state.chunker.next_flush_at
-            if due is not None and due <= now:
-                self._emit(session, id, state.chunker.tick(now))
+        for key in self.flushes.due(now):
+            state = self.replies.get(key)
+            if state is not None:  # None: pushed out of the replies remembered, its stream abandoned
+                self._emit(*key, state.chunker.tick(now))
+                self._schedule(key, state)
+
+    def _schedule(self, key: Key, state: ReplyState) -> None:
+        at = state.chunker.next_flush_at
+        if at is None:
+            self.flushes.clear(key)
+        else:
+            self.flushes.set(key, at)
 
     def _emit(self, session: str, id: str, output: ChunkerOutput, final: bool = False) -> None:
         if output.display or output.display_marks or final:

@@ -152,8 +152,14 @@ class Allowlist:
 
 def parse_reply(text: str, allowlist: Allowlist) -> list[Command]:
     """Every tag of a full reply (the ones the chunker hid), in order, each accepted or refused with a reason."""
-    _, found = TagStripper(allowlist.tags, allowlist.lookahead).push(text, at_end=True)
-    return _cap([_judge(tag, allowlist) for tag in found], allowlist.max_per_reply)
+    return read_reply(text, allowlist)[1]
+
+
+def read_reply(text: str, allowlist: Allowlist) -> tuple[str, list[Command]]:
+    """A full reply's display text (what the chunker shows of it: the text without its tags) and its
+    commands (`parse_reply`), from one pass of the tag grammar."""
+    display, found = TagStripper(allowlist.tags, allowlist.lookahead).push(text, at_end=True)
+    return display, _cap([_judge(tag, allowlist) for tag in found], allowlist.max_per_reply)
 
 
 def _judge(tag: Tag, allowlist: Allowlist) -> Command:

@@ -5,6 +5,11 @@ It stores each request and reply, parses the reply's command tags at llm.done
 chunker's marks, applies memory and attitude commands, records what the user
 actually heard from playback events, and answers the llm stage's context
 queries.  On start it asks llm to replay the replies it missed while down.
+
+It takes nothing per token: the text shown is the reply's display text, which the same tag
+grammar as the chunker's gives from llm.done's text (so `text`, one message per token, never
+wakes it), and its timers wait in a heap (runtime.deadlines), so a loop costs the same with
+thousands of replies remembered as with one (issue 15).
 """
 
 from __future__ import annotations
@@ -32,13 +37,13 @@ from ...protocol import (
     ReplayDone,
     ReplayQuery,
     Request,
-    Text,
 )
 from ...protocol import Command as CommandEvent  # the `command` kind; `Command` is a parsed tag (.commands)
 from ...runtime import Stage, handles
+from ...runtime.deadlines import Deadlines
 from ...runtime.replies import Key, Recent, cancels
 from ..chunker.core import ChunkerPolicy
-from .commands import Allowlist, Command, load_allowlist, memory_ids, parse_reply, refused
+from .commands import Allowlist, Command, load_allowlist, memory_ids, read_reply, refused
 from .store import ATTITUDE_VARIABLES, CONTEXT_BYTES, HistoryStore, MemoryRefused
 
 METRICS_WAIT_S = 30.0
@@ -66,7 +71,6 @@ class ReplyTrack:
 
     chunks: dict[int, str] = field(default_factory=dict)
     marks: list[Mark] = field(default_factory=list)
-    shown: list[str] = field(default_factory=list)
     heard: dict[int, int] = field(default_factory=dict)
     spoken: str | None = None
     """What was heard, once the final playback event came; kept for a reply stored after it."""
@@ -101,6 +105,10 @@ class HistoryStage(Stage):
         # every reply seen lately, in flight or finished (a final playback can come long after its
         # llm.done); the oldest are forgotten past the runtime's bound
         self.tracks: Recent[Key, ReplyTrack] = Recent()
+        self.commands_due: Deadlines[Key] = Deadlines()
+        """Each track's commands_due while it has commands waiting for their marks."""
+        self.metrics_due: Deadlines[Key] = Deadlines()
+        """Each track's metrics_due while it is set."""
 
     def started(self) -> None:
         """Ask llm for every reply finished after the newest one stored (a restart's gap)."""
@@ -138,27 +146,26 @@ class HistoryStage(Stage):
             self.store.set_spoken(message.session, message.id, _heard_text(track), True)
         # a reply that failed is still spoken (what was written of it, or an empty final chunk), so every
         # llm.done waits for its final playback, unless a cancel has said none will come (on_cancel)
-        self._wait_for_playback(track, METRICS_WAIT_S)
+        self._wait_for_playback((message.session, message.id), track, METRICS_WAIT_S)
         self._finish(message.session, message.id, track)
 
     def _store_reply(self, message: Message[LlmDone], ts: float) -> None:
         """Store a finished reply (an llm.done, or a replay of one), apply its commands, announce it."""
         done = message.body
         track = self._track(message.session, message.id)
+        shown, commands = read_reply(done.text, self.allowlist)
         track.message_id = self.store.add_message(
             message.session, message.id, "assistant", done.text, ts, status=done.status, error=done.error,
             provider=done.provider, model=done.model, metrics=done.metrics, reasoning=done.reasoning,
-            interrupted=done.status == "interrupted")
+            interrupted=done.status == "interrupted", shown=shown)
         if track.spoken is not None:  # playback ended first, as it does when a cancel cuts the reply short
             self.store.set_spoken(message.session, message.id, track.spoken, track.cut)
-        track.commands = parse = self._apply_effects(self._parse(done.text), ts)
+        track.commands = parse = self._apply_effects(commands, ts)
         self.bus.publish(message.session, message.id, HistorySaved(role="assistant", message_id=track.message_id))
         track.commands_due = time.monotonic() + self.config["history"]["marks_wait_ms"] / 1000
+        self.commands_due.set((message.session, message.id), track.commands_due)
         if track.final_chunk or not parse:
             self._publish_commands(message.session, message.id, track)
-
-    def _parse(self, text: str) -> list[Command]:
-        return parse_reply(text, self.allowlist)
 
     # --- what the chunker and player report -----------------------------------------------
 
@@ -173,13 +180,6 @@ class HistoryStage(Stage):
             track.final_chunk = True
             if track.commands is not None:
                 self._publish_commands(message.session, message.id, track)
-
-    @handles(Text)
-    def on_text(self, message: Message[Text]) -> None:
-        track = self._track(message.session, message.id)
-        track.shown.append(message.body.delta)
-        if message.body.final:
-            self.store.set_shown(message.session, message.id, "".join(track.shown))
 
     @handles(Playback)
     def on_playback(self, message: Message[Playback]) -> None:
@@ -199,6 +199,7 @@ class HistoryStage(Stage):
             self._finish(message.session, message.id, track)
         elif track.metrics_due:  # it is playing, so its final event will come: the fallback starts again
             track.metrics_due = time.monotonic() + METRICS_WAIT_S
+            self.metrics_due.set((message.session, message.id), track.metrics_due)
 
     @handles(Cancel)
     def on_cancel(self, message: Message[Cancel]) -> None:
@@ -216,24 +217,28 @@ class HistoryStage(Stage):
             if track.done is not None and track.spoken is None and any(track.chunks.values()):
                 self.store.set_spoken(session, id, _heard_text(track), True)
             if not track.first_playback_ts:
-                self._wait_for_playback(track, UNPLAYED_WAIT_S)
+                self._wait_for_playback((session, id), track, UNPLAYED_WAIT_S)
 
     # --- commands and metrics ---------------------------------------------------------------
 
     def next_tick(self) -> float | None:
-        due = [track.commands_due for track in self.tracks.values() if track.commands and track.commands_due]
-        due += [track.metrics_due for track in self.tracks.values() if _metrics_pending(track)]
+        due = [at for at in (self.commands_due.next(), self.metrics_due.next()) if at is not None]
         return min(due) if due else None
 
     def tick(self, now: float) -> None:
-        for (session, id), track in self.tracks.items():
-            if track.commands and track.commands_due and track.commands_due <= now:
+        for session, id in self.commands_due.due(now):
+            track = self.tracks.get((session, id))
+            if track is not None and track.commands:
                 self._publish_commands(session, id, track)
-            self._finish(session, id, track, now)
+        for session, id in self.metrics_due.due(now):
+            track = self.tracks.get((session, id))
+            if track is not None:
+                self._finish(session, id, track, now)
 
     def _publish_commands(self, session: str, id: str, track: ReplyTrack) -> None:
         """Publish the reply's commands in order, placed where the chunker met each tag."""
         commands, track.commands, track.commands_due = track.commands or [], [], 0.0
+        self.commands_due.clear((session, id))
         places = _places(commands, track.marks)
         events = []
         for command, (chunk, offset) in zip(commands, places, strict=True):
@@ -247,14 +252,14 @@ class HistoryStage(Stage):
         if events and track.message_id:
             self.store.add_commands(track.message_id, events)
 
-    @staticmethod
-    def _wait_for_playback(track: ReplyTrack, wait_s: float) -> None:
+    def _wait_for_playback(self, key: Key, track: ReplyTrack, wait_s: float) -> None:
         """Take the final playback event as never coming `wait_s` from now, unless an earlier
         deadline is set or the reply's timeline is settled already."""
         if track.final_ts or track.metrics_sent:
             return
         due = time.monotonic() + wait_s
         track.metrics_due = min(track.metrics_due, due) if track.metrics_due else due
+        self.metrics_due.set(key, track.metrics_due)
 
     def _finish(self, session: str, id: str, track: ReplyTrack, now: float | None = None) -> None:
         """Publish the reply's metrics once its timeline is complete: at the later of its llm.done and
@@ -271,6 +276,7 @@ class HistoryStage(Stage):
     def _publish_metrics(self, session: str, id: str, track: ReplyTrack, end_ts: float) -> None:
         """One reply's timeline, from the request to the end of playback, published and stored."""
         done, track.metrics_due, track.metrics_sent = track.done, 0.0, True
+        self.metrics_due.clear((session, id))
         if done is None or not track.request_ts:
             return
 
@@ -351,11 +357,6 @@ class HistoryStage(Stage):
 
     def shutdown(self) -> None:
         self.store.close()
-
-
-def _metrics_pending(track: ReplyTrack) -> bool:
-    """Whether tick() has the reply's metrics to publish at its metrics_due."""
-    return track.done is not None and not track.metrics_sent and not track.final_ts and bool(track.metrics_due)
 
 
 def _heard_text(track: ReplyTrack) -> str:

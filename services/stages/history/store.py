@@ -171,25 +171,22 @@ class HistoryStore:
     def add_message(self, session: str, request_id: str, role: str, content: str, ts: float, *,
                     status: str = "ok", error: str = "", provider: str = "", model: str = "",
                     metrics: Mapping[str, float] | None = None, reasoning: str = "",
-                    interrupted: bool = False) -> int:
-        """Store one message; a repeat of the same (session, request, role) replaces it."""
+                    interrupted: bool = False, shown: str | None = None) -> int:
+        """Store one message; a repeat of the same (session, request, role) replaces it. `shown`: a
+        reply's display text (None keeps what is stored)."""
         with self.transaction():
             self.db.execute("INSERT OR IGNORE INTO sessions(id, created) VALUES (?, ?)", (session, ts))
             cursor = self.db.execute(
                 "INSERT INTO messages(session, request_id, role, content, status, error, provider, model,"
-                " metrics, ts, reasoning, interrupted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+                " metrics, ts, reasoning, interrupted, shown) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(session, request_id, role) DO UPDATE SET content=excluded.content,"
                 " status=excluded.status, error=excluded.error, provider=excluded.provider,"
                 " model=excluded.model, metrics=excluded.metrics, ts=excluded.ts,"
-                " reasoning=excluded.reasoning, interrupted=MAX(interrupted, excluded.interrupted) RETURNING id",
+                " reasoning=excluded.reasoning, interrupted=MAX(interrupted, excluded.interrupted),"
+                " shown=COALESCE(excluded.shown, shown) RETURNING id",
                 (session, request_id, role, content, status, error, provider, model,
-                 json.dumps(dict(metrics or {})), ts, reasoning, int(interrupted)))
+                 json.dumps(dict(metrics or {})), ts, reasoning, int(interrupted), shown))
             return int(cursor.fetchone()[0])
-
-    def set_shown(self, session: str, request_id: str, shown: str) -> None:
-        with self.transaction():
-            self.db.execute("UPDATE messages SET shown=? WHERE session=? AND request_id=? AND role='assistant'",
-                            (shown, session, request_id))
 
     def set_spoken(self, session: str, request_id: str, spoken: str, interrupted: bool) -> None:
         """What the user actually heard; an interrupted reply's next context uses it."""
