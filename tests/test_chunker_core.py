@@ -14,11 +14,10 @@ from voxpipe.stages.chunker.core import Chunker, ChunkerPolicy
 from voxpipe.stages.tags import FORMATTING, VOID
 
 
-
-def Policy(**settings: object) -> ChunkerPolicy:  # noqa: N802 - stands for the class in these tests
+def Policy(**overrides: object) -> ChunkerPolicy:
     """A policy whose chunks never depend on how the reply was split: first_at_delta_end, the one
     rule that reads where a delta ends, is off here and tested on its own at the end of this file."""
-    return ChunkerPolicy(**{"first_at_delta_end": False, **settings})  # type: ignore[arg-type]
+    return ChunkerPolicy(**{"first_at_delta_end": False, **overrides})  # type: ignore[arg-type]
 
 
 DEFAULT = Policy()
