@@ -17,14 +17,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import secrets
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol
 from ..config import Config
@@ -91,7 +89,7 @@ class Connection:
         self._poller = zmq.Poller()
         self.lost = False
         """The connection to the broker dropped and no new handshake has succeeded since."""
-        self._hello = protocol.topic("hello", f"{src}.{os.getpid()}.{secrets.token_hex(4)}")
+        self._hello = protocol.topic("hello", f"{src}.{os.getpid()}.{os.urandom(4).hex()}")
         self._log = logging.getLogger(f"voxpipe.{src}")
 
     # --- lifecycle ----------------------------------------------------------
@@ -281,6 +279,8 @@ class Connection:
 
     def _bus_event(self) -> None:
         """A monitor event: the connection to the broker dropped."""
+        from zmq.utils.monitor import recv_monitor_message  # imports asyncio and ssl (9 MB): not for every stage
+
         assert self._monitor is not None
         event = recv_monitor_message(self._monitor)
         if event["event"] == zmq.EVENT_DISCONNECTED and not self.lost:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 
@@ -19,6 +18,10 @@ class Shard:
 
     index: int = 0
     count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count > 1:  # hashlib loads OpenSSL (3.5 MB of RSS): only a sharded stage needs it, from the start
+            import hashlib  # noqa: F401  (loaded here, so the first message does not wait for it)
 
     @classmethod
     def parse(cls, spec: str) -> Shard:
@@ -40,5 +43,7 @@ class Shard:
 
 def shard_of(session: str, count: int) -> int:
     """The shard index of a session: first 8 bytes of blake2b(session), big-endian, mod count."""
+    import hashlib  # loaded by a sharded Shard (above)
+
     digest = hashlib.blake2b(session.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % count

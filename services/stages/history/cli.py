@@ -13,13 +13,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...config import Config
 from ...files import open_private, private_dirs
 from ...frontends.terminal import printable
-from .stage import default_db_path
-from .store import HistoryStore
+
+if TYPE_CHECKING:
+    from .store import HistoryStore
 
 IMPORT_LIMIT = 16 * 1024 * 1024
 """The largest file `history import` reads: years of daily conversation, and still a few seconds and
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
+    from .stage import default_db_path  # the store (sqlite3) only for this command: every process parses argv
+    from .store import HistoryStore
+
     store = HistoryStore(default_db_path(config["history"]["db_path"]))
     persona = config["history"]["persona"]
     try:
