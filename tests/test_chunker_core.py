@@ -745,7 +745,9 @@ def test_stall_flushes_a_word_ending_in_punctuation_but_not_a_half_word():
     assert [c.text for c in chunker.tick(1.0).chunks] == ["Привет!"]
     chunker = Chunker()
     chunker.feed("Прив", 0.0)
-    assert chunker.next_flush_at is None and chunker.tick(5.0).chunks == ()
+    assert chunker.tick(5.0).chunks == () and chunker.next_flush_at is None  # until more text comes
+    chunker.feed("ет, как дела", 6.0)
+    assert [c.text for c in chunker.tick(6.6).chunks] == ["Привет, как"]
 
 
 def test_empty_deltas_do_not_postpone_a_stall_flush_and_zero_disables_it():

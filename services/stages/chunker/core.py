@@ -186,7 +186,8 @@ class Chunker:
 
     @property
     def next_flush_at(self) -> float | None:
-        """When `tick` could next flush something; None while it could not."""
+        """When `tick` should next look for a stall flush; None while no text is held, or once a tick
+        found only a word still being written (until more comes)."""
         if self._finished or not self._stall_possible or self._last_feed is None:
             return None
         return self._last_feed + self._policy.flush_after_ms / 1000
@@ -213,8 +214,8 @@ class Chunker:
                 chunks += self._splitter.finish()
             elif speech:
                 chunks += self._splitter.cut(delta_end=number == len(pieces))
-        if not at_end:
-            self._stall_possible = bool(self._policy.flush_after_ms) and self._splitter.can_stall_cut()
+        if not at_end:  # whether a stall cut is possible is judged when one is due, not on every delta
+            self._stall_possible = bool(self._policy.flush_after_ms) and self._splitter.holds_text()
         return ChunkerOutput("".join(display), tuple(chunks), tuple(shown))
 
     def _check_open(self, action: str) -> None:
@@ -578,6 +579,9 @@ class _Splitter:
     def stall_cut(self) -> Chunk | None:
         pos = self._stall_point()
         return None if pos is None else self._emit(pos, final=False)
+
+    def holds_text(self) -> bool:
+        return bool(self._text) and not self._text.isspace()
 
     def can_stall_cut(self) -> bool:
         return self._stall_point() is not None
