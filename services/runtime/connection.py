@@ -267,6 +267,13 @@ class Connection:
             self._check_sequence(message)
             return message
 
+    def waiting(self) -> bool:
+        """Whether a frame is already queued for `receive`: a stage that batches its output holds it
+        while this is true (Stage.caught_up)."""
+        if self._pending:
+            return True
+        return self._sub is not None and bool(int(self._sub.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
     def _take_queued(self) -> bytes | None:
         """A frame already queued on the SUB, without polling: while messages stream, the per-message cost
         stays what it was before the broker was watched."""

@@ -28,6 +28,8 @@ from .instance import InstanceLock
 from .shard import Shard
 
 Handler = TypeVar("Handler", bound=Callable[..., None])
+CATCH_UP_EVERY = 64
+"""The most messages a stage takes in before its held output goes out, however far behind it is."""
 
 
 def handles(*kinds: type[Body]) -> Callable[[Handler], Handler]:
@@ -93,6 +95,11 @@ class Stage:
     def shutdown(self) -> None:
         """Stop workers and release resources; the bus is still open."""
 
+    def caught_up(self) -> None:
+        """Nothing more is queued for this stage (or CATCH_UP_EVERY messages went by): publish what was
+        held to be sent together. A stage that keeps up is called after every message, so holding costs
+        nothing there; one that fell behind sends one message where it would have sent several."""
+
     def bus_back(self) -> None:
         """A broker answers again and our subscriptions are confirmed: catch up on what went by while
         there was none."""
@@ -127,6 +134,7 @@ class Stage:
             self._loop()
         finally:
             sdnotify.notify("STOPPING=1")
+            self._guarded(lambda _: self.caught_up(), None)
             self._heartbeat("stopping")
             self.shutdown()
             self.bus.close()
@@ -136,6 +144,7 @@ class Stage:
     def _loop(self) -> None:
         next_beat = time.monotonic() + self.heartbeat_interval
         due = self.next_tick()  # asked once per message: with many replies in flight it is not free
+        behind = 0
         while not self._stop.is_set():
             now = time.monotonic()
             wake = min(next_beat, due or next_beat, now + 0.2)
@@ -152,11 +161,15 @@ class Stage:
                 self._guarded(lambda _: self.bus_back(), None)
             if message is not None:
                 self._dispatch(message)
+                behind += 1
             now = time.monotonic()
             due = self.next_tick()
             if due is not None and due <= now:
                 self._guarded(self.tick, now)
                 due = self.next_tick()
+            if behind >= CATCH_UP_EVERY or not self.bus.waiting():
+                self._guarded(lambda _: self.caught_up(), None)
+                behind = 0
             if now >= next_beat:
                 self._heartbeat("ready")
                 sdnotify.notify("WATCHDOG=1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ...protocol import Cancel, ErrorCode, LlmDone, Message, Text, Token
+from ...protocol import Cancel, Chunk, ErrorCode, LlmDone, Message, Text, TextMark, Token
 from ...runtime import Stage, handles
 from ...runtime.deadlines import Deadlines
 from ...runtime.replies import Key, Replies
@@ -20,6 +20,23 @@ class ReplyState:
     fed: list[str] = field(default_factory=list)
 
 
+HELD_TEXT = 4096
+"""The most display text held for one `text` message: well under the kind's limit, whatever the deltas."""
+HELD_MARKS = 64
+
+
+@dataclass
+class Held:
+    """What one reply has to publish at the next catch-up: its display text and marks since the last
+    `text`, then its chunks, in the order they were decided."""
+
+    display: list[str] = field(default_factory=list)
+    marks: list[TextMark] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
+    length: int = 0
+    final: bool = False
+
+
 class ChunkerStage(Stage):
     name = "chunker"
     sharded = True
@@ -29,6 +46,10 @@ class ChunkerStage(Stage):
         self.replies: Replies[ReplyState] = Replies()
         """Replies being split; the ended ones (finished or cancelled) are remembered, so their late
         tokens and llm.done are not spoken."""
+        self.held: dict[Key, Held] = {}
+        """Output decided but not yet published, by reply, in the order replies first had some: sent
+        at the next catch-up (Stage.caught_up), so a chunker that fell behind sends one `text` for the
+        tokens of a reply that were queued together, not one per token."""
         self.flushes: Deadlines[Key] = Deadlines()
         """When each reply could next be flushed for a stall: the loop asks for the earliest after
         every message, which a scan of every reply in flight made cost 134 µs with 200 of them."""
@@ -50,6 +71,7 @@ class ChunkerStage(Stage):
         """Drop the reply (or every reply of the session), end its display text, ignore its rest."""
         for (session, id), state in self.replies.cancel(message.session, message.id):
             self.flushes.clear((session, id))
+            self.held.pop((session, id), None)
             if state is not None:
                 self.bus.publish(session, id, Text(delta="", final=True))
 
@@ -57,6 +79,7 @@ class ChunkerStage(Stage):
         for key in list(self.replies):
             self.replies.end(key)
             self.flushes.clear(key)
+        self.held.clear()
 
     @handles(LlmDone)
     def on_llm_done(self, done: Message[LlmDone]) -> None:
@@ -95,7 +118,30 @@ class ChunkerStage(Stage):
             self.flushes.set(key, at)
 
     def _emit(self, session: str, id: str, output: ChunkerOutput, final: bool = False) -> None:
-        if output.display or output.display_marks or final:
-            self.bus.publish(session, id, Text(delta=output.display, final=final, marks=output.display_marks))
-        for chunk in output.chunks:
-            self.bus.publish(session, id, chunk)
+        """Hold a step's output for the next catch-up. Text held before a new chunk goes out first,
+        so a front-end never gets a chunk ahead of the text it speaks."""
+        if not (output.display or output.display_marks or output.chunks or final):
+            return
+        key = (session, id)
+        held = self.held.setdefault(key, Held())
+        if (held.length + len(output.display) > HELD_TEXT or len(held.marks) + len(output.display_marks) > HELD_MARKS
+                or (output.chunks and held.chunks and (held.length or held.marks))):
+            self._publish(key, self.held.pop(key))
+            held = self.held[key] = Held()
+        held.marks += [TextMark(tag=mark.tag, body=mark.body, offset=mark.offset + held.length)
+                       for mark in output.display_marks]
+        held.display.append(output.display)
+        held.length += len(output.display)
+        held.chunks += output.chunks
+        held.final = final
+
+    def caught_up(self) -> None:
+        held, self.held = self.held, {}
+        for key, output in held.items():
+            self._publish(key, output)
+
+    def _publish(self, key: Key, held: Held) -> None:
+        if held.length or held.marks or held.final:
+            self.bus.publish(*key, Text(delta="".join(held.display), final=held.final, marks=tuple(held.marks)))
+        for chunk in held.chunks:
+            self.bus.publish(*key, chunk)
