@@ -35,7 +35,8 @@ from voxpipe.stages.llm.providers.base import (
     quote,
 )
 from voxpipe.stages.llm.providers.http import HttpProvider
-from voxpipe.stages.llm.providers.http_transport import error_text, merged, parse_retry_after
+from voxpipe.stages.llm.providers.http_transport import merged, parse_retry_after
+from voxpipe.stages.llm.providers.wire import error_text
 from voxpipe.stages.llm.think import ThinkSplitter
 
 KEY = "sk-test-0123456789abcdef"

@@ -51,7 +51,8 @@ def modules_of(registry: dict[str, Plugin], *keep: str) -> tuple[str, ...]:
 
 
 UNCHOSEN = {
-    "llm": modules_of(PROVIDERS, "openai", "http"),  # openai_compat reads its stream with the http provider's parser
+    # openai_compat reads its stream with openai_wire: neither the http provider's transport nor requests
+    "llm": (*modules_of(PROVIDERS, "openai"), "voxpipe.stages.llm.providers.http_transport", "requests"),
     "tts": modules_of(ENGINES, "null"),
     "player": modules_of(BACKENDS, "null"),
 }
@@ -119,6 +120,7 @@ def test_a_stage_off_the_network_imports_no_network_stack(imported: dict[str, se
     assert not found, f"the {name} stage imports {found}"
 
 
-def test_the_llm_has_its_provider_sdk_before_the_first_request(imported: dict[str, set[str]]) -> None:
-    """Imported in prepare(), before ready: the first request does not wait for it (a second or more)."""
-    assert {"openai", "voxpipe.stages.llm.providers.openai_compat"} <= imported["llm"]
+def test_the_llm_has_its_provider_sdk_and_client_before_the_first_request(imported: dict[str, set[str]]) -> None:
+    """Imported in prepare(), before ready: the first request does not wait for it (a second or more),
+    nor for the client, built by the provider's warm() with the HTTP stack it imports (about 50 ms)."""
+    assert {"openai", "voxpipe.stages.llm.providers.openai_compat", "httpcore2", "h11"} <= imported["llm"]

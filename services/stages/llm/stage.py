@@ -37,7 +37,9 @@ class LlmStage(Stage):
         self.providers: dict[str, Provider] = {}
         self.keyrings: dict[str, KeyRing] = {}
         self.provider_lock = threading.Lock()
-        self._provider(llm["profile"]).load()
+        provider = self._provider(llm["profile"])
+        provider.load()
+        provider.warm(self.keyrings[llm["profile"]].current)
         self.pool = ThreadPoolExecutor(max_workers=llm["workers"], thread_name_prefix="llm")
         self.lock = threading.Condition()
         """Held for every call into the core; a worker waiting out a retry delay waits on it for a cancel."""

@@ -181,7 +181,8 @@ class Generation(Protocol):
 
 
 class Provider(Protocol):
-    """Builds generations for one configured profile."""
+    """Builds generations for one configured profile. A provider class subclasses it, so it gets
+    the default of what it need not implement (`warm`)."""
 
     name: str
     accepts_images: bool
@@ -192,6 +193,12 @@ class Provider(Protocol):
 
     def load(self) -> None:
         """Prepare before the stage reports ready (load a model); raise ProviderError if impossible."""
+
+    def warm(self, api_key: str) -> None:
+        """Get ready to call with this key, after load(), before the stage reports ready, so the first
+        request does not pay for it (the openai provider builds its client). It sends nothing: a server
+        down at start must not stop the stage. By default there is nothing to do."""
+        return None  # a body besides the docstring: mypy takes a bare one as abstract in a subclass
 
     def open(self, request: ChatRequest, api_key: str) -> Generation:
         """Start the call with this key ("" when the profile has none)."""

@@ -50,7 +50,7 @@ from collections.abc import Awaitable, Iterator, Mapping
 from typing import Any
 
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError, quote, status_code, usage_counts
+from .base import ChatRequest, Delta, Outcome, Provider, ProviderError, quote, status_code, usage_counts
 
 NOT_INSTALLED = "g4f is not installed: pip install 'voxpipe[g4f]'"
 STATUS_IN_MESSAGE = re.compile(r"^(?:Response|Error) (\d{3})\b")
@@ -60,7 +60,7 @@ class _Closed(Exception):
     """close() stopped the step in flight."""
 
 
-class G4fProvider:
+class G4fProvider(Provider):
     name = "g4f"
     accepts_images = True
     """Images go to g4f as `media` (data URIs), which it renders per provider: OpenaiTemplate sends

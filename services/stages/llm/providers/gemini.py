@@ -13,8 +13,9 @@ from typing import Any
 
 from .. import sse
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, Params, ProviderError, usage_counts
-from .http_transport import Call, HttpGeneration, b64, check_error, given, merged, parse_json
+from .base import ChatRequest, Delta, Outcome, Params, Provider, ProviderError, usage_counts
+from .http_transport import Call, HttpGeneration, b64, given, merged
+from .wire import check_error, parse_json
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com/v1beta"
 
@@ -28,7 +29,7 @@ USAGE = {"promptTokenCount": "prompt_tokens", "candidatesTokenCount": "completio
          "totalTokenCount": "total_tokens"}
 
 
-class GeminiProvider:
+class GeminiProvider(Provider):
     name = "gemini"
     accepts_images = True
 

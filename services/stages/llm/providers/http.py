@@ -8,17 +8,19 @@ The profile's `url` is the full endpoint and `wire` names its format:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .. import sse
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError, usage_counts
-from .http_transport import Call, Decode, HttpGeneration, b64, check_error, given, merged, parse_json
+from .base import ChatRequest, Delta, Outcome, Provider, ProviderError, usage_counts
+from .http_transport import Call, Decode, HttpGeneration, b64, given, merged
+from .openai_wire import openai_stream, openai_whole
+from .wire import check_error, optional_text, parse_json
 
 
-class HttpProvider:
+class HttpProvider(Provider):
     name = "http"
     accepts_images = True
 
@@ -76,76 +78,6 @@ def _openai_message(message: Mapping[str, Any]) -> dict[str, Any]:
     return {"role": message["role"], "content": content}
 
 
-def openai_stream(pieces: Iterator[bytes], outcome: Outcome) -> Iterator[Delta]:
-    """An OpenAI chat-completions SSE body, as the network delivers it, as deltas (also the openai
-    provider's reader: parsing the raw events skips the SDK's pydantic object per chunk).
-
-    The events of one network read become one delta. They were all there already, so passing them on
-    one by one would add nothing but a message per token at every stage downstream: a server faster
-    than the pipeline, or a burst after a network stall, is met with bigger deltas, not a queue (the
-    first sentence of an instant reply reaches the chunker whole, not as twenty messages)."""
-    parser = sse.SSEParser()
-    for piece in pieces:
-        if (yield from _openai_read(parser.feed(piece), outcome)):
-            return
-    if (yield from _openai_read(parser.flush(), outcome)):
-        return
-    if not outcome.finish_reason:
-        raise ProviderError("the stream ended without [DONE] or a finish_reason", code="connect")
-
-
-def _openai_read(events: list[sse.Event], outcome: Outcome) -> Generator[Delta, None, bool]:
-    """The deltas of one read's events joined into one; True once [DONE] came. When an event fails
-    (an error the server reports mid-reply, malformed JSON), the text before it is passed on first."""
-    text: list[str] = []
-    reasoning: list[str] = []
-    done = False
-    try:
-        for event in events:
-            if event.data.strip() == "[DONE]":
-                done = True
-                break
-            for delta in _openai_payload(parse_json(event.data), outcome, "delta"):
-                text.append(delta.text)
-                reasoning.append(delta.reasoning)
-    finally:
-        if text:
-            yield Delta("".join(text), "".join(reasoning))
-    return done
-
-
-def _openai_whole(pieces: Iterator[bytes], outcome: Outcome) -> Iterator[Delta]:
-    yield from _openai_payload(parse_json(b"".join(pieces)), outcome, "message")
-
-
-def _openai_payload(payload: dict[str, Any], outcome: Outcome, key: str) -> Iterator[Delta]:
-    """A chunk (key "delta") or a whole completion (key "message"); the usage chunk has no choices."""
-    check_error(payload)
-    outcome.model = payload.get("model") or outcome.model
-    if payload.get("usage"):
-        outcome.usage = _openai_usage(payload["usage"])
-    for choice in (payload.get("choices") or [])[:1]:
-        part = choice.get(key) or {}
-        delta = Delta(_text(part.get("content")), _text(part.get("reasoning_content") or part.get("reasoning")))
-        if delta.text or delta.reasoning:
-            yield delta
-        if choice.get("finish_reason"):
-            outcome.finish_reason = choice["finish_reason"]
-
-
-def _openai_usage(usage: Any) -> dict[str, float]:
-    if not isinstance(usage, dict):
-        return {}
-    details = usage.get("completion_tokens_details")
-    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
-    return usage_counts({**usage, "reasoning_tokens": reasoning} if reasoning is not None else usage)
-
-
-def _text(value: Any) -> str:
-    """Servers send null, or sometimes an object, where a text is optional."""
-    return value if isinstance(value, str) else ""
-
-
 # --- ndjson (Ollama /api/chat) -------------------------------------------------------------------
 
 def ollama_body(request: ChatRequest, model: str) -> dict[str, Any]:
@@ -184,7 +116,7 @@ def _ollama_payload(payload: dict[str, Any], outcome: Outcome) -> Iterator[Delta
     check_error(payload)
     outcome.model = payload.get("model") or outcome.model
     message = payload.get("message") or {}
-    delta = Delta(_text(message.get("content")), _text(message.get("thinking")))
+    delta = Delta(optional_text(message.get("content")), optional_text(message.get("thinking")))
     if delta.text or delta.reasoning:
         yield delta
     if payload.get("done"):
@@ -196,7 +128,7 @@ def _ollama_payload(payload: dict[str, Any], outcome: Outcome) -> Iterator[Delta
 
 
 WIRES = {
-    "openai-sse": Wire(openai_body, openai_stream, _openai_whole, ("text/event-stream",)),
+    "openai-sse": Wire(openai_body, openai_stream, openai_whole, ("text/event-stream",)),
     "ndjson": Wire(ollama_body, _ollama_streamed, _ollama_whole,
                    ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/json")),
 }

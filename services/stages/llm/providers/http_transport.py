@@ -11,7 +11,6 @@ open and `close()` shuts them down, from any thread, at any moment of the call.
 from __future__ import annotations
 
 import base64
-import json
 import socket
 import threading
 import time
@@ -25,49 +24,9 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from .base import Delta, Outcome, ProviderError, Timeouts, parse_retry_after, quote, status_code
+from .wire import error_text
 
 READ_SIZE = 65536
-
-
-def error_text(body: bytes) -> str:
-    """The server's own words about a failure: its JSON error message if it has one, else its text.
-
-    Whole: the message quoting it is scrubbed and then clipped (Transport.error), never the other way round.
-    """
-    text = body.decode("utf-8", "replace")
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        payload = None
-    return _error_message(payload) or text
-
-
-def check_error(payload: Any) -> None:
-    """Raise what a server reports with {"error": ...} inside a 200 body, where it fails mid-reply
-    (whole: HttpGeneration passes it through Transport.error, which scrubs and clips it)."""
-    if isinstance(payload, dict) and "error" in payload:
-        message = _error_message(payload) or str(payload["error"])
-        raise ProviderError(f"the server failed mid-reply: {message}", code="server")
-
-
-def _error_message(payload: Any) -> str | None:
-    """The message of the usual error shapes: {"error": {"message"}}, {"error": "..."}, {"message"}, [that]."""
-    if isinstance(payload, list) and payload:
-        payload = payload[0]
-    if not isinstance(payload, dict):
-        return None
-    error = payload.get("error", payload)
-    message = error.get("message") if isinstance(error, dict) else error
-    return message if isinstance(message, str) and message else None
-
-
-def parse_json(text: str | bytes) -> Any:
-    """A JSON document from the server; anything else is a protocol error quoting it (whole, as check_error)."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        shown = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-        raise ProviderError(f"malformed JSON from the server: {shown!r}", code="protocol") from None
 
 
 def merged(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import llama_runtime
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError
+from .base import ChatRequest, Delta, Outcome, Provider, ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def bundled_model_path() -> str:
     return str(assemble())
 
 
-class LocalProvider:
+class LocalProvider(Provider):
     name = "local"
     accepts_images = False
 

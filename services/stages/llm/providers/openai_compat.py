@@ -19,8 +19,18 @@ import httpx2
 import openai
 
 from . import provider_settings
-from .base import ChatRequest, Delta, Outcome, ProviderError, parse_retry_after, quote, status_code, usage_counts
-from .http import openai_stream
+from .base import (
+    ChatRequest,
+    Delta,
+    Outcome,
+    Provider,
+    ProviderError,
+    parse_retry_after,
+    quote,
+    status_code,
+    usage_counts,
+)
+from .openai_wire import openai_stream
 
 _RAW_RESPONSE = "X-Stainless-Raw-Response"
 """The SDK's request header for "return the response unread" (openai._constants.RAW_RESPONSE_HEADER)."""
@@ -41,7 +51,7 @@ def to_openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
-class OpenAIProvider:
+class OpenAIProvider(Provider):
     name = "openai"
     accepts_images = True
 
@@ -57,6 +67,11 @@ class OpenAIProvider:
 
     def load(self) -> None:
         """Nothing to load; keys are read per request so a rotated secret takes effect."""
+
+    def warm(self, api_key: str) -> None:
+        """Build the key's client now: its construction and the HTTP stack it imports (httpcore2, h11,
+        truststore) took about 50 ms of the first request. It connects to nothing."""
+        self._client(api_key)
 
     def open(self, request: ChatRequest, api_key: str) -> OpenAIGeneration:
         return OpenAIGeneration(self, request, api_key, self._client(api_key))
@@ -127,7 +142,7 @@ class OpenAIGeneration:
                 self._response.close()
 
     def _streamed(self) -> Iterator[Delta]:
-        """The SDK's raw streaming response, read by the http provider's SSE parser.
+        """The SDK's raw streaming response, read by openai_wire's SSE reader.
 
         The request goes through the SDK's `client.post` (its documented way to send a body as is),
         so its auth, base URL, headers, timeouts and status errors all apply, but `create()`'s
