@@ -843,7 +843,7 @@ def test_question_exclamation_and_quoted_ends_also_cut_at_once(first: str, secon
 
 @pytest.mark.parametrize("first", [
     "Echo: the answer is 5.", "Meet me at the office of Dr.", "I was born in the U.S.", "Написал это А.",
-    "Это было в 1999 г.", "Wait for it."[:10]])
+    "Это было в 1999 г.", "Wait for it."[:10], "It was founded by Acme Inc.", "Find the showtimes at www."])
 def test_numbers_abbreviations_and_initials_still_wait_for_the_next_character(first: str) -> None:
     chunker = Chunker(AT_ONCE)
     assert not chunker.feed(first, 0.0).chunks

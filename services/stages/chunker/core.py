@@ -711,11 +711,16 @@ class _Splitter:
 
     def _ends_sentence(self, token: re.Match[str], previous: re.Match[str] | None) -> bool:
         """Whether `token` is an ordinary word ending a sentence: letters then one '.', '!' or '?',
-        closing quotes and brackets allowed; no number, abbreviation, initials or list marker."""
+        closing quotes and brackets allowed; no number, abbreviation, initials, list marker or "www.".
+        A capitalised word of up to three letters before a '.' ("Inc.", "Ltd.", "St.") is taken for
+        an abbreviation not in the lists, and waits for the next character as before."""
         word = token.group().lstrip(_OPENERS)
         core = word.rstrip(_CLOSERS)
-        return (_SENTENCE_WORD.fullmatch(core) is not None and not _is_abbreviation(core)
-                and not self._is_glue(token, previous))
+        if _SENTENCE_WORD.fullmatch(core) is None or _is_abbreviation(core) or core.lower() == "www.":
+            return False
+        if core.endswith(".") and len(core) <= 4 and core[0].isupper():
+            return False
+        return not self._is_glue(token, previous)
 
     def _lowercase_follows(self, pos: int, at_end: bool) -> bool | None:
         """Whether the next sentence would start in lowercase, past quotes and dashes."""
