@@ -191,6 +191,14 @@ def bench_rss(quick: bool) -> tuple[list[str], list[str]]:
         rss = {src: rss_mb(pid) for src, pid in sorted(pids.items()) if pid != supervisor_pid}  # its own row
         supervisor = rss_mb(daemon.process.pid) if daemon.process else float("nan")
         backend = next((line.strip() for line in daemon.log if "backend" in line.lower()), "")
+        http = {"llm": {"profile": "plain", "profiles": {"plain": {
+            "provider": "http", "url": f"{url}/chat/completions", "wire": "openai-sse", "model": "fake-model",
+            "api_key_env": "FAKE_OPENAI_KEY"}}}, "player": {"backend": "auto"}}
+        with Daemon(http, env=KEY) as plain:  # the same server through the http provider: no SDK
+            time.sleep(2.0)
+            plain_rss = {src: rss_mb(pid) for src, pid in stage_pids(plain).items()}
+    plain_llm = plain_rss.get("llm", float("nan"))
+    plain_core = sum(plain_rss.get(s, 0.0) for s in RSS_STAGES)
     rows = ["| process | pid | VmRSS MB |", "|---|---|---|",
             *(f"| {src} | {pids[src]} | {value:.1f} |" for src, value in rss.items()),
             f"| (`voxpipe run` supervisor) | {daemon.process.pid if daemon.process else ''} | {supervisor:.1f} |"]
@@ -205,9 +213,12 @@ def bench_rss(quick: bool) -> tuple[list[str], list[str]]:
              f"supervisor {everything + supervisor:.1f} MB. (RSS counts shared library pages in every "
              f"process, so the sum overstates the memory used.)", "",
              f"Of the llm's, {provider_cost_mb():.1f} MB are the `openai` provider module's import: the SDK "
-             f"(pydantic, httpx2, aiohttp where installed) and requests (the http provider's module, whose "
-             f"stream parser it uses), measured in a fresh interpreter holding the llm stage. The stage imports "
-             f"it before it is ready, so the first request does not wait for it."]
+             f"(pydantic, httpx2, aiohttp where installed), measured in a fresh interpreter holding the llm "
+             f"stage. The stage imports it, and builds the client and its HTTP stack (httpcore2, h11, "
+             f"truststore), before it is ready, so the first request does not wait for them.", "",
+             f"The same server through the `http` provider (`wire = \"openai-sse\"`, no SDK), in a second "
+             f"daemon: llm {plain_llm:.1f} MB, bus + llm + chunker + history {plain_core:.1f} MB "
+             f"({_pf(plain_core <= RSS_TARGET_MB)} against the same target)."]
     if missing:
         notes.append(f"no heartbeat seen from {', '.join(missing)}")
     if backend:
