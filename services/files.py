@@ -4,6 +4,10 @@ The history database (and SQLite's -wal and -shm files beside it), exports and W
 hold what was said. Every directory voxpipe creates for them is 0700 and every file 0600, private
 from its first byte: a file created open and narrowed afterwards could be opened by another user
 in between, and an open descriptor keeps working after the chmod.
+
+What voxpipe finds already on disk is checked with one rule (`exposure`) before it is used: it must
+be the user's own and closed to group and others, to reading too where it holds secrets, to writing
+where it decides whom to trust.
 """
 
 from __future__ import annotations
@@ -13,11 +17,42 @@ import logging
 import os
 import stat
 from pathlib import Path
+from typing import NamedTuple
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
 OTHERS = 0o077
 """The mode bits that open a file or directory to its group or to everyone."""
+OTHERS_WRITE = 0o022
+"""The mode bits that let its group or everyone change a file, or add and replace files in a directory."""
+
+
+class Exposure(NamedTuple):
+    """Why other users can reach a file or directory, and the command that ends it."""
+
+    problem: str
+    """In words, to follow the path: `belongs to uid 65534, not you (uid 1000)` or `has mode 644`."""
+    fix: str
+    """`chown UID PATH` or `chmod MODE PATH`."""
+    foreign: bool
+    """Another user owns it. Only root may chown it back, so a caller may point to a place of the
+    user's own instead."""
+
+
+def exposure(path: Path, info: os.stat_result, open_bits: int, mode: int) -> Exposure | None:
+    """What lets other users at `path` (whose stat or lstat is `info`), or None when it is the
+    user's own and none of `open_bits` is set; `mode` is what the chmod fix sets.
+
+    The owner comes first: they may change the mode back at will, so a closed mode on a file another
+    user owns is no help. The caller stats, so it decides whether a symlink is followed, and what a
+    missing path means."""
+    if info.st_uid != os.getuid():
+        return Exposure(f"belongs to uid {info.st_uid}, not you (uid {os.getuid()})",
+                        f"chown {os.getuid()} {path}", True)
+    current = stat.S_IMODE(info.st_mode)
+    if current & open_bits:
+        return Exposure(f"has mode {current:o}", f"chmod {mode:o} {path}", False)
+    return None
 
 
 def private_dirs(directory: Path) -> None:

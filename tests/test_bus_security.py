@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import selectors
 import shutil
 import socket
@@ -245,6 +246,25 @@ def test_secret_key_files_looser_than_0600_are_refused(home: Path) -> None:
     bus = start_bus(env)
     _, err = bus.communicate(timeout=30)
     assert bus.returncode == 2 and f"chmod 700 {keys / 'authorized'}" in err
+
+
+def test_secret_key_files_another_user_owns_are_refused(home: Path) -> None:
+    """A 0600 secret key file that another user owns is theirs to read or to swap for a key of their
+    own: refused with the chown, like a group-readable one. Root could still read it, so only the
+    owner check stops the bus here."""
+    nobody = pwd.getpwnam("nobody").pw_uid
+    keys = generate_keys(home)
+    env = tcp_env(home, free_ports(), curve=True, keys=keys)
+    os.chown(keys / "server.key_secret", nobody, -1)
+    bus = voxpipe(env, "stage", "bus")  # subprocess.run: a bus that wrongly starts is killed at the timeout
+    assert bus.returncode == 2, bus.stderr
+    assert f"{keys / 'server.key_secret'} belongs to uid {nobody}, not you" in bus.stderr, bus.stderr
+    assert f"chown {os.getuid()} {keys / 'server.key_secret'}" in bus.stderr, bus.stderr
+
+    os.chown(keys / "server.key_secret", os.getuid(), -1)
+    os.chown(keys / "client.key_secret", nobody, -1)
+    status = voxpipe(env, "status")
+    assert status.returncode == 2 and f"chown {os.getuid()} {keys / 'client.key_secret'}" in status.stderr
 
 
 def test_ipc_stays_the_default_and_private(home: Path) -> None:

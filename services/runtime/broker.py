@@ -30,6 +30,7 @@ import zmq
 
 from .. import protocol
 from ..config import Config, ConfigError
+from ..files import OTHERS, PRIVATE_DIR, PRIVATE_FILE, exposure
 from . import curve
 from .curve import CurveKeys
 from .instance import AlreadyRunning, InstanceLock
@@ -158,25 +159,28 @@ def private_dir_problem(directory: Path) -> tuple[str, str] | None:
                 f"remove it (rm {directory}), or set bus.runtime_dir to a directory you own")
     if not stat.S_ISDIR(info.st_mode):
         return "is not a directory", f"remove it (rm {directory}), or set bus.runtime_dir elsewhere"
-    if info.st_uid != os.getuid():
+    found = exposure(directory, info, OTHERS, PRIVATE_DIR)
+    if found is not None and found.foreign:
         shared = (f"; it is the shared fallback in {directory.parent}, used while XDG_RUNTIME_DIR is unset, "
                   f"and another user created it first" if directory == _shared_fallback() else "")
-        return (f"belongs to uid {info.st_uid}, not you (uid {os.getuid()}){shared}; its owner could read and "
-                f"forge every bus message",
+        return (f"{found.problem}{shared}; its owner could read and forge every bus message",
                 "set XDG_RUNTIME_DIR (or bus.runtime_dir) to a directory only you can enter, e.g. "
                 "`mkdir -m 700 ~/.voxpipe-run` and bus.runtime_dir = \"~/.voxpipe-run\"")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        return f"has mode {mode:o}; other users could reach the bus", f"chmod 700 {directory}"
+    if found is not None:
+        return f"{found.problem}; other users could reach the bus", found.fix
     for name in SOCKET_NAMES:
         try:
             sock = (directory / name).lstat()
         except FileNotFoundError:
             continue
-        if stat.S_ISLNK(sock.st_mode) or sock.st_uid != os.getuid():
-            what = "is a symbolic link" if stat.S_ISLNK(sock.st_mode) else f"belongs to uid {sock.st_uid}"
-            return (f"holds {directory / name}, which {what}, not you (uid {os.getuid()}); it is not your bus",
-                    f"stop voxpipe, remove it (rm {directory / name}) and start voxpipe again")
+        if stat.S_ISLNK(sock.st_mode):
+            what = "is a symbolic link"
+        elif (theirs := exposure(directory / name, sock, 0, PRIVATE_FILE)) is not None:  # 0: ours is enough
+            what = theirs.problem
+        else:
+            continue
+        return (f"holds {directory / name}, which {what}; it is not your bus",
+                f"stop voxpipe, remove it (rm {directory / name}) and start voxpipe again")
     return None
 
 

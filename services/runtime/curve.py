@@ -8,9 +8,10 @@ Layout of `bus.keys_dir` (default ``$XDG_CONFIG_HOME/voxpipe/keys``)::
     client.key_secret   this machine's participant secret key (mode 0600)
     authorized/*.key    on the bus host: the public keys of participants allowed in
 
-A secret key file readable by anyone but its owner is refused, with the chmod to run. So is a file
-that decides whose key is trusted (the authorised directory, each key in it, a participant's copy of
-server.key) when another user owns it or may write it, with the chown or chmod to run.
+A secret key file that another user owns, or that anyone but its owner may read, is refused, with the
+chown or chmod to run. So is a file that decides whose key is trusted (the authorised directory, each
+key in it, a participant's copy of server.key) when another user owns it or may write it. Both are
+`files.exposure`, with the mode bits each must not have.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ import argparse
 import os
 import shutil
 import socket
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError
+from ..files import OTHERS, OTHERS_WRITE, PRIVATE_DIR, PRIVATE_FILE, exposure
 
 SERVER, CLIENT = "server", "client"
 LOCAL_NAME = "local"
 """Under which name `voxpipe keys generate` authorises the bus host's own client key."""
+PUBLIC_FILE = 0o644
+"""A public key file's mode: anyone may read it, only its owner may change it."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +60,15 @@ def authorized_dir(bus: Mapping[str, Any], env: Mapping[str, str] = os.environ) 
 
 
 def check_private_file(path: Path, what: str, hint: str = "") -> None:
-    """Refuse a secret file that group or others may read or write (mode looser than 0600)."""
+    """Refuse a secret file that another user owns (they could read it, or put a key of their own in
+    it) or that group or others may read or write (mode looser than 0600)."""
     try:
         info = path.stat()
     except FileNotFoundError:
         raise ConfigError(f"{what} {path} does not exist" + (f"; {hint}" if hint else "")) from None
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise ConfigError(f"{what} {path} has mode {mode:o}; other users could read it. "
-                          f"Run: chmod 600 {path}")
+    found = exposure(path, info, OTHERS, PRIVATE_FILE)
+    if found is not None:
+        raise ConfigError(f"{what} {path} {found.problem}; other users could read it. Run: {found.fix}")
 
 
 def load_secret(path: Path, what: str, hint: str) -> tuple[bytes, bytes]:
@@ -108,26 +111,21 @@ def client_keys(bus: Mapping[str, Any]) -> CurveKeys:
                                  "`voxpipe keys generate --client NAME`), or set bus.keys_dir")
     server_public = load_public(directory / f"{SERVER}.key", "bus.curve = true: the bus's public key",
                                 "copy server.key from the bus host's keys dir here")
-    check_trusted(directory / f"{SERVER}.key", "the bus's public key", "644")
+    check_trusted(directory / f"{SERVER}.key", "the bus's public key", PUBLIC_FILE)
     return CurveKeys(public, secret, server_public)
 
 
-def check_trusted(path: Path, what: str, chmod: str) -> None:
+def check_trusted(path: Path, what: str, mode: int) -> None:
     """Refuse a file or directory that decides whose key we trust when another user owns it, or group
     or others may write it: they could put their own key in it, and be let in (or pose as the bus).
     `stat` follows a symlink, so a link to a file someone else owns or may write is refused too.
-    `chmod` is the mode the fix suggests."""
-    info = path.stat()
+    `mode` is what the chmod fix sets."""
     target = path.resolve() if path.is_symlink() else path
-    where = f"{path} (a link to {target})" if target != path else str(path)
-    if info.st_uid != os.getuid():
-        raise ConfigError(f"{what} {where} belongs to uid {info.st_uid}, not you (uid {os.getuid()}); its owner "
-                          f"could put their own key there. Check its contents, then run: chown {os.getuid()} "
-                          f"{target}")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
-        raise ConfigError(f"{what} {where} has mode {mode:o}; other users could put their own key there. "
-                          f"Check its contents, then run: chmod {chmod} {target}")
+    found = exposure(target, path.stat(), OTHERS_WRITE, mode)
+    if found is not None:
+        where = f"{path} (a link to {target})" if target != path else str(path)
+        raise ConfigError(f"{what} {where} {found.problem}; another user could put their own key there. "
+                          f"Check its contents, then run: {found.fix}")
 
 
 def check_authorized_dir(path: Path) -> list[Path]:
@@ -136,10 +134,10 @@ def check_authorized_dir(path: Path) -> list[Path]:
     if not path.is_dir():
         raise ConfigError(f"bus.curve = true but the authorised keys directory {path} does not exist; "
                           f"run `voxpipe keys generate` or set bus.authorized_dir")
-    check_trusted(path, "authorised keys directory", "700")
+    check_trusted(path, "authorised keys directory", PRIVATE_DIR)
     keys = sorted(path.glob("*.key"))  # what the ZAP authenticator loads (zmq.auth.load_certificates)
     for key in keys:
-        check_trusted(key, "authorised key", "644")
+        check_trusted(key, "authorised key", PUBLIC_FILE)
     return keys
 
 
@@ -151,13 +149,13 @@ def _make_pair(directory: Path, name: str) -> tuple[Path, Path]:
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
     for path in (public, secret):
         path.unlink(missing_ok=True)
-    old = os.umask(0o077)  # the secret file is never readable by others, not even for a moment
+    old = os.umask(OTHERS)  # the secret file is never readable by others, not even for a moment
     try:
         made_public, made_secret = zmq.auth.create_certificates(directory, name)
     finally:
         os.umask(old)
-    os.chmod(made_secret, 0o600)
-    os.chmod(made_public, 0o644)
+    os.chmod(made_secret, PRIVATE_FILE)
+    os.chmod(made_public, PUBLIC_FILE)
     return Path(made_public), Path(made_secret)
 
 
@@ -173,7 +171,7 @@ def generate(directory: Path, client_name: str = "", force: bool = False) -> lis
     if existing and not force:
         raise ConfigError(f"{existing[0]} already exists; keep it, or pass --force to replace the keys "
                           f"(every machine holding an old public key must then get the new one)")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     lines: list[str] = []
     if not client_name:
         public, secret = _make_pair(directory, SERVER)
@@ -182,7 +180,7 @@ def generate(directory: Path, client_name: str = "", force: bool = False) -> lis
     lines.append(f"client keypair: {public} (public) and {secret} (secret, mode 600)")
     if not client_name:
         authorized = directory / "authorized"
-        authorized.mkdir(mode=0o700, exist_ok=True)
+        authorized.mkdir(mode=PRIVATE_DIR, exist_ok=True)
         shutil.copyfile(public, authorized / f"{LOCAL_NAME}.key")
         lines += [
             f"authorised this machine's client key as {authorized / (LOCAL_NAME + '.key')}",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...config import ConfigError
-from ...files import PRIVATE_FILE, private_dirs, warn_if_open
+from ...files import OTHERS_WRITE, PRIVATE_DIR, PRIVATE_FILE, exposure, private_dirs, warn_if_open
 from ...protocol import SESSION_PATTERN, ChatMessage, Command
 from ...protocol.kinds import REPLY
 from ...runtime.curve import check_private_file
@@ -447,17 +447,14 @@ def check_database(path: Path) -> None:
     directory = path.parent
     with contextlib.suppress(FileNotFoundError):
         info = directory.stat()
-        if info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o022:
+        if exposure(directory, info, OTHERS_WRITE, PRIVATE_DIR) is not None:
             raise ConfigError(f"history database directory {directory} (owner uid {info.st_uid}, mode "
                               f"{stat.S_IMODE(info.st_mode):o}) lets other users replace or plant files in it; "
                               f"use a directory of your own. Run: chown {os.getuid()} {directory}; "
                               f"chmod 700 {directory}")
         warn_if_open(directory, log, "history database directory")
     for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            if file.stat().st_uid != os.getuid():
-                raise ConfigError(f"history database file {file} belongs to uid {file.stat().st_uid}, not you; "
-                                  f"Run: chown {os.getuid()} {file}")
+        if file.exists():  # SQLite makes the -wal and -shm files when it first writes
             check_private_file(file, "history database file")
 
 
