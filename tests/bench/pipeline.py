@@ -33,6 +33,10 @@ class Sample:
     ms: dict[str, float] = field(default_factory=dict)
     text: str = ""
     finish: str = ""
+    session: str = ""
+    ts: dict[str, float] = field(default_factory=dict)
+    """Wall-clock `ts` of the request and of each milestone's first message, as its sender stamped it:
+    where the time went between stages, not only when the client saw it."""
 
 
 @dataclass
@@ -68,9 +72,10 @@ class Client:
 
 def time_reply(client: Client, text: str, stream: bool, timeout: float, profile: str = "") -> Sample:
     """Ask once in a fresh session (no history) and wait until the reply has played."""
-    sample = Sample(stream)
+    sample = Sample(stream, session=f"ttfa-{uuid.uuid4().hex[:8]}")
     start = time.monotonic()
-    request_id = client.ask(f"ttfa-{uuid.uuid4().hex[:8]}", text, stream, profile)
+    sample.ts["request"] = time.time()
+    request_id = client.ask(sample.session, text, stream, profile)
     deadline = start + timeout
     while "playback" not in sample.ms:
         try:
@@ -95,6 +100,7 @@ def time_reply(client: Client, text: str, stream: bool, timeout: float, profile:
             sample.ms.setdefault("playback.first", elapsed)
         if not isinstance(body, Playback) or body.final:
             sample.ms.setdefault(message.kind, elapsed)
+            sample.ts.setdefault(message.kind, message.ts)
     return sample
 
 

@@ -99,6 +99,9 @@ def bench_overhead(quick: bool) -> tuple[list[str], list[str]]:
     with fake_openai(0.0) as url, Daemon({**openai_settings(url), "tts": {"engine": "null"},
                                           "player": {"backend": "null"}}, env=KEY) as daemon:
         client = Client.attach(daemon)
+        watch = Connection(f"bench.{uuid.uuid4().hex[:6]}", endpoints_for(daemon.config()),
+                           [protocol.subscription(kind) for kind in ("context.query", "context", "token")])
+        watch.open()
         try:
             for _ in range(3):  # warm-up: imports, connections, caches
                 direct_first_token(url, "warm up")
@@ -108,8 +111,12 @@ def bench_overhead(quick: bool) -> tuple[list[str], list[str]]:
                 direct.append(first)
                 direct_end.append(end)
                 samples.append(time_reply(client, f"question {number}", True, 30))
+                while (seen := watch.receive(0.0)) is not None:
+                    if seen.session == samples[-1].session:
+                        samples[-1].ts.setdefault(seen.kind, seen.ts)
         finally:
             client.close()
+            watch.close()
     audio = [s.ms["audio"] for s in samples]
     text = [s.ms["text"] for s in samples]
     over50 = median(audio) - median(direct)
@@ -129,10 +136,36 @@ def bench_overhead(quick: bool) -> tuple[list[str], list[str]]:
              f"**Overhead (first `audio` − direct first token): p50 {over50:.2f} ms "
              f"(target ≤ {OVERHEAD_P50_MS:g}: {_pf(over50 <= OVERHEAD_P50_MS)}), p99 {over99:.2f} ms "
              f"(target ≤ {OVERHEAD_P99_MS:g}: {_pf(over99 <= OVERHEAD_P99_MS)}).**"]
+    lines += ["", *hop_table(samples)]
     notes = [f"error event ×{n}: {t}" for t, n in client.errors.items()]
     if over50 > OVERHEAD_P50_MS or over99 > OVERHEAD_P99_MS:
         notes.append(f"overhead target missed: p50 {over50:.2f} ms, p99 {over99:.2f} ms")
     return lines, notes
+
+
+HOPS = (("context.query", "llm asks history for context (`context.query`)"),
+        ("context", "history answers (`context`)"),
+        ("token", "llm publishes the first `token`"),
+        ("text", "the chunker publishes the first `text`"),
+        ("chunk", "the chunker publishes the first `chunk`"),
+        ("audio", "tts publishes the first `audio`"))
+
+
+def hop_table(samples: list[Sample]) -> list[str]:
+    """Where voxpipe's share goes: each boundary's time after the request, by its sender's `ts`, and
+    the step from the one before (medians of per-reply values)."""
+    rows = ["| from the request until | by the sender's clock, p50 ms | p90 ms | step from the row above, p50 ms |",
+            "|---|---|---|---|"]
+    before = "request"
+    for kind, label in HOPS:
+        reached = [(s.ts[kind] - s.ts["request"]) * 1000 for s in samples if kind in s.ts]
+        steps = [(s.ts[kind] - s.ts[before]) * 1000 for s in samples if kind in s.ts and before in s.ts]
+        if reached:
+            rows.append(f"| {label} | {ms(median(reached))} | {ms(percentile(reached, .9))} | {ms(median(steps))} |")
+        before = kind
+    arrived = [s.ms["audio"] - (s.ts["audio"] - s.ts["request"]) * 1000 for s in samples if "audio" in s.ts]
+    rows.append(f"| the client receives it (one more hop) | | | {ms(median(arrived))} |")
+    return rows
 
 
 # --- idle memory --------------------------------------------------------------------------------
