@@ -833,6 +833,15 @@ def test_a_sentence_end_at_a_delta_end_cuts_the_first_chunk_at_once() -> None:
     assert [c.text for c in chunker.finish(0.0).chunks] == ["It is big."]
 
 
+def test_a_sentence_end_and_its_space_at_a_delta_end_also_cut_at_once() -> None:
+    """Tokenizers often put the space after the period ("r. " then "The"): the word is complete, and
+    only whether the next sentence starts in lowercase is unknown, which the rule does not wait for."""
+    chunker = Chunker(AT_ONCE)
+    assert not chunker.feed("Sure, here is a short answ", 0.0).chunks
+    assert [c.text for c in chunker.feed("er. ", 0.0).chunks] == ["Sure, here is a short answer."]
+    assert not Chunker(Policy()).feed("Sure, here is a short answer. ", 0.0).chunks
+
+
 @pytest.mark.parametrize("first, second", [
     ("Where is it located?", " Far"), ("What a surprise!", " Yes"), ('He said "hello."', " Then"),
     ("Привет, как твои дела?", " Хорошо"), ("Это было очень давно.", " Потом")])

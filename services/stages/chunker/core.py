@@ -508,6 +508,17 @@ _TERMINAL_DOTTED = frozenset("т.д. т.п. и.т.д. и.т.п. н.э. a.m. p.m.
 _ABBREVIATIONS = _NON_TERMINAL | _NUMBER_BOUND | _UNITS
 
 
+def _ordinary_end(token: str) -> bool:
+    """Whether a word ends a sentence as an ordinary word: letters then one '.', '!' or '?', closing
+    quotes and brackets allowed; no number, abbreviation, initials, list marker or "www.". A
+    capitalised word of up to three letters before a '.' ("Inc.", "Ltd.", "St.") is taken for an
+    abbreviation not in the lists (ChunkerPolicy.first_at_delta_end waits after it as before)."""
+    core = token.lstrip(_OPENERS).rstrip(_CLOSERS)
+    if _SENTENCE_WORD.fullmatch(core) is None or _is_abbreviation(core) or core.lower() == "www.":
+        return False
+    return not (core.endswith(".") and len(core) <= 4 and core[0].isupper())
+
+
 def _is_abbreviation(word: str) -> bool:
     return word.lower() in _ABBREVIATIONS
 
@@ -632,7 +643,8 @@ class _Splitter:
     def _gaps(self, at_end: bool, delta_end: bool = False) -> tuple[list[_Gap], int]:
         """Every gap of the current chunk up to the first past max_chars, and its length including
         the last word (or, past max_chars, up to that gap). With `delta_end`, the first chunk's last
-        word, ending a sentence where the delta ended, is taken as a sentence end at once."""
+        word, ending a sentence where the delta ended ("answer." or "answer. "), is taken as a
+        sentence end at once."""
         gaps = [gap for _, gap in self._settled]
         length, words = (gaps[-1].length, gaps[-1].words) if gaps else (0, 0)
         if length > self._policy.max_chars:
@@ -654,7 +666,7 @@ class _Splitter:
             word = token.group()
             # only a word ending in '.' or not starting in lowercase can bind to the next (see _binds)
             bound = glue or ((word[-1] == "." or not word[0].islower()) and self._binds(tokens, i, at_end))
-            strength = self._strength(token, following, bound, at_end)
+            strength = self._strength(token, following, bound, at_end, delta_end)
             gaps.append(_Gap(token.end(), length, words, strength, bound is not False))
             if following and not at_end and strength is not None and bound is not None and len(self._settled) == i:
                 self._settled.append((token, gaps[-1]))
@@ -674,7 +686,7 @@ class _Splitter:
         return tokens
 
     def _strength(self, token: re.Match[str], following: re.Match[str] | None, glue: bool | None,
-                  at_end: bool) -> int | None:
+                  at_end: bool, delta_end: bool = False) -> int | None:
         """How good a cut after `token` is; `following` is the next word, if it has begun; `glue`
         is whether the words on either side bind (None: not known before more text arrives)."""
         if "\n" in self._text[token.end():following.start() if following else None]:
@@ -690,6 +702,8 @@ class _Splitter:
             lowercase = self._lowercase_follows(token.end(), at_end)
             if lowercase is None and self._index == 0 and terminal.group() != ".":
                 return STRONG_CLAUSE   # a first chunk may end here either way: no need to wait
+            if lowercase is None and self._index == 0 and delta_end and _ordinary_end(word):
+                return SENTENCE   # "answer. " at a delta's end: first_at_delta_end
             if lowercase is None:
                 return None
             if lowercase:   # "Ну... я", «Кто?» — спросил он; after "." a false alarm
@@ -710,17 +724,8 @@ class _Splitter:
         return WORD
 
     def _ends_sentence(self, token: re.Match[str], previous: re.Match[str] | None) -> bool:
-        """Whether `token` is an ordinary word ending a sentence: letters then one '.', '!' or '?',
-        closing quotes and brackets allowed; no number, abbreviation, initials, list marker or "www.".
-        A capitalised word of up to three letters before a '.' ("Inc.", "Ltd.", "St.") is taken for
-        an abbreviation not in the lists, and waits for the next character as before."""
-        word = token.group().lstrip(_OPENERS)
-        core = word.rstrip(_CLOSERS)
-        if _SENTENCE_WORD.fullmatch(core) is None or _is_abbreviation(core) or core.lower() == "www.":
-            return False
-        if core.endswith(".") and len(core) <= 4 and core[0].isupper():
-            return False
-        return not self._is_glue(token, previous)
+        """Whether `token`, the last of the text, ends a sentence as an ordinary word (`_ordinary_end`)."""
+        return _ordinary_end(token.group()) and not self._is_glue(token, previous)
 
     def _lowercase_follows(self, pos: int, at_end: bool) -> bool | None:
         """Whether the next sentence would start in lowercase, past quotes and dashes."""
