@@ -39,7 +39,7 @@ from tests.bench.machine import describe
 from tests.bench.stats import median, percentile
 from tests.bench.system import stage_pids
 from tests.fakes import openai_server
-from tests.fakes.openai_server import pieces, reply_for
+from tests.fakes.openai_server import reply_for
 from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, openai_settings
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
@@ -69,30 +69,9 @@ def question(session: str) -> str:
 class Handler(openai_server.Handler):
     """The echo server, streaming on a fixed schedule: content event k at arrival + k / RATE."""
 
-    def _stream(self, model: str, text: str) -> None:
-        arrival = time.monotonic()
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        base = {"id": "cmpl-1", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-
-        def event(delta: dict[str, str], finish: str | None = None) -> bytes:
-            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(chunk)}\n\n".encode()
-
-        try:
-            self.wfile.write(event({"role": "assistant", "content": ""}))
-            for index, piece in enumerate(pieces(text)):
-                time.sleep(max(0.0, arrival + index / RATE - time.monotonic()))
-                self.wfile.write(event({"content": piece}))
-                self.wfile.flush()
-            self.wfile.write(event({}, "stop") + b"data: [DONE]\n\n")
-            self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        self.close_connection = True
+    def pace(self, index: int, count: int) -> None:
+        if 1 <= index < count - 1:  # content piece index - 1, at its time; the role and stop events at once
+            time.sleep(max(0.0, self.arrival + (index - 1) / RATE - time.monotonic()))
 
 
 # --- the clients (their own processes) ----------------------------------------------------

@@ -25,6 +25,8 @@ def pieces(text: str) -> list[str]:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     delay = 0.0
+    arrival = 0.0
+    """When the request being answered arrived (time.monotonic)."""
 
     def log_message(self, *args: object) -> None:
         """Quiet: tests read the pipeline's output, not this server's access log."""
@@ -50,6 +52,10 @@ class Handler(BaseHTTPRequestHandler):
                              "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces(text)),
                                        "total_tokens": 5 + len(pieces(text))}})
 
+    def pace(self, index: int, count: int) -> None:
+        """Wait before SSE event `index` of `count` (the role event, the content pieces, the stop):
+        this server sends each at once and pauses `delay` after it; a subclass may keep a schedule."""
+
     def _json(self, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -59,6 +65,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _stream(self, model: str, text: str) -> None:
+        self.arrival = time.monotonic()
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -71,7 +78,8 @@ class Handler(BaseHTTPRequestHandler):
                    for piece in pieces(text)]
         events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         try:
-            for event in events:
+            for index, event in enumerate(events):
+                self.pace(index, len(events))
                 self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
                 self.wfile.flush()
                 if self.delay:
