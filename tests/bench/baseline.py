@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.bench import fake_llm
+from tests.bench.pipeline import BenchError
 from tests.bench.stats import median, percentile
 from tests.bench.system import LOCAL_PROFILE, PROMPTS
 from tests.harness import Daemon, openai_settings
@@ -61,10 +62,6 @@ BOUNDARIES = ("token", "chunk", "audio", "playback")
 """request → first token → first chunk → first audio frame → first playback."""
 LABELS = {"token": "first token", "chunk": "first chunk", "audio": "first audio frame",
           "playback": "first playback"}
-
-
-class BaselineError(RuntimeError):
-    """A reply did not complete."""
 
 
 @dataclass
@@ -135,10 +132,10 @@ class Baseline:
             chunks.put(None)
             speaker.join(TIMEOUT_S)
         if speaker.is_alive():
-            raise BaselineError("the baseline's tts thread did not finish")
+            raise BenchError("the baseline's tts thread did not finish")
         missing = [b for b in BOUNDARIES if b not in marks]
         if missing:
-            raise BaselineError(f"baseline reply reached no {', '.join(missing)}: {marks}")
+            raise BenchError(f"baseline reply reached no {', '.join(missing)}: {marks}")
         reply = Reply("baseline", {b: (marks[b] - start) * 1000 for b in BOUNDARIES}, "".join(p for _, p in fed))
         reply.extra["released"] = (marks["released"] - start) * 1000
         if "waited" in marks:
@@ -212,7 +209,7 @@ class Bus:
         while True:
             message: Message[Any] | None = self.connection.receive(max(0.0, deadline - time.monotonic()))
             if message is None:
-                raise BaselineError(f"no metrics within {TIMEOUT_S:g} s; reached {sorted(stamps)}")
+                raise BenchError(f"no metrics within {TIMEOUT_S:g} s; reached {sorted(stamps)}")
             body = message.body
             if isinstance(body, Error):
                 key = f"{message.src}: {body.code}: {body.message[:120]}"
@@ -232,12 +229,12 @@ class Bus:
     @staticmethod
     def _timeline(request_ts: float, stamps: Mapping[str, float], metrics: Metrics, done: LlmDone | None) -> Reply:
         if done is None or done.status != "ok":
-            raise BaselineError(f"daemon reply ended {done.status if done else 'without llm.done'}: "
+            raise BenchError(f"daemon reply ended {done.status if done else 'without llm.done'}: "
                                 f"{done.error if done else ''}")
         values = {"chunk": metrics.first_chunk_ms, "audio": metrics.first_audio_ms,
                   "playback": metrics.first_playback_ms}
         if metrics.first_token_ms < 0 or min(values.values()) < 0:
-            raise BaselineError(f"daemon reply without a full timeline: {metrics}")
+            raise BenchError(f"daemon reply without a full timeline: {metrics}")
         # The llm stage times the first token from taking the request, which it answers at once with
         # the context query: on the wall clock the first token came first_token_ms after that query.
         # (With llm.history_limit = 0 there is no query; the request's hop to llm is then left out.)
