@@ -9,6 +9,7 @@ the bus publishes heartbeats with a hostile `src` and counter name; the real `vo
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -21,7 +22,7 @@ import pytest
 from tests.fakes.wire_server import WireServer, json_script, sse_script
 from tests.harness import ROOT, Daemon, connect
 from tests.terminal import ENTER, Terminal
-from voxpipe.frontends.terminal import printable
+from voxpipe.frontends.terminal import printable, printable_json
 from voxpipe.ops.stats import table
 
 HOSTILE = "Look\x1b[2J here\x1b]0;pwned\x07 and A\rB, nul\x00 and \u202eevil. Done <e>smile</e> here."
@@ -89,6 +90,28 @@ def test_say_prints_a_hostile_reply_escaped(daemon: Daemon) -> None:
     for escaped in ESCAPED:
         assert escaped in raw, raw
     assert re.search(r"Done +here\.", raw)           # the command tag is still not shown
+
+
+def test_history_export_to_a_terminal_is_harmless_and_still_the_same_data(daemon: Daemon) -> None:
+    assert daemon.run_cli("say", "--session", "hostile-export", "hello", "--timeout", "60").returncode == 0
+    term = on_terminal(daemon, "history", "export", "hostile-export")
+    try:
+        assert term.wait(60) == 0, term.screen
+        raw = term.raw
+    finally:
+        term.close()
+    assert_harmless(raw)
+    exported = daemon.run_cli("history", "export", "hostile-export")
+    assert not re.search("[\x7f-\x9f\u202e]", exported.stdout)
+    replies = [m["content"] for m in json.loads(exported.stdout)["messages"] if m["role"] == "assistant"]
+    assert replies and "\x1b[2J" in replies[-1] and "\u202e" in replies[-1]  # the same data, unescaped by JSON
+
+
+def test_printable_json_escapes_del_c1_and_bidi_and_round_trips() -> None:
+    value = {"text": "a\x1b[31m\x7f\x9b\u202e Привет"}
+    text = printable_json(value)
+    assert json.loads(text) == value
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u202e]", text.replace("\n", "")) and "Привет" in text
 
 
 def test_say_prints_a_hostile_error_text_escaped(daemon: Daemon) -> None:

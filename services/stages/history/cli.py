@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...config import Config
 from ...files import open_private, private_dirs
-from ...frontends.terminal import printable
+from ...frontends.terminal import printable, printable_json
 
 if TYPE_CHECKING:
     from .store import HistoryStore
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace, config: Config) -> int:
         elif args.action == "show":
             return _show(store, args.session)
         elif args.action == "export":
-            text = json.dumps(store.export_companion(args.session, persona), ensure_ascii=False, indent=2)
+            text = printable_json(store.export_companion(args.session, persona))
             if args.out:
                 _write_private(Path(args.out), text + "\n")
             else:
