@@ -109,7 +109,9 @@ class Supervisor:
         self.stop = threading.Event()
         self.ready: set[str] = set()
         self.connection: Connection | None = None
-        self.exposition: Exposition | None = None
+        self.exposition: Exposition | None = Exposition() if self.config["metrics"]["prometheus_port"] else None
+        """Fed from the start, so the stages' ready heartbeats are in it when it is first served (a stage
+        that became ready last would otherwise be missing until its next heartbeat)."""
         self.http: Any = None
         self.lock = InstanceLock(runtime_dir(config["bus"]["runtime_dir"]), "run")
         self.started_at = time.monotonic()
@@ -210,8 +212,7 @@ class Supervisor:
 
     def _serve_metrics(self) -> None:
         metrics = self.config["metrics"]
-        if metrics["prometheus_port"]:
-            self.exposition = Exposition()
+        if self.exposition is not None:
             self.http = serve(self.exposition, metrics["prometheus_bind"], metrics["prometheus_port"])
             log.info("prometheus metrics on http://%s:%d/metrics", metrics["prometheus_bind"],
                      metrics["prometheus_port"])
