@@ -7,6 +7,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # alsa-utils ships the ALSA config the null device includes; xvfb, xdotool and x11-apps (xwd)
 # run and drive `voxpipe gui` in its test; iproute2 makes the two-host network-namespace test.
 APT_PACKAGES := libasound2-dev libportaudio2 alsa-utils xvfb xdotool x11-apps iproute2
+# chromium and its chromedriver run the page of `voxpipe web` headless in its browser test (driven by
+# selenium); downloaded browser builds do not run here, Debian's do.
+APT_PACKAGES += chromium chromium-driver
 EXTRAS := local,audio,g4f,dev
 STAMP := $(VENV)/.voxpipe-installed
 # Every install is constrained by the lock: the exact versions `make test` passed with. `make lock`

@@ -46,6 +46,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text}")
+    return value
+
+
 def _kind(text: str) -> str:
     if text not in protocol.KINDS:
         raise argparse.ArgumentTypeError(f"unknown message kind {text!r}; known: {', '.join(sorted(protocol.KINDS))}")
@@ -95,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     gui = command("gui", "a Tk window: type, watch the reply grow, stop it")
     front_end(gui, "gui")
     gui.add_argument("--dump", metavar="FILE", help=argparse.SUPPRESS)  # test hook: the window's state as JSON
+
+    web = command("web", "serve the browser front-end: a page and a WebSocket bridge to the bus")
+    web.add_argument("--host", default=None, help="address to bind (default: web.host, 127.0.0.1); any "
+                                                  "non-loopback address needs the access token it prints")
+    web.add_argument("--port", type=_port, default=None, help="TCP port (default: web.port, 8765)")
 
     tap = command("tap", "print live bus traffic, one line per message")
     tap.add_argument("kinds", nargs="*", type=_kind, metavar="KIND",
@@ -242,6 +254,11 @@ def cmd_chat(args: argparse.Namespace, config: Config) -> int:
 def cmd_gui(args: argparse.Namespace, config: Config) -> int:
     from .frontends.gui import run
     return run(config, session=args.session, profile=args.profile, timeout=args.timeout, dump=args.dump)
+
+
+def cmd_web(args: argparse.Namespace, config: Config) -> int:
+    from .frontends.web.gateway import run  # aiohttp only for this command
+    return run(config, host=args.host, port=args.port)
 
 
 def cmd_tap(args: argparse.Namespace, config: Config) -> int:
@@ -401,6 +418,6 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     return run(args, config)
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui,
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui, "web": cmd_web,
             "tap": cmd_tap, "status": cmd_status, "history": cmd_history, "stats": cmd_stats, "chunk": cmd_chunk,
             "keys": cmd_keys}

@@ -213,6 +213,7 @@ SCHEMA: dict[str, Any] = {
                 "max_commands_per_reply": count(0, 10_000), "marks_wait_ms": count(0, 60_000)},
     "log": {"level": choice("debug", "info", "warning", "error")},
     "metrics": {"prometheus_port": count(0, 65535), "prometheus_bind": text()},
+    "web": {"enabled": flag(), "host": text(), "port": count(1, 65535), "token_file": text()},
     "run": {
         "stages": names(STAGES),
         "instances": {name: count(1, 64) for name in STAGES},
@@ -249,6 +250,7 @@ DEFAULTS: dict[str, Any] = {
                 "marks_wait_ms": 2000},
     "log": {"level": "info"},
     "metrics": {"prometheus_port": 0, "prometheus_bind": "127.0.0.1"},
+    "web": {"enabled": False, "host": "127.0.0.1", "port": 8765, "token_file": ""},
     "run": {
         "stages": list(STAGES),
         "instances": dict.fromkeys(STAGES, 1),

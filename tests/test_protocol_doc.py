@@ -160,7 +160,7 @@ def limits(check: Callable[[Any], str | None]) -> tuple[set[int], list[str]]:
     maker, args = spec_of(check)
     if maker == "text":
         if args["choices"]:
-            return set(), [f"`{choice}`" for choice in args["choices"]]
+            return set(), [f"`{choice}`" if choice else '`""`' for choice in args["choices"]]  # "" as the doc writes it
         pattern = [f"`{args['pattern'].pattern}`"] if args["pattern"] is not None else []
         return {args["limit"]}, pattern
     if maker == "integer":

@@ -61,6 +61,9 @@ def preflight(config: Config) -> None:
     Broker.from_config(config)
     participant_endpoints(config)
     check_key_files(config, config["run"]["stages"])
+    if config["web"]["enabled"] and config["web"]["token_file"]:
+        from ..frontends.web.access import read_token_file
+        read_token_file(config["web"]["token_file"])
     if "history" in config["run"]["stages"]:
         from ..stages.history.stage import default_db_path
         from ..stages.history.store import check_database
@@ -106,6 +109,8 @@ class Supervisor:
         self.bus = Child("bus", Shard())
         self.children = [Child(name, Shard(index, run["instances"][name]))
                          for name in run["stages"] for index in range(run["instances"][name])]
+        if config["web"]["enabled"]:  # `voxpipe web`, supervised like a stage: its heartbeat says it is ready
+            self.children.append(Child("web", Shard()))
         self.stop = threading.Event()
         self.ready: set[str] = set()
         self.connection: Connection | None = None
@@ -122,7 +127,7 @@ class Supervisor:
         that code too."""
 
     def _command(self, child: Child) -> list[str]:
-        command = [sys.executable, "-m", "launcher", "stage", child.stage]
+        command = [sys.executable, "-m", "launcher", *(("web",) if child.stage == "web" else ("stage", child.stage))]
         if child.shard.count > 1:
             command += ["--shard", str(child.shard)]
         if self.config.path is not None:

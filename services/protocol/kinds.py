@@ -55,6 +55,9 @@ stereo 32-bit, fits, and a whole second of 48 kHz stereo 16-bit."""
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{0,64}")
 DONE_STATUSES = ("ok", "error", "interrupted")
 PLAYBACK_EVENTS = ("started", "finished", "stopped")
+PLAYBACK_PLACES = ("", "daemon", "client")
+"""Where a reply's audio plays (`Request.playback`): "" or "daemon" on the daemon's player, "client" on
+the front-end that asked, which then reports its own `playback` events."""
 
 
 def wire(check: Check, default: Any = MISSING, *, factory: Any = MISSING) -> Any:
@@ -201,13 +204,16 @@ class Hello(Body):
 @dataclass(frozen=True, kw_only=True)
 class Request(Body):
     """A user message to answer. `profile` picks the LLM profile ("" for the default), `stream`
-    overrides the profile's streaming, `voice` the TTS voice of this reply."""
+    overrides the profile's streaming, `voice` the TTS voice of this reply, `playback` where its
+    audio plays (PLAYBACK_PLACES): a front-end in a browser plays it itself, so the daemon's
+    player must stay silent for it."""
 
     text: str = wire(string(TEXT))
     profile: str = wire(string(64), "")
     stream: bool | None = wire(optional_boolean, None)
     images: tuple[Image, ...] = records(Image, 8)
     voice: str = wire(string(64), "")
+    playback: str = wire(string(16, choices=PLAYBACK_PLACES), "")
 
 
 @kind("cancel", max_bytes=CONTROL_BYTES)

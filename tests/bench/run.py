@@ -284,7 +284,9 @@ def sections(plan: Plan, quick: bool) -> list[tuple[str, str, Callable[[], Resul
             ("baseline", "17. The daemon against the same parts in one process: time to first audio by stage "
                          "boundary", lambda: baseline.bench_baseline(quick)),
             ("capacity", "18. Real-time capacity: 50, 100 and 200 sessions at 30 tokens/s, CPU per stage and "
-                         "per token", lambda: capacity.bench_capacity(quick))]
+                         "per token", lambda: capacity.bench_capacity(quick)),
+            ("web", "19. Browser: time to the first rendered sample through `voxpipe web`",
+             module_section("web", quick))]
 
 
 def splice(report: str, chosen: list[Section]) -> str:

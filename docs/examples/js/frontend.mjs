@@ -142,7 +142,7 @@ for (;;) {
   } else if (msg.kind === "llm.done") {
     if (msg.status === "ok") continue // the text's final delta and the playback still follow
     note(`[llm.done ${msg.status} after ${msg.tokens} tokens${msg.error ? `: ${msg.error}` : ""}]`)
-    break // error or interrupted: a final playback is not sure to come (§8)
+    break // error or interrupted: a final playback is not sure to come (§9)
   } else if (msg.kind === "playback" && msg.final) {
     note(`[playback ${msg.event}]`)
     code = msg.event === "finished" ? 0 : 1

@@ -11,8 +11,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ...protocol import Audio, Message, Playback
-from ...runtime.replies import Key, Replies, cancels
+from ...protocol import Audio, Message, Playback, Request
+from ...runtime.replies import Key, Recent, Replies, cancels
 from ..audio import AudioFormat
 
 STALL_S = 15.0
@@ -56,20 +56,32 @@ class Wait:
 class Playlist:
     """The replies waiting, in the order their first frame came (one plays at a time: there is one
     speaker), the one playing, and the ones ended, whose late frames are dropped (`replies`, which
-    bounds both)."""
+    bounds both), and the replies a front-end plays itself, whose frames are never played here."""
 
     def __init__(self) -> None:
         self.replies: Replies[ReplyAudio] = Replies()
         self.playing: Key | None = None
         self.stopping = False
         """The player is stopping: whatever plays is cut."""
+        self.elsewhere: Recent[Key, None] = Recent()
+        """Replies whose request said playback "client", the newest ones only: their audio comes long
+        after the request, so the oldest are long past."""
+
+    def request(self, message: Message[Request]) -> None:
+        """Note where the reply plays: a reply the client plays gets no sound and no playback events
+        here (its front-end reports them). A reply whose request the player never saw plays here."""
+        if message.body.playback == "client":
+            self.elsewhere[(message.session, message.id)] = None
 
     def audio(self, message: Message[Audio]) -> bool:
-        """Queue a frame (unless its reply ended); False when its pcm is not whole samples."""
+        """Queue a frame (unless its reply ended, or plays on the client); False when its pcm is not
+        whole samples."""
         audio = message.body
+        key = (message.session, message.id)
+        if key in self.elsewhere:
+            return True
         if len(audio.pcm) % (audio.channels * audio.width):
             return False
-        key = (message.session, message.id)
         reply = self.replies.open(key, lambda: ReplyAudio(*key))
         if reply is not None:
             reply.frames.append(message)

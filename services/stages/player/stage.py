@@ -7,6 +7,9 @@ converted to the format the backend plays its first audio in, so a backend that
 cannot play the engine's rate, or an engine that changes format mid-reply (a
 fallback), still plays.
 
+A reply whose request said playback "client" is played by the front-end that asked (a browser):
+the player takes requests only to know those, and skips their audio.
+
 The order, the cancels, the stall deadline and where a cut falls (the heard fraction) are the
 core's (core.py); this shell drives the backend and publishes.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ...protocol import Audio, Cancel, ErrorCode, Message, Playback
+from ...protocol import Audio, Cancel, ErrorCode, Message, Playback, Request
 from ...runtime import Stage, handles
 from ..audio import AudioFormat, PcmFrame
 from .backends import create_backend
@@ -84,6 +87,11 @@ class PlayerStage(Stage):
     def started(self) -> None:
         self.worker = threading.Thread(target=self._work, name="player", daemon=True)
         self.worker.start()
+
+    @handles(Request)
+    def on_request(self, message: Message[Request]) -> None:
+        with self.wake:
+            self.playlist.request(message)
 
     @handles(Audio)
     def on_audio(self, message: Message[Audio]) -> None:
