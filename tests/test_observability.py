@@ -32,12 +32,19 @@ def test_metrics_stats_prometheus_and_logs() -> None:
         assert stats.returncode == 0, stats.stderr
         header, row = stats.stdout.splitlines()[:2]
         assert "first audio p50/p95 ms" in header and row.split()[:5] == ["fake", "openai", "espeak", "3", "0"]
-        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        expected = [*(f'voxpipe_stage_up{{stage="{stage}"}} 1'
+                      for stage in ("bus", "llm", "chunker", "tts", "player", "history")),
+                    'voxpipe_stage_events_total{stage="llm",counter="published"}',
+                    'voxpipe_reply_latency_ms_count{measure="first_audio"} 3']
+        deadline = time.monotonic() + 5  # stage counters come with heartbeats, a second apart
+        while True:
+            page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            if all(line in page for line in expected) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         log = "".join(daemon.log)
-    for stage in ("bus", "llm", "chunker", "tts", "player", "history"):
-        assert f'voxpipe_stage_up{{stage="{stage}"}} 1' in page
-    assert 'voxpipe_stage_events_total{stage="llm",counter="published"}' in page
-    assert 'voxpipe_reply_latency_ms_count{measure="first_audio"} 3' in page
+    for line in expected:
+        assert line in page
     assert "obs/" in log and ": request (profile fake)" in log and ": ok after " in log
     assert ": playback finished at chunk" in log
 
