@@ -68,6 +68,16 @@ def on_terminal(daemon: Daemon, *args: str) -> Terminal:
     return Terminal(daemon.cli(*args), env=daemon.env, cwd=ROOT)
 
 
+def output_of(daemon: Daemon, *args: str, code: int = 0) -> str:
+    """Everything a command wrote to its terminal, once it exited with `code`."""
+    term = on_terminal(daemon, *args)
+    try:
+        assert term.wait(90) == code, term.screen
+        return term.raw
+    finally:
+        term.close()
+
+
 def assert_harmless(raw: str, own: tuple[str, ...] = ()) -> None:
     """No attack reached the terminal as it is; without what the front-end writes itself (`own`,
     readline's mode switches, the terminal's CR before each newline) no ESC or CR is left."""
@@ -80,12 +90,7 @@ def assert_harmless(raw: str, own: tuple[str, ...] = ()) -> None:
 
 
 def test_say_prints_a_hostile_reply_escaped(daemon: Daemon) -> None:
-    term = on_terminal(daemon, "say", "hello", "--timeout", "60")
-    try:
-        assert term.wait(90) == 0, term.screen
-        raw = term.raw
-    finally:
-        term.close()
+    raw = output_of(daemon, "say", "hello", "--timeout", "60")
     assert_harmless(raw)                             # say writes no colours of its own
     for escaped in ESCAPED:
         assert escaped in raw, raw
@@ -94,13 +99,7 @@ def test_say_prints_a_hostile_reply_escaped(daemon: Daemon) -> None:
 
 def test_history_export_to_a_terminal_is_harmless_and_still_the_same_data(daemon: Daemon) -> None:
     assert daemon.run_cli("say", "--session", "hostile-export", "hello", "--timeout", "60").returncode == 0
-    term = on_terminal(daemon, "history", "export", "hostile-export")
-    try:
-        assert term.wait(60) == 0, term.screen
-        raw = term.raw
-    finally:
-        term.close()
-    assert_harmless(raw)
+    assert_harmless(output_of(daemon, "history", "export", "hostile-export"))
     exported = daemon.run_cli("history", "export", "hostile-export")
     assert not re.search("[\x7f-\x9f\u202e]", exported.stdout)
     replies = [m["content"] for m in json.loads(exported.stdout)["messages"] if m["role"] == "assistant"]
@@ -115,12 +114,7 @@ def test_printable_json_escapes_del_c1_and_bidi_and_round_trips() -> None:
 
 
 def test_say_prints_a_hostile_error_text_escaped(daemon: Daemon) -> None:
-    term = on_terminal(daemon, "say", "hello", "--profile", "broken", "--timeout", "60")
-    try:
-        assert term.wait(90) == 1, term.screen
-        raw = term.raw
-    finally:
-        term.close()
+    raw = output_of(daemon, "say", "hello", "--profile", "broken", "--timeout", "60", code=1)
     assert_harmless(raw)
     assert "quota\\x1b]0;pwned\\x07 gone" in raw, raw
 
