@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -44,11 +43,10 @@ def published(got: list[Message[Any]]) -> tuple[str, list[tuple[str, str, int]],
     return display, marks, chunks
 
 
-def ask(client: Connection, session: str, deltas: list[str], pause_s: float) -> list[Message[Any]]:
+def ask(client: Connection, session: str, deltas: list[str]) -> list[Message[Any]]:
+    """Every token at once, then llm.done; what the chunker published, up to its final text and chunk."""
     for delta in deltas:
         client.publish(session, "r1", Token(text=delta))
-        if pause_s:
-            time.sleep(pause_s)
     client.publish(session, "r1", LlmDone(status="ok", text="".join(deltas), tokens=len(deltas)))
     return collect(client, lambda seen: sum(isinstance(m.body, (Text, Chunk)) and m.body.final for m in seen) == 2,
                    BOUND_S)
@@ -58,7 +56,7 @@ def test_a_burst_is_published_in_fewer_texts_with_every_character_mark_and_chunk
     """200 tokens at once: the chunker falls behind and sends each run of queued tokens as one `text`,
     losing nothing: the same display text, marks at the same places, the same chunks, in order."""
     deltas = tokens_of(REPLY)[:200]
-    got = ask(chunker_alone, "burst", deltas, 0.0)
+    got = ask(chunker_alone, "burst", deltas)
     texts = [m for m in got if isinstance(m.body, Text)]
     assert published(got) == expected(deltas)
     assert len(texts) < len(deltas) / 2, len(texts)
@@ -68,10 +66,18 @@ def test_a_burst_is_published_in_fewer_texts_with_every_character_mark_and_chunk
 
 
 def test_a_chunker_that_keeps_up_sends_a_text_per_token(chunker_alone: Connection) -> None:  # noqa: F811
-    deltas = tokens_of(REPLY[:120])
-    got = ask(chunker_alone, "trickle", deltas, 0.02)
-    assert published(got) == expected(deltas)
-    chunker = Chunker()
+    """Each token goes out once the previous one's text came back, so the chunker is never behind:
+    it holds nothing, and every step with display text is a `text` of its own."""
+    client, deltas, chunker = chunker_alone, tokens_of(REPLY[:120]), Chunker()
     steps = [chunker.feed(delta, 0.0) for delta in deltas]
+    got: list[Message[Any]] = []
+    for delta, step in zip(deltas, steps, strict=True):
+        client.publish("trickle", "r1", Token(text=delta))
+        if step.display or step.display_marks:
+            got += collect(client, lambda seen: any(isinstance(m.body, Text) for m in seen), BOUND_S)
+    client.publish("trickle", "r1", LlmDone(status="ok", text="".join(deltas), tokens=len(deltas)))
+    got += collect(client, lambda seen: sum(isinstance(m.body, (Text, Chunk)) and m.body.final for m in seen) == 2,
+                   BOUND_S)
+    assert published(got) == expected(deltas)
     shown = [m for m in got if isinstance(m.body, Text) and not m.body.final]
     assert len(shown) == sum(bool(step.display or step.display_marks) for step in steps)
