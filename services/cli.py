@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "non-loopback address needs the access token it prints")
     web.add_argument("--port", type=_port, default=None, help="TCP port (default: web.port, 8765)")
 
+    game = command("game", "the MiSide game link: the NeuroMita mod's protocol on 127.0.0.1:12345")
+    game.add_argument("--port", type=_port, default=None, help="TCP port (default: game.port, 12345, the only "
+                                                               "one an unchanged mod connects to)")
+
     tap = command("tap", "print live bus traffic, one line per message")
     tap.add_argument("kinds", nargs="*", type=_kind, metavar="KIND",
                      help="only these message kinds (default: all but heartbeats)")
@@ -259,6 +263,11 @@ def cmd_gui(args: argparse.Namespace, config: Config) -> int:
 def cmd_web(args: argparse.Namespace, config: Config) -> int:
     from .frontends.web.gateway import run  # aiohttp only for this command
     return run(config, host=args.host, port=args.port)
+
+
+def cmd_game(args: argparse.Namespace, config: Config) -> int:
+    from .frontends.game.link import run
+    return run(config, port=args.port)
 
 
 def cmd_tap(args: argparse.Namespace, config: Config) -> int:
@@ -418,6 +427,6 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     return run(args, config)
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui, "web": cmd_web,
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui, "web": cmd_web, "game": cmd_game,
             "tap": cmd_tap, "status": cmd_status, "history": cmd_history, "stats": cmd_stats, "chunk": cmd_chunk,
             "keys": cmd_keys}

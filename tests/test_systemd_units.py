@@ -34,7 +34,7 @@ UNIT_DIR = ROOT / "deploy" / "systemd"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 VOXPIPE = Path(sys.executable).parent / "voxpipe"
 STAGES = ("llm", "chunker", "tts", "player", "history")
-UNITS = ("voxpipe-bus.service", "voxpipe-run.service", "voxpipe-web.service", "voxpipe.target",
+UNITS = ("voxpipe-bus.service", "voxpipe-run.service", "voxpipe-web.service", "voxpipe-game.service", "voxpipe.target",
          *(f"voxpipe@{stage}.service" for stage in STAGES),
          "voxpipe-shard@tts-0-2.service", "voxpipe-shard@chunker-1-3.service")
 

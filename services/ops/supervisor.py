@@ -102,6 +102,10 @@ class Child:
         return self.stage if self.shard.count == 1 else f"{self.stage}@{self.shard.index}"
 
 
+FRONT_ENDS = ("web", "game")
+"""Front-ends `voxpipe run` starts when their section says `enabled = true`."""
+
+
 class Supervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -109,8 +113,9 @@ class Supervisor:
         self.bus = Child("bus", Shard())
         self.children = [Child(name, Shard(index, run["instances"][name]))
                          for name in run["stages"] for index in range(run["instances"][name])]
-        if config["web"]["enabled"]:  # `voxpipe web`, supervised like a stage: its heartbeat says it is ready
-            self.children.append(Child("web", Shard()))
+        for front_end in FRONT_ENDS:  # `voxpipe web`, `voxpipe game`: supervised like a stage, ready at a heartbeat
+            if config[front_end]["enabled"]:
+                self.children.append(Child(front_end, Shard()))
         self.stop = threading.Event()
         self.ready: set[str] = set()
         self.connection: Connection | None = None
@@ -127,7 +132,8 @@ class Supervisor:
         that code too."""
 
     def _command(self, child: Child) -> list[str]:
-        command = [sys.executable, "-m", "launcher", *(("web",) if child.stage == "web" else ("stage", child.stage))]
+        command = [sys.executable, "-m", "launcher",
+                   *((child.stage,) if child.stage in FRONT_ENDS else ("stage", child.stage))]
         if child.shard.count > 1:
             command += ["--shard", str(child.shard)]
         if self.config.path is not None:

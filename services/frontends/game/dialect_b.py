@@ -1,0 +1,223 @@
+"""Dialect B, the task API of newer NeuroMita versions, where its shapes are definite (design §1.8, §8).
+
+One connection stays open; the game creates tasks and the link pushes `task_update`s as they move:
+PENDING at once, VOICING with the whole text when it is written, SUCCESS with one voice file (or
+FAILED_ON_GENERATION). Whole-reply only: the B client is not public, so whether it would take a reply
+phrase by phrase is unknown (the newest app's segment broadcast is unverified, notes §4).
+
+Pure, like `core`: the link passes the time in and carries out the effects.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+from ...protocol import Audio, Body, Cancel, Chunk, LlmDone, Message, Request
+from ...stages.audio import AudioFormat
+from .core import SESSION_PREFIX, Answer, Delete, Effect, Log, MakeWav, Publish, Settings, game_text
+from .wire import (
+    IDLE_EVENT,
+    BAction,
+    Malformed,
+    b_aborted,
+    b_error,
+    b_info,
+    b_loaded_settings,
+    b_task,
+    b_task_status,
+    b_task_update,
+    parse_b,
+)
+
+IDLE_TIMEOUT_S = 300.0
+"""A B connection that sends nothing for this long is closed: the game polls or creates tasks often."""
+TASKS_KEPT = 256
+"""Finished tasks remembered for get_task_status; the oldest go."""
+INFOS_KEPT = 64
+
+
+@dataclass
+class Task:
+    uid: str
+    conn: int
+    type: str
+    data: dict[str, object]
+    created_at: float
+    session: str
+    status: str = "PENDING"
+    updated_at: float = 0.0
+    result: dict[str, object] = field(default_factory=dict)
+    error: str | None = None
+    phrases: dict[int, str] = field(default_factory=dict)
+    pieces: list[tuple[bytes, AudioFormat]] = field(default_factory=list)
+
+    def body(self) -> dict[str, object]:
+        return b_task(self.uid, self.status, self.type, self.data, self.created_at, self.updated_at,
+                      self.result or None, self.error)
+
+
+class Tasks:
+    """The dialect-B tasks of every connection."""
+
+    def __init__(self, settings: Settings, id_prefix: str) -> None:
+        self.settings = settings
+        self.id_prefix = id_prefix
+        self.sequence = 0
+        self.tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
+        self.running: dict[tuple[str, str], Task] = {}
+        self.infos: dict[str, list[str]] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.expiring: dict[str, float] = {}
+
+    def owns(self, session: str, id: str) -> bool:
+        return (session, id) in self.running
+
+    def connected(self, conn: int) -> list[Effect]:
+        """The app pushes its settings to a client that connects (notes §1)."""
+        return [Answer(conn, b_loaded_settings(self.settings.mod, "Crazy", {}))]
+
+    def action(self, conn: int, obj: object, now: float) -> list[Effect]:
+        parsed = parse_b(obj)
+        self.counters["b_actions"] += 1
+        if isinstance(parsed, Malformed):
+            return [Answer(conn, b_error(f"Malformed request: {parsed.reason}"))]
+        if parsed.action == "create_task":
+            return self._create(conn, parsed, now)
+        if parsed.action == "get_task_status":
+            if not parsed.task_uid:
+                return [Answer(conn, b_error("Missing task_uid"))]
+            task = self.tasks.get(parsed.task_uid)
+            if task is None:
+                return [Answer(conn, b_error(f"Task {parsed.task_uid} not found"))]
+            return [Answer(conn, b_task_status(task.body(), silero_connected=self.settings.voice,
+                                               game_master=parsed.character == "GameMaster",
+                                               gm_voice=self.settings.mod.gm_voice))]
+        if parsed.action == "get_settings":
+            return [Answer(conn, b_loaded_settings(self.settings.mod, parsed.character, {}))]
+        return [Answer(conn, b_error(f"Unknown action: {parsed.action}"))]
+
+    def _create(self, conn: int, action: BAction, now: float) -> list[Effect]:
+        infos = self.infos.setdefault(action.character, [])
+        if action.type == "system_info":
+            if action.message:
+                infos[:] = [*infos, action.message][-INFOS_KEPT:]
+            return [Answer(conn, b_info(len(infos)))]
+        if action.type == "react":
+            return [Answer(conn, b_aborted(action.character, action.type, action.req_id, "React disabled by settings"))]
+        if action.type == "system_info_flush" and not infos:
+            return [Answer(conn, b_aborted(action.character, action.type, action.req_id,
+                                           "No pending system_info to flush"))]
+        if action.type not in ("answer", "idle_timeout", "system_info_flush"):
+            return [Answer(conn, b_aborted(action.character, action.type, action.req_id,
+                                           f"Unknown event type: {action.type}"))]
+        label = self.settings.event_label or self.settings.headings[6]
+        if action.type == "answer":
+            text = action.message
+        elif action.type == "idle_timeout":
+            text = f"{label}\n{IDLE_EVENT}"
+        else:
+            text = "\n".join((label, *infos))
+        notes = [self.settings.headings[5], *infos] if infos and action.type != "system_info_flush" else []
+        infos.clear()
+        effects: list[Effect] = []
+        if action.type == "answer":  # the player spoke: what the characters were saying stops
+            for task in list(self.running.values()):
+                effects += self._end(task, "CANCELLED", now, error="barge-in: the player spoke in the game")
+                effects.append(Publish(task.session, self._reply_id(task), Cancel(reason="barge-in")))
+        self.sequence += 1
+        uid = f"{self.id_prefix}b{self.sequence:06d}"
+        data: dict[str, object] = {"character": action.character, "event_type": action.type, "message": action.message}
+        if action.req_id:
+            data["req_id"] = action.req_id
+        session = SESSION_PREFIX + action.character
+        task = Task(uid=uid, conn=conn, type="idle" if action.type == "idle_timeout" else "chat", data=data,
+                    created_at=now, updated_at=now, session=session)
+        self.tasks[uid] = task
+        while len(self.tasks) > TASKS_KEPT:
+            self.tasks.popitem(last=False)
+        self.running[(session, uid)] = task
+        character = self.settings.character(action.character)
+        state = self._state(action)
+        system = "\n".join((*state, *notes))
+        self.counters["b_tasks"] += 1
+        return [*effects, Answer(conn, b_task_update(task.body())),
+                Publish(session, uid, Request(text=text, persona=character.persona, voice=character.voice,
+                                              profile=character.profile, system=system, playback="client"))]
+
+    def _state(self, action: BAction) -> list[str]:
+        heading, distance, rooms, near, state, _, _ = self.settings.headings
+        lines = []
+        if action.distance is not None:
+            lines.append("- " + distance.format(f"{action.distance:.2f}"))
+        if action.room_player != "Unknown" or action.room_character != "Unknown":
+            lines.append("- " + rooms.format(action.room_player, action.room_character))
+        if action.hierarchy:
+            lines += ["- " + near, *action.hierarchy]
+        if action.current_info:
+            lines += ["- " + state, *action.current_info]
+        return [heading, *lines] if lines else []
+
+    @staticmethod
+    def _reply_id(task: Task) -> str:
+        return task.uid
+
+    # --- from the bus ---------------------------------------------------------------------------
+
+    def bus(self, message: Message[Body], now: float) -> list[Effect]:
+        task = self.running.get((message.session, message.id))
+        if task is None:
+            return []
+        body = message.body
+        if isinstance(body, LlmDone) and body.status == "error":
+            return [Log(logging.WARNING, f"{task.data['character']}: the reply failed: {body.error}"),
+                    *self._end(task, "FAILED_ON_GENERATION", now, error=body.error)]
+        if isinstance(body, Chunk):
+            text = game_text(body.text, body.marks, self.settings.tags)
+            if text.strip():
+                task.phrases[body.index] = text
+            if body.final:
+                return self._written(task, now)
+        if isinstance(body, Audio) and self.settings.voice:
+            if body.pcm:
+                task.pieces.append((body.pcm, AudioFormat(body.rate, body.channels, body.width)))
+            if body.last and body.final and task.status == "VOICING":
+                pieces, task.pieces = tuple(task.pieces), []
+                return [MakeWav(task.session, task.uid, -1, pieces)]
+        return []
+
+    def _written(self, task: Task, now: float) -> list[Effect]:
+        response = " ".join(text for _, text in sorted(task.phrases.items()))
+        task.result = {"response": response}
+        if not self.settings.voice or not response:
+            return self._end(task, "SUCCESS", now)
+        task.status, task.updated_at = "VOICING", now
+        return [Answer(task.conn, b_task_update(task.body()))]
+
+    def wav_ready(self, session: str, id: str, index: int, file: str, shown: str, duration: float,
+                  now: float) -> list[Effect]:
+        """The task's voice file is written: SUCCESS. The game deletes what it loads; what it never
+        loads goes after game.file_ttl_s, as in dialect A."""
+        task = self.running.get((session, id))
+        if task is None:
+            return [Delete(file)]
+        task.result["voiceover_path"] = shown
+        self.expiring[file] = now + self.settings.file_ttl_s
+        return self._end(task, "SUCCESS", now)
+
+    def tick(self, now: float) -> list[Effect]:
+        due = [path for path, at in self.expiring.items() if now >= at]
+        for path in due:
+            del self.expiring[path]
+        return [Delete(path) for path in due]
+
+    def stop(self) -> list[Effect]:
+        effects: list[Effect] = [Delete(path) for path in self.expiring]
+        self.expiring.clear()
+        return effects
+
+    def _end(self, task: Task, status: str, now: float, error: str | None = None) -> list[Effect]:
+        self.running.pop((task.session, task.uid), None)
+        task.status, task.updated_at, task.error = status, now, error
+        return [Answer(task.conn, b_task_update(task.body()))]
