@@ -200,6 +200,13 @@ class Reply:
     text_sent: bool = False
 
     @property
+    def due(self) -> float:
+        """When the next phrase should start in the game: the previous one's audio is ending (less the
+        fade-in that masks an overlap, F4) and its text is gone. Sent sooner, the mod would start it
+        when the text ends (V11), over the voice, and a barge-in could not take it back."""
+        return max(self.last_end - FADE_S, self.last_text_end)
+
+    @property
     def final_index(self) -> int | None:
         """The index of the reply's last chunk, once it came: every chunk is in then (the chunker sends
         a final chunk, maybe empty, for every reply that ends, failed ones too)."""
@@ -466,7 +473,7 @@ class Link:
             else:
                 reply.skip_empty()
                 phrase = reply.phrases.get(reply.next)
-                if phrase is not None and phrase.ready and now + self.settings.load_s >= reply.last_end - FADE_S:
+                if phrase is not None and phrase.ready and now + self.settings.load_s >= reply.due:
                     effects += self._deliver(conn, request.id, reply, phrase, now)
         if not any(isinstance(effect, Answer) for effect in effects):
             effects.append(Answer(conn, build_a(self._reply(request.id, request.character), self.settings.mod)))
