@@ -6,7 +6,9 @@ to the core, and carries out the effects: answers written in one piece and the c
 messages published, voice files written and deleted. A thread reads the bus and hands each message
 to the loop, as `voxpipe web` does; the WAV conversion runs in one worker thread, in order.
 
-Each connection's cost is bounded: `read_timeout_s` to send a whole request (slow-loris), at most
+Only the user's own programs are served: on Linux a connection from another user's process (found in
+/proc/net/tcp) is refused, since loopback is open to every local user and the protocol has no
+authentication. Each connection's cost is bounded: `read_timeout_s` to send a whole request (slow-loris), at most
 `max_request_bytes`, at most `max_connections` open at once. Non-JSON is closed without an answer;
 a complete but malformed request gets a well-typed empty answer. Loopback only: the protocol has no
 authentication, so any other address is refused at start.
@@ -23,6 +25,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -74,6 +77,34 @@ def voice_dir(setting: str, environ: dict[str, str] | os._Environ[str] = os.envi
     return Path(cache) / "voxpipe" / "game-voice"
 
 
+def peer_uid(peer: tuple[str, int], local: tuple[str, int], table: str) -> int | None:
+    """The uid owning the socket at the other end of a loopback TCP connection, from the text of
+    /proc/net/tcp (or tcp6): its row has the peer's address as `local_address` and ours as
+    `rem_address`. None when no row matches (the peer is gone, or not on this machine)."""
+    def address(host: str, port: int) -> str:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        words = [packed[at:at + 4][::-1].hex().upper() for at in range(0, len(packed), 4)]
+        return f"{''.join(words)}:{port:04X}"
+
+    wanted = (address(*peer[:2]), address(*local[:2]))
+    for row in table.splitlines()[1:]:
+        fields = row.split()
+        if len(fields) > 7 and (fields[1], fields[2]) == wanted:
+            return int(fields[7])
+    return None
+
+
+def same_user(peer: tuple[str, int], local: tuple[str, int]) -> bool | None:
+    """Whether the peer runs as this user (Linux); None where that cannot be told (no /proc)."""
+    name = "/proc/net/tcp6" if ":" in peer[0] else "/proc/net/tcp"
+    try:
+        table = Path(name).read_text(encoding="ascii")
+    except OSError:
+        return None
+    uid = peer_uid(peer, local, table)
+    return None if uid is None else uid == os.getuid()
+
+
 class GameLink:
     """The listener, the bus connection and the core; `run()` serves until SIGTERM or SIGINT."""
 
@@ -104,6 +135,11 @@ class GameLink:
         if self.open >= self.settings["max_connections"]:
             self.core.counters["refused"] += 1
             log.warning("refused a connection: %d are open already (game.max_connections)", self.open)
+            writer.close()
+            return
+        if same_user(writer.get_extra_info("peername"), writer.get_extra_info("sockname")) is False:
+            self.core.counters["refused"] += 1
+            log.warning("refused a connection from another user's program: the game runs as you")
             writer.close()
             return
         self.open += 1
