@@ -182,10 +182,20 @@ class GameLink:
             self._apply(self.core.refuse(number, parsed.id))
         else:
             self._apply(self.core.request(number, parsed, time.monotonic()))
-        gone = asyncio.ensure_future(reader.read(1))
-        done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
-        if answer not in done:  # the mod went away while its request was held
-            self._apply(self.core.closed(number))
+        gone = asyncio.ensure_future(reader.read(65536))
+        while True:
+            done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+            if answer in done:
+                break
+            if gone.result():  # more than the one request the mod sends: ignored, within the size bound
+                try:
+                    scanner.feed(gone.result())
+                except BadFrame as exc:
+                    self._apply(self.core.closed(number))
+                    return self._refused(number, str(exc))
+                gone = asyncio.ensure_future(reader.read(65536))
+                continue
+            self._apply(self.core.closed(number))  # the mod went away while its request was held
             answer.cancel()
             return None
         writer.write(answer.result())
