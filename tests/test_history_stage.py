@@ -32,6 +32,7 @@ from voxpipe.protocol import (
     Message,
     Metrics,
     Playback,
+    Replay,
     Request,
     Text,
 )
@@ -134,6 +135,52 @@ def test_an_interrupted_reply_is_stored_with_what_was_heard_and_the_next_context
         assert isinstance(context, Context)
         assert context.messages == (ChatMessage(role="user", content="Tell me a story."),
                                     ChatMessage(role="assistant", content=f"{first} It lived in"))
+        assert stop_process(history)[0] == 0
+    finally:
+        stop_process(bus)
+
+
+def test_memories_and_variables_belong_to_the_persona_of_the_request_that_made_the_reply() -> None:
+    """A game speaks as several characters: each keeps its own memories and state (docs/design/game-link.md
+    §4.2). A reply's commands change its request's persona, a replayed one's too, and a context query gets
+    the memories and variables of the persona it names ("" is history.persona)."""
+    runtime = Path(tempfile.mkdtemp(prefix="vp-persona-")) / "run"
+    bus = start_stage("bus", runtime)
+    try:
+        connect(runtime, "probe").close()
+        history = start_stage("history", runtime, VOXPIPE_HISTORY__DB_PATH=str(runtime.parent / "history.db"))
+        wait_ready(runtime, "history")
+        client = connect(runtime, "front", "history.saved", "context")
+
+        def saved(request_id: str, role: str) -> None:
+            assert follow(client, request_id, lambda got: any(
+                isinstance(m.body, HistorySaved) and m.body.role == role for m in got), 10), (request_id, role)
+
+        for request_id, persona, reply in [
+                ("q1", "Crazy", "Ok <+memory>high|The player likes cats</memory> <p>2,-1,0</p>"),
+                ("q2", "", "Fine <+memory>low|The player drinks tea</memory>")]:
+            client.publish("game", request_id, Request(text="hi", persona=persona))
+            saved(request_id, "user")
+            client.publish("game", request_id, LlmDone(status="ok", text=reply, tokens=1))
+            saved(request_id, "assistant")
+        client.publish("game", "q3", Replay(status="ok", text="<+memory>normal|Mila lent a book</memory>", tokens=1,
+                                            request_text="hi", request_ts=time.time(), done_ts=time.time(),
+                                            request_persona="Mila"))
+        saved("q3", "assistant")
+
+        contexts = {}
+        for persona in ("Crazy", "", "Mila", "Kind"):
+            client.publish("game", f"ask-{persona}", ContextQuery(limit=10, persona=persona))
+            got = follow(client, f"ask-{persona}", lambda got: any(m.kind == "context" for m in got), 10)
+            contexts[persona] = got[-1].body
+        client.close()
+        assert {persona: context.memory for persona, context in contexts.items()} == {
+            "Crazy": '1. [high] "The player likes cats"', "": '2. [low] "The player drinks tea"',
+            "Mila": '3. [normal] "Mila lent a book"', "Kind": ""}
+        assert contexts["Crazy"].variables == {"attitude": 52.0, "boredom": 49.0, "stress": 50.0}
+        assert contexts[""].variables == contexts["Kind"].variables == {"attitude": 50.0, "boredom": 50.0,
+                                                                          "stress": 50.0}
+        assert len(contexts["Kind"].messages) == 6  # the turns are the session's (3 exchanges), whoever answered
         assert stop_process(history)[0] == 0
     finally:
         stop_process(bus)

@@ -126,8 +126,9 @@ def worker_end(core: Jobs, job: Job, error: Exception | None, now: float) -> lis
 # --- requests and the busy policies ----------------------------------------------------------------
 
 def test_a_request_asks_history_for_context_or_starts_at_once_without_history() -> None:
-    assert [describe(e) for e in jobs().request(request(text="hi"), 0.0)] == [
-        "log 20 s1/r1: request (profile p)", "context.query s1/r1 {'limit': 20}"]
+    """The query names the request's persona: history answers with that persona's memories."""
+    assert [describe(e) for e in jobs().request(request(text="hi", persona="Crazy"), 0.0)] == [
+        "log 20 s1/r1: request (profile p)", "context.query s1/r1 {'limit': 20, 'persona': 'Crazy'}"]
     core = jobs(history_limit=0)
     effects = core.request(request(text="hi", profile="other"), 0.0)
     assert [describe(e) for e in effects] == ["log 20 s1/r1: request (profile other)", "start r1"]
@@ -147,7 +148,7 @@ def test_barge_in_cancels_the_old_reply_everywhere_and_begins_the_new_one(starte
         "cancel s1/r1 {'reason': 'barge-in: a new request arrived'}",
         *(["close"] if started else ["start r1"]),  # a job still waiting for context starts, so its worker ends it
         "log 20 cancelled s1/r1: barge-in: a new request arrived",
-        "log 20 s1/r2: request (profile p)", "context.query s1/r2 {'limit': 20}"]
+        "log 20 s1/r2: request (profile p)", "context.query s1/r2 {'limit': 20, 'persona': ''}"]
     assert old.cancelled and core.jobs[S].request.id == "r2"
 
 
@@ -714,12 +715,13 @@ def test_replay_resends_the_replies_newer_than_since_and_says_whether_any_was_dr
     assert [describe(e) for e in journal.replay(message(ReplayQuery(since=0.0), "q", session=""))] == [
         "replay.done /q {'since': 0.0, 'count': 0, 'complete': True, 'oldest': 0.0}"]
     for n in range(1, 5):
-        asked = request(f"r{n}", ts=float(n), text=f"question {n}")
+        asked = request(f"r{n}", ts=float(n), text=f"question {n}", persona="Mila" if n == 4 else "")
         journal.add(asked, LlmDone(status="ok", text=f"answer {n}", tokens=n), 10.0 + n)
     effects = journal.replay(message(ReplayQuery(since=12.5), "q", session=""))
-    assert [e.body for e in effects] == [
+    assert [e.body for e in effects] == [  # with the request's persona, whose memories the reply's commands change
         Replay(request_text="question 3", request_ts=3.0, done_ts=13.0, status="ok", text="answer 3", tokens=3),
-        Replay(request_text="question 4", request_ts=4.0, done_ts=14.0, status="ok", text="answer 4", tokens=4),
+        Replay(request_text="question 4", request_ts=4.0, done_ts=14.0, status="ok", text="answer 4", tokens=4,
+               request_persona="Mila"),
         ReplayDone(since=12.5, count=2, complete=True, oldest=12.0)]
     assert [e.id for e in effects] == ["r3", "r4", "q"]
     for replay in effects[:-1]:

@@ -462,3 +462,29 @@ def test_persona_file_and_replying_without_a_history_stage(tmp_path) -> None:
         assert wire.records[0].json["messages"][0] == {"role": "system",
                                                        "content": "You are Mita, a cheerful companion."}
         assert "history did not answer within 300 ms" in log
+
+
+def test_a_request_names_its_persona_and_brings_context_for_its_reply_only(tmp_path) -> None:
+    """The game link's requests (docs/design/game-link.md §4.2): the persona by name, from [llm.personas]
+    or shipped in the package, the request's system context last in the system prompt; an unknown
+    persona ends the reply as an unknown profile does, saying how to add it."""
+    mine = tmp_path / "crazy.md"
+    mine.write_text("You are my own Mita.\n")
+    with WireServer() as wire:
+        settings = {"llm": {"profile": "wire", "history_limit": 0, "personas": {"Crazy": str(mine)},
+                            "profiles": {"wire": {**PROFILE, "base_url": wire.url("/v1")}}}}
+        with Daemon(settings, env={"WIRE_KEY": SECRET}) as daemon:
+            wire.enqueue(stream("Hi!"), stream("Hello."))
+            session = Session(daemon)
+            crazy = session.until_done(session.ask("hello", persona="Crazy", system="Distance to the player: 3 m"))
+            kind = session.until_done(session.ask("hello", persona="Kind"))
+            unknown = session.until_done(session.ask("hello", persona="Nobody"))
+            session.close()
+    assert crazy.status == kind.status == "ok"
+    systems = [record.json["messages"][0] for record in wire.records]
+    assert systems[0] == {"role": "system",
+                          "content": "You are my own Mita.\n\nContext for this reply:\nDistance to the player: 3 m"}
+    assert systems[1]["content"].startswith("You are Kind Mita from the game MiSide")
+    assert len(wire.records) == 2, "an unknown persona never reaches the provider"
+    assert unknown.status == "error" and unknown.error.startswith(
+        "unknown persona 'Nobody'; add [llm.personas] Nobody = \"/path/file\"")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import tomllib
+import zipfile
 
 from tests.harness import PYTHON, ROOT
 
@@ -25,3 +27,22 @@ def test_import_voxpipe_and_connect_from_anywhere(tmp_path) -> None:
             "assert importlib.util.find_spec('services') is None\n")
     result = subprocess.run([PYTHON, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_ships_the_files_the_package_reads(tmp_path) -> None:
+    """package-data: the browser page of `voxpipe web` and the llm's built-in personas are files, not
+    modules, so only pyproject.toml's package-data puts them in a wheel. Built offline from a copy of
+    the sources (the build writes next to them)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "launcher.py"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "services", source / "services", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "wheel").glob("voxpipe-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("frontends/web/static", "stages/llm/personas"):
+        files = {f"voxpipe/{folder}/{file.name}" for file in (ROOT / "services" / folder).iterdir() if file.is_file()}
+        assert files and files <= names, folder

@@ -53,6 +53,9 @@ PCM_BYTES = 256 * KIB
 """PCM in one audio frame: 200 ms (tts max_frame_ms) of any format an engine makes, up to 96 kHz
 stereo 32-bit, fits, and a whole second of 48 kHz stereo 16-bit."""
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]{0,64}")
+PERSONA_PATTERN = re.compile(r"[A-Za-z0-9_.-]{0,64}")
+"""A persona's name (`Request.persona`): a plain word, so it can name a config key and a file, and
+history can keep its memories under it (docs/design/game-link.md §4.2)."""
 DONE_STATUSES = ("ok", "error", "interrupted")
 PLAYBACK_EVENTS = ("started", "finished", "stopped")
 PLAYBACK_PLACES = ("", "daemon", "client")
@@ -206,7 +209,9 @@ class Request(Body):
     """A user message to answer. `profile` picks the LLM profile ("" for the default), `stream`
     overrides the profile's streaming, `voice` the TTS voice of this reply, `playback` where its
     audio plays (PLAYBACK_PLACES): a front-end in a browser plays it itself, so the daemon's
-    player must stay silent for it."""
+    player must stay silent for it. `persona` names who answers (its prompt, its memories and
+    variables; "" for the configured one), `system` is context for this reply only, added to the
+    system prompt (a game's state: docs/design/game-link.md §4.2)."""
 
     text: str = wire(string(TEXT))
     profile: str = wire(string(64), "")
@@ -214,6 +219,8 @@ class Request(Body):
     images: tuple[Image, ...] = records(Image, 8)
     voice: str = wire(string(64), "")
     playback: str = wire(string(16, choices=PLAYBACK_PLACES), "")
+    persona: str = wire(string(64, PERSONA_PATTERN), "")
+    system: str = wire(string(TEXT), "")
 
 
 @kind("cancel", max_bytes=CONTROL_BYTES)
@@ -263,9 +270,11 @@ class LlmDone(Body):
 @kind("context.query", max_bytes=CONTROL_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class ContextQuery(Body):
-    """llm asks history for the session's recent turns (at most `limit`) and memories."""
+    """llm asks history for the session's recent turns (at most `limit`), and for the memories and
+    variables of the request's `persona` ("" for history.persona)."""
 
     limit: int = wire(integer(0, 1000), 20)
+    persona: str = wire(string(64, PERSONA_PATTERN), "")
 
 
 @kind("context", max_bytes=BULK_BYTES)
@@ -302,11 +311,13 @@ class ReplayDone(Body):
 @kind("replay", max_bytes=BULK_BYTES)
 @dataclass(frozen=True, kw_only=True)
 class Replay(LlmDone):
-    """A finished reply re-sent from llm's journal, so a restarted history stage catches up."""
+    """A finished reply re-sent from llm's journal, so a restarted history stage catches up; with its
+    request's persona, whose memories and variables its commands change."""
 
     request_text: str = wire(string(TEXT))
     request_ts: float = wire(number)
     done_ts: float = wire(number)
+    request_persona: str = wire(string(64, PERSONA_PATTERN), "")
 
 
 @kind("text", max_bytes=STREAM_BYTES)

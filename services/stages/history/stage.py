@@ -90,6 +90,9 @@ class ReplyTrack:
     metrics_due: float = 0.0
     """When the metrics go out if the final playback event has not come (0: not yet known)."""
     metrics_sent: bool = False
+    persona: str = ""
+    """The request's persona, whose memories and variables the reply's commands change ("" for
+    history.persona); kept with the reply's other state, so it is bounded the same way."""
 
 
 class HistoryStage(Stage):
@@ -99,6 +102,7 @@ class HistoryStage(Stage):
         history = self.config["history"]
         self.store = HistoryStore(default_db_path(history["db_path"]))
         self.persona = history["persona"]
+        """The persona of a request that names none ("" is `history.persona`)."""
         chunker = ChunkerPolicy.from_mapping(self.config["chunker"])  # history's tags are the chunker's
         self.allowlist: Allowlist = load_allowlist(history["commands_file"], history["max_commands_per_reply"],
                                                    chunker.tags, chunker.tag_lookahead)
@@ -131,7 +135,8 @@ class HistoryStage(Stage):
 
     @handles(Request)
     def on_request(self, message: Message[Request]) -> None:
-        self._track(message.session, message.id).request_ts = message.ts
+        track = self._track(message.session, message.id)
+        track.request_ts, track.persona = message.ts, message.body.persona
         row = self.store.add_message(message.session, message.id, "user", message.body.text, message.ts)
         self.bus.publish(message.session, message.id, HistorySaved(role="user", message_id=row))
 
@@ -139,7 +144,7 @@ class HistoryStage(Stage):
     def on_llm_done(self, message: Message[LlmDone]) -> None:
         track = self._track(message.session, message.id)
         track.done = message
-        self._store_reply(message, message.ts)
+        self._store_reply(message, message.ts, track.persona)
         if message.body.status == "interrupted" and track.spoken is None:
             # if the player had none of it, no final playback will come: store what was heard so far (mostly
             # nothing); a final playback that comes later replaces it
@@ -149,8 +154,9 @@ class HistoryStage(Stage):
         self._wait_for_playback((message.session, message.id), track, METRICS_WAIT_S)
         self._finish(message.session, message.id, track)
 
-    def _store_reply(self, message: Message[LlmDone], ts: float) -> None:
-        """Store a finished reply (an llm.done, or a replay of one), apply its commands, announce it."""
+    def _store_reply(self, message: Message[LlmDone], ts: float, persona: str) -> None:
+        """Store a finished reply (an llm.done, or a replay of one), apply its commands to its request's
+        `persona`, announce it."""
         done = message.body
         track = self._track(message.session, message.id)
         shown, commands = read_reply(done.text, self.allowlist)
@@ -160,7 +166,7 @@ class HistoryStage(Stage):
             interrupted=done.status == "interrupted", shown=shown)
         if track.spoken is not None:  # playback ended first, as it does when a cancel cuts the reply short
             self.store.set_spoken(message.session, message.id, track.spoken, track.cut)
-        track.commands = parse = self._apply_effects(commands, ts)
+        track.commands = parse = self._apply_effects(commands, ts, persona or self.persona)
         self.bus.publish(message.session, message.id, HistorySaved(role="assistant", message_id=track.message_id))
         track.commands_due = time.monotonic() + self.config["history"]["marks_wait_ms"] / 1000
         self.commands_due.set((message.session, message.id), track.commands_due)
@@ -293,8 +299,8 @@ class HistoryStage(Stage):
         self.bus.publish(session, id, metrics)
         self.store.add_metrics(session, id, metrics.to_wire())
 
-    def _apply_effects(self, commands: list[Command], ts: float) -> list[Command]:
-        """Memory and attitude commands change the persona's state (accepted ones only), all of a reply in
+    def _apply_effects(self, commands: list[Command], ts: float, persona: str) -> list[Command]:
+        """Memory and attitude commands change `persona`'s state (accepted ones only), all of a reply in
         one transaction. Each was checked whole when it was judged, so none fails halfway; one the store
         cannot take (a memory that would be evicted at once, an edit of no memory) changes nothing and
         comes back refused with the reason, and the others still apply."""
@@ -304,21 +310,21 @@ class HistoryStage(Stage):
             for command in commands:
                 try:
                     if command.accepted:
-                        self._apply(command, ts, deltas)
+                        self._apply(command, ts, deltas, persona)
                 except MemoryRefused as exc:
                     command = refused(command, f"<{command.name}> {exc}")
                 judged.append(command)
             if deltas:
-                self.store.add_variable_deltas(self.persona, deltas)
+                self.store.add_variable_deltas(persona, deltas)
         return judged
 
-    def _apply(self, command: Command, ts: float, deltas: dict[str, float]) -> None:
+    def _apply(self, command: Command, ts: float, deltas: dict[str, float], persona: str) -> None:
         if command.name == "+memory":
-            self.store.add_memory(self.persona, command.args[0], command.args[1], ts)
+            self.store.add_memory(persona, command.args[0], command.args[1], ts)
         elif command.name == "#memory":
-            self.store.edit_memory(self.persona, int(command.args[0]), command.args[1], command.args[2], ts)
+            self.store.edit_memory(persona, int(command.args[0]), command.args[1], command.args[2], ts)
         elif command.name == "-memory":
-            self.store.delete_memories(self.persona, memory_ids(command.args[0]))
+            self.store.delete_memories(persona, memory_ids(command.args[0]))
         elif command.name == "p":
             for name, delta in zip(ATTITUDE_VARIABLES, command.args, strict=True):
                 deltas[name] += int(delta)
@@ -327,13 +333,14 @@ class HistoryStage(Stage):
 
     @handles(ContextQuery)
     def on_context_query(self, message: Message[ContextQuery]) -> None:
-        """The context fits the protocol by construction (store.CONTEXT_BYTES): the memories first, up to
-        their share, then as many recent turns as the rest holds."""
-        memory = self.store.memory_block(self.persona)
+        """The context fits the protocol by construction (store.CONTEXT_BYTES): the memories of the query's
+        persona first, up to their share, then as many recent turns as the rest holds."""
+        persona = message.body.persona or self.persona
+        memory = self.store.memory_block(persona)
         turns = self.store.context(message.session, message.body.limit, exclude_request=message.id,
                                    budget=CONTEXT_BYTES - len(memory.encode()))
         self.bus.publish(message.session, message.id, Context(messages=tuple(turns), memory=memory,
-                                                              variables=self.store.variables(self.persona)))
+                                                              variables=self.store.variables(persona)))
 
     @handles(Replay)
     def on_replay(self, message: Message[Replay]) -> None:
@@ -342,7 +349,7 @@ class HistoryStage(Stage):
             return
         replay = message.body
         self.store.add_message(message.session, message.id, "user", replay.request_text, replay.request_ts)
-        self._store_reply(message, replay.done_ts)
+        self._store_reply(message, replay.done_ts, replay.request_persona)
         self.bus.counters["replayed"] += 1
 
     @handles(ReplayDone)

@@ -30,8 +30,15 @@ def trim_history(history: Sequence[ChatMessage], token_budget: int) -> Sequence[
     return kept[::-1]
 
 
-def render_persona(persona: str, memory: str = "", variables: Mapping[str, float] | None = None) -> str:
-    """The system prompt: the persona, then the persona's memories and variables from history."""
+REPLY_CONTEXT = "Context for this reply:"
+"""The heading of a request's own system context (`Request.system`), last in the system prompt."""
+
+
+def render_persona(persona: str, memory: str = "", variables: Mapping[str, float] | None = None,
+                   system: str = "") -> str:
+    """The system prompt: the persona, then the persona's memories and variables from history, then the
+    request's own context (`Request.system`, a game's state: docs/design/game-link.md §4.2). That comes
+    last, nearest the conversation, and belongs to this reply only: history never stores it."""
     parts = [persona] if persona else []
     if memory:
         parts.append("Your memories (numbered; <#memory>N|priority|text</memory> edits one, "
@@ -39,6 +46,8 @@ def render_persona(persona: str, memory: str = "", variables: Mapping[str, float
     if variables:
         parts.append("Your current state: " + ", ".join(f"{name} {value:g}" for name, value in variables.items())
                      + ".")
+    if system.strip():
+        parts.append(f"{REPLY_CONTEXT}\n{system.strip()}")
     return "\n\n".join(parts)
 
 
@@ -108,9 +117,10 @@ def render_dialogue(system_prompt: str, history: Iterable[ChatMessage], user_tex
                     name: str) -> tuple[str, tuple[str, ...]]:
     """The dialogue prompt and the stop strings that end the assistant's turn.
 
-    The system prompt (persona, memories, variables) comes first, then the example exchanges,
-    then the history and the user message as `User:` / `<name>:` lines, then `<name>:` for the
-    model to complete.  A turn is one line, so the first line break ends it.
+    The system prompt (persona, memories, variables, the request's context) comes first, on one
+    line, then the example exchanges, then the history and the user message as `User:` / `<name>:`
+    lines, then `<name>:` for the model to complete.  A turn is one line, so the first line break
+    ends it, and no text (a game's state among it) can start a forged turn.
     """
     lines = [_one_line(system_prompt)] if system_prompt else []
     lines.append(f"Below is a conversation between {USER_LABEL} and {name}. {name} answers each question "
@@ -131,13 +141,14 @@ def profile_timeouts(profile: Mapping[str, Any]) -> Timeouts:
 
 def chat_request(profile: Mapping[str, Any], request: Request, context: Context | None, persona: str,
                  history_token_budget: int) -> ChatRequest:
-    """What to ask the profile's provider: the persona with history's memory and variables, the
-    history within its budget, the user message and its images, in the profile's prompt style.
-    `context` is history's answer, None when it did not come."""
+    """What to ask the profile's provider: the persona with history's memory and variables and the
+    request's own system context, the history within its budget, the user message and its images, in
+    the profile's prompt style. `context` is history's answer, None when it did not come."""
     stream = profile["stream"] if request.stream is None else request.stream
     images = [Image(image.data, image.mime) for image in request.images]
     history = trim_history(context.messages if context else (), history_token_budget)
-    system = render_persona(persona, context.memory if context else "", context.variables if context else None)
+    system = render_persona(persona, context.memory if context else "", context.variables if context else None,
+                            request.system)
     params = Params(
         max_tokens=profile["max_tokens"], temperature=profile["temperature"],
         top_p=profile["top_p"] or None, top_k=profile["top_k"] or None,

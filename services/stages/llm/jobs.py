@@ -399,8 +399,9 @@ class Journal:
         """A replay of each reply newer than `since`, then replay.done saying whether none was dropped."""
         since = query.body.since
         entries = [entry for entry in self.entries if entry[2] > since]
-        replays = [Publish(request.session, request.id, Replay(**vars(done), request_text=request.body.text,
-                                                               request_ts=request.ts, done_ts=done_ts))
+        replays = [Publish(request.session, request.id, Replay(
+                       **vars(done), request_text=request.body.text, request_ts=request.ts, done_ts=done_ts,
+                       request_persona=request.body.persona))
                    for request, done, done_ts in entries]
         return [*replays, Publish("", query.id, ReplayDone(
             since=since, count=len(entries), complete=self.dropped_until <= since,
@@ -546,7 +547,8 @@ class Jobs:
         return effects + (self._begin(queued, now) if queued is not None else [])
 
     def _begin(self, request: Message[Request], now: float) -> list[Effect]:
-        """Register the job, then ask history for context, or start at once when none is wanted."""
+        """Register the job, then ask history for context (with the memories and variables of the
+        request's persona), or start at once when none is wanted."""
         profile = request.body.profile or self.settings.profile
         job = Job(request, profile, deadline=now + self.settings.context_timeout_ms / 1000,
                   reply=Reply(request.session, request.id, started=now))
@@ -555,7 +557,8 @@ class Jobs:
                                      (request.session, request.id, profile))]
         if self.settings.history_limit == 0:
             return effects + self._start(job, None)
-        return [*effects, Publish(request.session, request.id, ContextQuery(limit=self.settings.history_limit))]
+        query = ContextQuery(limit=self.settings.history_limit, persona=request.body.persona)
+        return [*effects, Publish(request.session, request.id, query)]
 
     @staticmethod
     def _start(job: Job, context: Message[Context] | None) -> list[Effect]:

@@ -15,15 +15,13 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
-from ...config import ConfigError
 from ...protocol import Cancel, Context, ErrorCode, LlmDone, Message, ProtocolError, ReplayQuery, Request
 from ...runtime import Stage, handles
 from ...secrets import KeyRing, read_key
 from .core import chat_request, fit
 from .jobs import FAILURES, STAGE_FAILED, Close, Done, Effect, Job, Jobs, Log, Publish, Report, Retry, Settings, Start
+from .persona import Personas
 from .providers import create_provider
 from .providers.base import ChatRequest, Provider, ProviderError
 
@@ -33,7 +31,7 @@ class LlmStage(Stage):
 
     def prepare(self) -> None:
         llm = self.config["llm"]
-        self.persona = self._persona(llm)
+        self.personas = Personas.load(llm)
         self.providers: dict[str, Provider] = {}
         self.keyrings: dict[str, KeyRing] = {}
         self.provider_lock = threading.Lock()
@@ -44,17 +42,6 @@ class LlmStage(Stage):
         self.lock = threading.Condition()
         """Held for every call into the core; a worker waiting out a retry delay waits on it for a cancel."""
         self.core = Jobs(Settings.from_config(llm))
-
-    @staticmethod
-    def _persona(llm: dict[str, Any]) -> str:
-        """The system prompt: llm.persona_file when set, else llm.system_prompt."""
-        if not llm["persona_file"]:
-            return llm["system_prompt"]
-        try:
-            return Path(llm["persona_file"]).expanduser().read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"key llm.persona_file = {llm['persona_file']!r} cannot be read: "
-                              f"{exc.strerror}") from None
 
     def _provider(self, name: str) -> Provider:
         profile = self.config.profile(name)
@@ -163,7 +150,8 @@ class LlmStage(Stage):
             with self.lock:
                 job.configure(profile)
             provider = self._provider(profile["name"])
-            chat = chat_request(profile, job.request.body, context.body if context else None, self.persona,
+            persona = self.personas.text(job.request.body.persona)
+            chat = chat_request(profile, job.request.body, context.body if context else None, persona,
                                 self.config["llm"]["history_token_budget"])
             if chat.has_images and not provider.accepts_images:
                 raise ProviderError(f"provider {profile['provider']} (profile {profile['name']}) does not accept "
