@@ -427,6 +427,7 @@ def cmd_history(args: argparse.Namespace, config: Config) -> int:
     return run(args, config)
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui, "web": cmd_web, "game": cmd_game,
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "say": cmd_say, "chat": cmd_chat, "gui": cmd_gui, "web": cmd_web,
+            "game": cmd_game,
             "tap": cmd_tap, "status": cmd_status, "history": cmd_history, "stats": cmd_stats, "chunk": cmd_chunk,
             "keys": cmd_keys}

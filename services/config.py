@@ -201,6 +201,7 @@ SCHEMA: dict[str, Any] = {
         "profile": text(),
         "on_busy": choice("cancel", "queue", "reject"),
         "persona_file": text(),
+        "personas": table(),  # name = persona file; names and paths are checked by stages/llm/persona.py
         "history_token_budget": count(0, 10_000_000),
         "system_prompt": text(),
         "history_limit": count(0, 1000),
@@ -214,6 +215,21 @@ SCHEMA: dict[str, Any] = {
     "log": {"level": choice("debug", "info", "warning", "error")},
     "metrics": {"prometheus_port": count(0, 65535), "prometheus_bind": text()},
     "web": {"enabled": flag(), "host": text(), "port": count(1, 65535), "token_file": text()},
+    "game": {
+        "enabled": flag(), "host": text(), "port": count(1, 65535), "delivery": choice("phrases", "whole"),
+        "multi_character": choice("whole", "phrases"), "multi_window_s": real(0.0, 86400.0), "voice": flag(),
+        "voice_dir": text(), "path_style": choice("auto", "wine", "posix", "windows", "wsl"),
+        "file_ttl_s": real(1.0, 86400.0), "first_phrase_timeout_s": real(1.0, 3600.0), "load_ms": count(0, 5000),
+        "tags": strings(), "event_label": text(), "read_timeout_s": real(0.1, 600.0),
+        "max_request_bytes": count(1024, 64 * 1024 * 1024), "max_connections": count(1, 1024),
+        "language": text(), "text_wait_time": count(1, 3600), "voice_wait_time": count(1, 3600),
+        "mitas_menu": flag(), "emotion_menu": flag(), "gm_on": flag(), "gm_read": flag(), "gm_voice": flag(),
+        "gm_repeat": count(0, 1000), "cc_limit_mod": count(0, 100000),
+        "characters": Rule(dict, "a table of [game.characters.<Name>] tables of strings: persona, voice, profile",
+                           lambda value: all(isinstance(one, dict) and set(one) <= {"persona", "voice", "profile"}
+                                             and all(isinstance(item, str) for item in one.values())
+                                             for one in value.values())),
+    },
     "run": {
         "stages": names(STAGES),
         "instances": {name: count(1, 64) for name in STAGES},
@@ -230,6 +246,7 @@ DEFAULTS: dict[str, Any] = {
         "profile": "local",
         "on_busy": "cancel",
         "persona_file": "",
+        "personas": {},
         "history_token_budget": 0,
         "system_prompt": "You are a friendly voice assistant. Answer briefly.",
         "history_limit": 20,
@@ -251,6 +268,16 @@ DEFAULTS: dict[str, Any] = {
     "log": {"level": "info"},
     "metrics": {"prometheus_port": 0, "prometheus_bind": "127.0.0.1"},
     "web": {"enabled": False, "host": "127.0.0.1", "port": 8765, "token_file": ""},
+    "game": {
+        "enabled": False, "host": "127.0.0.1", "port": 12345, "delivery": "phrases", "multi_character": "whole",
+        "multi_window_s": 120.0, "voice": True, "voice_dir": "", "path_style": "auto", "file_ttl_s": 300.0,
+        "first_phrase_timeout_s": 30.0, "load_ms": 200,
+        "tags": ["e", "c", "a", "m", "f", "v", "music", "hint", "clothes", "interaction"], "event_label": "",
+        "read_timeout_s": 5.0, "max_request_bytes": 4 * 1024 * 1024, "max_connections": 32,
+        "language": "RU", "text_wait_time": 40, "voice_wait_time": 40, "mitas_menu": False, "emotion_menu": False,
+        "gm_on": False, "gm_read": False, "gm_voice": False, "gm_repeat": 2, "cc_limit_mod": 100,
+        "characters": {},
+    },
     "run": {
         "stages": list(STAGES),
         "instances": dict.fromkeys(STAGES, 1),
@@ -344,6 +371,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] = os
             _apply_env(data, name, value, origins)
     _validate(data, full.schema, (), origins, str(used) if used else "defaults")
     _check_references(data, origins)
+    _check_game(data, origins)
     return Config(data=data, path=used)
 
 
@@ -466,6 +494,17 @@ def _check_references(data: Mapping[str, Any], origins: dict[tuple[str, ...], st
             where = _where(("llm", "profiles", name, "prompt_style"), origins, "defaults")
             raise ConfigError(f"{where}: key llm.profiles.{name}.prompt_style = 'dialogue' needs a raw-completion "
                               f"provider (local); use 'chat' or 'auto' for provider {settings.get('provider')!r}")
+
+
+def _check_game(data: Mapping[str, Any], origins: dict[tuple[str, ...], str]) -> None:
+    """The mod gives up on a reply after its TEXT_WAIT_TIME (which every answer sets, R4): the link
+    must answer a held request well before, or the player sees "Too long waited for text" (A29)."""
+    game = data["game"]
+    if game["first_phrase_timeout_s"] > game["text_wait_time"] - 5:
+        where = _where(("game", "first_phrase_timeout_s"), origins, "defaults")
+        raise ConfigError(f"{where}: key game.first_phrase_timeout_s = {game['first_phrase_timeout_s']:g} must be at "
+                          f"most game.text_wait_time - 5 = {game['text_wait_time'] - 5}: the mod stops waiting "
+                          f"for a reply after text_wait_time seconds")
 
 
 def _where(path: tuple[str, ...], origins: Mapping[tuple[str, ...], str], fallback: str) -> str:

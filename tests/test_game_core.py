@@ -99,7 +99,7 @@ def test_a_poll_is_answered_at_once_well_typed_and_asks_nothing() -> None:
 
 
 def test_player_text_asks_the_character_with_its_persona_and_the_game_state_and_holds_the_request() -> None:
-    game = Game(characters={"Crazy": Character(persona="crazy-mita", voice="ru+f3")})
+    game = Game(characters={"crazy": Character(persona="crazy-mita", voice="ru+f3")})
     game.link.request(9, request(0, infos=("The player looked at the door.",)), game.now)
     _, effects = game.ask("Привет!\nКак дела?")
     (asked,) = published(effects, Request)

@@ -118,7 +118,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> Settings:
-        characters = {name: Character(persona=table.get("persona") or name, voice=table.get("voice", ""),
+        characters = {name.casefold(): Character(persona=table.get("persona") or name, voice=table.get("voice", ""),
                                       profile=table.get("profile", ""))
                       for name, table in section.get("characters", {}).items()}
         return cls(delivery=section["delivery"], multi_character=section["multi_character"],
@@ -129,7 +129,8 @@ class Settings:
                    mod=ModSettings.from_config(section))
 
     def character(self, name: str) -> Character:
-        return self.characters.get(name) or Character(persona=name)
+        """Its [game.characters.<Name>] table, the name in any case (environment variables lowercase it)."""
+        return self.characters.get(name.casefold()) or Character(persona=name)
 
     @property
     def headings(self) -> tuple[str, ...]:
