@@ -31,7 +31,7 @@ from typing import Any
 from ...protocol import Body, Cancel, Chunk, LlmDone, Mark, Playback, Request
 from ...stages.audio import AudioFormat
 from .modmodel import text_seconds
-from .wire import AReply, ARequest, ModSettings, build_a
+from .wire import AReply, ARequest, BAction, ModSettings, build_a
 
 SESSION_PREFIX = "game."
 """Each character is its own voxpipe session, `game.<Character>`."""
@@ -147,6 +147,21 @@ def game_text(text: str, marks: tuple[Mark, ...], tags: frozenset[str]) -> str:
         at = min(max(mark.offset, 0), len(text))
         text = f"{text[:at]}<{mark.tag}>{mark.body}</{mark.tag}>{text[at:]}"
     return text
+
+
+def state_lines(settings: Settings, request: ARequest | BAction) -> list[str]:
+    """The game's state that came with a request, as lines of `request.system` in the game's language."""
+    heading, distance, rooms, near, state, _, _ = settings.headings
+    lines = []
+    if request.distance is not None:
+        lines.append("- " + distance.format(f"{request.distance:.2f}"))
+    if request.room_player != "Unknown" or request.room_character != "Unknown":
+        lines.append("- " + rooms.format(request.room_player, request.room_character))
+    if request.hierarchy:
+        lines += ["- " + near, *request.hierarchy]
+    if request.current_info:
+        lines += ["- " + state, *request.current_info]
+    return [heading, *lines] if lines else []
 
 
 # --- state -------------------------------------------------------------------------------------
@@ -269,7 +284,7 @@ class Link:
         self.last_mod_id = request.id
         self.counters["requests"] += 1
         scene = self.scenes.setdefault(request.character, Scene())
-        scene.state = self._state_lines(request)
+        scene.state = state_lines(self.settings, request)
         scene.infos += request.infos
         if request.kind == "player":
             if self.replies:
@@ -414,19 +429,6 @@ class Link:
         """The user turn for game events: every provider needs one, and history shows what the
         character reacted to."""
         return "\n".join((self.settings.event_label or self.settings.headings[6], *scene.events))
-
-    def _state_lines(self, request: ARequest) -> list[str]:
-        heading, distance, rooms, near, state, _, _ = self.settings.headings
-        lines = []
-        if request.distance is not None:
-            lines.append("- " + distance.format(f"{request.distance:.2f}"))
-        if request.room_player != "Unknown" or request.room_character != "Unknown":
-            lines.append("- " + rooms.format(request.room_player, request.room_character))
-        if request.hierarchy:
-            lines += ["- " + near, *request.hierarchy]
-        if request.current_info:
-            lines += ["- " + state, *request.current_info]
-        return [heading, *lines] if lines else []
 
     def _system(self, scene: Scene) -> str:
         """`request.system`: the latest request's game state and the notes since the last reply."""

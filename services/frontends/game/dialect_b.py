@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ...protocol import Audio, Body, Cancel, Chunk, LlmDone, Message, Request
 from ...stages.audio import AudioFormat
-from .core import SESSION_PREFIX, Answer, Delete, Effect, Log, MakeWav, Publish, Settings, game_text
+from .core import SESSION_PREFIX, Answer, Delete, Effect, Log, MakeWav, Publish, Settings, game_text, state_lines
 from .wire import (
     IDLE_EVENT,
     BAction,
@@ -139,25 +139,12 @@ class Tasks:
             self.tasks.popitem(last=False)
         self.running[(session, uid)] = task
         character = self.settings.character(action.character)
-        state = self._state(action)
+        state = state_lines(self.settings, action)
         system = "\n".join((*state, *notes))
         self.counters["b_tasks"] += 1
         return [*effects, Answer(conn, b_task_update(task.body())),
                 Publish(session, uid, Request(text=text, persona=character.persona, voice=character.voice,
                                               profile=character.profile, system=system, playback="client"))]
-
-    def _state(self, action: BAction) -> list[str]:
-        heading, distance, rooms, near, state, _, _ = self.settings.headings
-        lines = []
-        if action.distance is not None:
-            lines.append("- " + distance.format(f"{action.distance:.2f}"))
-        if action.room_player != "Unknown" or action.room_character != "Unknown":
-            lines.append("- " + rooms.format(action.room_player, action.room_character))
-        if action.hierarchy:
-            lines += ["- " + near, *action.hierarchy]
-        if action.current_info:
-            lines += ["- " + state, *action.current_info]
-        return [heading, *lines] if lines else []
 
     @staticmethod
     def _reply_id(task: Task) -> str:
