@@ -39,9 +39,10 @@ from ... import protocol
 from ...config import EXIT_OK, EXIT_USAGE, Config
 from ...files import PRIVATE_DIR, open_private, private_dirs
 from ...protocol import Audio, Body, Chunk, Heartbeat, LlmDone, Message, ProtocolError
-from ...runtime import BusLost, BusUnavailable, Connection, endpoints_for, sdnotify
+from ...runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ...runtime.broker import runtime_dir
 from ...runtime.instance import InstanceLock
+from ...runtime.loop_feed import feed_loop
 from ...stages.audio import AudioFormat
 from ..web.access import is_loopback
 from . import core, dialect_b
@@ -308,14 +309,8 @@ class GameLink:
     def _listen(self) -> None:
         loop = self.loop
         assert loop is not None
-        while not self.stopped.is_set():
-            try:
-                message = self.bus.receive(0.2)
-            except BusLost as exc:
-                log.warning("%s", exc)
-                continue
-            if message is not None and message.session.startswith(core.SESSION_PREFIX):
-                loop.call_soon_threadsafe(self._deliver, message)
+        feed_loop(self.bus, loop, self._deliver, self.stopped,
+                  lambda message: message.session.startswith(core.SESSION_PREFIX))
 
     def _deliver(self, message: Message[Body]) -> None:
         now, body = time.monotonic(), message.body

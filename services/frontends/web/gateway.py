@@ -41,9 +41,10 @@ from aiohttp import WSMsgType, web
 from ... import protocol
 from ...config import EXIT_OK, EXIT_USAGE, Config
 from ...protocol import Audio, Body, Cancel, ContextQuery, Heartbeat, Message, Playback, ProtocolError, Request
-from ...runtime import BusLost, BusUnavailable, Connection, endpoints_for, sdnotify
+from ...runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ...runtime.broker import runtime_dir
 from ...runtime.instance import InstanceLock
+from ...runtime.loop_feed import feed_loop
 from .access import access_token, is_loopback
 
 log = logging.getLogger("voxpipe.web")
@@ -376,14 +377,7 @@ class Gateway:
         """The bus reader thread: each message goes to the loop, in order."""
         loop = self.loop
         assert loop is not None
-        while not self.stopped.is_set():
-            try:
-                message = self.bus.receive(0.2)
-            except BusLost as exc:
-                log.warning("%s", exc)
-                continue
-            if message is not None:
-                loop.call_soon_threadsafe(self._deliver, message)
+        feed_loop(self.bus, loop, self._deliver, self.stopped)
 
     def _deliver(self, message: Message[Body]) -> None:
         key = (message.session, message.id)
