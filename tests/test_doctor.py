@@ -123,3 +123,15 @@ def test_forced_repacking_on_this_cpu_is_reported_right(tmp_path: Path) -> None:
         assert 'fix: set llm.profiles.local.repack = "off"' in line
     else:
         assert checks["llm local"].startswith("OK"), out
+
+
+def test_the_game_link_port_taken_by_another_program_is_named(tmp_path: Path) -> None:
+    import socket
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        settings = {"game": {"enabled": True, "port": port, "voice_dir": str(tmp_path / "voices")}}
+        _, checks, out = doctor(tmp_path, settings)
+    assert checks["game port"].startswith("WARN") and "NeuroMita" in checks["game port"], out
+    assert checks["game voices"].startswith("OK") and "Z:" in checks["game voices"]

@@ -62,6 +62,8 @@ def checks(config_path: str | None) -> Iterator[Check]:
     for name in sorted(config["llm"]["profiles"]):
         yield profile(config, name)
     yield audio(config)
+    if config["game"]["enabled"]:
+        yield from game(config)
     yield from extras(config)
     yield from cpu()
 
@@ -84,6 +86,34 @@ def runtime(config: Config) -> Iterator[Check]:
             return
         yield Check(OK, "runtime dir", f"{directory} is yours and private (mode 700)")
     yield bus(config)
+
+
+# --- the game link ----------------------------------------------------------------------------
+
+def game(config: Config) -> Iterator[Check]:
+    """Where `voxpipe game` will listen and write: the port must be free for it (the NeuroMita app
+    holds the same one), and the voice directory private and where the game can read it."""
+    import socket
+
+    from ..frontends.game.link import game_path, voice_dir
+    settings = config["game"]
+    address = (settings["host"], settings["port"])
+    with socket.socket() as probe:
+        taken = probe.connect_ex(address) == 0
+    if taken:
+        yield Check(WARN, "game port", f"{address[0]}:{address[1]} is taken (by a running `voxpipe game`, or by the "
+                                       f"NeuroMita app)", "if it is the NeuroMita app, close it: the mod connects to "
+                                                          "12345 only, and voxpipe game cannot share it")
+    else:
+        yield Check(OK, "game port", f"{address[0]}:{address[1]} is free for `voxpipe game`")
+    directory = voice_dir(settings["voice_dir"])
+    problem = _cannot_create(directory)
+    if problem:
+        yield Check(FAIL, "game voices", f"{directory}: {problem[0]}", "set game.voice_dir to a directory you can "
+                                                                      "create, which the game can read")
+    else:
+        yield Check(OK, "game voices", f"{directory} (mode 700); the game reads it as "
+                                       f"{game_path(directory, settings['path_style'])}")
 
 
 def _cannot_create(directory: Path) -> tuple[str, str] | None:
