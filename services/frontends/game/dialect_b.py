@@ -1,9 +1,10 @@
 """Dialect B, the task API of newer NeuroMita versions, where its shapes are definite (design §1.8, §8).
 
 One connection stays open; the game creates tasks and the link pushes `task_update`s as they move:
-PENDING at once, VOICING with the whole text when it is written, SUCCESS with one voice file (or
-FAILED_ON_GENERATION). Whole-reply only: the B client is not public, so whether it would take a reply
-phrase by phrase is unknown (the newest app's segment broadcast is unverified, notes §4).
+PENDING at once, VOICING with the whole text at llm.done, SUCCESS with one voice file (or
+FAILED_ON_GENERATION, FAILED_ON_VOICEOVER, CANCELLED). Whole-reply only: the B client is not public,
+so whether it would take a reply phrase by phrase is unknown (the newest app's segment broadcast is
+unverified, notes §4).
 
 Pure, like `core`: the link passes the time in and carries out the effects.
 """
@@ -14,8 +15,9 @@ import collections
 import logging
 from dataclasses import dataclass, field
 
-from ...protocol import Audio, Body, Cancel, Chunk, LlmDone, Message, Request
+from ...protocol import Audio, Body, Cancel, Chunk, LlmDone, Mark, Message, Request
 from ...stages.audio import AudioFormat
+from ...stages.tags import DEFAULT_TAGS, LOOKAHEAD, TagStripper
 from .core import SESSION_PREFIX, Answer, Delete, Effect, Log, MakeWav, Publish, Settings, game_text, state_lines
 from .wire import (
     IDLE_EVENT,
@@ -50,7 +52,8 @@ class Task:
     updated_at: float = 0.0
     result: dict[str, object] = field(default_factory=dict)
     error: str | None = None
-    phrases: dict[int, str] = field(default_factory=dict)
+    spoken: bool = False
+    """A chunk with words came: a reply that then has no audio lost its voice to the speech engine."""
     pieces: list[tuple[bytes, AudioFormat]] = field(default_factory=list)
 
     def body(self) -> dict[str, object]:
@@ -58,16 +61,29 @@ class Task:
                       self.result or None, self.error)
 
 
+def reply_text(text: str, tags: frozenset[str]) -> str:
+    """llm.done's whole text for the game: its allowed tags inline where the model wrote them, the
+    others out, as `game_text` does for a chunk (the app's `response` in tag mode, notes §3). Taken
+    from llm.done rather than joined from the chunks, which lose the reply's own spacing and lines."""
+    shown, found = TagStripper(tuple(dict.fromkeys((*DEFAULT_TAGS, *sorted(tags)))), LOOKAHEAD).push(text, True)
+    marks = tuple(Mark(tag=tag.name, body=tag.body, chunk=0, offset=tag.shown) for tag in found if tag.closed)
+    return game_text(shown, marks, tags)
+
+
 class Tasks:
     """The dialect-B tasks of every connection."""
 
-    def __init__(self, settings: Settings, id_prefix: str) -> None:
+    def __init__(self, settings: Settings, id_prefix: str, epoch: float = 0.0) -> None:
         self.settings = settings
         self.id_prefix = id_prefix
+        self.epoch = epoch
+        """Added to the link's clock for the tasks' times, which are unix times in the app (notes §3)."""
         self.sequence = 0
         self.tasks: collections.OrderedDict[str, Task] = collections.OrderedDict()
         self.running: dict[tuple[str, str], Task] = {}
         self.infos: dict[str, list[str]] = {}
+        self.idle: dict[str, Task] = {}
+        """Character -> its running idle task: a repeated idle_timeout gets it again while it is PENDING."""
         self.counters: collections.Counter[str] = collections.Counter()
         self.expiring: dict[str, float] = {}
 
@@ -112,6 +128,9 @@ class Tasks:
         if action.type not in ("answer", "idle_timeout", "system_info_flush"):
             return [Answer(conn, b_aborted(action.character, action.type, action.req_id,
                                            f"Unknown event type: {action.type}"))]
+        idle = self.idle.get(action.character)
+        if action.type == "idle_timeout" and idle is not None and idle.status == "PENDING":
+            return [Answer(conn, b_task_update(idle.body()))]  # the app's re-send (create_task.py:148-155)
         label = self.settings.event_label or self.settings.headings[6]
         if action.type == "answer":
             text = action.message
@@ -124,8 +143,7 @@ class Tasks:
         effects: list[Effect] = []
         if action.type == "answer":  # the player spoke: what the characters were saying stops
             for task in list(self.running.values()):
-                effects += self._end(task, "CANCELLED", now, error="barge-in: the player spoke in the game")
-                effects.append(Publish(task.session, self._reply_id(task), Cancel(reason="barge-in")))
+                effects += self._cancel(task, "barge-in: the player spoke in the game", now)
         self.sequence += 1
         uid = f"{self.id_prefix}b{self.sequence:06d}"
         data: dict[str, object] = {"character": action.character, "event_type": action.type, "message": action.message}
@@ -133,8 +151,10 @@ class Tasks:
             data["req_id"] = action.req_id
         session = SESSION_PREFIX + action.character
         task = Task(uid=uid, conn=conn, type="idle" if action.type == "idle_timeout" else "chat", data=data,
-                    created_at=now, updated_at=now, session=session)
+                    created_at=now + self.epoch, updated_at=now + self.epoch, session=session)
         self.tasks[uid] = task
+        if action.type == "idle_timeout":
+            self.idle[action.character] = task
         while len(self.tasks) > TASKS_KEPT:
             self.tasks.popitem(last=False)
         self.running[(session, uid)] = task
@@ -146,40 +166,44 @@ class Tasks:
                 Publish(session, uid, Request(text=text, persona=character.persona, voice=character.voice,
                                               profile=character.profile, system=system, playback="client"))]
 
-    @staticmethod
-    def _reply_id(task: Task) -> str:
-        return task.uid
-
     # --- from the bus ---------------------------------------------------------------------------
 
     def bus(self, message: Message[Body], now: float) -> list[Effect]:
+        """llm.done gives the text (VOICING), the final chunk's last audio frame the voice (SUCCESS);
+        the final chunk follows llm.done, and its audio the chunk."""
         task = self.running.get((message.session, message.id))
         if task is None:
             return []
         body = message.body
-        if isinstance(body, LlmDone) and body.status == "error":
-            return [Log(logging.WARNING, f"{task.data['character']}: the reply failed: {body.error}"),
-                    *self._end(task, "FAILED_ON_GENERATION", now, error=body.error)]
+        if isinstance(body, LlmDone):
+            return self._written(task, body, now)
         if isinstance(body, Chunk):
-            text = game_text(body.text, body.marks, self.settings.tags)
-            if text.strip():
-                task.phrases[body.index] = text
-            if body.final:
-                return self._written(task, now)
-        if isinstance(body, Audio) and self.settings.voice:
+            task.spoken = task.spoken or bool(body.text.strip())
+        if isinstance(body, Audio) and self.settings.voice:  # the first chunks are spoken before llm.done
             if body.pcm:
                 task.pieces.append((body.pcm, AudioFormat(body.rate, body.channels, body.width)))
             if body.last and body.final and task.status == "VOICING":
                 pieces, task.pieces = tuple(task.pieces), []
-                return [MakeWav(task.session, task.uid, -1, pieces)]
+                if pieces:
+                    return [MakeWav(task.session, task.uid, -1, pieces)]
+                if task.spoken:
+                    return [Log(logging.WARNING, f"{task.data['character']}: the reply has no voice: the speech "
+                                                 f"engine failed"),
+                            *self._end(task, "FAILED_ON_VOICEOVER", now, error="the speech engine failed")]
+                return self._end(task, "SUCCESS", now)  # nothing speakable: tags or punctuation only
         return []
 
-    def _written(self, task: Task, now: float) -> list[Effect]:
-        response = " ".join(text for _, text in sorted(task.phrases.items()))
+    def _written(self, task: Task, done: LlmDone, now: float) -> list[Effect]:
+        if done.status == "error":
+            return [Log(logging.WARNING, f"{task.data['character']}: the reply failed: {done.error}"),
+                    *self._end(task, "FAILED_ON_GENERATION", now, error=done.error or "the reply failed")]
+        if done.status == "interrupted":  # cancelled outside the game (a barge-in here ends the task first)
+            return self._end(task, "CANCELLED", now, error="interrupted")
+        response = reply_text(done.text, self.settings.tags)
         task.result = {"response": response}
-        if not self.settings.voice or not response:
+        if not self.settings.voice or not response.strip():
             return self._end(task, "SUCCESS", now)
-        task.status, task.updated_at = "VOICING", now
+        task.status, task.updated_at = "VOICING", now + self.epoch
         return [Answer(task.conn, b_task_update(task.body()))]
 
     def wav_ready(self, session: str, id: str, index: int, file: str, shown: str, duration: float,
@@ -200,11 +224,24 @@ class Tasks:
         return [Delete(path) for path in due]
 
     def stop(self) -> list[Effect]:
-        effects: list[Effect] = [Delete(path) for path in self.expiring]
+        """The link is stopping: the running tasks' replies are cancelled (nobody will hear them), and
+        every file it handed out goes. A task of a connection that closed goes on, as in the app,
+        where get_task_status from a new connection finds it."""
+        effects: list[Effect] = [Publish(task.session, task.uid, Cancel(reason="voxpipe game is stopping"))
+                                 for task in self.running.values()]
+        self.running.clear()
+        self.idle.clear()
+        effects += [Delete(path) for path in self.expiring]
         self.expiring.clear()
         return effects
 
+    def _cancel(self, task: Task, why: str, now: float) -> list[Effect]:
+        return [*self._end(task, "CANCELLED", now, error=why), Publish(task.session, task.uid, Cancel(reason=why))]
+
     def _end(self, task: Task, status: str, now: float, error: str | None = None) -> list[Effect]:
         self.running.pop((task.session, task.uid), None)
-        task.status, task.updated_at, task.error = status, now, error
+        if self.idle.get(str(task.data["character"])) is task:
+            del self.idle[str(task.data["character"])]
+        task.status, task.updated_at, task.error = status, now + self.epoch, error
+        task.pieces = []
         return [Answer(task.conn, b_task_update(task.body()))]

@@ -114,7 +114,7 @@ class GameLink:
         self.settings = config["game"]
         self.host, self.port = host, port
         self.core = core.Link(core.Settings.from_config(self.settings), secrets.token_hex(5))
-        self.b = dialect_b.Tasks(self.core.settings, self.core.id_prefix)
+        self.b = dialect_b.Tasks(self.core.settings, self.core.id_prefix, time.time() - time.monotonic())
         self.bus = Connection("game", endpoints_for(config), [protocol.subscription(kind) for kind in SUBSCRIBED])
         self.voices = voice_dir(self.settings["voice_dir"])
         self.answers: dict[int, asyncio.Future[bytes]] = {}
@@ -161,20 +161,20 @@ class GameLink:
     async def _exchange(self, number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         scanner = ObjectScanner(self.settings["max_request_bytes"])
         try:
-            first = await asyncio.wait_for(self._next_object(reader, scanner), self.settings["read_timeout_s"])
+            objects = await asyncio.wait_for(self._next_objects(reader, scanner), self.settings["read_timeout_s"])
         except TimeoutError:
             return self._refused(number, f"no whole request within {self.settings['read_timeout_s']:g} s "
                                          f"(game.read_timeout_s)")
         except BadFrame as exc:
             return self._refused(number, str(exc))
-        if first is None:
+        if not objects:
             return None
         try:
-            request = json.loads(first)
+            request = json.loads(objects[0])
         except ValueError:
             return self._refused(number, "not valid JSON")
         if detect(request) == "B":
-            return await self._stream(number, request, reader, writer, scanner)
+            return await self._stream(number, request, objects[1:], reader, writer, scanner)
         answer = asyncio.get_running_loop().create_future()
         self.answers[number] = answer
         parsed = parse_a(request)
@@ -209,16 +209,17 @@ class GameLink:
         return None
 
     @staticmethod
-    async def _next_object(reader: asyncio.StreamReader, scanner: ObjectScanner) -> bytes | None:
+    async def _next_objects(reader: asyncio.StreamReader, scanner: ObjectScanner) -> list[bytes]:
+        """The objects of the first read that completes one: A uses the first, B all of them."""
         while True:
             data = await reader.read(65536)
             if not data:
                 if scanner.pending:
                     raise BadFrame("the connection closed in the middle of a request")
-                return None
+                return []
             objects = scanner.feed(data)
             if objects:
-                return objects[0]
+                return objects
 
     @staticmethod
     async def _drain_input(reader: asyncio.StreamReader, first: asyncio.Future[bytes]) -> None:
@@ -232,11 +233,11 @@ class GameLink:
 
     # --- dialect B: one connection, objects both ways --------------------------------------
 
-    async def _stream(self, number: int, first: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      scanner: ObjectScanner) -> None:
+    async def _stream(self, number: int, first: Any, rest: list[bytes], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter, scanner: ObjectScanner) -> None:
         self.streams[number] = writer
         self._apply(self.b.connected(number))
-        pending: list[bytes] = []
+        pending = list(rest)
         request: Any = first
         while True:
             self._apply(self.b.action(number, request, time.monotonic()))
