@@ -349,3 +349,54 @@ def test_every_phrase_is_delivered_once_in_order_whatever_the_interleaving(steps
         shown += [response] if response else []
     assert shown == texts
     assert game.link.replies == {}
+
+
+def test_a_reply_cancelled_or_interrupted_elsewhere_ends_and_releases_what_it_held() -> None:
+    game = Game()
+    id, _ = game.ask("Hi")
+    effects = game.link.cancelled(SESSION, "", game.now)  # `cancel` with an empty id: every reply of the session
+    assert [conn for conn, _ in answers(effects)] == [1] and not published(effects, Cancel)
+    assert game.link.replies == {}
+    id, _ = game.ask("Again", conn=2)
+    game.speak(id, 0, "One.", seconds=1.0)
+    effects = game.link.done(SESSION, id, LlmDone(status="interrupted", text="One.", tokens=1), game.now)
+    (stopped,) = published(effects, Playback)
+    assert stopped.event == "stopped" and stopped.final and game.link.replies == {}
+
+
+def test_a_reply_that_stalls_waiting_for_the_daemon_is_dropped() -> None:
+    game = Game(stall_s=10.0)
+    id, _ = game.ask("Hi")
+    game.speak(id, 0, "One.", seconds=0.5)
+    game.link.chunk(SESSION, id, Chunk(text="Two.", index=1, final=True), game.now)  # its audio never ends
+    game.now += 9.0
+    assert published(game.link.tick(game.now), Cancel) == []
+    game.now += 1.0
+    (cancel,) = published(game.link.tick(game.now), Cancel)
+    assert "stall" in cancel.reason and game.link.replies == {}
+
+
+def test_a_voice_file_that_cannot_be_written_ends_the_reply() -> None:
+    game = Game()
+    id, _ = game.ask("Hi")
+    game.link.chunk(SESSION, id, Chunk(text="One.", index=0, final=True), game.now)
+    effects = game.link.wav_failed(SESSION, id, "No space left on device", game.now)
+    assert [conn for conn, _ in answers(effects)] == [1] and published(effects, Cancel)
+
+
+def test_events_waiting_when_the_player_speaks_become_notes_of_the_players_request() -> None:
+    game = Game()
+    game.ask("Hi")
+    game.link.request(5, request(game.next_id(), events=("The lights went out.",)), game.now)
+    _, effects = game.ask("What was that?", conn=2)
+    (asked,) = published(effects, Request)
+    assert asked.text == "What was that?" and "The lights went out." in asked.system
+
+
+def test_notes_between_replies_are_bounded() -> None:
+    game = Game()
+    for number in range(200):
+        game.link.request(9, request(game.next_id(), infos=(f"note {number}",)), game.now)
+    _, effects = game.ask("Hi")
+    (asked,) = published(effects, Request)
+    assert "note 199" in asked.system and "note 100" not in asked.system

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...protocol import Body, Cancel, Chunk, LlmDone, Mark, Playback, Request
+from ...runtime.replies import cancels
 from ...stages.audio import AudioFormat
 from .modmodel import text_seconds
 from .wire import AReply, ARequest, BAction, ModSettings, build_a
@@ -38,6 +39,9 @@ SESSION_PREFIX = "game."
 FADE_S = 0.05
 """The mod fades every file in over 50 ms (F4): the next phrase may start that much before the end."""
 SAFE_TAG_BODY = 200
+NOTES_KEPT = 64
+"""Game notes and events kept per character between replies; the oldest go (a reply stuck long, a
+chatty game)."""
 SYSTEM_CHARS = 60000
 """request.system takes 65,536 characters; a huge hierarchy is cut, never refused."""
 MULTI_MARKER = "[SPEAKER]"
@@ -110,6 +114,9 @@ class Settings:
     voice: bool = True
     first_phrase_timeout_s: float = 30.0
     load_s: float = 0.2
+    stall_s: float = 90.0
+    """A reply waiting this long for the daemon with nothing coming is dropped: past llm's first-token
+    timeout (60 s by default), so a slow model is not taken for a lost reply."""
     file_ttl_s: float = 300.0
     tags: frozenset[str] = frozenset({"e", "c", "a", "m", "f", "v", "music", "hint", "clothes", "interaction"})
     event_label: str = ""
@@ -210,6 +217,9 @@ class Reply:
     finishing: list[Phrase] = field(default_factory=list)
     """Delivered phrases whose `finished` playback report is still due."""
     reported_final: bool = False
+    touched: float = 0.0
+    """When the bus last moved it on (a chunk, audio, a written file): a reply that waits for the bus
+    longer than `Settings.stall_s` is dropped as stalled (a tts restart loses a chunk's end)."""
     whole_wav: str = ""
     whole_file: str = ""
     whole_duration: float = 0.0
@@ -241,6 +251,13 @@ class Reply:
         if self.whole:
             return self.text_sent and (not self.voiced or self.next > final or not self.text)
         return self.next > final
+
+    @property
+    def waiting(self) -> bool:
+        """It needs something from the bus to go on: its final chunk, or the next phrase's audio."""
+        phrase = self.phrases.get(self.next)
+        return self.final_index is None or (phrase is not None and not phrase.ready) or (
+            self.whole and self.voiced and bool(self.text) and not self.whole_wav)
 
     def skip_empty(self) -> None:
         while (phrase := self.phrases.get(self.next)) is not None and phrase.ready and phrase.empty:
@@ -285,16 +302,17 @@ class Link:
         self.counters["requests"] += 1
         scene = self.scenes.setdefault(request.character, Scene())
         scene.state = state_lines(self.settings, request)
-        scene.infos += request.infos
+        scene.infos = [*scene.infos, *request.infos][-NOTES_KEPT:]
         if request.kind == "player":
             if self.replies:
                 self.counters["barge_ins"] += 1
                 for reply in list(self.replies.values()):
                     effects += self._drop(reply, "barge-in: the player spoke in the game", now)
+            scene.infos, scene.events = [*scene.infos, *scene.events][-NOTES_KEPT:], []  # waiting events: notes now
             return effects + self._ask(scene, request.character, request.player_text, request.id, conn, now)
         if request.kind == "event":
             self.counters["events"] += 1
-            scene.events += request.events
+            scene.events = [*scene.events, *request.events][-NOTES_KEPT:]
             if scene.reply is None:
                 return effects + self._ask(scene, request.character, self._event_text(scene), request.id, conn, now)
         else:
@@ -322,6 +340,7 @@ class Link:
         phrase = Phrase(index=chunk.index, text=game_text(chunk.text, chunk.marks, self.settings.tags),
                         chars=len(chunk.text), final=chunk.final)
         reply.phrases[chunk.index] = phrase
+        reply.touched = now
         if not reply.voiced or phrase.empty:  # nothing to wait for: shown for its text time, or skipped
             phrase.ready, phrase.duration = True, text_seconds(phrase.text)
         return self._progress(reply, now)
@@ -335,6 +354,7 @@ class Link:
         if reply is None or phrase is None or not reply.voiced:
             return []
         phrase.audio_ts = phrase.audio_ts or ts
+        reply.touched = now
         if pcm:
             phrase.pieces.append((pcm, form))
         if not last:
@@ -356,6 +376,7 @@ class Link:
         reply = self.replies.get((session, id))
         if reply is None:  # cancelled meanwhile
             return [Delete(file)]
+        reply.touched = now
         if index < 0:
             reply.whole_wav, reply.whole_file, reply.whole_duration = shown, file, duration
         elif (phrase := reply.phrases.get(index)) is not None:
@@ -363,11 +384,31 @@ class Link:
         return self._progress(reply, now)
 
     def done(self, session: str, id: str, done: LlmDone, now: float) -> list[Effect]:
-        """llm.done: only logged; the reply's end is its final chunk, which follows it."""
+        """llm.done: a failure is logged (the reply's end is its final chunk, which follows); an
+        interruption from elsewhere (`voxpipe chat` on the same session, a restart) ends it here."""
         reply = self.replies.get((session, id))
-        if reply is None or done.status != "error":
+        if reply is None:
             return []
-        return [Log(logging.WARNING, f"{reply.character}: the reply failed: {done.error}")]
+        if done.status == "interrupted":
+            return self._drop(reply, "", now)
+        if done.status == "error":
+            return [Log(logging.WARNING, f"{reply.character}: the reply failed: {done.error}")]
+        return []
+
+    def cancelled(self, session: str, id: str, now: float) -> list[Effect]:
+        """A `cancel` on the bus (ours come back too, and find nothing): the chunks and audio of the
+        reply will not come, so it ends here."""
+        return [effect for key, reply in list(self.replies.items()) if cancels(key, session, id)
+                for effect in self._drop(reply, "", now)]
+
+    def wav_failed(self, session: str, id: str, why: str, now: float) -> list[Effect]:
+        """The shell could not write a voice file (a full disk): without it the mod would wait for the
+        voice (V5), so the reply ends."""
+        reply = self.replies.get((session, id))
+        if reply is None:
+            return []
+        return [Log(logging.ERROR, f"{reply.character}: cannot write a voice file ({why}); the reply is dropped"),
+                *self._drop(reply, f"the game link cannot write a voice file: {why}", now)]
 
     # --- time -----------------------------------------------------------------------------------
 
@@ -379,6 +420,11 @@ class Link:
                 effects.append(Log(logging.WARNING, f"{reply.character}: nothing to say within "
                                    f"{self.settings.first_phrase_timeout_s:g} s; the reply goes on in the next polls"))
                 effects += self._release(reply, "")
+            if reply.waiting and now - reply.touched >= self.settings.stall_s:
+                effects.append(Log(logging.WARNING, f"{reply.character}: the reply stalled (nothing from the daemon "
+                                   f"for {self.settings.stall_s:g} s); dropped"))
+                effects += self._drop(reply, "the game link saw the reply stall", now)
+                continue
             effects += self._finished_reports(reply, now)
             effects += self._retire(reply, now)
         for path, at in list(self.expiring.items()):
@@ -408,7 +454,7 @@ class Link:
         system = self._system(scene)
         scene.infos, scene.events = [], []
         reply = Reply(session=session, id=id, character=character, mod_id=mod_id, whole=self._whole(character, system),
-                      voiced=self.settings.voice, held=conn, asked_at=now)
+                      voiced=self.settings.voice, held=conn, asked_at=now, touched=now)
         scene.reply = self.replies[(session, id)] = reply
         self.counters["asked"] += 1
         return [Publish(session, id, Request(text=text, persona=settings.persona, voice=settings.voice,
@@ -565,9 +611,10 @@ class Link:
         return effects
 
     def _drop(self, reply: Reply, why: str, now: float | None) -> list[Effect]:
-        """Cancel a reply: its undelivered files go, a held answer is released empty, and history hears
-        where the sound stopped (an estimate: the mod reports nothing)."""
-        effects: list[Effect] = [Publish(reply.session, reply.id, Cancel(reason=why)), *self._release(reply, "")]
+        """End a reply (and cancel it on the bus, with `why`): its undelivered files go, a held answer is
+        released empty, and history hears where the sound stopped (an estimate: the mod reports nothing)."""
+        effects: list[Effect] = [Publish(reply.session, reply.id, Cancel(reason=why))] if why else []
+        effects += self._release(reply, "")
         effects += [Delete(phrase.file) for phrase in reply.phrases.values()
                     if phrase.index >= reply.next and phrase.file]
         if reply.whole_file and reply.whole_file not in self.expiring:

@@ -206,6 +206,14 @@ class Tasks:
         task.status, task.updated_at = "VOICING", now + self.epoch
         return [Answer(task.conn, b_task_update(task.body()))]
 
+    def wav_failed(self, session: str, id: str, why: str, now: float) -> list[Effect]:
+        """The voice file could not be written: the text stands, the voice failed (as the app says)."""
+        task = self.running.get((session, id))
+        if task is None:
+            return []
+        return [Log(logging.ERROR, f"cannot write a voice file ({why})"),
+                *self._end(task, "FAILED_ON_VOICEOVER", now, error=f"cannot write the voice file: {why}")]
+
     def wav_ready(self, session: str, id: str, index: int, file: str, shown: str, duration: float,
                   now: float) -> list[Effect]:
         """The task's voice file is written: SUCCESS. The game deletes what it loads; what it never

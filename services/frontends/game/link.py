@@ -38,7 +38,7 @@ import zmq
 from ... import protocol
 from ...config import EXIT_OK, EXIT_USAGE, Config
 from ...files import PRIVATE_DIR, open_private, private_dirs
-from ...protocol import Audio, Body, Chunk, Heartbeat, LlmDone, Message, ProtocolError
+from ...protocol import Audio, Body, Cancel, Chunk, Heartbeat, LlmDone, Message, ProtocolError
 from ...runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ...runtime.broker import runtime_dir
 from ...runtime.instance import InstanceLock
@@ -56,7 +56,7 @@ TICK_S = 0.05
 LINGER_S = 2.0
 """After an answer, how long to read what the peer may still send before closing: closing a socket
 with unread input sends a reset, which can make Windows drop the answer before the mod reads it."""
-SUBSCRIBED = ("chunk", "audio", "llm.done")
+SUBSCRIBED = ("chunk", "audio", "llm.done", "cancel")
 
 
 def game_path(path: Path, style: str, environ: dict[str, str] | os._Environ[str] = os.environ) -> str:
@@ -151,6 +151,7 @@ class GameLink:
         except (ConnectionError, OSError) as exc:
             log.info("connection %d: %s", number, exc)
         finally:
+            self._apply(self.core.closed(number))  # a held request whose connection failed: polls take it on
             self.open -= 1
             self.answers.pop(number, None)
             self.streams.pop(number, None)
@@ -269,8 +270,12 @@ class GameLink:
             elif isinstance(effect, core.MakeWav):
                 self._make_wav(effect)
             elif isinstance(effect, core.Delete):
-                with contextlib.suppress(FileNotFoundError):  # the mod deletes what it loads (F6)
+                try:
                     os.unlink(effect.path)
+                except FileNotFoundError:  # the mod deletes what it loads (F6)
+                    pass
+                except OSError as exc:
+                    log.warning("cannot delete the voice file %s: %s", effect.path, exc)
             else:
                 log.log(effect.level, "%s", effect.text)
 
@@ -293,13 +298,13 @@ class GameLink:
             return game_duration_s(data)
 
         def written(future: Any) -> None:
+            owner = self.b if self.b.owns(effect.session, effect.id) else self.core
             try:
                 duration = future.result()
-            except OSError as exc:
-                log.error("cannot write a voice file in %s: %s", self.voices, exc)
+            except Exception as exc:  # any failure: the reply must not wait for this file
+                self._apply(owner.wav_failed(effect.session, effect.id, f"{self.voices}: {exc}", time.monotonic()))
                 return
             shown = game_path(path, self.settings["path_style"])
-            owner = self.b if self.b.owns(effect.session, effect.id) else self.core
             self._apply(owner.wav_ready(effect.session, effect.id, effect.index, str(path), shown, duration,
                                         time.monotonic()))
 
@@ -323,6 +328,8 @@ class GameLink:
                                       message.ts, now)
         elif isinstance(body, LlmDone):
             effects = self.core.done(message.session, message.id, body, now)
+        elif isinstance(body, Cancel):
+            effects = self.core.cancelled(message.session, message.id, now)
         else:
             return
         self._apply(effects + self.b.bus(message, now))
@@ -342,7 +349,11 @@ class GameLink:
         while True:
             await asyncio.sleep(TICK_S)
             now = time.monotonic()
-            self._apply(self.core.tick(now) + self.b.tick(now))
+            try:
+                self._apply(self.core.tick(now) + self.b.tick(now))
+            except Exception:  # a bug must not stop the timers and the heartbeats (the watchdog)
+                self.core.counters["failures"] += 1
+                log.exception("the game link's timers failed")
             if now >= beat_at:
                 beat_at = now + HEARTBEAT_S
                 self._heartbeat("ready")
