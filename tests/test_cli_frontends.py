@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, openai_settings, write_toml
+from tests.harness import PYTHON, ROOT, Daemon, base_env, fake_openai, heartbeat_pids, openai_settings, write_toml
 from tests.terminal import CTRL_C, CTRL_D, ENTER, Terminal
 from voxpipe import protocol
 from voxpipe.cli import build_parser
@@ -313,6 +314,56 @@ def test_chat_shows_each_command_tag_where_it_stood_and_refused_ones_only_as_a_n
             assert term.wait(30) == 0, term.screen
         finally:
             term.close()
+
+
+def test_chat_waits_for_a_refusal_that_comes_after_the_final_playback() -> None:
+    """History publishes a reply's commands once it has llm.done and the final chunk; with a quick player
+    that can be after the final playback, which ends the reply (CI saw it on a loaded machine). Here it
+    always is: history is stopped until the test saw the final playback, and the note still shows
+    before the prompt."""
+    with fake_openai() as url, Daemon(openai_settings(url), env=KEY) as daemon:
+        history = heartbeat_pids(daemon.runtime_dir, "history")["history"]
+        watcher = watch(daemon, "tty10", "playback")
+        term = chat(daemon, "tty10")
+        try:
+            term.expect(PROMPT)
+            at = term.mark()
+            os.kill(history, signal.SIGSTOP)
+            try:
+                term.type("<bogus>x</bogus>ok")
+                term.press(ENTER)
+                deadline = time.monotonic() + 60
+                while not ((event := watcher.receive(1.0)) and isinstance(event.body, protocol.Playback)
+                           and event.body.final):
+                    assert time.monotonic() < deadline, term.screen
+            finally:
+                os.kill(history, signal.SIGCONT)
+            term.expect(r"Echo: ok\. Done \[e: smile\] here\.\s+\[refused command bogus: unknown command <bogus>\]\s+"
+                        + PROMPT, after=at)
+            term.press(CTRL_D)
+            assert term.wait(30) == 0, term.screen
+        finally:
+            term.close()
+            watcher.close()
+
+
+def test_chat_says_when_history_is_not_there_to_judge_the_commands() -> None:
+    """Without history no `command` comes: chat says so once its heartbeat is missing, and prompts again."""
+    with fake_openai() as url:
+        settings = {**openai_settings(url), "run": {"stages": ["llm", "chunker", "tts", "player"]}}
+        with Daemon(settings, env=KEY) as daemon:
+            term = chat(daemon, "tty11")
+            try:
+                term.expect(PROMPT)
+                at = term.mark()
+                term.type("<bogus>x</bogus>ok")  # and the fake's <e>smile</e>: two commands
+                term.press(ENTER)
+                term.expect(r"here\.\s+\[history sent no word on 2 command\(s\) of this reply; check that it "
+                            r"runs: `voxpipe status`\]\s+" + PROMPT, after=at)
+                term.press(CTRL_D)
+                assert term.wait(30) == 0, term.screen
+            finally:
+                term.close()
 
 
 def test_chat_reports_a_failed_reply_once() -> None:

@@ -2,7 +2,8 @@
 
 The reply streams in as it arrives; the command tags of the reply show inline, dimmed, exactly
 where they stood in the text (`[e: smile]`, from the marks of the `text` messages), and refused
-commands only as history's refusal notes (they are never spoken either). Ctrl-C
+commands only as history's refusal notes (they are never spoken either), which the prompt waits
+for: they can come after the reply's final playback. Ctrl-C
 during a reply cancels it everywhere (LLM, TTS, player) and the prompt returns at once;
 Ctrl-C or Ctrl-D at the prompt quits. Lines starting with `/` are chat commands (/help).
 
@@ -25,6 +26,8 @@ from .. import protocol
 from ..config import Config, ConfigError
 from ..protocol import Body, Command, Error, ErrorCode, LlmDone, Message, Playback, Text
 from ..runtime import BusLost
+from ..stages.chunker.core import ChunkerPolicy
+from ..stages.history.commands import Allowlist, load_allowlist, parse_reply
 from .client import Client, Reply, VoxpipeError, VoxpipeTimeout, connect
 from .terminal import printable
 
@@ -69,7 +72,11 @@ class Chat:
         self._column = 0
         self._last = "\n"
         self.voice = ""
-        self.commands = _command_names(config)
+        self.allowlist = _allowlist(config)
+        self.commands = frozenset(name.lower() for name in self.allowlist.specs)
+        """The tags history accepts, to show inline."""
+        self._commands_due = 0
+        """The reply's `command` events still to come: one per tag of llm.done's text, less those seen."""
         self._space_due = False
         self._errors_shown: set[str] = set()
         self._cut = ""
@@ -173,6 +180,7 @@ class Chat:
         events = iter(reply)
         started, last = False, time.monotonic()
         self._cut = ""
+        self._commands_due = 0
         self._errors_shown = set()
         while True:
             try:
@@ -194,10 +202,29 @@ class Chat:
             started, last = True, time.monotonic()
             self.stop_waiting()
             self.show(event)
+        if self._commands_due > 0 and reply.crashed is None and reply.done is not None \
+                and reply.done.body.status != "interrupted":
+            self.await_commands(reply)
         if self._cut:
             self.inline(f"[cut: {self._cut}]")
         self.newline()
         return True
+
+    def await_commands(self, reply: Reply) -> None:
+        """Show the reply's commands that come after it ended, before the prompt: history publishes them
+        once it has both llm.done and the final chunk, which with a quick player can be after the final
+        playback, and a refusal is shown nowhere else. A slow history is waited for (up to `timeout`
+        without any of them); one whose heartbeat does not come within HEARTBEAT_WAIT_S is not."""
+        last = time.monotonic()
+        while self._commands_due > 0:
+            event = reply.late(PROBE_S)
+            if event is not None:
+                last = time.monotonic()
+                self.show(event)
+            elif time.monotonic() - last >= self.timeout or not self.client.reachable("history", HEARTBEAT_WAIT_S):
+                self.note(f"[history sent no word on {self._commands_due} command(s) of this reply; check that it "
+                          f"runs: `voxpipe status`]")
+                return
 
     def wait_for_daemon(self, deadline: float) -> bool:
         """The daemon is unreachable: say so, and True once it is back (reconnected), False when given up."""
@@ -225,8 +252,10 @@ class Chat:
                     if mark.tag.lower() in self.commands:
                         self.inline(f"[{mark.tag}: {mark.body}]")
                 self.write(printable(delta[position:]))
-            case Command(accepted=False, name=name, reason=reason):
-                self.note(f"[refused command {name}: {reason}]")
+            case Command(accepted=accepted, name=name, reason=reason):
+                self._commands_due -= 1
+                if not accepted:
+                    self.note(f"[refused command {name}: {reason}]")
             case Error(code=code, message=message):
                 self._errors_shown.add(message)
                 if code == ErrorCode.STAGE_CRASHED:
@@ -234,6 +263,7 @@ class Chat:
                 else:
                     self.note(f"[error {code}: {message}]")
             case LlmDone() as done:
+                self._commands_due += len(parse_reply(done.text, self.allowlist))  # history sends one per tag
                 self._cut = done.guard  # said after the text, which may still be arriving (streaming off)
                 if done.status == "error" and done.error not in self._errors_shown:
                     self.note(f"[the reply failed: {done.error}]")  # unless its error event said it
@@ -312,14 +342,16 @@ class Chat:
         return {None: "the profile's setting", True: "on", False: "off"}[self.stream]
 
 
-def _command_names(config: Config) -> frozenset[str]:
-    """The tags history accepts (its allowlist, with history.commands_file), to show inline."""
-    from ..stages.history.commands import DEFAULT_ALLOWLIST, load_allowlist
+def _allowlist(config: Config) -> Allowlist:
+    """History's allowlist (with history.commands_file) and tag grammar (the chunker's), loaded as history
+    loads them: the tags to show inline, and how many `command` events a reply's text brings."""
+    history, chunker = config["history"], ChunkerPolicy.from_mapping(config["chunker"])
     try:
-        specs = load_allowlist(config["history"]["commands_file"], config["history"]["max_commands_per_reply"]).specs
+        return load_allowlist(history["commands_file"], history["max_commands_per_reply"], chunker.tags,
+                              chunker.tag_lookahead)
     except (OSError, ValueError):  # history reports a broken commands_file; chat shows the built-in tags
-        specs = DEFAULT_ALLOWLIST
-    return frozenset(name.lower() for name in specs)
+        return Allowlist(max_per_reply=history["max_commands_per_reply"], tags=chunker.tags,
+                         lookahead=chunker.tag_lookahead)
 
 
 @contextlib.contextmanager

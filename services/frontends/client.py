@@ -34,6 +34,7 @@ order and stops when the reply is complete:
 - after `cancel()` of the reply's session or id: iteration stops without further events.
 
 If nothing of the reply arrives for `timeout` seconds, iteration raises `VoxpipeTimeout`.
+History's `Command` events can come after the reply ended: `Reply.late(timeout)` waits for them.
 Events a client does not subscribe to (see `kinds`) are not waited for; only the reply kinds
 (`REPLY_KINDS`) are yielded.
 
@@ -150,6 +151,18 @@ class Reply:
             if self._accept(message):
                 self._ended = self.complete or self.crashed is not None
                 return message
+
+    def late(self, timeout: float) -> Message[Body] | None:
+        """After the iteration ended, and before the next ask(): the next event of this reply, or None when
+        none comes within `timeout`. History publishes a reply's `command` events once it has both llm.done
+        and the final chunk, which with a quick player can be after the final playback that ended it."""
+        deadline = time.monotonic() + timeout
+        while self._client._reply is self and not self.cancelled and (remaining := deadline - time.monotonic()) > 0:
+            message = self._client._receive(min(remaining, _POLL_S))
+            if (message is not None and message.kind in REPLY_KINDS and message.id == self.id
+                    and message.session == self.session):
+                return message
+        return None
 
     @property
     def complete(self) -> bool:
