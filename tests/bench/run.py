@@ -286,7 +286,9 @@ def sections(plan: Plan, quick: bool) -> list[tuple[str, str, Callable[[], Resul
             ("capacity", "18. Real-time capacity: 50, 100 and 200 sessions at 30 tokens/s, CPU per stage and "
                          "per token", lambda: capacity.bench_capacity(quick)),
             ("web", "19. Browser: time to the first rendered sample through `voxpipe web`",
-             module_section("web", quick))]
+             module_section("web", quick)),
+            ("game", "20. Game link: time to the first voiced line in MiSide, phrase by phrase vs the whole reply",
+             module_section("game", quick))]
 
 
 def splice(report: str, chosen: list[Section]) -> str:
