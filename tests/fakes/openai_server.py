@@ -40,8 +40,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization") != "Bearer test-key":
             self._json(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
             return
-        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
-        text = reply_for(user.split("\n")[-1])
+        text = self.reply_text(body)
         if body.get("stream"):
             self._stream(body["model"], text)
         else:
@@ -51,6 +50,11 @@ class Handler(BaseHTTPRequestHandler):
                                           "message": {"role": "assistant", "content": text}}],
                              "usage": {"prompt_tokens": 5, "completion_tokens": len(pieces(text)),
                                        "total_tokens": 5 + len(pieces(text))}})
+
+    def reply_text(self, body: dict) -> str:
+        """The reply to a request `body`: `reply_for` its last user message's last line."""
+        user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        return reply_for(user.split("\n")[-1])
 
     def pace(self, index: int, count: int) -> None:
         """Wait before SSE event `index` of `count` (the role event, the content pieces, the stop):
