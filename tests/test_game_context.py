@@ -13,8 +13,9 @@ import pytest
 
 from tests.fakes.miside_mod import ModDouble
 from tests.harness import ROOT, Daemon, fake_openai, openai_settings, stop_process
-from tests.test_game_link import KEY, free_port, plain
+from tests.test_game_link import KEY, free_port, plain, tap
 from voxpipe.frontends.game.wire import IDLE_EVENT
+from voxpipe.protocol import Command
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +49,15 @@ def spoken(mod: ModDouble, start: int, ending: str) -> str:
 
 
 def test_the_game_state_and_the_persona_reach_the_model_and_events_are_answered(daemon: Daemon) -> None:
-    with game(daemon) as port, ModDouble(port) as mod:
+    with tap(daemon, "command") as commands, game(daemon) as port, ModDouble(port) as mod:
         mod.set_state(distance=3.27, room_player=1, room_mita=0)
         assert mod.say("Where am I?")
         said = spoken(mod, 0, "Where am I?")
         assert "You are 3.27 metres away." in said and "I am Mita." in said  # sent as "3,27" (A9)
+        assert any("<e>smile</e>I am Mita." in line.text for line in mod.voiced_lines())  # the tag inline
+        commands.read(2.0)
+        assert [(body.name, body.args, body.accepted) for _, body in commands.bodies(Command)][:1] == [
+            ("e", ("smile",), True)]  # and history judged it as for every reply
         mod.set_state(distance=12.5)
         start = len(mod.voiced_lines())
         mod.idle()

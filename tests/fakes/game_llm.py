@@ -1,5 +1,5 @@
 """The fake OpenAI server, answering with what its system message told it of the game: the distance
-to the player, and whether the character's persona came with it. So a test sees, in the line the
+to the player, and whether the character's persona came with it (and an emotion tag). So a test sees, in the line the
 game shows, that the game state of that request reached the model's prompt.
 
 Run as a real process: `python -m tests.fakes.game_llm` prints `PORT <n>`.
@@ -21,7 +21,7 @@ class GameHandler(Handler):
         persona = "Mita" in system
         user = [m["content"] for m in body["messages"] if m["role"] == "user"][-1].split("\n")[-1]
         return (f"You are {found.group(1) if found else 'nowhere'} metres away. "
-                f"{'I am Mita' if persona else 'I am nobody'}. You said: {user}")
+                f"<e>smile</e>{'I am Mita' if persona else 'I am nobody'}. You said: {user}")
 
 
 if __name__ == "__main__":
