@@ -142,3 +142,17 @@ def test_a_host_other_than_loopback_is_refused(bus: Path, tmp_path: Path) -> Non
                           env=game_env(bus, tmp_path / "voices", VOXPIPE_GAME__HOST="0.0.0.0"))
     assert done.returncode == 2 and "loopback" in done.stderr
     assert not os.path.exists(tmp_path / "voices")
+
+
+def test_a_silent_connection_gets_the_settings_pushed_as_a_dialect_b_client_expects(bus: Path, tmp_path: Path) -> None:
+    """Notes §1: the app pushes loaded_settings to a task-API client as it connects; such a client may
+    then stay quiet past read_timeout_s without being dropped."""
+    port = free_port()
+    with game(bus, tmp_path / "voices", port, VOXPIPE_GAME__READ_TIMEOUT_S="1.0"), \
+            socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        reader = client.makefile("rb")
+        assert json.loads(reader.readline())["type"] == "loaded_settings"
+        time.sleep(1.5)
+        client.sendall(json.dumps({"action": "get_settings", "character": "Kind"}).encode())
+        pushed = json.loads(reader.readline())
+        assert pushed["type"] == "loaded_settings" and pushed["body"]["settings"]["CHARACTER"] == "Kind"

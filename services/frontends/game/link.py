@@ -56,6 +56,9 @@ TICK_S = 0.05
 LINGER_S = 2.0
 """After an answer, how long to read what the peer may still send before closing: closing a socket
 with unread input sends a reset, which can make Windows drop the answer before the mod reads it."""
+B_SILENCE_S = 0.5
+"""A connection silent this long is taken for a dialect-B client waiting for the settings the app
+pushes on connect (notes §1); the mod of dialect A sends its request as soon as it connects."""
 SUBSCRIBED = ("chunk", "audio", "llm.done", "cancel")
 
 
@@ -161,8 +164,17 @@ class GameLink:
 
     async def _exchange(self, number: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         scanner = ObjectScanner(self.settings["max_request_bytes"])
+        reading = asyncio.ensure_future(self._next_objects(reader, scanner))
+        pushed = False
         try:
-            objects = await asyncio.wait_for(self._next_objects(reader, scanner), self.settings["read_timeout_s"])
+            started, _ = await asyncio.wait({reading}, timeout=B_SILENCE_S)
+            if not started and not scanner.pending:  # not a byte yet: a dialect-B client waiting for the settings
+                pushed = True
+                self.streams[number] = writer
+                self._apply(self.b.connected(number))
+                objects = await asyncio.wait_for(reading, dialect_b.IDLE_TIMEOUT_S)
+            else:
+                objects = await asyncio.wait_for(reading, self.settings["read_timeout_s"] - B_SILENCE_S)
         except TimeoutError:
             return self._refused(number, f"no whole request within {self.settings['read_timeout_s']:g} s "
                                          f"(game.read_timeout_s)")
@@ -175,7 +187,8 @@ class GameLink:
         except ValueError:
             return self._refused(number, "not valid JSON")
         if detect(request) == "B":
-            return await self._stream(number, request, objects[1:], reader, writer, scanner)
+            return await self._stream(number, request, objects[1:], reader, writer, scanner, pushed)
+        self.streams.pop(number, None)  # a dialect-A mod after all, only slow to send
         answer = asyncio.get_running_loop().create_future()
         self.answers[number] = answer
         parsed = parse_a(request)
@@ -235,9 +248,10 @@ class GameLink:
     # --- dialect B: one connection, objects both ways --------------------------------------
 
     async def _stream(self, number: int, first: Any, rest: list[bytes], reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter, scanner: ObjectScanner) -> None:
+                      writer: asyncio.StreamWriter, scanner: ObjectScanner, pushed: bool) -> None:
         self.streams[number] = writer
-        self._apply(self.b.connected(number))
+        if not pushed:
+            self._apply(self.b.connected(number))
         pending = list(rest)
         request: Any = first
         while True:
