@@ -116,7 +116,9 @@ def test_the_first_phrase_goes_on_the_held_request_with_its_voice_under_the_same
     ((conn, answer),) = answers(effects)
     assert conn == 1 and answer["id"] == 1 and answer["id_sound"] == 1
     assert answer["response"] == "Hello, player!" and answer["patch_to_sound_file"] == "Z:/voice/" + f"{id}-0.wav"
-    (started,) = published(effects, Playback)
+    assert published(effects, Playback) == []  # it starts in the game once the mod noticed and loaded it
+    game.now += game.link.settings.load_s
+    (started,) = published(game.link.tick(game.now), Playback)
     assert started.event == "started" and started.chunk == 0
 
 
@@ -171,7 +173,7 @@ def test_barge_in_cancels_every_unfinished_reply_drops_its_files_and_reports_whe
     (cancel,) = published(effects, Cancel)
     assert "barge-in" in cancel.reason
     assert Delete(f"/voice/{id}-1.wav") in effects  # the undelivered phrase's file
-    (stopped,) = published(effects, Playback)
+    *_, stopped = published(effects, Playback)  # after the `started` of what the mod holds
     assert stopped.event == "stopped" and stopped.chunk == 0 and stopped.final and 0 < stopped.heard < 1
     assert new_id != id and list(game.link.replies) == [(SESSION, new_id)]
     assert game.speak(id, 2, "Late.", final=True) == []  # what is still in flight for it is ignored
@@ -360,7 +362,7 @@ def test_a_reply_cancelled_or_interrupted_elsewhere_ends_and_releases_what_it_he
     id, _ = game.ask("Again", conn=2)
     game.speak(id, 0, "One.", seconds=1.0)
     effects = game.link.done(SESSION, id, LlmDone(status="interrupted", text="One.", tokens=1), game.now)
-    (stopped,) = published(effects, Playback)
+    *_, stopped = published(effects, Playback)
     assert stopped.event == "stopped" and stopped.final and game.link.replies == {}
 
 

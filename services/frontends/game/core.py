@@ -188,8 +188,9 @@ class Phrase:
     """The same file on this machine."""
     duration: float = 0.0
     ready: bool = False
+    start: float = 0.0
     end: float = 0.0
-    """When its audio is estimated to end in the game, once delivered."""
+    """When its audio is estimated to start and end in the game, once delivered."""
 
     @property
     def empty(self) -> bool:
@@ -214,6 +215,8 @@ class Reply:
     last_text_end: float = 0.0
     last_end: float = 0.0
     """The delivered phrases' estimated timeline in the game (§2.4): text end, audio end."""
+    starting: list[Phrase] = field(default_factory=list)
+    """Delivered phrases whose `started` report is still due (at their estimated start in the game)."""
     finishing: list[Phrase] = field(default_factory=list)
     """Delivered phrases whose `finished` playback report is still due."""
     reported_final: bool = False
@@ -535,14 +538,15 @@ class Link:
         reply.next = phrase.index + 1
         start = max(now + self.settings.load_s, reply.last_text_end)
         reply.last_text_end = start + text_seconds(phrase.text)
-        reply.last_end = phrase.end = start + phrase.duration
+        phrase.start, reply.last_end = start, start + phrase.duration
+        phrase.end = reply.last_end
+        reply.starting.append(phrase)
         reply.finishing.append(phrase)
         if phrase.file:
             self.expiring[phrase.file] = now + self.settings.file_ttl_s
         self.counters["phrases"] += 1
         answer = build_a(self._reply(mod_id, reply.character, phrase.text, wav=phrase.wav), self.settings.mod)
-        started = Playback(event="started", chunk=phrase.index, audio_ts=phrase.audio_ts)
-        return [Answer(conn, answer), Publish(reply.session, reply.id, started)]
+        return [Answer(conn, answer)]
 
     def _deliver_whole(self, conn: int, mod_id: int, reply: Reply, now: float) -> list[Effect]:
         """Whole mode in a poll: the text, if no held answer carried it, then the one voice file under
@@ -561,24 +565,31 @@ class Link:
         reply.next = final + 1
         reply.last_end = now + self.settings.load_s + reply.whole_duration
         for _, phrase in sorted(reply.phrases.items()):
-            phrase.end = reply.last_end
+            phrase.start, phrase.end = now + self.settings.load_s, reply.last_end
             reply.finishing.append(phrase)
+        reply.starting.append(reply.phrases[min(reply.phrases)])
         self.expiring[reply.whole_file] = now + self.settings.file_ttl_s
         self.counters["whole_replies"] += 1
         answer = build_a(self._reply(mod_id, reply.character, text, id_sound=reply.mod_id, wav=reply.whole_wav),
                          self.settings.mod)
-        first = reply.phrases[min(reply.phrases)]
-        return [Answer(conn, answer),
-                Publish(reply.session, reply.id, Playback(event="started", chunk=first.index, audio_ts=first.audio_ts))]
+        return [Answer(conn, answer)]
 
     def _finished_reports(self, reply: Reply, now: float) -> list[Effect]:
+        """The playback reports due by `now`, as the daemon's player would send them: `started` at a
+        phrase's estimated start in the game, `finished` at its estimated end."""
         effects: list[Effect] = []
+        while reply.starting and now >= reply.starting[0].start:
+            effects.append(self._started(reply, reply.starting.pop(0)))
         while reply.finishing and now >= reply.finishing[0].end:
             phrase = reply.finishing.pop(0)
             reply.reported_final = reply.reported_final or phrase.final
             effects.append(Publish(reply.session, reply.id, Playback(
                 event="finished", chunk=phrase.index, final=phrase.final, heard=1.0, heard_chars=phrase.chars)))
         return effects
+
+    @staticmethod
+    def _started(reply: Reply, phrase: Phrase) -> Publish:
+        return Publish(reply.session, reply.id, Playback(event="started", chunk=phrase.index, audio_ts=phrase.audio_ts))
 
     def _retire(self, reply: Reply, now: float) -> list[Effect]:
         """Forget a reply that has nothing more to give and whose last phrase has sounded; game events
@@ -619,6 +630,8 @@ class Link:
                     if phrase.index >= reply.next and phrase.file]
         if reply.whole_file and reply.whole_file not in self.expiring:
             effects.append(Delete(reply.whole_file))
+        effects += [self._started(reply, phrase) for phrase in reply.starting]  # handed over: the mod plays them
+        reply.starting.clear()
         if now is not None:
             effects += self._finished_reports(reply, now)
         if reply.finishing:
