@@ -10,6 +10,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,13 @@ def write_toml(path: Path, data: Mapping[str, Any], prefix: str = "") -> None:
 
     emit(data, prefix)
     path.write_text("\n".join(lines) + "\n")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (the OS picked it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fakes.miside_mod import ModDouble
-from tests.harness import ROOT, Daemon, fake_openai, openai_settings, stop_process
-from tests.test_game_link import KEY, free_port, plain, tap
+from tests.harness import ROOT, Daemon, fake_openai, free_port, openai_settings, stop_process
+from tests.test_game_link import KEY, plain, tap
 from voxpipe.frontends.game.wire import IDLE_EVENT
 from voxpipe.protocol import Command
 

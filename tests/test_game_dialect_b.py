@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.openai_server import reply_for
-from tests.harness import ROOT, Daemon, fake_openai, openai_settings, stop_process
+from tests.harness import ROOT, Daemon, fake_openai, free_port, openai_settings, stop_process
 from tests.harness import connect as bus_connect
 from voxpipe.frontends.game.dialect_b import reply_text
 from voxpipe.protocol import Audio, LlmDone
@@ -28,12 +28,6 @@ pytestmark = pytest.mark.integration
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
 WAV_HEADER = 44
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

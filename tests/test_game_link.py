@@ -25,7 +25,7 @@ import pytest
 
 from tests.fakes.miside_mod import ModDouble, ShownLine
 from tests.fakes.mod_reply import read_reply
-from tests.harness import ROOT, Daemon, fake_openai, heartbeat_pids, openai_settings, stop_process
+from tests.harness import ROOT, Daemon, fake_openai, free_port, heartbeat_pids, openai_settings, stop_process
 from tests.harness import connect as bus_connect
 from voxpipe.frontends.game.modmodel import clean_from_tags
 from voxpipe.protocol import Audio, Cancel, Chunk, Message, Playback, Request
@@ -38,12 +38,6 @@ SESSION = "game.Crazy"
 def daemon() -> Iterator[Daemon]:
     with fake_openai(delay=0.05) as url, Daemon(openai_settings(url), env=KEY) as running:
         yield running
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

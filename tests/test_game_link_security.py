@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes.mod_reply import read_reply
-from tests.harness import PYTHON, ROOT, base_env, start_stage, stop_process, wait_ready
+from tests.harness import PYTHON, ROOT, base_env, free_port, start_stage, stop_process, wait_ready
 from tests.test_security_runtime import SYSTEM_PYTHON
 
 pytestmark = pytest.mark.integration
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.integration
 POLL = {"id": 0, "type": "chat", "character": "Crazy", "input": "waiting", "dataToSentSystem": "-",
         "systemInfo": "-", "distance": "3,27", "roomPlayer": 1, "roomMita": 0, "hierarchy": "-", "currentInfo": "-",
         "dialog_active": False}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import sqlite3
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import PYTHON, ROOT, Daemon, base_env
+from tests.harness import PYTHON, ROOT, Daemon, base_env, free_port
 
 pytest.importorskip("llama_cpp", reason="the `local` extra is not installed: make test installs it")
 pytestmark = pytest.mark.native  # a llama.cpp crash fails one test (tests/native_isolation.py)
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.native  # a llama.cpp crash fails one test (tests/nativ
 def gguf() -> str:
     from voxpipe.stages.llm.providers.local import bundled_model_path
     return bundled_model_path()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

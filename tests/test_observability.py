@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
-from tests.harness import Daemon, fake_openai, openai_settings
+from tests.harness import Daemon, fake_openai, free_port, openai_settings
 
 KEY = {"FAKE_OPENAI_KEY": "test-key"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_metrics_stats_prometheus_and_logs() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from tests.fakes.openai_server import reply_for
-from tests.harness import ROOT, Daemon, fake_openai, openai_settings
+from tests.harness import ROOT, Daemon, fake_openai, free_port, openai_settings
 from voxpipe import protocol
 from voxpipe.protocol import Message
 from voxpipe.runtime import Connection, endpoints_for
@@ -43,12 +43,6 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()
 def spoken(reply: str) -> str:
     """The display text of a fake reply: its one tag removed."""
     return reply.replace("<e>smile</e>", "")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def lan_address() -> str | None:

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from tests.fakes.openai_server import reply_for
-from tests.harness import ROOT, Daemon, fake_openai, heartbeat_pids, openai_settings, stop_process
+from tests.harness import ROOT, Daemon, fake_openai, free_port, heartbeat_pids, openai_settings, stop_process
 from tests.harness import connect as bus_connect
 from voxpipe.config import ConfigError
 from voxpipe.frontends.web.access import access_token
@@ -35,12 +35,6 @@ KEY = {"FAKE_OPENAI_KEY": "test-key"}
 def daemon() -> Iterator[Daemon]:
     with fake_openai(delay=0.05) as url, Daemon(openai_settings(url), env=KEY) as running:
         yield running
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ...protocol import Audio, Body, Cancel, Chunk, Heartbeat, LlmDone, Message,
 from ...runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ...runtime.broker import runtime_dir
 from ...runtime.instance import InstanceLock
-from ...runtime.loop_feed import feed_loop
+from ...runtime.loop_feed import feed_loop, serve_attached
 from ...stages.audio import AudioFormat
 from ..web.access import is_loopback
 from . import core, dialect_b
@@ -422,20 +422,13 @@ class GameLink:
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; raises AlreadyRunning when a `voxpipe game` serves this port
         already, BusUnavailable when no bus answers."""
-        self.lock.acquire(f"voxpipe game on port {self.port}", "stop it first (`voxpipe status` lists it as game)")
-        try:
-            private_dirs(self.voices)
-            os.chmod(self.voices, PRIVATE_DIR)
-            self._empty_voice_dir()
-            self.bus.require_bus()
-            self.bus.open()
-            try:
-                return asyncio.run(self.serve())
-            finally:
-                self.bus.close()
-        finally:
-            self.lock.release()
+        return serve_attached(self.lock, f"voxpipe game on port {self.port}", self.bus, self.serve,
+                              self._prepare_voice_dir)
 
+    def _prepare_voice_dir(self) -> None:
+        private_dirs(self.voices)
+        os.chmod(self.voices, PRIVATE_DIR)
+        self._empty_voice_dir()
 
 def run(config: Config, port: int | None = None) -> int:
     """`voxpipe game`: the command line's --port, else the [game] section's."""

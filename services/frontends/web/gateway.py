@@ -44,7 +44,7 @@ from ...protocol import Audio, Body, Cancel, ContextQuery, Heartbeat, Message, P
 from ...runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ...runtime.broker import runtime_dir
 from ...runtime.instance import InstanceLock
-from ...runtime.loop_feed import feed_loop
+from ...runtime.loop_feed import feed_loop, serve_attached
 from .access import access_token, is_loopback
 
 log = logging.getLogger("voxpipe.web")
@@ -455,16 +455,7 @@ class Gateway:
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; raises AlreadyRunning when a `voxpipe web` serves this bus already,
         BusUnavailable when no bus answers."""
-        self.lock.acquire("voxpipe web", "stop it first (`voxpipe status` lists it as web)")
-        try:
-            self.bus.require_bus()
-            self.bus.open()
-            try:
-                return asyncio.run(self.serve())
-            finally:
-                self.bus.close()
-        finally:
-            self.lock.release()
+        return serve_attached(self.lock, "voxpipe web", self.bus, self.serve)
 
 
 def _reply_id(frame: dict[str, Any]) -> str:
