@@ -402,3 +402,56 @@ def test_notes_between_replies_are_bounded() -> None:
     _, effects = game.ask("Hi")
     (asked,) = published(effects, Request)
     assert "note 199" in asked.system and "note 100" not in asked.system
+
+
+def test_an_event_for_another_character_ends_what_the_first_could_not_finish_saying() -> None:
+    """A24: the mod turns to the event's character before it sends, so its polls carry that one: the
+    first character's undelivered phrases could only come minutes later, out of place."""
+    game = Game()
+    crazy, _ = game.ask("Hi")
+    game.speak(crazy, 0, "One.")
+    game.speak(crazy, 1, "Two.", final=True)
+    effects = game.link.request(5, request(game.next_id(), character="Kind", events=("Kind walked in.",)), game.now)
+    assert [cancel.reason for cancel in published(effects, Cancel)] == ["the game turned to Kind"]
+    assert Delete(f"/voice/{crazy}-1.wav") in effects and (SESSION, crazy) not in game.link.replies
+
+
+def test_a_reply_whose_character_is_no_longer_polled_is_dropped_with_its_files() -> None:
+    game = Game(stall_s=30.0)
+    id, _ = game.ask("Hi")
+    game.speak(id, 0, "One.")
+    game.speak(id, 1, "Two.", final=True)
+    game.now += 30.0  # no poll of Crazy came since phrase 0
+    effects = game.link.tick(game.now)
+    assert published(effects, Cancel) and Delete(f"/voice/{id}-1.wav") in effects and game.link.replies == {}
+
+
+def test_tags_at_the_very_end_go_with_the_last_words_not_as_a_line_of_their_own() -> None:
+    game = Game()
+    id, _ = game.ask("Hi")
+    game.speak(id, 0, "One.", seconds=0.5)
+    game.speak(id, 1, "Two.", seconds=0.5)
+    game.speak(id, 2, "", final=True, marks=(Mark(tag="e", body="smile", chunk=2, offset=0),), seconds=0)
+    game.now += 1.0
+    assert game.poll()["response"] == "Two.<e>smile</e>"
+    game.now += 2.0
+    assert game.poll()["response"] == ""  # no empty line with only a tag
+    game.link.tick(game.now)
+    assert game.link.replies == {}
+
+
+def test_a_character_without_a_persona_of_its_own_gets_the_default_one() -> None:
+    settings = Settings()
+    assert settings.character("Crazy").persona == "Crazy"
+    assert settings.character("None").persona == "" and settings.character("SomeNewMita").persona == ""
+
+
+def test_the_game_sees_voice_paths_the_way_its_platform_names_them() -> None:
+    from pathlib import Path
+
+    from voxpipe.frontends.game.link import game_path
+    path = Path("/home/me/.cache/voxpipe/game-voice/a.wav")
+    assert game_path(path, "wine") == r"Z:\home\me\.cache\voxpipe\game-voice\a.wav"
+    assert game_path(path, "wsl", {"WSL_DISTRO_NAME": "Debian"}) == \
+        r"\\wsl.localhost\Debian\home\me\.cache\voxpipe\game-voice\a.wav"
+    assert game_path(path, "posix") == str(path)

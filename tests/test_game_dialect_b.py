@@ -45,7 +45,8 @@ class Game:
 @pytest.fixture(scope="module")
 def game(daemon: Daemon) -> Iterator[Game]:
     port, voices = free_port(), daemon.dir / "voices"
-    env = {**daemon.env, "VOXPIPE_GAME__VOICE_DIR": str(voices), "VOXPIPE_GAME__PATH_STYLE": "posix"}
+    env = {**daemon.env, "VOXPIPE_GAME__VOICE_DIR": str(voices), "VOXPIPE_GAME__PATH_STYLE": "posix",
+           "VOXPIPE_GAME__CHARACTERS__NOBODY__PERSONA": "Nobody"}  # a persona the llm stage does not have
     process = subprocess.Popen(daemon.cli("game", "--port", str(port)), cwd=ROOT, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None
@@ -291,7 +292,7 @@ def test_a_repeated_idle_timeout_gets_the_pending_idle_task_again(game: Game) ->
 def test_a_failed_reply_is_failed_on_generation(game: Game) -> None:
     with connected(game) as client:
         greet(client)
-        uid = start(client, message="Hi", character="Nobody")  # no such persona: the llm stage refuses it
+        uid = start(client, message="Hi", character="Nobody")  # its persona does not exist: llm refuses it
         client.until(ended(uid))
         final = client.updates(uid)[-1]
         assert final["status"] == "FAILED_ON_GENERATION" and "Nobody" in final["body"]["error"]

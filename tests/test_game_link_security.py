@@ -109,12 +109,29 @@ def test_broken_and_hostile_clients_cost_a_bounded_time_and_the_link_keeps_servi
 
 def test_the_voice_directory_is_private_and_emptied_at_start_and_stop(bus: Path, tmp_path: Path) -> None:
     voices = tmp_path / "cache" / "voices"
-    voices.mkdir(parents=True)
-    (voices / "leftover.wav").write_bytes(b"RIFF")
-    with game(bus, voices, free_port()):
+    voices.mkdir(parents=True, mode=0o755)
+    port = free_port()
+    leftover = voices / f"voxpipe-game-{port}-{'0' * 32}.wav"  # an earlier run's, on this port
+    leftover.write_bytes(b"RIFF")
+    others = [voices / f"voxpipe-game-{port + 1}-{'0' * 32}.wav", voices / "song.wav"]  # another link's, the user's
+    for path in others:
+        path.write_bytes(b"RIFF")
+    with game(bus, voices, port):
         assert stat.S_IMODE(voices.stat().st_mode) == 0o700
-        assert list(voices.iterdir()) == []
-    assert list(voices.iterdir()) == []
+        assert sorted(voices.iterdir()) == sorted(others)
+    assert sorted(voices.iterdir()) == sorted(others)
+
+
+def test_a_voice_directory_of_another_user_or_a_symlink_is_refused(bus: Path, tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)  # nobody's
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path)
+    for voices, said in ((foreign, "belongs to uid 65534"), (link, "symlink")):
+        done = subprocess.run([PYTHON, "-m", "launcher", "game", "--port", str(free_port())], cwd=ROOT, text=True,
+                              capture_output=True, timeout=60, env=game_env(bus, voices))
+        assert done.returncode == 2 and said in done.stderr and "game.voice_dir" in done.stderr
 
 
 def test_a_second_listener_is_refused_with_the_reason(bus: Path, tmp_path: Path) -> None:

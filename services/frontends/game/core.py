@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,10 @@ from ...stages.audio import AudioFormat
 from .modmodel import text_seconds
 from .wire import AReply, ARequest, BAction, ModSettings, build_a
 
+CHARACTERS = ("Crazy", "Cappy", "Kind", "Cart_portal", "ShortHair", "Cart_divan", "Mila", "Sleepy", "Creepy",
+              "GameMaster")
+"""The mod's characters (CharacterControl.cs:7-24, A8), each with a built-in persona of the same name
+(services/stages/llm/personas/)."""
 SESSION_PREFIX = "game."
 """Each character is its own voxpipe session, `game.<Character>`."""
 FADE_S = 0.05
@@ -42,6 +47,8 @@ SAFE_TAG_BODY = 200
 NOTES_KEPT = 64
 """Game notes and events kept per character between replies; the oldest go (a reply stuck long, a
 chatty game)."""
+TEXT_CHARS = 60000
+"""A request's text and system take 65,536 characters (docs/protocol.md §5.2): longer game input is cut."""
 SYSTEM_CHARS = 60000
 """request.system takes 65,536 characters; a huge hierarchy is cut, never refused."""
 MULTI_MARKER = "[SPEAKER]"
@@ -95,6 +102,29 @@ class Log:
 Effect = Answer | Publish | MakeWav | Delete | Log
 
 
+class Expiring:
+    """Voice files handed to the game, each deleted at its time unless the game did it first (it deletes
+    what it loads, F6): one it never loaded (its voice wait timed out, the game closed) would stay."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, float] = {}
+
+    def add(self, path: str, at: float) -> None:
+        self.at[path] = at
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.at
+
+    def due(self, now: float) -> list[Effect]:
+        paths = [path for path, at in self.at.items() if now >= at]
+        for path in paths:
+            del self.at[path]
+        return [Delete(path) for path in paths]
+
+    def all(self) -> list[Effect]:
+        return self.due(math.inf)
+
+
 # --- settings ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -115,8 +145,9 @@ class Settings:
     first_phrase_timeout_s: float = 30.0
     load_s: float = 0.2
     stall_s: float = 90.0
-    """A reply waiting this long for the daemon with nothing coming is dropped: past llm's first-token
-    timeout (60 s by default), so a slow model is not taken for a lost reply."""
+    """A reply that has not moved on for this long is dropped: nothing came from the daemon (past llm's
+    first-token timeout, 60 s by default, so a slow model is not taken for a lost reply), or no poll
+    of its character came to take its phrases (the game turned elsewhere)."""
     file_ttl_s: float = 300.0
     tags: frozenset[str] = frozenset({"e", "c", "a", "m", "f", "v", "music", "hint", "clothes", "interaction"})
     event_label: str = ""
@@ -136,8 +167,10 @@ class Settings:
                    mod=ModSettings.from_config(section))
 
     def character(self, name: str) -> Character:
-        """Its [game.characters.<Name>] table, the name in any case (environment variables lowercase it)."""
-        return self.characters.get(name.casefold()) or Character(persona=name)
+        """Its [game.characters.<Name>] table, the name in any case (environment variables lowercase it).
+        A character with none gets its built-in persona; one the link does not know (a newer mod's, or
+        the mod's `None`), the configured default persona, rather than no reply at all."""
+        return self.characters.get(name.casefold()) or Character(persona=name if name in CHARACTERS else "")
 
     @property
     def headings(self) -> tuple[str, ...]:
@@ -221,8 +254,9 @@ class Reply:
     """Delivered phrases whose `finished` playback report is still due."""
     reported_final: bool = False
     touched: float = 0.0
-    """When the bus last moved it on (a chunk, audio, a written file): a reply that waits for the bus
-    longer than `Settings.stall_s` is dropped as stalled (a tts restart loses a chunk's end)."""
+    """When it last moved on (a chunk, audio, a written file, a phrase handed over): one that has not
+    for `Settings.stall_s` is dropped as stalled (a tts restart lost a chunk's end, or the game stopped
+    polling its character), so its files go and history hears of it."""
     whole_wav: str = ""
     whole_file: str = ""
     whole_duration: float = 0.0
@@ -289,8 +323,7 @@ class Link:
         self.last_mod_id = -1
         self.speakers: dict[str, float] = {}
         """Character -> when it last got a request that was not a poll (multi-character detection)."""
-        self.expiring: dict[str, float] = {}
-        """Delivered voice file -> when to delete it if the mod never did (it deletes what it loads, F6)."""
+        self.expiring = Expiring()
         self.counters: collections.Counter[str] = collections.Counter()
 
     # --- from the mod ---------------------------------------------------------------------------
@@ -314,6 +347,9 @@ class Link:
             scene.infos, scene.events = [*scene.infos, *scene.events][-NOTES_KEPT:], []  # waiting events: notes now
             return effects + self._ask(scene, request.character, request.player_text, request.id, conn, now)
         if request.kind == "event":
+            for reply in [one for one in self.replies.values() if one.character != request.character
+                          and not one.exhausted]:  # the mod now speaks as another character (A24)
+                effects += self._drop(reply, f"the game turned to {request.character}", now)
             self.counters["events"] += 1
             scene.events = [*scene.events, *request.events][-NOTES_KEPT:]
             if scene.reply is None:
@@ -342,6 +378,10 @@ class Link:
             return []
         phrase = Phrase(index=chunk.index, text=game_text(chunk.text, chunk.marks, self.settings.tags),
                         chars=len(chunk.text), final=chunk.final)
+        previous = reply.phrases.get(chunk.index - 1)
+        if chunk.final and not chunk.text.strip() and previous is not None and previous.index >= reply.next \
+                and not reply.whole:  # tags only at the end: they go with the last words, not as a line of their own
+            previous.text, phrase.text = previous.text + phrase.text, ""
         reply.phrases[chunk.index] = phrase
         reply.touched = now
         if not reply.voiced or phrase.empty:  # nothing to wait for: shown for its text time, or skipped
@@ -423,27 +463,22 @@ class Link:
                 effects.append(Log(logging.WARNING, f"{reply.character}: nothing to say within "
                                    f"{self.settings.first_phrase_timeout_s:g} s; the reply goes on in the next polls"))
                 effects += self._release(reply, "")
-            if reply.waiting and now - reply.touched >= self.settings.stall_s:
-                effects.append(Log(logging.WARNING, f"{reply.character}: the reply stalled (nothing from the daemon "
+            if not reply.exhausted and now - reply.touched >= self.settings.stall_s:
+                waited = "the daemon" if reply.waiting else "the game's polls"
+                effects.append(Log(logging.WARNING, f"{reply.character}: the reply stalled (nothing from {waited} "
                                    f"for {self.settings.stall_s:g} s); dropped"))
                 effects += self._drop(reply, "the game link saw the reply stall", now)
                 continue
             effects += self._finished_reports(reply, now)
             effects += self._retire(reply, now)
-        for path, at in list(self.expiring.items()):
-            if now >= at:
-                del self.expiring[path]
-                effects.append(Delete(path))
-        return effects
+        return effects + self.expiring.due(now)
 
     def stop(self) -> list[Effect]:
         """The link is stopping: answer what is held, cancel the replies, delete every file."""
         effects: list[Effect] = []
         for reply in list(self.replies.values()):
             effects += self._drop(reply, "voxpipe game is stopping", None)
-        effects += [Delete(path) for path in self.expiring]
-        self.expiring.clear()
-        return effects
+        return effects + self.expiring.all()
 
     # --- asking ---------------------------------------------------------------------------------
 
@@ -460,7 +495,7 @@ class Link:
                       voiced=self.settings.voice, held=conn, asked_at=now, touched=now)
         scene.reply = self.replies[(session, id)] = reply
         self.counters["asked"] += 1
-        return [Publish(session, id, Request(text=text, persona=settings.persona, voice=settings.voice,
+        return [Publish(session, id, Request(text=text[:TEXT_CHARS], persona=settings.persona, voice=settings.voice,
                                              profile=settings.profile, system=system, playback="client"))]
 
     def _whole(self, character: str, context: str) -> bool:
@@ -535,7 +570,7 @@ class Link:
         """Hand a phrase to the mod with its voice under the answer's own id (V5, V7), and place it on
         the estimated timeline: it starts once the mod noticed and loaded it (load_s), not before the
         previous line's text is done (V4)."""
-        reply.next = phrase.index + 1
+        reply.next, reply.touched = phrase.index + 1, now
         start = max(now + self.settings.load_s, reply.last_text_end)
         reply.last_text_end = start + text_seconds(phrase.text)
         phrase.start, reply.last_end = start, start + phrase.duration
@@ -543,7 +578,7 @@ class Link:
         reply.starting.append(phrase)
         reply.finishing.append(phrase)
         if phrase.file:
-            self.expiring[phrase.file] = now + self.settings.file_ttl_s
+            self.expiring.add(phrase.file, now + self.settings.file_ttl_s)
         self.counters["phrases"] += 1
         answer = build_a(self._reply(mod_id, reply.character, phrase.text, wav=phrase.wav), self.settings.mod)
         return [Answer(conn, answer)]
@@ -568,7 +603,7 @@ class Link:
             phrase.start, phrase.end = now + self.settings.load_s, reply.last_end
             reply.finishing.append(phrase)
         reply.starting.append(reply.phrases[min(reply.phrases)])
-        self.expiring[reply.whole_file] = now + self.settings.file_ttl_s
+        self.expiring.add(reply.whole_file, now + self.settings.file_ttl_s)
         self.counters["whole_replies"] += 1
         answer = build_a(self._reply(mod_id, reply.character, text, id_sound=reply.mod_id, wav=reply.whole_wav),
                          self.settings.mod)

@@ -15,10 +15,22 @@ import collections
 import logging
 from dataclasses import dataclass, field
 
-from ...protocol import Audio, Body, Cancel, Chunk, LlmDone, Mark, Message, Request
+from ...protocol import Audio, Body, Cancel, Chunk, LlmDone, Mark, Message, Playback, Request
 from ...stages.audio import AudioFormat
 from ...stages.tags import DEFAULT_TAGS, LOOKAHEAD, TagStripper
-from .core import SESSION_PREFIX, Answer, Delete, Effect, Log, MakeWav, Publish, Settings, game_text, state_lines
+from .core import (
+    SESSION_PREFIX,
+    Answer,
+    Delete,
+    Effect,
+    Expiring,
+    Log,
+    MakeWav,
+    Publish,
+    Settings,
+    game_text,
+    state_lines,
+)
 from .wire import (
     IDLE_EVENT,
     BAction,
@@ -55,6 +67,10 @@ class Task:
     spoken: bool = False
     """A chunk with words came: a reply that then has no audio lost its voice to the speech engine."""
     pieces: list[tuple[bytes, AudioFormat]] = field(default_factory=list)
+    chunks: dict[int, int] = field(default_factory=dict)
+    """Chunk index -> its length, for the playback reports history records what was heard from."""
+    moved: float = 0.0
+    """When the bus last moved it on (monotonic): a task that has not for stall_s fails."""
 
     def body(self) -> dict[str, object]:
         return b_task(self.uid, self.status, self.type, self.data, self.created_at, self.updated_at,
@@ -85,7 +101,7 @@ class Tasks:
         self.idle: dict[str, Task] = {}
         """Character -> its running idle task: a repeated idle_timeout gets it again while it is PENDING."""
         self.counters: collections.Counter[str] = collections.Counter()
-        self.expiring: dict[str, float] = {}
+        self.expiring = Expiring()
 
     def owns(self, session: str, id: str) -> bool:
         return (session, id) in self.running
@@ -151,7 +167,7 @@ class Tasks:
             data["req_id"] = action.req_id
         session = SESSION_PREFIX + action.character
         task = Task(uid=uid, conn=conn, type="idle" if action.type == "idle_timeout" else "chat", data=data,
-                    created_at=now + self.epoch, updated_at=now + self.epoch, session=session)
+                    created_at=now + self.epoch, updated_at=now + self.epoch, session=session, moved=now)
         self.tasks[uid] = task
         if action.type == "idle_timeout":
             self.idle[action.character] = task
@@ -175,10 +191,12 @@ class Tasks:
         if task is None:
             return []
         body = message.body
+        task.moved = now
         if isinstance(body, LlmDone):
             return self._written(task, body, now)
         if isinstance(body, Chunk):
             task.spoken = task.spoken or bool(body.text.strip())
+            task.chunks[body.index] = len(body.text)
         if isinstance(body, Audio) and self.settings.voice:  # the first chunks are spoken before llm.done
             if body.pcm:
                 task.pieces.append((body.pcm, AudioFormat(body.rate, body.channels, body.width)))
@@ -222,14 +240,30 @@ class Tasks:
         if task is None:
             return [Delete(file)]
         task.result["voiceover_path"] = shown
-        self.expiring[file] = now + self.settings.file_ttl_s
-        return self._end(task, "SUCCESS", now)
+        self.expiring.add(file, now + self.settings.file_ttl_s)
+        return [*self._end(task, "SUCCESS", now), *self._heard(task)]
+
+    @staticmethod
+    def _heard(task: Task) -> list[Effect]:
+        """The playback reports of a voice handed to the game, which reports nothing back: the whole
+        reply taken as heard, so history records it as it does for the daemon's player (an estimate)."""
+        if not task.chunks:
+            return []
+        last = max(task.chunks)
+        return [Publish(task.session, task.uid, Playback(event="started", chunk=min(task.chunks))),
+                *(Publish(task.session, task.uid, Playback(event="finished", chunk=index, final=index == last,
+                                                            heard=1.0, heard_chars=chars))
+                  for index, chars in sorted(task.chunks.items()))]
 
     def tick(self, now: float) -> list[Effect]:
-        due = [path for path, at in self.expiring.items() if now >= at]
-        for path in due:
-            del self.expiring[path]
-        return [Delete(path) for path in due]
+        """Files the game never loaded go; a task the daemon stopped answering fails."""
+        effects = self.expiring.due(now)
+        for task in [one for one in self.running.values() if now - one.moved >= self.settings.stall_s]:
+            effects += [Log(logging.WARNING, f"{task.data['character']}: the reply stalled (nothing from the daemon "
+                                             f"for {self.settings.stall_s:g} s)"),
+                        Publish(task.session, task.uid, Cancel(reason="the game link saw the reply stall")),
+                        *self._end(task, "FAILED", now, error="the reply stalled")]
+        return effects
 
     def stop(self) -> list[Effect]:
         """The link is stopping: the running tasks' replies are cancelled (nobody will hear them), and
@@ -239,9 +273,7 @@ class Tasks:
                                  for task in self.running.values()]
         self.running.clear()
         self.idle.clear()
-        effects += [Delete(path) for path in self.expiring]
-        self.expiring.clear()
-        return effects
+        return effects + self.expiring.all()
 
     def _cancel(self, task: Task, why: str, now: float) -> list[Effect]:
         return [*self._end(task, "CANCELLED", now, error=why), Publish(task.session, task.uid, Cancel(reason=why))]

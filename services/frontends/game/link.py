@@ -23,21 +23,23 @@ import itertools
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import zmq
 
 from ... import protocol
-from ...config import EXIT_OK, EXIT_USAGE, Config
-from ...files import PRIVATE_DIR, open_private, private_dirs
+from ...config import EXIT_OK, EXIT_USAGE, Config, ConfigError
+from ...files import PRIVATE_DIR, exposure, open_private, private_dirs
 from ...protocol import Audio, Body, Cancel, Chunk, Heartbeat, LlmDone, Message, ProtocolError
 from ...runtime import BusUnavailable, Connection, endpoints_for, sdnotify
 from ...runtime.broker import runtime_dir
@@ -56,6 +58,8 @@ TICK_S = 0.05
 LINGER_S = 2.0
 """After an answer, how long to read what the peer may still send before closing: closing a socket
 with unread input sends a reset, which can make Windows drop the answer before the mod reads it."""
+VOICE_NAME = re.compile(r"[0-9a-f]{32}\.wav")
+MAX_SILENT = 2
 B_SILENCE_S = 0.5
 """A connection silent this long is taken for a dialect-B client waiting for the settings the app
 pushes on connect (notes §1); the mod of dialect A sends its request as soon as it connects."""
@@ -69,8 +73,8 @@ def game_path(path: Path, style: str, environ: dict[str, str] | os._Environ[str]
         style = "windows" if sys.platform == "win32" else "wine"
     if style == "wine":
         return "Z:" + str(path).replace("/", "\\")
-    if style == "wsl":
-        return str(PureWindowsPath("\\\\wsl.localhost", environ.get("WSL_DISTRO_NAME", "Ubuntu"), *path.parts[1:]))
+    if style == "wsl":  # the Linux side of WSL, seen from Windows: \\wsl.localhost\<distro>\home\...
+        return "\\\\wsl.localhost\\" + environ.get("WSL_DISTRO_NAME", "Ubuntu") + str(path).replace("/", "\\")
     return str(path)
 
 
@@ -120,12 +124,17 @@ class GameLink:
         self.b = dialect_b.Tasks(self.core.settings, self.core.id_prefix, time.time() - time.monotonic())
         self.bus = Connection("game", endpoints_for(config), [protocol.subscription(kind) for kind in SUBSCRIBED])
         self.voices = voice_dir(self.settings["voice_dir"])
+        self.file_prefix = f"voxpipe-game-{port}-"
+        """The names of this link's voice files: a link on another port, or the user's own files in a
+        `voice_dir` they share, are never touched."""
         self.answers: dict[int, asyncio.Future[bytes]] = {}
         """Connection number -> the future its answer is set on (held requests wait on it)."""
         self.streams: dict[int, asyncio.StreamWriter] = {}
         """Dialect-B connections, which stay open: number -> writer."""
         self.numbers = itertools.count(1)
         self.open = 0
+        self.silent = 0
+        """Connections taken for silent dialect-B clients, at most MAX_SILENT."""
         self.loop: asyncio.AbstractEventLoop | None = None
         self.converter = ThreadPoolExecutor(1, thread_name_prefix="game-wav")
         self.stop = asyncio.Event()
@@ -168,8 +177,9 @@ class GameLink:
         pushed = False
         try:
             started, _ = await asyncio.wait({reading}, timeout=B_SILENCE_S)
-            if not started and not scanner.pending:  # not a byte yet: a dialect-B client waiting for the settings
-                pushed = True
+            if not started and not scanner.pending and self.silent < MAX_SILENT:
+                pushed = True  # not a byte yet: a dialect-B client waiting for the settings (few at once: a
+                self.silent += 1  # silent connection is held IDLE_TIMEOUT_S, not read_timeout_s)
                 self.streams[number] = writer
                 self._apply(self.b.connected(number))
                 objects = await asyncio.wait_for(reading, dialect_b.IDLE_TIMEOUT_S)
@@ -180,6 +190,9 @@ class GameLink:
                                          f"(game.read_timeout_s)")
         except BadFrame as exc:
             return self._refused(number, str(exc))
+        finally:
+            reading.cancel()
+            self.silent -= pushed
         if not objects:
             return None
         try:
@@ -188,7 +201,8 @@ class GameLink:
             return self._refused(number, "not valid JSON")
         if detect(request) == "B":
             return await self._stream(number, request, objects[1:], reader, writer, scanner, pushed)
-        self.streams.pop(number, None)  # a dialect-A mod after all, only slow to send
+        if pushed:  # a dialect-A mod after all, only slow to send: its one read would take the settings too
+            return self._late_a(number, request)
         answer = asyncio.get_running_loop().create_future()
         self.answers[number] = answer
         parsed = parse_a(request)
@@ -198,29 +212,43 @@ class GameLink:
         else:
             self._apply(self.core.request(number, parsed, time.monotonic()))
         gone = asyncio.ensure_future(reader.read(65536))
-        while True:
-            done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
-            if answer in done:
-                break
-            if gone.result():  # more than the one request the mod sends: ignored, within the size bound
-                try:
-                    scanner.feed(gone.result())
-                except BadFrame as exc:
-                    self._apply(self.core.closed(number))
-                    return self._refused(number, str(exc))
-                gone = asyncio.ensure_future(reader.read(65536))
-                continue
-            self._apply(self.core.closed(number))  # the mod went away while its request was held
-            answer.cancel()
+        try:
+            while True:
+                done, _ = await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+                if answer in done:
+                    break
+                if gone.result():  # more than the one request the mod sends: ignored, within the size bound
+                    try:
+                        scanner.feed(gone.result())
+                    except BadFrame as exc:
+                        self._apply(self.core.closed(number))
+                        return self._refused(number, str(exc))
+                    gone = asyncio.ensure_future(reader.read(65536))
+                    continue
+                self._apply(self.core.closed(number))  # the mod went away while its request was held
+                answer.cancel()
+                return None
+            writer.write(answer.result())
+            await writer.drain()
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(self._drain_input(reader, gone), LINGER_S)
             return None
-        writer.write(answer.result())
-        await writer.drain()
-        with contextlib.suppress(OSError):
-            writer.write_eof()
-        with contextlib.suppress(TimeoutError, OSError):
-            await asyncio.wait_for(self._drain_input(reader, gone), LINGER_S)
-        gone.cancel()
-        return None
+        finally:
+            gone.cancel()
+
+    def _late_a(self, number: int, request: Any) -> None:
+        """A dialect-A request on a connection that already got the settings push: an answer there would
+        be read with the push and fail to parse (R1, R2). So it goes unanswered: a poll is left for the
+        next one; player text or an event (already taken from the game, A16) still gets its reply, which
+        the next polls deliver."""
+        self.streams.pop(number, None)
+        parsed = parse_a(request)
+        log.warning("connection %d: a request came after %g s of silence; not answered on it", number, B_SILENCE_S)
+        if not isinstance(parsed, Malformed) and parsed.kind != "poll":
+            self._apply(self.core.request(number, parsed, time.monotonic()))
+            self._apply(self.core.closed(number))
 
     @staticmethod
     async def _next_objects(reader: asyncio.StreamReader, scanner: ObjectScanner) -> list[bytes]:
@@ -296,13 +324,13 @@ class GameLink:
     def _publish(self, session: str, id: str, body: Body) -> None:
         try:
             self.bus.publish(session, id, body)
-        except (BusUnavailable, zmq.ZMQError) as exc:
+        except (BusUnavailable, zmq.ZMQError, ProtocolError) as exc:
             log.warning("not sent to the bus (%s): %s for %s", exc, body.kind, session)
 
     def _make_wav(self, effect: core.MakeWav) -> None:
         loop = self.loop
         assert loop is not None
-        path = self.voices / f"{secrets.token_hex(16)}.wav"
+        path = self.voices / f"{self.file_prefix}{secrets.token_hex(16)}.wav"
 
         def write() -> float:
             data = to_game_wav(effect.pieces) if effect.pieces else silent_wav()
@@ -333,6 +361,13 @@ class GameLink:
                   lambda message: message.session.startswith(core.SESSION_PREFIX))
 
     def _deliver(self, message: Message[Body]) -> None:
+        try:
+            self._take(message)
+        except Exception:  # a bug must not lose the rest of the bus's messages; it is logged and counted
+            self.core.counters["failures"] += 1
+            log.exception("the game link failed on a %s message", message.kind)
+
+    def _take(self, message: Message[Body]) -> None:
         now, body = time.monotonic(), message.body
         if isinstance(body, Chunk):
             effects = self.core.chunk(message.session, message.id, body, now)
@@ -374,10 +409,11 @@ class GameLink:
                 sdnotify.notify("WATCHDOG=1")
 
     def _empty_voice_dir(self) -> None:
-        """Voice files left by an earlier run that stopped abruptly: nobody will load them now."""
-        for leftover in self.voices.glob("*.wav"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        """This link's voice files left by an earlier run that stopped abruptly: nobody will load them."""
+        for leftover in self.voices.glob(f"{self.file_prefix}*.wav"):
+            if VOICE_NAME.fullmatch(leftover.name[len(self.file_prefix):]):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
 
     async def serve(self) -> int:
         self.loop = asyncio.get_running_loop()
@@ -426,7 +462,17 @@ class GameLink:
                               self._prepare_voice_dir)
 
     def _prepare_voice_dir(self) -> None:
+        """The voice directory, made 0700 (the files in it are 0600): one another user owns, or a
+        symlink, is refused, since they could read the voices or swap the files the game loads."""
         private_dirs(self.voices)
+        info = os.lstat(self.voices)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"game.voice_dir {self.voices} is not a directory of its own (a symlink?); "
+                              f"name a real directory")
+        found = exposure(self.voices, info, 0, PRIVATE_DIR)
+        if found is not None and found.foreign:
+            raise ConfigError(f"game.voice_dir {self.voices} {found.problem}; set game.voice_dir to a "
+                              f"directory of yours")
         os.chmod(self.voices, PRIVATE_DIR)
         self._empty_voice_dir()
 
