@@ -291,6 +291,6 @@ def test_run_supervises_the_link_when_game_is_enabled(tmp_path: Path) -> None:
         assert "game" in heartbeat_pids(daemon.runtime_dir, "game")
         with ModDouble(port) as mod:
             mod.wait_for(lambda: len(mod.replies()) >= 2, timeout=10)
-        (voices / "left.wav").write_bytes(b"RIFF")
+        (voices / f"voxpipe-game-{port}-{'0' * 32}.wav").write_bytes(b"RIFF")  # a voice file it would not deliver
         assert daemon.stop() == 0
     assert not any(voices.iterdir())
